@@ -1,0 +1,126 @@
+"""Incremental Server-Sent-Events framing, to record streamed answers and see them end cleanly.
+
+Theory of operation (https://html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream):
+a line ends with CRLF, LF or a lone CR, and an event ends at the first empty line. The splitter
+keeps the bytes of the event being built and where its current line starts; each feed scans
+only the new bytes. Events come out byte-exact, terminating blank line included, so joining them
+gives back the input. A CR that ends the buffered bytes is held back until the next byte says
+whether it is a lone CR or half of a CRLF, so the events are the same however the stream was cut
+into chunks; :meth:`EventSplitter.flush` settles it at end of stream.
+
+A chat-completions stream ends with the event ``data: [DONE]``; :class:`StreamRecorder` keeps the
+whole body and reports ``done`` once that event arrived and only whitespace followed it.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["EventSplitter", "StreamRecorder", "is_done_event"]
+
+_LINE_END = re.compile(rb"\r\n?|\n")
+_DONE = b"[DONE]"
+
+
+class EventSplitter:
+    """Cuts a byte stream into complete SSE events, whatever the chunk boundaries."""
+
+    __slots__ = ("_buf", "_line_start")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._line_start = 0  # where the unfinished line of the buffered event begins
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received that are not yet part of a complete event."""
+        return bytes(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return every event it completes, each with its terminating blank line."""
+        self._buf += data
+        return self._split(final=False)
+
+    def flush(self) -> list[bytes]:
+        """End of stream: settle a held-back trailing CR, which is a line end after all.
+
+        Returns the event this completes, if any; whatever stays in ``pending`` was never terminated.
+        """
+        return self._split(final=True)
+
+    def _split(self, final: bool) -> list[bytes]:
+        events: list[bytes] = []
+        buf = self._buf
+        while (match := _LINE_END.search(buf, self._line_start)) is not None:
+            end = match.end()
+            if not final and end == len(buf) and match.group() == b"\r":
+                break  # a CR at the end of the buffer may be the first half of a CRLF
+            if match.start() == self._line_start:  # an empty line ends the event
+                events.append(bytes(buf[:end]))
+                del buf[:end]
+                self._line_start = 0
+            else:
+                self._line_start = end
+        return events
+
+
+def _data_field(event: bytes) -> bytes | None:
+    """The event's data buffer as the spec assembles it; None when it has no data line."""
+    values: list[bytes] = []
+    for line in _LINE_END.split(event):
+        name, colon, value = line.partition(b":")
+        if name != b"data":
+            continue  # other fields, comments (":...") and blank lines
+        if colon and value.startswith(b" "):
+            value = value[1:]
+        values.append(value)
+    return b"\n".join(values) if values else None
+
+
+def is_done_event(event: bytes) -> bool:
+    """Is this the end-of-stream event, whose data is exactly ``[DONE]``?"""
+    return _data_field(event) == _DONE
+
+
+class StreamRecorder:
+    """Keeps a streamed body byte-exact and notices when it ended with ``data: [DONE]``."""
+
+    __slots__ = ("_body", "_done_end", "_splitter")
+
+    def __init__(self) -> None:
+        self._body = bytearray()
+        self._splitter = EventSplitter()
+        self._done_end: int | None = None  # body offset just after the last [DONE] event
+
+    def feed(self, data: bytes) -> None:
+        """Record the next chunk of the body."""
+        offset = len(self._body) - len(self._splitter.pending)
+        self._body += data
+        for event in self._splitter.feed(data):
+            offset += len(event)
+            if is_done_event(event):
+                self._done_end = offset
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self._body)
+
+    @property
+    def size(self) -> int:
+        """Bytes recorded so far (cheaper than ``len(body)``)."""
+        return len(self._body)
+
+    @property
+    def done(self) -> bool:
+        """Has a [DONE] event arrived with nothing but whitespace after it?"""
+        done_end = self._done_end
+        pending = self._splitter.pending
+        if pending.endswith(b"\r"):
+            # A [DONE] event framed with lone CRs waits for the next byte; if the stream
+            # ended here, it would be complete.
+            probe = EventSplitter()
+            probe.feed(pending)
+            for event in probe.flush():
+                if is_done_event(event):
+                    done_end = len(self._body) - len(probe.pending)
+        return done_end is not None and not self._body[done_end:].strip()
