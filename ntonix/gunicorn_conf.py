@@ -1,0 +1,76 @@
+"""gunicorn configuration module, shared by both entry points (runs in the master).
+
+Loads and validates our configuration (exit 2 with one line on stderr when invalid),
+publishes it for the workers, derives gunicorn's settings, and replaces the master's stock
+HUP handling (which would restart every worker and block the master while old ones drain)
+by an in-place reload: validate, publish, signal the workers. See docs/adr/0004.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from typing import Any
+
+from ntonix import runstate
+from ntonix.config import Config, ConfigError, load_config
+from ntonix.gunicorn_settings import gunicorn_settings
+from ntonix.tls import build_server_context
+
+
+def _load() -> Config:
+    cfg = load_config(runstate.cli_layer())
+    if cfg.server.ssl_port:
+        build_server_context(cfg.ssl)  # a certificate that does not load is a config error
+    return cfg
+
+
+def _fail(exc: ConfigError) -> None:
+    sys.stderr.write(f"ntonix: invalid configuration: {exc}\n")
+    sys.stderr.flush()
+    os._exit(2)  # before any worker exists; no traceback, nothing else on stderr
+
+
+try:
+    _config = _load()
+except ConfigError as _exc:
+    _fail(_exc)
+runstate.publish(_config)
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(runstate.run_dir(), "metrics"))
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], mode=0o700, exist_ok=True)
+globals().update(gunicorn_settings(_config))
+
+
+def when_ready(server: Any) -> None:
+    server.handle_hup = lambda: reload_in_place(server)
+
+
+def reload_in_place(arbiter: Any) -> None:
+    """kill -HUP: re-read file and environment; apply without restarting workers."""
+    global _config
+    try:
+        cfg = _load()
+    except ConfigError as exc:
+        arbiter.log.error("config.reload_rejected: %s (the running configuration stays)", exc)
+        return
+    old = _config
+    _config = cfg
+    runstate.publish(cfg)
+    if (cfg.server.host, cfg.server.port, cfg.server.ssl_port) != (old.server.host, old.server.port,
+                                                                     old.server.ssl_port):
+        arbiter.log.warning("config.reload: listener changes (server.host/port/ssl_port) need a restart")
+    arbiter.log.info("config.reload: %d backends, telling %d workers", len(cfg.backends), len(arbiter.WORKERS))
+    for pid in list(arbiter.WORKERS):
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            pass
+    if cfg.server.threads != arbiter.num_workers:
+        arbiter.num_workers = cfg.server.threads
+        arbiter.manage_workers()
+
+
+def on_exit(server: Any) -> None:
+    shutil.rmtree(runstate.run_dir(), ignore_errors=True)

@@ -1,0 +1,125 @@
+"""Header rewriting between client and backend (pure: plain values in, plain values out).
+
+Requests: every end-to-end header passes unchanged (Authorization included); hop-by-hop
+headers (RFC 9110 §7.6.1, plus any named in ``Connection``) are dropped; the proxy headers
+``X-Forwarded-For`` (appended to, never replaced), ``X-Real-IP``, ``X-Forwarded-Proto`` and
+``X-Request-ID`` are set. ``Host`` becomes the backend's, the client's goes in
+``X-Forwarded-Host`` (nginx's default ``proxy_set_header Host $proxy_host``).
+
+Responses: hop-by-hop headers are dropped the same way and ``X-Request-ID`` is ours.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Set by the gateway itself; a client's copy is replaced (X-Forwarded-For is appended to).
+_OWN = frozenset({"host", "x-real-ip", "x-forwarded-proto", "x-request-id", "x-forwarded-for",
+                  "x-forwarded-host", "content-length"})
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+# CGI names for the two headers WSGI keeps outside HTTP_*.
+_CGI_HEADERS = (("CONTENT_TYPE", "Content-Type"),)
+
+Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def request_id_from(client_value: str | None) -> str:
+    """The client's X-Request-ID if it is sane (short, no CR/LF or odd bytes), else a new one."""
+    if client_value and _SANE_REQUEST_ID.fullmatch(client_value):
+        return client_value
+    return new_request_id()
+
+
+def parse_networks(values: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+def in_networks(address: str, networks: Networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_ip(remote_addr: str, forwarded_for: str | None, trusted: Networks) -> str:
+    """The real client address: walk X-Forwarded-For right to left past trusted proxies."""
+    if not trusted or not in_networks(remote_addr, trusted):
+        return remote_addr
+    hops = [h.strip() for h in (forwarded_for or "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not in_networks(hop, trusted):
+            return hop
+    return hops[0] if hops else remote_addr
+
+
+def _connection_tokens(value: str | None) -> set[str]:
+    return {t.strip().lower() for t in (value or "").split(",") if t.strip()}
+
+
+def environ_headers(environ: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Request headers from a WSGI environ as (Name-Case, value) pairs."""
+    out = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            out.append((key[5:].replace("_", "-").title(), value))
+    for cgi, name in _CGI_HEADERS:
+        value = environ.get(cgi)
+        if value:
+            out.append((name, value))
+    return out
+
+
+def forward_request_headers(
+    headers: Iterable[tuple[str, str]],
+    *,
+    remote_addr: str,
+    scheme: str,
+    request_id: str,
+    trusted: Networks = (),
+) -> tuple[list[tuple[str, str]], str]:
+    """Headers for the backend request (``Host`` is added per backend), and the client address
+    we believe (for logs)."""
+    headers = list(headers)
+    lower = {name.lower(): value for name, value in headers}
+    drop = HOP_BY_HOP | _connection_tokens(lower.get("connection")) | _OWN
+    out = [(name, value) for name, value in headers if name.lower() not in drop]
+    prior = lower.get("x-forwarded-for")
+    if "host" in lower:
+        out.append(("X-Forwarded-Host", lower["host"]))
+    out.append(("X-Forwarded-For", f"{prior}, {remote_addr}" if prior else remote_addr))
+    real = client_ip(remote_addr, prior, trusted)
+    out.append(("X-Real-IP", real))
+    out.append(("X-Forwarded-Proto", scheme))
+    out.append(("X-Request-ID", request_id))
+    return out, real
+
+
+def forward_response_headers(headers: Iterable[tuple[str, str]], request_id: str) -> list[tuple[str, str]]:
+    """Backend response headers for the client: hop-by-hop dropped, our X-Request-ID."""
+    headers = list(headers)
+    conn = next((v for n, v in headers if n.lower() == "connection"), None)
+    drop = HOP_BY_HOP | _connection_tokens(conn) | {"x-request-id"}
+    out = [(name, value) for name, value in headers if name.lower() not in drop]
+    out.append(("X-Request-ID", request_id))
+    return out
+
+
+def header_value(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    name = name.lower()
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None

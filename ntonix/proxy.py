@@ -1,0 +1,406 @@
+"""The request flow: body, cache, coalescing, backend choice with failover, relaying.
+
+Theory of operation
+-------------------
+1. Read the body (limit → 413). On the OpenAI endpoints parse it once as JSON (→ 400).
+2. Cacheable requests compute the cache key; a hit is replayed at once (``X-Cache: HIT``).
+3. A miss joins the coalescer: the first of identical requests in flight (on any worker of
+   this host) is the leader and goes to a backend; the others follow the leader's answer as
+   it streams (``X-Cache: HIT``). A follower whose leader failed goes to a backend itself.
+4. Backend choice: smooth weighted round-robin over eligible backends. A request that could
+   not be sent (``SendFailed``) is tried on the next backend, up to ``proxy.retries`` more;
+   one that reached a backend is never sent twice.
+5. The body is relayed piece by piece as it arrives (``UpstreamBody``), recorded for the
+   cache and published to followers on the way. Its ``close()`` always releases the backend
+   connection: back to the pool only when the response was read to its end.
+
+While the handler waits on the backend, ``disconnect.watch`` notices a client that left and
+kills the handler greenlet, so the ``finally`` blocks close the backend connection.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import orjson
+
+from ntonix import disconnect, transport
+from ntonix.cache_entry import CachedResponse, replayable_headers
+from ntonix.cache_key import CACHEABLE_PATHS, cache_key, request_cache_policy
+from ntonix.coalesce import Follower, Leader, LeaderFailed
+from ntonix.errors import (
+    BadRequest,
+    NoHealthyBackend,
+    NtonixError,
+    PayloadTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ntonix.headers import environ_headers, forward_request_headers, forward_response_headers, header_value
+from ntonix.record import RequestRecord
+from ntonix.sse import StreamRecorder
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from ntonix.app import Runtime
+    from ntonix.backends import Backend
+
+log = logging.getLogger("ntonix.proxy")
+MAX_RECORD_BYTES = 32 * 1024 * 1024
+
+
+class StreamAborted(gevent.GreenletExit):
+    """The answer broke off after its headers went out; the client connection was cut."""
+
+
+def status_line(code: int) -> str:
+    try:
+        return f"{code} {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Unknown"
+
+
+def read_body(environ: WSGIEnvironment, limit: int) -> bytes:
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH")
+    if length:
+        n = int(length)
+        if n > limit:
+            environ["ntonix.must_close"] = True  # the unread body must not be parsed as a request
+            raise PayloadTooLarge(f"request body of {n} bytes is over the limit of {limit} bytes")
+        return stream.read(n) if n else b""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        data: bytes = stream.read(limit + 1)
+        if len(data) > limit:
+            environ["ntonix.must_close"] = True
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        return data
+    return b""
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("request body must be a JSON object, got an empty body")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def abort_client(environ: WSGIEnvironment) -> None:
+    """Cut the client connection so it sees a broken body, never a clean end."""
+    sock = environ.get("gunicorn.socket")
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Body:
+    """A finished answer (list of chunks) whose ``close`` reports the request."""
+
+    __slots__ = ("_chunks", "_on_close")
+
+    def __init__(self, chunks: list[bytes], on_close: Callable[[], None]) -> None:
+        self._chunks, self._on_close = chunks, on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._chunks)
+
+    def close(self) -> None:
+        self._on_close()
+
+
+class Proxy:
+    def __init__(self, runtime: Runtime, done: Callable[[RequestRecord], None]) -> None:
+        self.rt = runtime
+        self._done = done
+
+    # ------------------------------------------------------------------ entry
+    def handle(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord) -> Any:
+        rt = self.rt
+        cfg = rt.config
+        method = rec.method
+        path = rec.path
+        body = read_body(environ, cfg.proxy.max_body_bytes)
+        cacheable = method == "POST" and path in CACHEABLE_PATHS
+        key: str | None = None
+        serve_ok = store_ok = stream = False
+        if cacheable:
+            parsed = parse_json_body(body)
+            stream = parsed.get("stream") is True
+            if rt.cache is not None and rt.cache.enabled:
+                serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))
+                key = cache_key(path, parsed, environ.get("HTTP_AUTHORIZATION"))
+        rec.cache = "MISS" if serve_ok else "BYPASS"
+        leader: Leader | None = None
+        if key is not None and serve_ok and rt.cache is not None:
+            entry = rt.cache.lookup(key)
+            if entry is not None:
+                return self._replay(entry, start_response, rec)
+            if rt.coalescer is not None:
+                role = rt.coalescer.join(key)
+                if isinstance(role, Follower):
+                    followed = self._follow(role, environ, start_response, rec)
+                    if followed is not None:
+                        return followed
+                else:
+                    leader = role
+        try:
+            return self._forward(environ, start_response, rec, body, key if store_ok else None, stream, leader)
+        except BaseException:
+            if leader is not None:
+                leader.finish(False)
+            raise
+
+    # ------------------------------------------------------------------ cache paths
+    def _replay(self, entry: CachedResponse, start_response: StartResponse, rec: RequestRecord) -> Body:
+        rec.cache = "HIT"
+        rec.status = entry.status
+        rec.streamed = entry.streamed
+        headers = list(entry.headers)
+        headers += [("Content-Length", str(len(entry.body))), ("X-Request-ID", rec.request_id), ("X-Cache", "HIT")]
+        start_response(status_line(entry.status), headers)
+        rec.bytes_sent = len(entry.body)
+        return Body([entry.body], lambda: self._done(rec))
+
+    def _follow(self, follower: Follower, environ: WSGIEnvironment, start_response: StartResponse,
+                rec: RequestRecord) -> Iterator[bytes] | None:
+        timeout = self.rt.config.proxy.read_timeout_s
+        watch = disconnect.watch(environ.get("gunicorn.socket"))
+        try:
+            head = follower.wait_head(timeout)
+        except BaseException:
+            follower.close()
+            if watch is not None:
+                watch.cancel()
+            raise
+        if head is None:  # the leader failed before answering: go to a backend ourselves
+            follower.close()
+            if watch is not None:
+                watch.cancel()
+            return None
+        status, headers = head
+        rec.cache = "HIT"
+        rec.status = status
+        out = [*headers, ("X-Request-ID", rec.request_id), ("X-Cache", "HIT")]
+        start_response(status_line(status), out)
+        return FollowerBody(follower, environ, rec, timeout, watch, self._done)
+
+    # ------------------------------------------------------------------ backend path
+    def _forward(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord, body: bytes,
+                 store_key: str | None, stream: bool, leader: Leader | None) -> Any:
+        rt = self.rt
+        cfg = rt.config
+        scheme = environ.get("wsgi.url_scheme", "http")
+        base_headers, real_ip = forward_request_headers(
+            environ_headers(environ), remote_addr=environ.get("REMOTE_ADDR", ""), scheme=scheme,
+            request_id=rec.request_id, trusted=rt.trusted_proxies)
+        rec.client = real_ip
+        target = environ.get("RAW_URI") or rec.path
+        tried: list[str] = []
+        last_error: Exception | None = None
+        watch = disconnect.watch(environ.get("gunicorn.socket"))
+        try:
+            for _ in range(cfg.proxy.retries + 1):
+                backend = rt.registry.pick(tried)
+                if backend is None:
+                    break
+                tried.append(backend.address)
+                allowed, change = backend.breaker.acquire()
+                rt.log_change(backend, "breaker", change)
+                if not allowed:
+                    continue
+                backend.in_flight += 1
+                backend.requests += 1
+                started = time.perf_counter()
+                try:
+                    resp = transport.send(backend.pool, rec.method, target,
+                                          [*base_headers, ("Host", backend.address)], body, cfg.proxy.read_timeout_s)
+                except transport.SendFailed as exc:
+                    backend.in_flight -= 1
+                    rt.backend_failed(backend, str(exc))
+                    log.warning("backend.send_failed", extra={"backend": backend.address, "reason": str(exc),
+                                                               "request_id": rec.request_id})
+                    last_error = exc
+                    continue
+                except NtonixError as exc:
+                    backend.in_flight -= 1
+                    rt.backend_failed(backend, exc.message)
+                    rec.backend = backend.address
+                    rec.backend_ok = False
+                    raise
+                except BaseException:
+                    backend.in_flight -= 1
+                    backend.breaker.release()
+                    raise
+                return self._relay(resp, backend, started, environ, start_response, rec, store_key, stream,
+                                   leader, watch)
+        except BaseException:
+            if watch is not None:
+                watch.cancel()
+            raise
+        if watch is not None:
+            watch.cancel()
+        if last_error is None:
+            raise NoHealthyBackend("no healthy backend is available", retry_after=max(1, int(cfg.health.interval_s)))
+        raise UpstreamUnavailable(f"no backend could be reached ({len(tried)} tried); last error: {last_error}")
+
+    def _relay(self, resp: Any, backend: Backend, started: float, environ: WSGIEnvironment,
+               start_response: StartResponse, rec: RequestRecord, store_key: str | None, stream: bool,
+               leader: Leader | None, watch: disconnect.Watch | None) -> UpstreamBody:
+        status = resp.status_code
+        rec.status = status
+        rec.backend = backend.address
+        rec.backend_latency_ms = (time.perf_counter() - started) * 1000.0
+        raw_headers = transport.response_headers(resp)
+        headers = forward_response_headers(raw_headers, rec.request_id)
+        headers.append(("X-Cache", rec.cache))
+        if status != 200 or "no-store" in (header_value(raw_headers, "cache-control") or "").lower():
+            store_key = None
+        if leader is not None:
+            leader.publish_head(status, tuple(h for h in headers if h[0] not in ("X-Request-ID", "X-Cache")))
+        start_response(status_line(status), headers)
+        replay = replayable_headers(raw_headers) if store_key is not None else ()
+        return UpstreamBody(self.rt, resp, backend, environ, rec, store_key, replay, stream, leader, watch,
+                            self._done)
+
+
+class UpstreamBody:
+    """The backend's body, relayed piece by piece; ``close`` settles everything once."""
+
+    def __init__(self, rt: Runtime, resp: Any, backend: Backend, environ: WSGIEnvironment, rec: RequestRecord,
+                 store_key: str | None, replay_headers: tuple[tuple[str, str], ...], stream: bool,
+                 leader: Leader | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None]) -> None:
+        self.rt, self.resp, self.backend, self.environ, self.rec = rt, resp, backend, environ, rec
+        self.store_key, self.replay_headers, self.leader, self.watch = store_key, replay_headers, leader, watch
+        self._done = done
+        self.recorder: StreamRecorder | None = StreamRecorder() if (store_key is not None and stream) else None
+        self.chunks: list[bytes] | None = [] if (store_key is not None and not stream) else None
+        self.recorded = 0
+        self.stream = stream
+        self.ended = False  # the backend's body ended cleanly
+        self.failed: str = ""
+
+    def __iter__(self) -> UpstreamBody:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.ended:
+            raise StopIteration
+        try:
+            chunk = transport.read_some(self.resp)
+        except NtonixError as exc:
+            self.failed = exc.message
+            self.rec.error = exc.message
+            log.warning("stream.broken", extra={"backend": self.backend.address, "reason": exc.message,
+                                                "request_id": self.rec.request_id})
+            abort_client(self.environ)
+            raise StreamAborted(exc.message) from None
+        if not chunk:
+            self.ended = True
+            raise StopIteration
+        rec = self.rec
+        if rec.ttft_ms is None:
+            rec.ttft_ms = (time.perf_counter() - rec.started) * 1000.0
+        rec.bytes_sent += len(chunk)
+        if self.store_key is not None:
+            self.recorded += len(chunk)
+            if self.recorded > MAX_RECORD_BYTES:
+                self.store_key, self.recorder, self.chunks = None, None, None
+            elif self.recorder is not None:
+                self.recorder.feed(chunk)
+            elif self.chunks is not None:
+                self.chunks.append(chunk)
+        if self.leader is not None:
+            self.leader.publish_chunk(chunk)
+        return chunk
+
+    def close(self) -> None:
+        rt, backend, rec = self.rt, self.backend, self.rec
+        if self.watch is not None:
+            self.watch.cancel()
+        self.resp.release()  # back to the pool only if read to its end
+        backend.in_flight -= 1
+        rec.streamed = self.recorder is not None or self.stream
+        if self.ended:
+            self._settle_ok()
+        elif self.failed:
+            rt.backend_failed(backend, self.failed)
+            rec.backend_ok = False
+        else:  # the client left (or the worker is stopping): no verdict on the backend
+            backend.breaker.release()
+            rec.error = rec.error or "client closed the connection"
+        if self.leader is not None:
+            self.leader.finish(self.ended)
+        if not rec.finished:
+            self._done(rec)
+        if backend.removed and backend.in_flight == 0:
+            rt.reap_drained()
+
+    def _settle_ok(self) -> None:
+        rt, backend, rec = self.rt, self.backend, self.rec
+        if rec.status >= 500:
+            rt.backend_failed(backend, f"answered {rec.status}")
+            rec.backend_ok = False
+        else:
+            rt.backend_succeeded(backend, rec.backend_latency_ms or 0.0)
+            rec.backend_ok = True
+        if self.store_key is None or rt.cache is None:
+            return
+        if self.recorder is not None:
+            if not self.recorder.done:
+                return  # a stream without its [DONE] is never stored
+            body = self.recorder.body
+        elif self.chunks is not None:
+            body = b"".join(self.chunks)
+        else:
+            return
+        rt.cache.store(self.store_key, CachedResponse(status=rec.status, headers=self.replay_headers, body=body,
+                                                      created=time.time(), streamed=self.recorder is not None))
+
+
+class FollowerBody:
+    """A coalesced request's answer, read from the leader's journal as it grows."""
+
+    def __init__(self, follower: Follower, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
+                 watch: disconnect.Watch | None, done: Callable[[RequestRecord], None]) -> None:
+        self.follower, self.environ, self.rec, self.watch, self._done = follower, environ, rec, watch, done
+        self._chunks = follower.chunks(timeout)
+
+    def __iter__(self) -> FollowerBody:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = next(self._chunks)
+        except LeaderFailed as exc:
+            self.rec.error = f"coalesced answer broke off: {exc}"
+            abort_client(self.environ)
+            raise StreamAborted(str(exc)) from None
+        rec = self.rec
+        if rec.ttft_ms is None:
+            rec.ttft_ms = (time.perf_counter() - rec.started) * 1000.0
+        rec.bytes_sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+        self.follower.close()
+        if not self.rec.finished:
+            self._done(self.rec)
+
+
+__all__ = ["Proxy", "StreamAborted", "UpstreamTimeout"]

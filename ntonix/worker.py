@@ -1,0 +1,187 @@
+"""Our gunicorn worker: gevent, HTTPS beside HTTP, JSON errors, in-place reload, quick drain.
+
+Theory of operation (docs/adr/0002-tls-listener.md, 0004-reload-and-shutdown.md)
+--------------------------------------------------------------------------------
+* gunicorn applies its TLS settings to every bind (STACK-NOTES §1), so this worker builds
+  the ``SSLContext`` itself (``ntonix.tls``) and gives it only to the listener on
+  ``server.ssl_port``. The handshake happens in the connection's greenlet under
+  ``ssl.handshake_timeout_s``; a failed one is logged in one line and touches nothing else.
+* Requests that came over TLS get ``wsgi.url_scheme = https``.
+* gunicorn answers malformed HTTP with an HTML page; we answer the same statuses as JSON in
+  the OpenAI error shape.
+* SIGHUP (sent by the master after it validated a new configuration) rebuilds the backend
+  list, logging and certificates in place: no worker restarts, nothing in flight is touched.
+* SIGTERM: stop accepting, close idle keep-alive connections at once (gunicorn's gevent
+  worker would wait for them, #3227), let in-flight requests and streams finish, and exit as
+  soon as the last one has, or at ``server.graceful_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket as _stdsocket
+import ssl
+import time
+from functools import partial
+from typing import Any
+
+import gevent
+import gevent.select
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn import util
+from gunicorn.workers.ggevent import GeventWorker
+
+from ntonix import runstate
+from ntonix.errors import error_body
+from ntonix.logs import setup_logging
+from ntonix.prober import Prober
+from ntonix.tls import build_server_context
+
+log = logging.getLogger("ntonix.worker")
+
+
+def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    kind = "invalid_request_error" if status_int < 500 else "server_error"
+    body = error_body(status_int, mesg or reason, kind, status_int)
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    util.write_nonblock(sock, head + body)
+
+
+# gunicorn's handle_error calls util.write_error for malformed requests (400/413/431/...).
+util.write_error = _write_json_error
+
+
+class NtonixWorker(GeventWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._conns: dict[Any, bool] = {}  # client socket -> a request is in progress
+        self._tls_ports: set[int] = set()
+        self._tls_servers: list[StreamServer] = []
+        self._prober: Prober | None = None
+
+    # ------------------------------------------------------------------ signals
+    def init_signals(self) -> None:
+        super().init_signals()
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, sig: int, frame: Any) -> None:
+        gevent.spawn(self.reload)
+
+    def reload(self) -> None:
+        try:
+            cfg = runstate.current()
+            setup_logging(cfg.logging)
+            if self._tls_servers and cfg.server.ssl_port:
+                ctx = build_server_context(cfg.ssl)
+                for server in self._tls_servers:
+                    server.wrap_socket = ctx.wrap_socket
+            self.wsgi.rt.reload(cfg)
+        except Exception:  # noqa: BLE001 - a bad reload must never take the worker down
+            log.exception("config.reload_failed")
+
+    # ------------------------------------------------------------------ serving
+    def run(self) -> None:
+        cfg = self.wsgi.rt.config
+        if cfg.server.ssl_port:
+            self._tls_ports = {cfg.server.ssl_port}
+        servers: list[StreamServer] = []
+        for s in self.sockets:
+            s.setblocking(1)
+            pool = Pool(self.worker_connections)
+            handler = partial(self.handle, s)
+            port = s.getsockname()[1]
+            if port in self._tls_ports:
+                ctx = build_server_context(cfg.ssl)
+                server = StreamServer(s, handle=handler, spawn=pool, ssl_context=ctx, server_side=True,
+                                      do_handshake_on_connect=False)
+                self._tls_servers.append(server)
+            else:
+                server = StreamServer(s, handle=handler, spawn=pool)
+            if self.cfg.workers > 1:
+                server.max_accept = 1
+            server.start()
+            servers.append(server)
+        self._prober = Prober(self.wsgi.rt)
+        self._prober.start()
+
+        while self.alive:
+            self.notify()
+            gevent.sleep(0.2)
+        self._drain(servers)
+
+    def _drain(self, servers: list[StreamServer]) -> None:
+        for server in servers:
+            server.close()
+        if self._prober is not None:
+            self._prober.stop()
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < deadline:
+            self._close_idle()
+            if all(server.pool.free_count() == server.pool.size for server in servers):
+                return
+            self.notify()
+            gevent.sleep(0.05)
+        log.warning("worker.graceful_timeout", extra={"pid": self.pid, "open_connections": len(self._conns)})
+        for server in servers:
+            server.stop(timeout=1)
+
+    def _close_idle(self) -> None:
+        """Shut down keep-alive connections that wait for a next request that is not coming."""
+        for client, busy in list(self._conns.items()):
+            if busy:
+                continue
+            try:
+                fd = client.fileno()
+                if fd < 0:
+                    continue
+                readable, _, _ = gevent.select.select([client], [], [], 0)
+                if readable:
+                    continue  # a request is arriving: let it be served
+                # An OS-level shutdown; gevent's own would log an EBADF traceback (STACK-NOTES §1).
+                dup = _stdsocket.socket(fileno=__import__("os").dup(fd))
+                try:
+                    dup.shutdown(_stdsocket.SHUT_RDWR)
+                finally:
+                    dup.close()
+            except OSError:
+                pass
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self._conns[client] = False
+        try:
+            if isinstance(client, ssl.SSLSocket) and not self._handshake(client, addr):
+                return
+            super().handle(listener, client, addr)
+        finally:
+            self._conns.pop(client, None)
+
+    def _handshake(self, client: Any, addr: Any) -> bool:
+        timeout = self.wsgi.rt.config.ssl.handshake_timeout_s
+        try:
+            with gevent.Timeout(timeout):
+                client.do_handshake()
+            return True
+        except gevent.Timeout:
+            reason = f"no handshake within {timeout:g}s"
+        except ssl.SSLError as exc:
+            reason = exc.reason or str(exc)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        log.info("tls.handshake_failed", extra={"client": addr[0] if addr else "", "reason": reason})
+        util.close(client)
+        return False
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+        if isinstance(listener_name, tuple) and listener_name[1] in self._tls_ports:
+            req.scheme = "https"
+        self._conns[sock] = True
+        try:
+            result: bool = super().handle_request(listener_name, req, sock, addr)
+        finally:
+            self._conns[sock] = False
+        if not self.alive:
+            raise StopIteration  # shutting down: no more keep-alive on this connection
+        return result

@@ -1,0 +1,11 @@
+"""The WSGI entry point: ``gunicorn -c gunicorn.conf.py ntonix.wsgi`` loads ``application``."""
+
+from __future__ import annotations
+
+from ntonix.app import build_app
+from ntonix.logs import setup_logging
+from ntonix.runstate import current
+
+_config = current()
+setup_logging(_config.logging)
+application = build_app(_config)
