@@ -21,6 +21,7 @@ from ntonix.coalesce import Coalescer
 from ntonix.config import Config
 from ntonix.errors import Forbidden, NtonixError, render_error
 from ntonix.headers import in_networks, parse_networks, request_id_from
+from ntonix.health import HealthState
 from ntonix.proxy import Body, Proxy
 from ntonix.record import RequestRecord
 from ntonix.runstate import run_dir
@@ -83,7 +84,11 @@ class Runtime:
         self.telemetry.backend_result(backend.address, ok=True, latency_ms=latency_ms)
 
     def probe_result(self, backend: Backend, ok: bool, reason: str) -> None:
-        self.log_change(backend, "health", backend.health.record_probe(ok, reason))
+        change = backend.health.record_probe(ok, reason)
+        self.log_change(backend, "health", change)
+        if change is not None and change.new is HealthState.HEALTHY:
+            # Probes saw it come back: let traffic in now rather than after the breaker's cooldown.
+            self.log_change(backend, "breaker", backend.breaker.recovered("active health checks passed"))
 
     # ------------------------------------------------------------------ reload
     def reload(self, config: Config) -> None:

@@ -50,9 +50,9 @@ class Backend:
         if self.removed or self.health.state is HealthState.DRAINING:
             return "draining"
         if self.health.state is not HealthState.HEALTHY:
-            return self.health.state.value
+            return str(self.health.state.value)
         if self.breaker.state is not BreakerState.CLOSED:
-            return self.breaker.state.value
+            return str(self.breaker.state.value)
         return "healthy"
 
     def __repr__(self) -> str:
@@ -64,7 +64,7 @@ class Backend:
 class Change:
     backend: str
     kind: str  # "health" or "breaker" or "membership"
-    transition: Transition
+    transition: Transition[Any]
 
 
 class Registry:

@@ -6,6 +6,7 @@ Theory of operation::
     OPEN --COOLDOWN_ELAPSED (first acquire() after cooldown_s)--> HALF_OPEN
     HALF_OPEN --TRIAL_SUCCEEDED--> CLOSED
     HALF_OPEN --TRIAL_FAILED--> OPEN (the cooldown starts again)
+    OPEN | HALF_OPEN --RECOVERED (active health checks saw the backend come back)--> CLOSED
 
 CLOSED lets every request through. OPEN lets none through until ``cooldown_s`` has passed; the
 first :meth:`CircuitBreaker.acquire` after that moves to HALF_OPEN and takes the single trial
@@ -48,6 +49,7 @@ class BreakerEvent(Enum):
     COOLDOWN_ELAPSED = "cooldown_elapsed"
     TRIAL_SUCCEEDED = "trial_succeeded"
     TRIAL_FAILED = "trial_failed"
+    RECOVERED = "recovered"
 
 
 TRANSITIONS: dict[tuple[BreakerState, BreakerEvent], BreakerState] = {
@@ -55,6 +57,8 @@ TRANSITIONS: dict[tuple[BreakerState, BreakerEvent], BreakerState] = {
     (BreakerState.OPEN, BreakerEvent.COOLDOWN_ELAPSED): BreakerState.HALF_OPEN,
     (BreakerState.HALF_OPEN, BreakerEvent.TRIAL_SUCCEEDED): BreakerState.CLOSED,
     (BreakerState.HALF_OPEN, BreakerEvent.TRIAL_FAILED): BreakerState.OPEN,
+    (BreakerState.OPEN, BreakerEvent.RECOVERED): BreakerState.CLOSED,
+    (BreakerState.HALF_OPEN, BreakerEvent.RECOVERED): BreakerState.CLOSED,
 }
 
 
@@ -143,6 +147,13 @@ class CircuitBreaker:
         if self._failures >= self._threshold:
             return self._fire(BreakerEvent.TRIP, f"{self._failures} consecutive failures, last: {reason}")
         return None
+
+    def recovered(self, reason: str) -> Transition[BreakerState] | None:
+        """Active health checks saw the backend come back from UNHEALTHY: close at once."""
+        self._failures = 0
+        if self._state is BreakerState.CLOSED:
+            return None
+        return self._fire(BreakerEvent.RECOVERED, reason)
 
     def release(self) -> None:
         """The trial request ended without a verdict (e.g. the client left): free its slot."""

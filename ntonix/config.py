@@ -181,7 +181,8 @@ def leaf_keys() -> list[tuple[str, str, Any, Any]]:
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            factory: Any = f.default_factory
+            default = f.default if f.default is not dataclasses.MISSING else factory()
             out.append((section, f.name, hints[f.name], default))
     return out
 
@@ -229,7 +230,9 @@ def parse_backends(text: str, where: str = "NTONIX_BACKENDS") -> list[dict[str, 
 def env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     """The NTONIX_* variables as a raw layer (strings, converted later by type)."""
     known = {env_name(s, k): (s, k) for s, k, _, _ in leaf_keys()}
-    known.update({env_name(s, a): (s, a) for (s, a) in ALIASES})
+    # An alias variable sets the canonical key, so that a higher layer naming the canonical key
+    # (--workers) still wins over it in merge_layers.
+    known.update({env_name(s, a): canonical for (s, a), canonical in ALIASES.items()})
     known.update(ENV_SHORTCUTS)
     layer: dict[str, Any] = {}
     for name, value in environ.items():

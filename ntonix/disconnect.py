@@ -25,7 +25,7 @@ _HANGUP = _POLLRDHUP | _select_module.POLLHUP | _select_module.POLLERR | _select
 RECHECK_S = 0.25
 
 
-class ClientGone(gevent.GreenletExit):
+class ClientGone(gevent.GreenletExit):  # type: ignore[misc]
     """The client closed its connection; raised in the handler greenlet to stop the request."""
 
 
@@ -62,7 +62,7 @@ class Watch:
         if hung:
             self.gone = True
             self.cancel()
-            gevent.kill(self._greenlet, ClientGone, block=False)
+            gevent.kill(self._greenlet, ClientGone)
             return
         self._timer.close()
         self._timer = self._loop.timer(RECHECK_S)
@@ -76,7 +76,7 @@ class Watch:
         if hung:
             self.gone = True
             self.cancel()
-            gevent.kill(self._greenlet, ClientGone, block=False)
+            gevent.kill(self._greenlet, ClientGone)
         else:
             self._timer.close()
             self._timer = self._loop.timer(RECHECK_S)

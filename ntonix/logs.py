@@ -69,7 +69,7 @@ def setup_logging(cfg: LoggingConfig) -> None:
     access.setLevel(logging.INFO)
 
 
-class GunicornLogger(_GLogger):
+class GunicornLogger(_GLogger):  # type: ignore[misc]
     """gunicorn's error log through our formatter; access lines are written by ntonix itself."""
 
     def setup(self, cfg: Any) -> None:

@@ -56,7 +56,7 @@ log = logging.getLogger("ntonix.proxy")
 MAX_RECORD_BYTES = 32 * 1024 * 1024
 
 
-class StreamAborted(gevent.GreenletExit):
+class StreamAborted(gevent.GreenletExit):  # type: ignore[misc]
     """The answer broke off after its headers went out; the client connection was cut."""
 
 
@@ -228,6 +228,21 @@ class Proxy:
                 try:
                     resp = transport.send(backend.pool, rec.method, target,
                                           [*base_headers, ("Host", backend.address)], body, cfg.proxy.read_timeout_s)
+                except transport.Unanswered as exc:
+                    # Closed or reset before any response byte. If the backend now refuses new
+                    # connections it died with our request: nothing was answered and nothing
+                    # will be, so another backend may take it. A live backend that hung up on
+                    # us is not sent the request twice.
+                    backend.in_flight -= 1
+                    rt.backend_failed(backend, exc.message)
+                    if not transport.refuses_connections(backend.config.host, backend.config.port,
+                                                         min(0.5, cfg.proxy.connect_timeout_s)):
+                        rec.backend, rec.backend_ok = backend.address, False
+                        raise
+                    log.warning("backend.died_with_request", extra={
+                        "backend": backend.address, "reason": exc.message, "request_id": rec.request_id})
+                    last_error = exc
+                    continue
                 except transport.SendFailed as exc:
                     backend.in_flight -= 1
                     rt.backend_failed(backend, str(exc))

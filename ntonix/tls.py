@@ -12,6 +12,11 @@ from collections.abc import Mapping
 
 from ntonix.config import ConfigError, SSLConfig
 
+# Appended to every ``ssl.ciphers``: whatever an operator writes, these never get offered
+# (issue 5: no NULL/RC4/3DES/export). TLS 1.3 suites are not affected by ``set_ciphers``
+# and are all AEAD.
+NEVER_CIPHERS = "!aNULL:!eNULL:!EXPORT:!RC4:!3DES:!DES:!MD5:!PSK:!SRP"
+
 
 def _context(cert_file: str, key_file: str, ciphers: str, where: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -19,7 +24,7 @@ def _context(cert_file: str, key_file: str, ciphers: str, where: str) -> ssl.SSL
     ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     try:
-        ctx.set_ciphers(ciphers)
+        ctx.set_ciphers(f"{ciphers}:{NEVER_CIPHERS}")
     except ssl.SSLError:
         raise ConfigError(f"ssl.ciphers: no usable cipher in {ciphers!r}") from None
     try:
@@ -41,8 +46,8 @@ def match_sni(name: str, contexts: Mapping[str, ssl.SSLContext]) -> ssl.SSLConte
     exact = contexts.get(name)
     if exact is not None:
         return exact
-    _, _, parent = name.partition(".")
-    return contexts.get(f"*.{parent}") if parent else None
+    label, _, parent = name.partition(".")
+    return contexts.get(f"*.{parent}") if label and parent else None
 
 
 def build_server_context(cfg: SSLConfig) -> ssl.SSLContext:

@@ -40,6 +40,10 @@ class SendFailed(Exception):
     """The request did not reach the backend (refused, reset, pool full): try another one."""
 
 
+class Unanswered(UpstreamUnavailable):
+    """The connection closed or reset after the request was sent, before any response byte."""
+
+
 class UpstreamBroken(UpstreamUnavailable):
     """The backend closed or broke the connection in the middle of a response body."""
 
@@ -173,18 +177,30 @@ def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]
                 continue
             raise SendFailed(f"sending the request failed: {exc.strerror or exc}") from exc
         try:
-            return HTTPSocketPoolResponse(sock, pool, method=method, block_size=BLOCK)
+            return HTTPSocketPoolResponse(sock, pool, method=method, block_size=BLOCK)  # type: ignore[arg-type]
         except HTTPConnectionClosed as exc:
             if reused and attempt == 0:
                 continue
-            raise UpstreamUnavailable("backend closed the connection without answering") from exc
+            raise Unanswered("backend closed the connection without answering") from exc
         except TimeoutError as exc:
             raise UpstreamTimeout(f"backend sent no response headers within {read_timeout_s:g}s") from exc
         except HTTPParseError as exc:
             raise UpstreamUnavailable(f"backend sent an invalid HTTP response: {exc}") from exc
+        except ConnectionError as exc:
+            raise Unanswered(f"backend connection failed before answering: {exc.strerror or exc}") from exc
         except OSError as exc:
             raise UpstreamUnavailable(f"backend connection failed: {exc.strerror or exc}") from exc
     raise UpstreamUnavailable("backend closed the connection without answering")  # pragma: no cover
+
+
+def refuses_connections(host: str, port: int, timeout_s: float) -> bool:
+    """True when the backend refuses (or cannot take) a new connection: it is down."""
+    try:
+        sock = gevent.socket.create_connection((host, port), timeout=timeout_s)
+    except OSError:
+        return True
+    _close(sock)
+    return False
 
 
 def read_some(resp: HTTPSocketPoolResponse) -> bytes:

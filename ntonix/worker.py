@@ -54,7 +54,7 @@ def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> Non
 util.write_error = _write_json_error
 
 
-class NtonixWorker(GeventWorker):
+class NtonixWorker(GeventWorker):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._conns: dict[Any, bool] = {}  # client socket -> a request is in progress

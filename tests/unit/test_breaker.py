@@ -60,6 +60,8 @@ def test_table_is_the_documented_machine() -> None:
         (OPEN, BreakerEvent.COOLDOWN_ELAPSED): HALF_OPEN,
         (HALF_OPEN, BreakerEvent.TRIAL_SUCCEEDED): CLOSED,
         (HALF_OPEN, BreakerEvent.TRIAL_FAILED): OPEN,
+        (OPEN, BreakerEvent.RECOVERED): CLOSED,
+        (HALF_OPEN, BreakerEvent.RECOVERED): CLOSED,
     }
 
 
@@ -77,8 +79,8 @@ def test_illegal_events_raise(state: BreakerState, event: BreakerEvent) -> None:
 
 
 def test_every_state_has_an_illegal_event() -> None:
-    # Sanity check of the parametrisation above: 12 pairs, 4 legal, 8 illegal.
-    assert len([1 for s in BreakerState for e in BreakerEvent if (s, e) not in TRANSITIONS]) == 8
+    # Sanity check of the parametrisation above: 15 pairs, 6 legal, 9 illegal.
+    assert len([1 for s in BreakerState for e in BreakerEvent if (s, e) not in TRANSITIONS]) == 9
 
 
 # --- CLOSED ----------------------------------------------------------------------------------
@@ -277,3 +279,18 @@ def test_repr_shows_state() -> None:
     assert repr(b) == "<CircuitBreaker HALF_OPEN fails=5 trial=busy>"
     b.release()
     assert repr(b) == "<CircuitBreaker HALF_OPEN fails=5 trial=free>"
+
+
+def test_recovered_closes_open_and_half_open_breakers() -> None:
+    clock = FakeClock()
+    b = CircuitBreaker(1, 10.0, clock=clock)
+    b.record_failure("boom")
+    t = b.recovered("health checks passed")
+    assert t is not None and (t.old, t.new) == (BreakerState.OPEN, BreakerState.CLOSED)
+    assert b.available() and b.failures == 0
+    b.record_failure("boom")
+    clock.advance(10.0)
+    assert b.acquire()[0] and b.state is BreakerState.HALF_OPEN
+    t = b.recovered("health checks passed")
+    assert t is not None and t.new is BreakerState.CLOSED
+    assert b.recovered("again") is None

@@ -1,0 +1,95 @@
+"""Cache keys and the request's cache policy: pure functions, no I/O.
+
+A key is the hex xxh3_128 of three length-framed parts:
+
+1. the partition: blake2b-128 of the ``Authorization`` header (``b""`` when absent), so that
+   one credential never receives another's cached answer and no credential is ever kept in a
+   recoverable form;
+2. the request path;
+3. the canonical JSON of the parsed body: ``orjson`` with ``OPT_SORT_KEYS`` (which sorts the
+   keys of nested objects too) and no whitespace, so key order and formatting do not matter
+   while every value does.
+
+Numbers are taken as written: ``1`` and ``1.0`` give different keys. Most backends treat
+them alike, but a needless miss costs one backend call while a wrong hit would serve an
+answer to a request that was not made; so the cache never decides two values are "equal
+enough".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import orjson
+import xxhash
+
+CACHEABLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+
+
+def cache_key(path: str, body: object, authorization: str | None, *, variant: str = "") -> str:
+    """The cache key (32 hex digits) of a cacheable request.
+
+    ``body`` is the parsed JSON body. ``variant`` lets the caller fold in anything else the
+    answer depends on (for example a normalised ``Accept-Encoding``); ``""`` adds nothing.
+    """
+    partition = hashlib.blake2b((authorization or "").encode("utf-8", "surrogateescape"), digest_size=16)
+    h = xxhash.xxh3_128()
+    h.update(partition.digest())
+    for part in (path.encode("utf-8", "surrogateescape"), variant.encode("utf-8", "surrogateescape")):
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    h.update(canonical_json(body))
+    return h.hexdigest()
+
+
+def canonical_json(body: object) -> bytes:
+    """Sorted keys, no whitespace, UTF-8; the same bytes for the same JSON value."""
+    try:
+        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        # Integers beyond 64 bits (valid JSON) are refused by orjson; the standard library
+        # gives the same shape for them.
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def request_cache_policy(cache_control: str | None) -> tuple[bool, bool]:
+    """``(may_serve_from_cache, may_store)`` for a request's ``Cache-Control`` header.
+
+    ``no-store`` wins over everything (neither served nor stored, RFC 9111 §5.2.1.5);
+    ``no-cache`` and ``max-age=0`` mean "do not answer from the cache" but the fresh answer
+    may be stored (§5.2.1.4, §5.2.1.1). Directive names are case-insensitive; unknown
+    directives and malformed parts are ignored.
+    """
+    if not cache_control:
+        return True, True
+    serve, store = True, True
+    for name, value in _directives(cache_control):
+        if name == "no-store":
+            serve, store = False, False
+        elif name == "no-cache" or (name == "max-age" and value is not None and value.strip('" ') == "0"):
+            serve = False
+    return serve, store
+
+
+def _directives(header: str) -> list[tuple[str, str | None]]:
+    """Split ``a, b=1, c="x, y"`` into ``[("a", None), ("b", "1"), ("c", "x, y")]``."""
+    out: list[tuple[str, str | None]] = []
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in header:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    for part in parts:
+        name, eq, value = part.partition("=")
+        name = name.strip().lower()
+        if name:
+            out.append((name, value.strip() if eq else None))
+    return out
