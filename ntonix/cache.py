@@ -62,8 +62,10 @@ class ResponseCache:
 
     # -- request path -------------------------------------------------------------------
 
-    def lookup(self, key: str) -> CachedResponse | None:
-        """The cached answer for ``key`` or ``None``; counts one hit or miss gateway-wide."""
+    def lookup(self, key: str, *, count: bool = True) -> CachedResponse | None:
+        """The cached answer for ``key`` or ``None``; counts one hit or miss gateway-wide
+        unless ``count=False`` (the caller then reports the outcome with :meth:`record`,
+        e.g. a miss answered by a coalesced leader, which the client sees as a HIT)."""
         if not self.enabled:
             return None
         self._check_generation()
@@ -80,7 +82,8 @@ class ResponseCache:
                 if memory is not None:
                     memory.put(key, found, age_s=self._clock() - found.created)
             entry = found
-        self._count(key, entry is not None)
+        if count:
+            self.record(key, entry is not None)
         return entry
 
     def store(self, key: str, entry: CachedResponse) -> None:
@@ -145,7 +148,10 @@ class ResponseCache:
                 self.memory.clear()
             self._generation = generation
 
-    def _count(self, key: str, hit: bool) -> None:
+    def record(self, key: str | None, hit: bool) -> None:
+        """Count one hit or miss (gateway-wide with a shared store)."""
+        if not self.enabled:
+            return
         if self._l2(lambda s: s.record_lookup(key, hit), None) is not None:
             return
         if hit:

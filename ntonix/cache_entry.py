@@ -83,16 +83,15 @@ class CachedResponse:
             raise DecodeError("truncated cache entry")
         try:
             status, headers, created, streamed = orjson.loads(data[_PREFIX:end])
-            entry = cls(
-                status=int(status),
-                headers=tuple((str(k), str(v)) for k, v in headers),
-                body=data[end:],
-                created=float(created),
-                streamed=bool(streamed),
-            )
+            pairs: Headers = tuple(map(tuple, headers))
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             raise DecodeError(f"malformed cache entry: {exc}") from None
-        return entry
+        # Cheap shape checks only (this is on every L2/L3 hit): we wrote these bytes ourselves.
+        if type(status) is not int or type(created) is not float or type(streamed) is not bool or any(
+            len(p) != 2 for p in pairs
+        ):
+            raise DecodeError("malformed cache entry")
+        return cls(status, pairs, data[end:], created, streamed)
 
     def __repr__(self) -> str:
         kind = "stream" if self.streamed else "plain"

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import orjson
 
 from ntonix.cache_entry import Headers
-from ntonix.cache_lmdb import MiB, StoreError, open_env, translated
+from ntonix.cache_lmdb import MiB, Process, StoreError, open_env, translated
 
 if TYPE_CHECKING:
     import lmdb
@@ -106,17 +106,9 @@ def _gevent_sleep(seconds: float) -> None:
 class Coalescer:
     """Decides, per key, who goes to the backend (:class:`Leader`) and who follows."""
 
-    def __init__(
-        self,
-        directory: str,
-        poll_interval_s: float = 0.005,
-        stale_after_s: float = 120.0,
-        *,
-        sleep: Callable[[float], None] = _gevent_sleep,
-        clock: Callable[[], float] = time.time,
-        is_alive: Callable[[int], bool] = pid_alive,
-        map_size: int = 1024 * MiB,
-    ) -> None:
+    def __init__(self, directory: str, poll_interval_s: float = 0.005, stale_after_s: float = 120.0, *,
+                 sleep: Callable[[float], None] = _gevent_sleep, clock: Callable[[], float] = time.time,
+                 is_alive: Callable[[int], bool] = pid_alive, map_size: int = 1024 * MiB) -> None:
         self.path = os.path.join(directory, "inflight")
         self.poll_interval_s, self.stale_after_s = poll_interval_s, stale_after_s
         self.sleep, self.clock, self.is_alive = sleep, clock, is_alive
@@ -126,14 +118,15 @@ class Coalescer:
         self._swept_at = 0.0
 
     def handles(self) -> _Handles:
-        if self._handles is None or self._pid != os.getpid():
+        if self._handles is None or self._pid != Process.pid:
             env = open_env(self.path, self.map_size, max_dbs=4)
             dbs = [env.open_db(name) for name in (b"inflight", b"flights", b"journal")]
-            self._handles, self._pid = _Handles(env, *dbs), os.getpid()
+            self._handles, self._pid = _Handles(env, *dbs), Process.pid
         return self._handles
 
     def stale(self, flight: _Flight, now: float) -> bool:
-        return now - flight.heartbeat > self.stale_after_s or not self.is_alive(flight.pid)
+        # A live leader beats at most once a second, so allow that much on top.
+        return now - flight.heartbeat > self.stale_after_s + _HEARTBEAT_S or not self.is_alive(flight.pid)
 
     def join(self, key: str) -> Leader | Follower:
         """Follow the live flight for ``key``, or lead a new one (one write transaction)."""
@@ -201,6 +194,10 @@ def drop(h: _Handles, txn: Txn, token: bytes, key: bytes) -> None:
     if txn.get(key, db=h.inflight) == token:
         txn.delete(key, db=h.inflight)
     txn.delete(token, db=h.flights)
+    clear_journal(h, txn, token)
+
+
+def clear_journal(h: _Handles, txn: Txn, token: bytes) -> None:
     with txn.cursor(db=h.journal) as cur:
         if cur.set_range(token):
             while cur.key()[:8] == token and cur.delete():
@@ -224,19 +221,28 @@ class Leader:
         self._records: list[bytes] = []
         self._published = 0
         self._journaling = False
+        self._has_head = False
         self._beat = coalescer.clock()
         self.finished = token is None
 
+    @property
+    def has_followers(self) -> bool:
+        """Whether anyone follows (as of the last publish): a leader whose own client left
+        may keep reading the backend for them."""
+        return self._journaling and not self.finished
+
     def publish_head(self, status: int, headers: Headers) -> None:
-        if self._records:
+        if self._has_head:
             raise ValueError("publish_head: the head is already published")
-        self._records.append(orjson.dumps([status, headers]))
-        self._sync(None)
+        self._has_head = True
+        if not self.finished:
+            self._records.append(orjson.dumps([status, headers]))
+            self._sync(None)
 
     def publish_chunk(self, data: bytes) -> None:
-        if not self._records:
+        if not self._has_head:
             raise ValueError("publish_chunk: publish_head first")
-        if data:
+        if data and not self.finished:
             self._records.append(bytes(data))
             self._sync(None)
 
@@ -278,7 +284,8 @@ class Leader:
                         self.finished = True
                         return
                     flight = _Flight.unpack(raw)._replace(heartbeat=now)
-                    if flight.followers > 0 and end != FAILED:
+                    self._journaling = flight.followers > 0
+                    if self._journaling and end != FAILED:
                         for n in range(self._published, len(self._records)):
                             txn.put(_seq(self.token, n), self._records[n], db=h.journal)
                         self._published = len(self._records)
@@ -288,6 +295,23 @@ class Leader:
         except StoreError as exc:
             log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": str(exc)})
             self.finished = True
+            self._records = []
+            if end is None:
+                self._abandon()
+
+    def _abandon(self) -> None:
+        """Best effort after a failed write (e.g. a full map): fail the flight, free its journal."""
+        assert self.token is not None
+        try:
+            with translated():
+                h = self._c.handles()
+                with h.env.begin(write=True) as txn:
+                    raw = txn.get(self.token, db=h.flights)
+                    if raw is not None:
+                        settle(h, txn, self.token, _Flight.unpack(raw)._replace(state=FAILED))
+                        clear_journal(h, txn, self.token)
+        except StoreError:
+            pass  # followers notice the silence (timeout) or the sweep cleans up
 
     def __repr__(self) -> str:
         state = "finished" if self.finished else ("journaling" if self._journaling else "running")

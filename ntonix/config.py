@@ -15,6 +15,7 @@ checking that certificate files exist; it imports nothing from the network stack
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -49,6 +50,11 @@ class ServerConfig:
     max_headers: int = 100
 
 
+@functools.lru_cache(maxsize=1024)
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     host: str
@@ -57,7 +63,7 @@ class BackendConfig:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return _address(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)

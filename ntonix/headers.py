@@ -12,6 +12,7 @@ Responses: hop-by-hop headers are dropped the same way and ``X-Request-ID`` is o
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,8 +32,21 @@ _CGI_HEADERS = (("CONTENT_TYPE", "Content-Type"),)
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 
+_id_prefix = os.urandom(10).hex()
+_id_counter = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    global _id_prefix
+    _id_prefix = os.urandom(10).hex()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    """Unique without a syscall per request: a random per-process prefix and a counter."""
+    return f"{_id_prefix}{next(_id_counter):012x}"
 
 
 def request_id_from(client_value: str | None) -> str:
@@ -69,12 +83,28 @@ def _connection_tokens(value: str | None) -> set[str]:
     return {t.strip().lower() for t in (value or "").split(",") if t.strip()}
 
 
+_NAMES: dict[str, str] = {}  # environ key -> header name, filled as keys are seen
+
+
+def _header_name(key: str) -> str:
+    name = _NAMES.get(key)
+    if name is None:
+        name = key[5:].replace("_", "-").title() if key.startswith("HTTP_") else key
+        if len(_NAMES) < 4096:  # bounded: clients choose header names
+            _NAMES[key] = name
+    return name
+
+
+def _environ_key(name: str) -> str:
+    return "HTTP_" + name.upper().replace("-", "_")
+
+
+_DROP_KEYS = frozenset(_environ_key(n) for n in HOP_BY_HOP | _OWN)
+
+
 def environ_headers(environ: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Request headers from a WSGI environ as (Name-Case, value) pairs."""
-    out = []
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            out.append((key[5:].replace("_", "-").title(), value))
+    out = [(_header_name(key), value) for key, value in environ.items() if key.startswith("HTTP_")]
     for cgi, name in _CGI_HEADERS:
         value = environ.get(cgi)
         if value:
@@ -92,13 +122,36 @@ def forward_request_headers(
 ) -> tuple[list[tuple[str, str]], str]:
     """Headers for the backend request (``Host`` is added per backend), and the client address
     we believe (for logs)."""
-    headers = list(headers)
-    lower = {name.lower(): value for name, value in headers}
-    drop = HOP_BY_HOP | _connection_tokens(lower.get("connection")) | _OWN
-    out = [(name, value) for name, value in headers if name.lower() not in drop]
-    prior = lower.get("x-forwarded-for")
-    if "host" in lower:
-        out.append(("X-Forwarded-Host", lower["host"]))
+    environ: dict[str, str] = {}
+    for name, value in headers:
+        key = "CONTENT_TYPE" if name.lower() == "content-type" else _environ_key(name)
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    return forward_environ_headers(environ, remote_addr=remote_addr, scheme=scheme, request_id=request_id,
+                                   trusted=trusted)
+
+
+def forward_environ_headers(
+    environ: Mapping[str, Any],
+    *,
+    remote_addr: str,
+    scheme: str,
+    request_id: str,
+    trusted: Networks = (),
+) -> tuple[list[tuple[str, str]], str]:
+    """``forward_request_headers`` straight from a WSGI environ, in one pass (the hot path)."""
+    connection = environ.get("HTTP_CONNECTION")
+    drop = _DROP_KEYS
+    if connection:
+        drop = drop | {_environ_key(t) for t in _connection_tokens(connection)}
+    out = [(_header_name(key), value) for key, value in environ.items()
+           if key.startswith("HTTP_") and key not in drop]
+    content_type = environ.get("CONTENT_TYPE")
+    if content_type:
+        out.append(("Content-Type", content_type))
+    prior = environ.get("HTTP_X_FORWARDED_FOR")
+    host = environ.get("HTTP_HOST")
+    if host:
+        out.append(("X-Forwarded-Host", host))
     out.append(("X-Forwarded-For", f"{prior}, {remote_addr}" if prior else remote_addr))
     real = client_ip(remote_addr, prior, trusted)
     out.append(("X-Real-IP", real))

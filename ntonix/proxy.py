@@ -42,7 +42,7 @@ from ntonix.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ntonix.headers import environ_headers, forward_request_headers, forward_response_headers, header_value
+from ntonix.headers import forward_environ_headers, forward_response_headers, header_value
 from ntonix.record import RequestRecord
 from ntonix.sse import StreamRecorder
 
@@ -146,18 +146,29 @@ class Proxy:
         rec.cache = "MISS" if serve_ok else "BYPASS"
         leader: Leader | None = None
         if key is not None and serve_ok and rt.cache is not None:
-            entry = rt.cache.lookup(key)
-            if entry is not None:
-                return self._replay(entry, start_response, rec)
-            if rt.coalescer is not None:
+            # Counted once we know: a coalesced follower is a hit, though the lookup missed.
+            entry = rt.cache.lookup(key, count=False)
+            if entry is None and rt.coalescer is not None:
                 role = rt.coalescer.join(key)
                 if isinstance(role, Follower):
                     followed = self._follow(role, environ, start_response, rec)
                     if followed is not None:
+                        rt.cache.record(key, True)
                         return followed
                 else:
                     leader = role
+                    # A previous leader may have stored and finished between our miss and join.
+                    entry = rt.cache.lookup(key, count=False)
+                    if entry is not None:
+                        leader.finish(False)
+                        leader = None
+            rt.cache.record(key, entry is not None)
+            if entry is not None:
+                return self._replay(entry, start_response, rec)
         try:
+            if key is not None:
+                # The cached answer must suit every client: ask the backend for identity encoding.
+                environ.pop("HTTP_ACCEPT_ENCODING", None)
             return self._forward(environ, start_response, rec, body, key if store_ok else None, stream, leader)
         except BaseException:
             if leader is not None:
@@ -204,8 +215,8 @@ class Proxy:
         rt = self.rt
         cfg = rt.config
         scheme = environ.get("wsgi.url_scheme", "http")
-        base_headers, real_ip = forward_request_headers(
-            environ_headers(environ), remote_addr=environ.get("REMOTE_ADDR", ""), scheme=scheme,
+        base_headers, real_ip = forward_environ_headers(
+            environ, remote_addr=environ.get("REMOTE_ADDR", ""), scheme=scheme,
             request_id=rec.request_id, trusted=rt.trusted_proxies)
         rec.client = real_ip
         target = environ.get("RAW_URI") or rec.path
@@ -307,6 +318,7 @@ class UpstreamBody:
         self.stream = stream
         self.ended = False  # the backend's body ended cleanly
         self.failed: str = ""
+        self._head_flushed = False
 
     def __iter__(self) -> UpstreamBody:
         return self
@@ -314,6 +326,12 @@ class UpstreamBody:
     def __next__(self) -> bytes:
         if self.ended:
             raise StopIteration
+        if not self._head_flushed:
+            self._head_flushed = True
+            if not transport.body_ready(self.resp):
+                # gunicorn sends the headers with the first write: send them now, not with the
+                # first token (a stream's headers come long before its first event).
+                return b""
         try:
             chunk = transport.read_some(self.resp)
         except NtonixError as exc:

@@ -34,6 +34,8 @@ from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError, HTTP
 from ntonix.errors import UpstreamTimeout, UpstreamUnavailable
 
 BLOCK = 64 * 1024
+FRESH_S = 1.0  # an idle socket younger than this is reused without a liveness check
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class SendFailed(Exception):
@@ -80,8 +82,9 @@ class Pool:
         try:
             self._expire()
             while self._idle:
-                sock, _ = self._idle.pop()
-                if _alive(sock):
+                sock, since = self._idle.pop()
+                # Recently used sockets skip the peek: the keep-alive race is handled by send().
+                if self._clock() - since < FRESH_S or _alive(sock):
                     return sock, True
                 _close(sock)
             return self._connect(), False
@@ -130,15 +133,26 @@ class Pool:
             _close(self._idle.pop()[0])
 
 
+def send_all(sock: Any, data: bytes) -> None:
+    """``sendall`` without gevent's per-call getsockopt (SO_SNDBUF) for the one-shot case."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def _alive(sock: Any) -> bool:
-    """An idle keep-alive socket must not be readable: readable means FIN or garbage."""
+    """An idle keep-alive socket must have nothing to read: a byte or EOF means FIN or garbage.
+
+    One non-blocking peek on the underlying socket (gevent keeps it non-blocking), instead of
+    a gevent ``select`` that sets up watchers.
+    """
     try:
-        if sock.fileno() < 0:
-            return False
-        readable, _, _ = gevent.select.select([sock], [], [], 0.0)
-        return not readable
-    except (OSError, ValueError):
+        sock._sock.recv(1, _PEEK)
+    except BlockingIOError:
+        return True
+    except (OSError, ValueError, AttributeError):
         return False
+    return False
 
 
 def _close(sock: Any) -> None:
@@ -170,7 +184,7 @@ def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]
         sock, reused = pool.acquire()
         try:
             sock.settimeout(read_timeout_s)
-            sock.sendall(data)
+            send_all(sock, data)
         except OSError as exc:
             pool.release_socket(sock)
             if reused and attempt == 0:
@@ -229,6 +243,11 @@ def read_some(resp: HTTPSocketPoolResponse) -> bytes:
     out = bytes(buf)
     del buf[:]
     return out
+
+
+def body_ready(resp: HTTPSocketPoolResponse) -> bool:
+    """Whether ``read_some`` would answer without waiting (body bytes buffered, or the end)."""
+    return bool(resp._body_buffer) or bool(resp.message_complete)
 
 
 def response_headers(resp: HTTPSocketPoolResponse) -> list[tuple[str, str]]:
