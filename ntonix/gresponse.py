@@ -12,8 +12,10 @@ SO_SNDBUF on every call; ``send`` of a few KiB on a writable socket completes in
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from gunicorn import util
 from gunicorn.http.wsgi import Response
 
 from ntonix.transport import send_all
@@ -60,8 +62,26 @@ def _close(self: Any) -> None:
     _flush_head(self, b"0\r\n\r\n" if self.chunked else b"")
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date(timestamp: float | None = None) -> str:
+    """gunicorn formats the Date header with email.utils on every response; once a second will do."""
+    global _date_cache
+    if timestamp is not None:
+        return str(_original_http_date(timestamp))
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, str(_original_http_date(now)))
+    return _date_cache[1]
+
+
+_original_http_date = util.http_date
+
+
 def install() -> None:
     """Patch gunicorn's Response in this (worker) process."""
+    util.http_date = http_date
     Response.send_headers = _send_headers
     Response._emit_body = _emit_body
     Response.write = _write

@@ -18,6 +18,7 @@ Theory of operation (docs/adr/0002-tls-listener.md, 0004-reload-and-shutdown.md)
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket as _stdsocket
@@ -33,8 +34,10 @@ from gevent.server import StreamServer
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
-from ntonix import runstate
+from ntonix import gresponse, runstate
+from ntonix.config import ConfigError
 from ntonix.errors import error_body
+from ntonix.headers import new_request_id
 from ntonix.logs import setup_logging
 from ntonix.prober import Prober
 from ntonix.tls import build_server_context
@@ -45,13 +48,15 @@ log = logging.getLogger("ntonix.worker")
 def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     kind = "invalid_request_error" if status_int < 500 else "server_error"
     body = error_body(status_int, mesg or reason, kind, status_int)
+    # Every response carries X-Request-ID (INTERFACE.md); the request was unreadable, so a new one.
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+            f"Content-Length: {len(body)}\r\nX-Request-ID: {new_request_id()}\r\n\r\n").encode("latin-1")
     util.write_nonblock(sock, head + body)
 
 
 # gunicorn's handle_error calls util.write_error for malformed requests (400/413/431/...).
 util.write_error = _write_json_error
+gresponse.install()
 
 
 class NtonixWorker(GeventWorker):  # type: ignore[misc]
@@ -75,9 +80,15 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             cfg = runstate.current()
             setup_logging(cfg.logging)
             if self._tls_servers and cfg.server.ssl_port:
-                ctx = build_server_context(cfg.ssl)
-                for server in self._tls_servers:
-                    server.wrap_socket = ctx.wrap_socket
+                try:  # the master checked them, but the files may have changed since
+                    ctx = build_server_context(cfg.ssl)
+                except ConfigError as exc:  # the old certificates keep serving; backends still reload
+                    log.error("tls.reload_failed", extra={"error": str(exc)})
+                else:
+                    for server in self._tls_servers:
+                        server.wrap_socket = ctx.wrap_socket
+                        if self.alive and not server.started:  # tls.context_failed at boot
+                            server.start()
             self.wsgi.rt.reload(cfg)
         except Exception:  # noqa: BLE001 - a bad reload must never take the worker down
             log.exception("config.reload_failed")
@@ -85,6 +96,12 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
     # ------------------------------------------------------------------ serving
     def run(self) -> None:
         cfg = self.wsgi.rt.config
+        # Everything built so far lives as long as the worker: keep it out of the collector's
+        # sight, and collect the young generation less often (each request allocates a few
+        # hundred objects; default thresholds ran a collection every ~3 requests).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         if cfg.server.ssl_port:
             self._tls_ports = {cfg.server.ssl_port}
         servers: list[StreamServer] = []
@@ -93,8 +110,15 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             pool = Pool(self.worker_connections)
             handler = partial(self.handle, s)
             port = s.getsockname()[1]
+            ready = True
             if port in self._tls_ports:
-                ctx = build_server_context(cfg.ssl)
+                try:  # the master checked the files, but they may have changed since (no HUP yet)
+                    ctx = build_server_context(cfg.ssl)
+                except ConfigError as exc:
+                    # Accept no TLS connections in this worker (the others still do) until a HUP
+                    # brings files that load; crashing would only make gunicorn respawn us in a loop.
+                    log.error("tls.context_failed", extra={"error": str(exc)})
+                    ctx, ready = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), False
                 server = StreamServer(s, handle=handler, spawn=pool, ssl_context=ctx, server_side=True,
                                       do_handshake_on_connect=False)
                 self._tls_servers.append(server)
@@ -102,13 +126,15 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
                 server = StreamServer(s, handle=handler, spawn=pool)
             if self.cfg.workers > 1:
                 server.max_accept = 1
-            server.start()
+            if ready:
+                server.start()
             servers.append(server)
         self._prober = Prober(self.wsgi.rt)
         self._prober.start()
 
         while self.alive:
             self.notify()
+            self.wsgi.rt.telemetry.tick()  # this worker's RSS for /metrics, every few seconds
             gevent.sleep(0.2)
         self._drain(servers)
 
@@ -151,12 +177,19 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         self._conns[client] = False
+        telemetry = self.wsgi.rt.telemetry
+        telemetry.connection_opened()
         try:
             if isinstance(client, ssl.SSLSocket) and not self._handshake(client, addr):
                 return
             super().handle(listener, client, addr)
         finally:
             self._conns.pop(client, None)
+            telemetry.connection_closed()
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: Any) -> None:
+        self.wsgi.rt.telemetry.protocol_error()  # answered by gunicorn, never reached the app's counters
+        super().handle_error(req, client, addr, exc)
 
     def _handshake(self, client: Any, addr: Any) -> bool:
         timeout = self.wsgi.rt.config.ssl.handshake_timeout_s
