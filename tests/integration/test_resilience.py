@@ -123,7 +123,8 @@ def test_all_backends_down_gives_503_with_retry_after(mock_backend: Any, gateway
     assert gw.health()[0] == 200
     a.stop()
     b.stop()
-    wait_until(lambda: gw.health()[0] == 503, timeout=5)
+    # Each worker probes on its own: wait until every answer (new connections, any worker) agrees.
+    wait_until(lambda: all(gw.health()[0] == 503 for _ in range(8)), timeout=5)
     status, body = gw.health()
     assert body == {"status": "unavailable", "backends": {"healthy": 0, "total": 2}}
     status, headers, raw = gw.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
