@@ -95,6 +95,7 @@ class Runtime:
         """Apply a new configuration in place: backends added, kept or drained."""
         added, removed, changes = self.registry.reload(config.backends, config.health, config.circuit_breaker)
         self.config = config
+        self.telemetry.reload(config)
         for backend in added:
             self._attach_pool(backend)
         for change in changes:

@@ -10,7 +10,8 @@ four sub-databases:
 * ``lru``:   last access µs (8 bytes, big-endian) + key -> ``b""``; its first item is the
   least recently used entry, so eviction is a cursor walk from the front
 * ``stats``: gateway-wide counters (entries, bytes, hits, misses, evictions, expired, and the
-  purge ``generation`` the per-worker L1 caches watch)
+  ``generation`` the per-worker L1 caches watch: bumped by a purge and when a stored answer is
+  replaced by a newer one, so no worker keeps serving the replaced answer from its L1)
 
 LRU is approximate: a hit refreshes the access time only when the stored one is older than
 ``touch_interval_s``, so a hot key costs one write per second, not one per hit. Every write
@@ -279,6 +280,10 @@ class LmdbStore:
             old = txn.get(k, db=h.meta)
             if old is not None:
                 self._remove(h, txn, k, old, counter=None)
+                if _META.unpack(old)[1] != created:
+                    # A new answer replaces an old one (e.g. after ``no-cache``): other workers'
+                    # L1 copies of the old one must go, as after a purge.
+                    add_counter(txn, h.stats, b"generation", 1)
             access_us = int(now * 1e6)
             txn.put(k, raw, db=h.data)
             txn.put(k, _META.pack(access_us, created, len(raw)), db=h.meta)

@@ -237,6 +237,8 @@ class Leader:
         self._has_head = True
         if not self.finished:
             self._records.append(orjson.dumps([status, headers]))
+            if status != 200:
+                self._detach()
             self._sync(None)
 
     def publish_chunk(self, data: bytes) -> None:
@@ -298,6 +300,22 @@ class Leader:
             self._records = []
             if end is None:
                 self._abandon()
+
+    def _detach(self) -> None:
+        """Take the key off the in-flight index, so that requests arriving from now on start a
+        flight of their own: an answer that will not be cached (status other than 200) is shared
+        with the followers already waiting for it, but never handed to a later request (e.g. one
+        sent after the leader's client already had the whole error) as if it were cached."""
+        assert self.token is not None
+        try:
+            with translated():
+                h = self._c.handles()
+                k = self.key.encode()
+                with h.env.begin(write=True) as txn:
+                    if txn.get(k, db=h.inflight) == self.token:
+                        txn.delete(k, db=h.inflight)
+        except StoreError as exc:
+            log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": str(exc)})
 
     def _abandon(self) -> None:
         """Best effort after a failed write (e.g. a full map): fail the flight, free its journal."""

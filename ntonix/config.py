@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import ipaddress
 import json
+import math
 import os
 import re
 import typing
@@ -44,7 +45,7 @@ class ServerConfig:
     threads: int = 2  # worker processes (alias: server.workers)
     graceful_timeout_s: float = 30.0
     keepalive_s: float = 5.0
-    worker_connections: int = 1000
+    worker_connections: int = 4096
     max_request_line: int = 8190
     max_header_bytes: int = 8190
     max_headers: int = 100
@@ -291,14 +292,22 @@ def _convert(where: str, typ: Any, value: Any) -> Any:
             return int(value)
         raise ConfigError(f"{where}: must be an integer, got {_show(value)}")
     if typ is float:
-        if text:
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise ConfigError(f"{where}: must be a number, got {value!r}") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: must be a number, got {_show(value)}")
+        number: float | None = None
+        try:
+            if text:
+                number = float(value.strip())
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+        except ValueError:
+            pass
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if number is None:
+            raise ConfigError(f"{where}: must be a number, got {_show(value)}")
+        # nan or inf would pass every ">= minimum" check and break timers and sizes at run time.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: must be a finite number, got {_show(value)}")
+        return number
     if typ is str:
         if isinstance(value, str):
             return str(value)
@@ -360,6 +369,13 @@ def build_config(raw: Mapping[str, Any], base_dir: Path | None = None, source: s
             if (section, canonical) in PATH_KEYS and not isinstance(value, _EnvString):
                 converted = _resolve(base_dir, converted)
             values[canonical] = converted
+        for path_section, key in PATH_KEYS:
+            # A default file name (ssl.cert_file "server.crt") lives next to the config file too,
+            # as docs/configuration.md says, not in whatever folder the gateway was started from.
+            if path_section == section and key not in values:
+                default = getattr(cls(), key)
+                if default:
+                    values[key] = _resolve(base_dir, default)
         sections[section] = cls(**values)
     backends = _build_backends(raw.get("backends"))
     cfg = Config(backends=backends, source=source, **sections)

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from ntonix import runstate
+from ntonix import procstat, runstate
 from ntonix.config import Config, ConfigError, load_config
 from ntonix.gunicorn_settings import gunicorn_settings
 from ntonix.tls import build_server_context
@@ -38,9 +38,23 @@ try:
 except ConfigError as _exc:
     _fail(_exc)
 runstate.publish(_config)
+procstat.stamp_master()  # uptime and memory of the whole gateway (ntonix.procstat)
+# Before anything imports prometheus_client (docs/adr/0006): workers use its multiprocess mode.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(runstate.run_dir(), "metrics"))
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], mode=0o700, exist_ok=True)
 globals().update(gunicorn_settings(_config))
+
+
+def on_starting(server: Any) -> None:
+    from ntonix.metrics import wipe  # imports prometheus_client: only now that its directory is set
+
+    wipe(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # figures of an earlier run must not count
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from ntonix.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)  # its live gauges go; its counters stay in the sums
 
 
 def when_ready(server: Any) -> None:
@@ -58,6 +72,7 @@ def reload_in_place(arbiter: Any) -> None:
     old = _config
     _config = cfg
     runstate.publish(cfg)
+    arbiter.log.setup(arbiter.cfg)  # the master's own log lines follow the new logging settings
     if (cfg.server.host, cfg.server.port, cfg.server.ssl_port) != (old.server.host, old.server.port,
                                                                      old.server.ssl_port):
         arbiter.log.warning("config.reload: listener changes (server.host/port/ssl_port) need a restart")

@@ -46,4 +46,8 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
         "secure_scheme_headers": {},
         "forwarded_allow_ips": "127.0.0.1,::1",
         "max_requests": 0,
+        # gunicorn's built-in statsd (<prefix>.gunicorn.requests, .request.duration, ...) beside ours.
+        "statsd_host": (bind_address(cfg.metrics.statsd_host, cfg.metrics.statsd_port)
+                        if cfg.metrics.statsd_host else None),
+        "statsd_prefix": cfg.metrics.statsd_prefix,
     }

@@ -23,8 +23,9 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
 # Set by the gateway itself; a client's copy is replaced (X-Forwarded-For is appended to).
+# ``Expect`` too: the gateway has read the whole body already, a 100 Continue would only confuse.
 _OWN = frozenset({"host", "x-real-ip", "x-forwarded-proto", "x-request-id", "x-forwarded-for",
-                  "x-forwarded-host", "content-length"})
+                  "x-forwarded-host", "content-length", "expect"})
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 # CGI names for the two headers WSGI keeps outside HTTP_*.
 _CGI_HEADERS = (("CONTENT_TYPE", "Content-Type"),)
@@ -146,7 +147,7 @@ def forward_environ_headers(
     out = [(_header_name(key), value) for key, value in environ.items()
            if key.startswith("HTTP_") and key not in drop]
     content_type = environ.get("CONTENT_TYPE")
-    if content_type:
+    if content_type and "HTTP_CONTENT_TYPE" not in drop:  # in drop only when Connection names it
         out.append(("Content-Type", content_type))
     prior = environ.get("HTTP_X_FORWARDED_FOR")
     host = environ.get("HTTP_HOST")

@@ -1,76 +1,186 @@
-"""Logging: one JSON object per line (python-json-logger) or plain text, for us and gunicorn.
+"""Logging: one JSON object per line (python-json-logger + orjson) or plain text, for us and gunicorn.
 
-``setup_logging`` configures the ``ntonix`` loggers; ``GunicornLogger`` (gunicorn's
-``logger_class``) sends gunicorn's own error log through the same formatter.
+Every line carries ``timestamp`` (UTC, ms), ``level``, ``component`` (the logger's name),
+``pid``, ``message`` (a stable event name such as ``request.done``) and the call's
+``extra={...}`` context. ``logging.format = "text"`` gives
+``2026-01-02T03:04:05.678Z INFO ntonix.access request.done method=GET status=200 ...``.
+
+``setup_logging`` configures the ``ntonix`` loggers (the access log ``ntonix.access``
+included: it follows ``logging.level`` and is switched off by ``logging.access_log = false``),
+gunicorn's error log and the root logger (third-party libraries) in a worker, again on
+every reload. ``GunicornLogger`` (gunicorn's ``logger_class``) does the same for the
+master's own lines and keeps gunicorn's built-in statsd (``<prefix>.gunicorn.*``) when
+``metrics.statsd_host`` is set.
+
+Output goes to stderr, or with ``logging.file`` to that file, rotated at
+``logging.max_bytes`` keeping ``logging.backup_count`` old files. The master and every
+worker append to the same file, so rotation is coordinated (``SharedRotatingFileHandler``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import logging.handlers
+import os
 import sys
+import time
 from typing import Any
 
 from gunicorn.glogging import Logger as _GLogger
-from pythonjsonlogger.json import JsonFormatter
+from gunicorn.instrument.statsd import Statsd as _GStatsd
+from pythonjsonlogger.core import RESERVED_ATTRS, merge_record_extra
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 from ntonix.config import LoggingConfig
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+# LogRecord attributes that are not context (extra=...) of a call.
+_RESERVED = frozenset(RESERVED_ATTRS) | {"message", "asctime"}
+_MARK = "_ntonix"  # set on handlers we installed, so a reconfiguration replaces only ours
 
 
-class _Json(JsonFormatter):
-    def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
-        super().add_fields(log_record, record, message_dict)
-        log_record["timestamp"] = self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
-        log_record["level"] = record.levelname.lower()
-        log_record["component"] = record.name
-        log_record.move_to_end("message", last=False) if hasattr(log_record, "move_to_end") else None
+def _timestamp(created: float) -> str:
+    seconds, ms = divmod(round(created * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
-class _Text(logging.Formatter):
+class JsonFormatter(OrjsonFormatter):
+    """``{"timestamp", "level", "component", "pid", "message", ...context}``, one line."""
+
+    def __init__(self) -> None:
+        super().__init__(reserved_attrs=sorted(_RESERVED))
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_data["timestamp"] = _timestamp(record.created)
+        log_data["level"] = record.levelname.lower()
+        log_data["component"] = record.name
+        log_data["pid"] = record.process
+        log_data["message"] = record.message
+        log_data.update(message_dict)
+        merge_record_extra(record, log_data, reserved=self._skip_fields)
+
+
+class TextFormatter(logging.Formatter):
+    """``<timestamp> LEVEL component message key=value ...`` for people reading a terminal."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - stdlib name
+        return _timestamp(record.created)
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
-        extra = {k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")}
-        return base + ("".join(f" {k}={v}" for k, v in extra.items()) if extra else "")
+        extra = [(k, v) for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")]
+        return base + "".join(f" {k}={v}" for k, v in extra if v is not None)
 
 
 def make_formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
-        formatter: logging.Formatter = _Json(timestamp=False)
-        formatter.converter = __import__("time").gmtime
-        return formatter
-    return _Text("%(asctime)s %(levelname)s %(name)s %(message)s")
+        return JsonFormatter()
+    return TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+class SharedRotatingFileHandler(logging.handlers.WatchedFileHandler):
+    """Append to ``path``; rotate at ``max_bytes`` — safe with several processes writing.
+
+    Each process appends (``O_APPEND``: whole lines, never interleaved). The process whose
+    write crosses the limit rotates under an ``flock`` on ``<path>.lock`` after checking that
+    nobody else did already; the others notice the new file (``WatchedFileHandler``: one
+    ``stat`` per line) and reopen it. ``max_bytes = 0`` never rotates; ``backup_count = 0``
+    rotates by starting the file afresh.
+    """
+
+    def __init__(self, path: str, max_bytes: int, backup_count: int) -> None:
+        super().__init__(path, mode="a", encoding="utf-8")
+        self.max_bytes = max_bytes
+        self.backup_count = backup_count
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        stream = self.stream
+        if self.max_bytes > 0 and stream is not None:
+            try:
+                if os.fstat(stream.fileno()).st_size >= self.max_bytes:
+                    self._rotate()
+            except OSError:
+                self.handleError(record)
+
+    def _rotate(self) -> None:
+        path = self.baseFilename
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                try:
+                    st: os.stat_result | None = os.stat(path)
+                except FileNotFoundError:
+                    st = None
+                # Only the file this handler wrote to, and only if nobody rotated it meanwhile.
+                if st is not None and (st.st_dev, st.st_ino) == (self.dev, self.ino) and st.st_size >= self.max_bytes:
+                    if self.backup_count > 0:
+                        for i in range(self.backup_count - 1, 0, -1):
+                            if os.path.exists(f"{path}.{i}"):
+                                os.replace(f"{path}.{i}", f"{path}.{i + 1}")
+                        os.replace(path, f"{path}.1")
+                    else:
+                        os.remove(path)
+                self.reopenIfNeeded()  # under the lock: the new file exists before the next rotation
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def make_handler(cfg: LoggingConfig) -> logging.Handler:
     handler: logging.Handler
     if cfg.file:
-        handler = logging.handlers.RotatingFileHandler(cfg.file, maxBytes=cfg.max_bytes, backupCount=cfg.backup_count)
+        handler = SharedRotatingFileHandler(cfg.file, cfg.max_bytes, cfg.backup_count)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(cfg.format))
+    setattr(handler, _MARK, True)
     return handler
 
 
-def setup_logging(cfg: LoggingConfig) -> None:
-    """(Re)configure the ``ntonix`` and ``ntonix.access`` loggers."""
-    level = getattr(logging, cfg.level.upper())
+def level_of(cfg: LoggingConfig) -> int:
+    return int(getattr(logging, cfg.level.upper()))
+
+
+def _replace_handlers(logger: logging.Logger, handler: logging.Handler, only_ours: bool) -> None:
+    for old in list(logger.handlers):
+        if only_ours and not getattr(old, _MARK, False):
+            continue
+        logger.removeHandler(old)
+        if getattr(old, _MARK, False):
+            old.close()
+    logger.addHandler(handler)
+
+
+def setup_logging(cfg: LoggingConfig, *, root: bool = True) -> None:
+    """(Re)configure our loggers, gunicorn's error log and (``root``) third-party loggers."""
+    level = level_of(cfg)
+    handler = make_handler(cfg)
     for name in ("ntonix", "gunicorn.error"):
         logger = logging.getLogger(name)
-        for h in list(logger.handlers):
-            logger.removeHandler(h)
-            h.close()
-        logger.addHandler(make_handler(cfg))
+        _replace_handlers(logger, handler, only_ours=False)
         logger.setLevel(level)
         logger.propagate = False
+    if root:
+        root_logger = logging.getLogger()
+        _replace_handlers(root_logger, handler, only_ours=True)
+        root_logger.setLevel(level)
     access = logging.getLogger("ntonix.access")
     access.disabled = not cfg.access_log
-    access.setLevel(logging.INFO)
+    access.setLevel(logging.NOTSET)  # follows "ntonix": at warning and above there are no access lines
 
 
-class GunicornLogger(_GLogger):  # type: ignore[misc]
-    """gunicorn's error log through our formatter; access lines are written by ntonix itself."""
+class GunicornLogger(_GStatsd):  # type: ignore[misc]  # gunicorn ships no types
+    """gunicorn's logger: its error log through our formatter and destination, its access log
+    off (ntonix writes its own), its built-in statsd on when ``metrics.statsd_host`` is set."""
+
+    def __init__(self, cfg: Any) -> None:
+        if cfg.statsd_host:
+            super().__init__(cfg)
+        else:  # gunicorn's Statsd would open (and leak) a socket it cannot connect
+            _GLogger.__init__(self, cfg)
+            self.prefix = ""
+            self.sock: Any = None
+            self.dogstatsd_tags = cfg.dogstatsd_tags
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
@@ -78,11 +188,35 @@ class GunicornLogger(_GLogger):  # type: ignore[misc]
 
         try:
             lc = current().logging
-        except Exception:  # noqa: BLE001 - fall back to gunicorn's own format, never stop start-up here
+        except Exception:  # noqa: BLE001 - keep gunicorn's own format rather than stop start-up here
             return
-        formatter = make_formatter(lc.format)
-        for handler in self.error_log.handlers:
-            handler.setFormatter(formatter)
+        try:
+            handler = make_handler(lc)
+        except OSError as exc:  # an unwritable logging.file: gunicorn's stderr handler stays
+            self.error_log.error("logging.file_unusable: %s", exc)
+            return
+        handler._gunicorn = True  # type: ignore[attr-defined]  # gunicorn's next setup() replaces it
+        for old in list(self.error_log.handlers):
+            if getattr(old, "_gunicorn", False):
+                self.error_log.removeHandler(old)
+                if getattr(old, _MARK, False):
+                    old.close()
+        self.error_log.addHandler(handler)
+        self.error_log.setLevel(level_of(lc))
 
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
-        return None
+        if self.sock is not None:  # gunicorn's statsd figures; its access log stays off
+            super().access(resp, req, environ, request_time)
+
+    def _sock_send(self, msg: Any) -> None:
+        """As gunicorn's, without its warning and traceback per failed datagram: on the connected
+        UDP socket a statsd daemon that is down makes every other send fail (ECONNREFUSED)."""
+        if self.sock is None:
+            return
+        try:
+            data = msg.encode("ascii") if isinstance(msg, str) else msg
+            if self.dogstatsd_tags:
+                data += b"|#" + self.dogstatsd_tags.encode("ascii")
+            self.sock.send(data)
+        except OSError:
+            pass  # statsd is best effort

@@ -21,6 +21,7 @@ kills the handler greenlet, so the ``finally`` blocks close the backend connecti
 from __future__ import annotations
 
 import http
+import json
 import logging
 import socket
 import time
@@ -85,6 +86,11 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes:
     return b""
 
 
+# Every byte maps to "0" (a digit) or " ": a run of 19 digits is then a plain substring search.
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_NUMBER = b"0" * 19
+
+
 def parse_json_body(body: bytes) -> dict[str, Any]:
     if not body:
         raise BadRequest("request body must be a JSON object, got an empty body")
@@ -92,9 +98,32 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if _LONG_NUMBER in body.translate(_DIGITS):
+        # orjson reads integers beyond 64 bits as floats, where 2**64 and 2**64 + 1 are one
+        # number: two different requests would share a cache key. The standard library keeps
+        # them exact (orjson has checked the text already; ~1 ns per byte to look).
+        try:
+            parsed = json.loads(body.decode("utf-8"))
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
     if not isinstance(parsed, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(parsed).__name__}")
     return parsed
+
+
+def origin_form(target: str) -> str:
+    """The request target for an origin server: path and query only (RFC 9112 §3.2.1).
+
+    A client may send the absolute form (``GET http://other.host/x``); passed on as it is, the
+    backend must take its host from it instead of from our ``Host`` (§3.2.2).
+    """
+    start = target.find("://")
+    if start < 0:
+        return target  # "*" (OPTIONS), or nothing we can rewrite
+    rest = target[start + 3:]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    tail = rest[cut:]
+    return tail if tail.startswith("/") else "/" + tail
 
 
 def abort_client(environ: WSGIEnvironment) -> None:
@@ -220,6 +249,8 @@ class Proxy:
             request_id=rec.request_id, trusted=rt.trusted_proxies)
         rec.client = real_ip
         target = environ.get("RAW_URI") or rec.path
+        if target[:1] != "/":
+            target = origin_form(target)
         tried: list[str] = []
         last_error: Exception | None = None
         watch = disconnect.watch(environ.get("gunicorn.socket"))
@@ -318,7 +349,10 @@ class UpstreamBody:
         self.stream = stream
         self.ended = False  # the backend's body ended cleanly
         self.failed: str = ""
-        self._head_flushed = False
+        # A body without Content-Length (SSE, chunked) may be long in coming: headers go out at
+        # once. A sized body waits for its bytes, so a backend dying in between costs a clean
+        # error rather than a truncated 200.
+        self._head_flushed = resp.content_length is not None
 
     def __iter__(self) -> UpstreamBody:
         return self
@@ -339,6 +373,10 @@ class UpstreamBody:
             self.rec.error = exc.message
             log.warning("stream.broken", extra={"backend": self.backend.address, "reason": exc.message,
                                                 "request_id": self.rec.request_id})
+            if self.leader is not None:
+                # Before the client sees the cut: a request it sends at once must not follow
+                # this doomed flight (close() would end it only after the cut).
+                self.leader.finish(False)
             abort_client(self.environ)
             raise StreamAborted(exc.message) from None
         if not chunk:

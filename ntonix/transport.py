@@ -35,6 +35,9 @@ from ntonix.errors import UpstreamTimeout, UpstreamUnavailable
 
 BLOCK = 64 * 1024
 FRESH_S = 1.0  # an idle socket younger than this is reused without a liveness check
+# llhttp sets no limit on a response head and geventhttpclient keeps every header it parses:
+# without one a backend could make us buffer (and relay) megabytes of headers (issue 9).
+MAX_HEAD_BYTES = 64 * 1024
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
@@ -48,6 +51,37 @@ class Unanswered(UpstreamUnavailable):
 
 class UpstreamBroken(UpstreamUnavailable):
     """The backend closed or broke the connection in the middle of a response body."""
+
+
+class HeadTooLarge(HTTPParseError):
+    """The backend's status line and headers went past ``MAX_HEAD_BYTES``."""
+
+
+class BoundedResponse(HTTPSocketPoolResponse):
+    """geventhttpclient's pool response with a bounded head: the head must end within
+    ``MAX_HEAD_BYTES`` (give or take one ``recv``) and by ``head_deadline`` (a
+    ``time.monotonic`` value). The socket timeout only bounds
+    each ``recv``, so a backend trickling header bytes would otherwise hold a request forever.
+    The checks run only until the final head is in; ``_read_headers`` releases the socket
+    (closed: the message is incomplete) when they raise."""
+
+    def __init__(self, sock: Any, pool: Any, *, method: str, block_size: int, head_deadline: float) -> None:
+        self._head_left: int | None = MAX_HEAD_BYTES
+        self._head_deadline = head_deadline
+        super().__init__(sock, pool, method=method, block_size=block_size)
+        self._head_left = None  # the head is in: body bytes are not counted
+
+    def feed(self, data: str | bytes) -> None:
+        super().feed(data)
+        left = self._head_left
+        if left is None or (self.headers_complete and self.get_code() >= 200):
+            return
+        left -= len(data)
+        self._head_left = left
+        if left < 0:
+            raise HeadTooLarge(f"response headers over {MAX_HEAD_BYTES} bytes")
+        if time.monotonic() > self._head_deadline:
+            raise TimeoutError("response head not complete in time")
 
 
 class Pool:
@@ -191,7 +225,8 @@ def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]
                 continue
             raise SendFailed(f"sending the request failed: {exc.strerror or exc}") from exc
         try:
-            return HTTPSocketPoolResponse(sock, pool, method=method, block_size=BLOCK)  # type: ignore[arg-type]
+            return BoundedResponse(sock, pool, method=method, block_size=BLOCK,
+                                   head_deadline=time.monotonic() + read_timeout_s)
         except HTTPConnectionClosed as exc:
             if reused and attempt == 0:
                 continue
@@ -207,14 +242,27 @@ def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]
     raise UpstreamUnavailable("backend closed the connection without answering")  # pragma: no cover
 
 
-def refuses_connections(host: str, port: int, timeout_s: float) -> bool:
-    """True when the backend refuses (or cannot take) a new connection: it is down."""
+def refuses_connections(host: str, port: int, timeout_s: float, settle_s: float = 0.15) -> bool:
+    """True when the backend refuses (or cannot take) a new connection: it is down.
+
+    A server being killed may still complete a handshake from its dying listen queue and
+    reset it a moment later, so a connection that succeeds is watched for ``settle_s``:
+    a reset or EOF in that time counts as down too. (Only on the rare path after a backend
+    hung up without answering.)
+    """
     try:
         sock = gevent.socket.create_connection((host, port), timeout=timeout_s)
     except OSError:
         return True
-    _close(sock)
-    return False
+    try:
+        sock.settimeout(settle_s)
+        return bool(sock.recv(1) == b"")
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    finally:
+        _close(sock)
 
 
 def read_some(resp: HTTPSocketPoolResponse) -> bytes:

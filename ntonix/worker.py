@@ -19,6 +19,7 @@ Theory of operation (docs/adr/0002-tls-listener.md, 0004-reload-and-shutdown.md)
 from __future__ import annotations
 
 import gc
+import http
 import logging
 import signal
 import socket as _stdsocket
@@ -46,6 +47,10 @@ log = logging.getLogger("ntonix.worker")
 
 
 def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    try:
+        reason = http.HTTPStatus(status_int).phrase  # gunicorn passes "Bad Request" with its 501
+    except ValueError:
+        pass
     kind = "invalid_request_error" if status_int < 500 else "server_error"
     body = error_body(status_int, mesg or reason, kind, status_int)
     # Every response carries X-Request-ID (INTERFACE.md); the request was unreadable, so a new one.
