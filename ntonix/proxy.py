@@ -236,7 +236,8 @@ class Proxy:
         rec.status = status
         out = [*headers, ("X-Request-ID", rec.request_id), ("X-Cache", "HIT")]
         start_response(status_line(status), out)
-        return FollowerBody(follower, environ, rec, timeout, watch, self._done)
+        sized = header_value(headers, "content-length") is not None
+        return FollowerBody(follower, environ, rec, timeout, watch, self._done, flush_head=not sized)
 
     # ------------------------------------------------------------------ backend path
     def _forward(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord, body: bytes,
@@ -386,6 +387,11 @@ class UpstreamBody:
         if rec.ttft_ms is None:
             rec.ttft_ms = (time.perf_counter() - rec.started) * 1000.0
         rec.bytes_sent += len(chunk)
+        self._take(chunk)
+        return chunk
+
+    def _take(self, chunk: bytes) -> None:
+        """Record a piece for the cache and publish it to coalesced followers."""
         if self.store_key is not None:
             self.recorded += len(chunk)
             if self.recorded > MAX_RECORD_BYTES:
@@ -396,12 +402,36 @@ class UpstreamBody:
                 self.chunks.append(chunk)
         if self.leader is not None:
             self.leader.publish_chunk(chunk)
-        return chunk
 
     def close(self) -> None:
-        rt, backend, rec = self.rt, self.backend, self.rec
         if self.watch is not None:
             self.watch.cancel()
+        if not self.ended and not self.failed and self.leader is not None and self.leader.has_followers:
+            # Our client left but others follow this answer: finish reading it for them (and
+            # for the cache) in the background; this request is reported now.
+            self.rec.error = "client closed the connection; answer finished for coalesced followers"
+            if not self.rec.finished:
+                self._done(self.rec)
+            gevent.spawn(self._finish_for_followers)
+            return
+        self._settle()
+
+    def _finish_for_followers(self) -> None:
+        try:
+            while True:
+                chunk = transport.read_some(self.resp)
+                if not chunk:
+                    self.ended = True
+                    break
+                self._take(chunk)
+        except NtonixError as exc:
+            self.failed = exc.message
+        finally:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Release the backend connection and settle breaker, cache, followers and telemetry once."""
+        rt, backend, rec = self.rt, self.backend, self.rec
         self.resp.release()  # back to the pool only if read to its end
         backend.in_flight -= 1
         rec.streamed = self.recorder is not None or self.stream
@@ -446,14 +476,19 @@ class FollowerBody:
     """A coalesced request's answer, read from the leader's journal as it grows."""
 
     def __init__(self, follower: Follower, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
-                 watch: disconnect.Watch | None, done: Callable[[RequestRecord], None]) -> None:
+                 watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
+                 flush_head: bool = False) -> None:
         self.follower, self.environ, self.rec, self.watch, self._done = follower, environ, rec, watch, done
         self._chunks = follower.chunks(timeout)
+        self._flush_head = flush_head  # an unsized (streamed) answer: headers go out at once
 
     def __iter__(self) -> FollowerBody:
         return self
 
     def __next__(self) -> bytes:
+        if self._flush_head:
+            self._flush_head = False
+            return b""
         try:
             chunk = next(self._chunks)
         except LeaderFailed as exc:
