@@ -146,6 +146,8 @@ class Gateway:
         except NtonixError as err:
             status, headers, body = render_error(err)
             headers.append(("X-Request-ID", rid))
+            if rec.cache or not self._is_own(method, path):
+                headers.append(("X-Cache", rec.cache or "BYPASS"))
             if environ.get("ntonix.must_close"):
                 # An unread request body follows: close the connection after this answer.
                 # gunicorn's start_response is bound to its Response, which can force that.
@@ -160,6 +162,10 @@ class Gateway:
         except BaseException:
             self._finished(rec)
             raise
+
+    @staticmethod
+    def _is_own(method: str, path: str) -> bool:
+        return (method == "GET" and path in _OWN_GET) or (method == "POST" and path == "/cache/purge")
 
     def _own(self, handler: Any, environ: WSGIEnvironment, start_response: StartResponse,
              rec: RequestRecord) -> Body:

@@ -177,20 +177,27 @@ class Proxy:
         if key is not None and serve_ok and rt.cache is not None:
             # Counted once we know: a coalesced follower is a hit, though the lookup missed.
             entry = rt.cache.lookup(key, count=False)
-            if entry is None and rt.coalescer is not None:
+            # Two rounds: followers whose leader failed before answering regroup behind a new
+            # leader (one of them) instead of all going to the backend at once.
+            for _ in range(2 if entry is None and rt.coalescer is not None else 0):
+                assert rt.coalescer is not None
                 role = rt.coalescer.join(key)
                 if isinstance(role, Follower):
                     followed = self._follow(role, environ, start_response, rec)
                     if followed is not None:
                         rt.cache.record(key, True)
                         return followed
-                else:
-                    leader = role
-                    # A previous leader may have stored and finished between our miss and join.
                     entry = rt.cache.lookup(key, count=False)
                     if entry is not None:
-                        leader.finish(False)
-                        leader = None
+                        break
+                    continue
+                leader = role
+                # A previous leader may have stored and finished between our miss and join.
+                entry = rt.cache.lookup(key, count=False)
+                if entry is not None:
+                    leader.finish(False)
+                    leader = None
+                break
             rt.cache.record(key, entry is not None)
             if entry is not None:
                 return self._replay(entry, start_response, rec)
