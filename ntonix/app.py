@@ -7,6 +7,7 @@ coalescer and telemetry into a ``Gateway``, the WSGI callable. Only the entry po
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -212,7 +213,8 @@ class Gateway:
         if not token:
             raise Forbidden("cache purge is disabled: set cache.purge_token to enable it")
         given = environ.get("HTTP_AUTHORIZATION", "")
-        if given.removeprefix("Bearer ").strip() != token:
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
             raise Forbidden("cache purge needs 'Authorization: Bearer <cache.purge_token>'")
         removed = self.rt.cache.purge() if self.rt.cache is not None else 0
         log.info("cache.purged", extra={"entries": removed})

@@ -45,6 +45,7 @@ class ServerConfig:
     threads: int = 2  # worker processes (alias: server.workers)
     graceful_timeout_s: float = 30.0
     keepalive_s: float = 5.0
+    body_timeout_s: float = 30.0
     worker_connections: int = 4096
     max_request_line: int = 8190
     max_header_bytes: int = 8190
@@ -445,6 +446,7 @@ def _validate(cfg: Config, check_files: bool) -> None:
     _at_least("server.threads", s.threads, 1)
     _at_least("server.graceful_timeout_s", s.graceful_timeout_s, 0)
     _at_least("server.keepalive_s", s.keepalive_s, 0.1)
+    _at_least("server.body_timeout_s", s.body_timeout_s, 0.1)
     _at_least("server.worker_connections", s.worker_connections, 1)
     _at_least("server.max_request_line", s.max_request_line, 256)
     _at_least("server.max_header_bytes", s.max_header_bytes, 256)

@@ -35,6 +35,10 @@ class NotFound(NtonixError):
     status, reason, type, code = 404, "Not Found", "invalid_request_error", "not_found"
 
 
+class RequestTimeout(NtonixError):
+    status, reason, type, code = 408, "Request Timeout", "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(NtonixError):
     status, reason, type, code = 413, "Payload Too Large", "invalid_request_error", "payload_too_large"
 

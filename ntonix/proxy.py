@@ -40,6 +40,7 @@ from ntonix.errors import (
     NoHealthyBackend,
     NtonixError,
     PayloadTooLarge,
+    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -68,7 +69,17 @@ def status_line(code: int) -> str:
         return f"{code} Unknown"
 
 
-def read_body(environ: WSGIEnvironment, limit: int) -> bytes:
+def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float) -> bytes:
+    """The whole request body, within ``limit`` bytes (413) and ``timeout_s`` seconds (408)."""
+    try:
+        with gevent.Timeout(timeout_s, RequestTimeout(f"request body not received within {timeout_s:g}s")):
+            return _read_body(environ, limit)
+    except RequestTimeout:
+        environ["ntonix.must_close"] = True  # what is left of the body must not be parsed
+        raise
+
+
+def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH")
     if length:
@@ -162,7 +173,7 @@ class Proxy:
         cfg = rt.config
         method = rec.method
         path = rec.path
-        body = read_body(environ, cfg.proxy.max_body_bytes)
+        body = read_body(environ, cfg.proxy.max_body_bytes, cfg.server.body_timeout_s)
         cacheable = method == "POST" and path in CACHEABLE_PATHS
         key: str | None = None
         serve_ok = store_ok = stream = False

@@ -52,6 +52,8 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
                                       "workers are stopped.",
     ("server", "keepalive_s"): "How long an idle client keep-alive connection is kept open (rounded up to whole "
                                "seconds); also the time a client has to send a request's headers.",
+    ("server", "body_timeout_s"): "How long a client has to send a request's whole body once its headers are "
+                                  "in (→ 408, connection closed).",
     ("server", "worker_connections"): "Most client connections one worker serves at once; more wait in the "
                                       "listen backlog.",
     ("server", "max_request_line"): "Longest request line in bytes (longer → 414).",
@@ -124,6 +126,7 @@ RELOAD: dict[tuple[str, str], str] = {
     ("server", "threads"): "HUP (workers are started or stopped to match)",
     ("server", "graceful_timeout_s"): RESTART,
     ("server", "keepalive_s"): RESTART,
+    ("server", "body_timeout_s"): HUP,
     ("server", "worker_connections"): RESTART,
     ("server", "max_request_line"): RESTART,
     ("server", "max_header_bytes"): RESTART,

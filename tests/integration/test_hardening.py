@@ -615,3 +615,26 @@ def test_purge_needs_the_right_token_and_empties_the_cache(gw: Gateway, fresh: M
     assert json.loads(answer)["purged"] >= 1
     assert gw.cache_stats()["entries"] == 0
     assert exchange(gw, "POST", "/v1/chat/completions", body, hdrs)[1]["x-cache"] == "MISS"
+
+
+def test_a_body_that_never_arrives_is_cut_off_with_408(mock_backend: Any, gateway: Any) -> None:
+    backend = mock_backend("body-timeout")
+    gw = gateway([backend], config={"server": {"body_timeout_s": 1}})
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    try:
+        started = time.monotonic()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\":")
+        data = b""
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert b'"request_timeout"' in data
+    assert 0.8 <= elapsed < 4.0, elapsed
+    assert gw.request("GET", "/health")[0] == 200
