@@ -17,13 +17,14 @@ import orjson
 
 from ntonix import transport
 from ntonix.backends import Backend, Change, Registry
+from ntonix.bodies import Body
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.coalesce import Coalescer
 from ntonix.config import Config
 from ntonix.errors import Forbidden, NtonixError, render_error
 from ntonix.headers import in_networks, parse_networks, request_id_from
 from ntonix.health import HealthState
-from ntonix.proxy import Body, Proxy
+from ntonix.proxy import Proxy
 from ntonix.record import RequestRecord
 from ntonix.runstate import run_dir
 from ntonix.telemetry import Telemetry
