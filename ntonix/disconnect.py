@@ -55,6 +55,10 @@ class Watch:
 
     def _readable(self) -> None:
         self._io.stop()
+        self._check()
+
+    def _check(self) -> None:
+        """Kill the handler if the peer hung up; otherwise look again in RECHECK_S (no busy loop)."""
         try:
             hung = peer_hung_up(self._fd)
         except OSError:
@@ -66,21 +70,7 @@ class Watch:
             return
         self._timer.close()
         self._timer = self._loop.timer(RECHECK_S)
-        self._timer.start(self._recheck)
-
-    def _recheck(self) -> None:
-        try:
-            hung = peer_hung_up(self._fd)
-        except OSError:
-            hung = True
-        if hung:
-            self.gone = True
-            self.cancel()
-            gevent.kill(self._greenlet, ClientGone)
-        else:
-            self._timer.close()
-            self._timer = self._loop.timer(RECHECK_S)
-            self._timer.start(self._recheck)
+        self._timer.start(self._check)
 
     def cancel(self) -> None:
         self._timer.close()

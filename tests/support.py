@@ -163,3 +163,40 @@ def wait_http_up(url: str, proc: Proc | None = None, timeout: float = 30.0) -> N
     except TimeoutError as exc:
         tail = proc.output()[-3000:] if proc is not None else ""
         raise TimeoutError(f"{exc}\n{tail}") from None
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0, host: str = "127.0.0.1") -> bytes:
+    """Send ``data`` on a fresh connection; read until the peer closes (or resets) it."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return out
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-case headers, rest) of one raw HTTP/1.1 response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+class FakeClock:
+    """A clock for pure code under test: ``clock()`` reads it, ``advance(s)`` moves it."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -35,7 +35,8 @@ from typing import Any
 import pytest
 
 from tests.fixtures import Gateway, GatewayFactory
-from tests.support import wait_until
+from tests.support import raw_exchange, wait_until
+from tests.support import split_response as split
 
 pytestmark = pytest.mark.integration
 
@@ -267,27 +268,10 @@ def request_bytes(mode: str, body: bytes, path: str = "/v1/chat/completions") ->
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``data``, read until the gateway closes (or resets) the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
-        return out
 
 
-def split(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
+
+
 
 
 def json_error(raw: bytes, expected: int) -> dict[str, Any]:

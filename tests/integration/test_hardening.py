@@ -36,7 +36,8 @@ from typing import Any
 import pytest
 
 from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import wait_until
+from tests.support import raw_exchange, wait_until
+from tests.support import split_response as split
 
 pytestmark = pytest.mark.integration
 
@@ -82,27 +83,10 @@ def fresh(mock: MockBackend) -> Iterator[MockBackend]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``data`` and read until the gateway closes the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
-        return out
 
 
-def split(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
+
+
 
 
 def request(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
+from tests.support import split_response
 
 pytestmark = pytest.mark.integration
 
@@ -66,14 +67,7 @@ def raw_exchange(port: int, data: bytes | list[bytes], timeout: float = 10.0) ->
         return out
 
 
-def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
+
 
 
 # ----------------------------------------------------------------------------- methods, paths, bodies

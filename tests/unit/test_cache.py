@@ -12,20 +12,12 @@ from ntonix.cache_lmdb import LmdbStore
 from ntonix.cache_memory import MemoryLRU
 from ntonix.cache_redis import RedisStore
 from tests.fixtures import RedisServer
+from tests.support import FakeClock
 
 STATS_KEYS = {"enabled", "entries", "size_bytes", "max_size_bytes", "hits", "misses", "hit_rate", "evictions"}
 T0 = 1_700_000_000.0
 
 
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Clocks:

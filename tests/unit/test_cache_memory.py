@@ -6,17 +6,7 @@ import pytest
 
 from ntonix.cache_entry import CachedResponse
 from ntonix.cache_memory import MemoryLRU
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support import FakeClock
 
 
 def entry(size: int, tag: bytes = b"x") -> CachedResponse:

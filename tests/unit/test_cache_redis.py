@@ -12,20 +12,11 @@ import pytest
 from ntonix.cache_entry import CachedResponse
 from ntonix.cache_redis import PREFIX, RedisStore, _redacted
 from tests.fixtures import RedisServer
-from tests.support import free_port
+from tests.support import FakeClock, free_port
 
 pytestmark = pytest.mark.redis
 
 
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def entry(body: bytes = b"hello", created: float | None = None) -> CachedResponse:
@@ -79,7 +70,7 @@ def test_dead_redis_costs_nothing_and_recovers_after_backoff(
 ) -> None:
     redis_server.start()
     redis_server.flush()
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     store = RedisStore(redis_server.url, 60, clock=clock)
     e = entry()
     assert store.put("k", e) and store.get("k") == e

@@ -9,20 +9,11 @@ from pathlib import Path
 import pytest
 
 from ntonix.coalesce import Coalescer, Follower, Leader, LeaderFailed
-from tests.support import ROOT
+from tests.support import ROOT, FakeClock
 
 HEAD = (("Content-Type", "text/event-stream"),)
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Script:
@@ -43,7 +34,7 @@ class Script:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture

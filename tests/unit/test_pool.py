@@ -13,20 +13,12 @@ import pytest
 from gevent.server import StreamServer
 
 from ntonix import transport
+from tests.support import FakeClock
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 PARTIAL = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
