@@ -210,6 +210,7 @@ class FollowerBody:
         self.follower, self.environ, self.rec, self.watch, self._done = follower, environ, rec, watch, done
         self._chunks = follower.chunks(timeout)
         self._flush_head = flush_head  # an unsized (streamed) answer: headers go out at once
+        rec.streamed = flush_head
 
     def __iter__(self) -> FollowerBody:
         return self

@@ -486,6 +486,8 @@ def _validate(cfg: Config, check_files: bool) -> None:
         raise ConfigError(f"logging.format: must be json or text, got {lg.format!r}")
     _check_port("metrics.statsd_port", cfg.metrics.statsd_port)
     _at_least("ssl.handshake_timeout_s", cfg.ssl.handshake_timeout_s, 0.1)
+    if lg.file and check_files:
+        _check_writable("logging.file", lg.file)
     if s.ssl_port and check_files:
         _check_file("ssl.cert_file", cfg.ssl.cert_file)
         _check_file("ssl.key_file", cfg.ssl.key_file)
@@ -499,6 +501,16 @@ def _check_network(where: str, value: str) -> None:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ConfigError(f"{where}: not an IP address or network, got {value!r}") from None
+
+
+def _check_writable(where: str, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{where}: folder does not exist: {folder}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"{where}: file not writable: {path}")
+    if not os.path.exists(path) and not os.access(folder, os.W_OK):
+        raise ConfigError(f"{where}: folder not writable: {folder}")
 
 
 def _check_file(where: str, path: str) -> None:

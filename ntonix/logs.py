@@ -91,7 +91,7 @@ class SharedRotatingFileHandler(logging.handlers.WatchedFileHandler):
     emptying the file in place.
     """
 
-    def __init__(self, path: str, max_bytes: int, backup_count: int, check_every_s: float = 0.5) -> None:
+    def __init__(self, path: str, max_bytes: int, backup_count: int, check_every_s: float = 0.25) -> None:
         super().__init__(path, mode="a", encoding="utf-8")
         self.max_bytes = max_bytes
         self.backup_count = backup_count

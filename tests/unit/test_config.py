@@ -270,6 +270,7 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path, monkeyp
         (conf / "certs" / name).write_text("x")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (tmp_path / "logs").mkdir()
     monkeypatch.chdir(elsewhere)  # the working directory must not matter
     cfg = load(conf, merged({
         "server": {"ssl_port": 8443},
@@ -452,3 +453,12 @@ def test_bad_file(tmp_path: Path, content: str, what: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^config file: not found: "):
         load_config({}, config_path=str(tmp_path / "absent.json"), environ={})
+
+
+def test_logging_file_in_a_missing_or_unwritable_folder_is_a_config_error(tmp_path: Path) -> None:
+    from ntonix.config import ConfigError, build_config
+
+    base = {"server": {"ssl_port": 0}, "backends": [{"host": "127.0.0.1", "port": 8001}]}
+    with pytest.raises(ConfigError, match=r"^logging\.file: folder does not exist"):
+        build_config({**base, "logging": {"file": str(tmp_path / "nope" / "gw.log")}})
+    assert build_config({**base, "logging": {"file": str(tmp_path / "gw.log")}}).logging.file

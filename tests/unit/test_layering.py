@@ -28,6 +28,9 @@ PURE_CORE = (
     "ntonix.headers",
     "ntonix.errors",
     "ntonix.gunicorn_settings",
+    "ntonix.figures",
+    "ntonix.backends",
+    "ntonix.record",
 )
 
 # Modules (and their submodules) the pure core must not import, directly or through another
