@@ -40,6 +40,24 @@ from ntonix.figures import LATENCY_BUCKETS, OTHER_STATUS, STATUS_CLASSES, TTFT_B
 
 log = logging.getLogger("ntonix.metrics")
 
+# prometheus_client's mmap values call os.getpid() (a system call) on every inc/observe to
+# notice a fork. The pid only changes at a fork, so keep it and refresh it there.
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+def _cached_pid() -> int:
+    return _pid
+
+
+os.register_at_fork(after_in_child=_after_fork)
+if getattr(_values.ValueClass, "_multiprocess", False):
+    _values.ValueClass = _values.MultiProcessValue(process_identifier=_cached_pid)  # type: ignore[no-untyped-call]
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BACKEND_STATES = ("healthy", "unhealthy", "draining", "open", "half_open")
 
