@@ -207,7 +207,11 @@ class Gateway:
         if cache is None:
             return {"enabled": False, "entries": 0, "size_bytes": 0, "max_size_bytes": 0, "hits": 0,
                     "misses": 0, "hit_rate": 0.0, "evictions": 0}
-        return cache.stats()
+        stats = cache.stats()
+        # Hits and misses as clients saw them (X-Cache), summed over all workers by telemetry.
+        hits, misses = self.rt.telemetry.cache_counts()
+        stats.update(hits=hits, misses=misses, hit_rate=round(hits / (hits + misses), 4) if hits + misses else 0.0)
+        return stats
 
     def _purge(self, environ: WSGIEnvironment) -> tuple[str, str, bytes]:
         token = self.rt.config.cache.purge_token

@@ -71,8 +71,10 @@ class ResponseCache:
         self._check_generation()
         memory, shared, remote = self.memory, self.shared, self.remote
         entry = memory.get(key) if memory is not None else None
+        if entry is not None and shared is not None:
+            self._l2(lambda s: s.touch(key), None)  # keep the shared LRU order honest
         if entry is None and shared is not None:
-            entry = self._l2(lambda s: s.get(key, touch=False), None)
+            entry = self._l2(lambda s: s.get(key, touch=not count), None)
             if entry is not None and memory is not None:
                 memory.put(key, entry, age_s=self._clock() - entry.created)
         if entry is None and remote is not None:

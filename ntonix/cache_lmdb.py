@@ -198,6 +198,21 @@ class LmdbStore:
                     self._touch(h, txn, k, now)
             return entry
 
+    def touch(self, key: str) -> None:
+        """Note a use of ``key`` served from a worker's memory tier, so the shared LRU order sees
+        it: one read, and a write at most once per ``touch_interval_s`` per entry."""
+        k = _k(key)
+        with translated():
+            h = self._open()
+            with h.env.begin() as txn:
+                raw_meta = txn.get(k, db=h.meta)
+            if raw_meta is None:
+                return
+            now = self._clock()
+            if now * 1e6 - _META.unpack(raw_meta)[0] >= self.touch_interval_s * 1e6:
+                with h.env.begin(write=True) as txn:
+                    self._touch(h, txn, k, now)
+
     def generation(self) -> int:
         """The purge generation: changes whenever :meth:`purge` ran in any process."""
         with translated():

@@ -154,7 +154,8 @@ class Proxy:
         rec.cache = "MISS" if serve_ok else "BYPASS"
         leader: Leader | None = None
         if key is not None and serve_ok and rt.cache is not None:
-            # Counted once we know: a coalesced follower is a hit, though the lookup missed.
+            # Hits and misses are counted by telemetry from each answer's X-Cache (lock-free,
+            # all workers): no write to the shared store per lookup.
             entry = rt.cache.lookup(key, count=False)
             # Two rounds: followers whose leader failed before answering regroup behind a new
             # leader (one of them) instead of all going to the backend at once.
@@ -164,7 +165,6 @@ class Proxy:
                 if isinstance(role, Follower):
                     followed = self._follow(role, environ, start_response, rec)
                     if followed is not None:
-                        rt.cache.record(key, True)
                         return followed
                     entry = rt.cache.lookup(key, count=False)
                     if entry is not None:
@@ -177,7 +177,6 @@ class Proxy:
                     leader.finish(False)
                     leader = None
                 break
-            rt.cache.record(key, entry is not None)
             if entry is not None:
                 return self._replay(entry, start_response, rec)
         try:

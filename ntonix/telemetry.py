@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ntonix import procstat
 from ntonix.config import Config
-from ntonix.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class
+from ntonix.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class, value
 from ntonix.metrics import Metrics, extra_families, multiprocess_dir, prometheus_text
 from ntonix.record import RequestRecord
 from ntonix.statsd_sink import StatsdSink
@@ -148,6 +148,11 @@ class Telemetry:
             log.debug("metrics.collected", extra={"files": self.metrics.file_count(), "families": len(families),
                                                   "ms": round((time.perf_counter() - started) * 1000.0, 3)})
         return families, samples, extras
+
+    def cache_counts(self) -> tuple[int, int]:
+        """(hits, misses) of the whole gateway, counted from each answer's X-Cache."""
+        samples = flatten(self.metrics.collect())
+        return int(value(samples, "ntonix_cache_hits_total")), int(value(samples, "ntonix_cache_misses_total"))
 
     def snapshot(self, rt: Runtime) -> dict[str, Any]:
         """``GET /metrics``: the JSON figures of the whole gateway."""

@@ -9,19 +9,9 @@ import pytest
 
 from ntonix.cache_entry import CachedResponse
 from ntonix.cache_lmdb import LmdbStore, StoreError
+from tests.support import FakeClock
 
 T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def entry(size: int, created: float = T0, tag: bytes = b"x") -> CachedResponse:
@@ -30,7 +20,7 @@ def entry(size: int, created: float = T0, tag: bytes = b"x") -> CachedResponse:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 def store_at(path: Path, clock: FakeClock, max_bytes: int = 100_000, ttl: float = 60, **kw: float) -> LmdbStore:
@@ -109,6 +99,18 @@ def test_lru_order_with_touch_on_hit(tmp_path: Path, clock: FakeClock) -> None:
         s.put(k, entry(100))
         clock.advance(2)
     assert s.get("a") is not None  # refreshed: older than the 1 s touch interval
+    s.put("d", entry(100))
+    assert [k for k in "abcd" if s.get(k, touch=False)] == ["a", "c", "d"]
+
+
+def test_touch_from_a_memory_hit_keeps_the_shared_lru_order(tmp_path: Path, clock: FakeClock) -> None:
+    size = len(entry(100).encode())
+    s = store_at(tmp_path, clock, max_bytes=3 * size, ttl=1e9)
+    for k in "abc":
+        s.put(k, entry(100))
+        clock.advance(2)
+    s.touch("a")  # served from a worker's memory tier: no read of the entry itself
+    s.touch("missing")  # nothing to do
     s.put("d", entry(100))
     assert [k for k in "abcd" if s.get(k, touch=False)] == ["a", "c", "d"]
 
