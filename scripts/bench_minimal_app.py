@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""The floor for scripts/bench: a minimal WSGI app on the gateway's own gunicorn settings.
+
+    python scripts/bench_minimal_app.py --port 9100 [--workers 1] [--worker-connections 4096]
+
+The gunicorn settings come from ``ntonix.gunicorn_settings`` for a configuration with the same
+``server`` section as the gateway under test (bind, workers, worker_connections, keepalive,
+backlog, request limits, timeouts), so the only differences are the worker class (gunicorn's
+stock ``gevent`` worker instead of ``NtonixWorker``, which needs the gateway behind it) and the
+app: read the request body, answer the same ~350 B JSON the bench backend sends. What the
+gateway costs above this app is what NTONIX's own code costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_backend import JSON_BODY  # noqa: E402
+
+_HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(JSON_BODY)))]
+
+
+def application(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    environ["wsgi.input"].read()
+    start_response("200 OK", list(_HEADERS))
+    return [JSON_BODY]
+
+
+def settings(port: int, workers: int, worker_connections: int) -> dict[str, Any]:
+    from ntonix.config import build_config
+    from ntonix.gunicorn_settings import gunicorn_settings
+
+    cfg = build_config({"server": {"host": "127.0.0.1", "port": port, "ssl_port": 0, "threads": workers,
+                                   "worker_connections": worker_connections},
+                        "backends": [{"host": "127.0.0.1", "port": 9}]})
+    s = gunicorn_settings(cfg)
+    s["worker_class"] = "gevent"
+    s.pop("logger_class", None)
+    s["proc_name"] = "bench-floor"
+    s["loglevel"] = "warning"
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--worker-connections", type=int, default=1000)
+    args = p.parse_args(argv)
+
+    from gunicorn.app.base import BaseApplication
+
+    class FloorApp(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in settings(args.port, args.workers, args.worker_connections).items():
+                if key in self.cfg.settings and value is not None:
+                    self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return application
+
+    FloorApp().run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
