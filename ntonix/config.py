@@ -80,7 +80,7 @@ class ProxyConfig:
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     size: int = 10
-    max_size: int = 100
+    max_size: int = 1024
     idle_timeout_s: float = 60.0
 
 

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import gevent
 import orjson
 
 from ntonix import disconnect, transport
@@ -63,13 +62,23 @@ def status_line(code: int) -> str:
 
 
 def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float) -> bytes:
-    """The whole request body, within ``limit`` bytes (413) and ``timeout_s`` seconds (408)."""
+    """The whole request body, within ``limit`` bytes (413); 408 when the client leaves more
+    than ``timeout_s`` between two pieces of it (nginx's ``client_body_timeout``).
+
+    The limit is the client socket's own timeout for the reads, which costs nothing unless a
+    read has to wait (a ``gevent.Timeout`` per request showed in the profile).
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(timeout_s)
     try:
-        with gevent.Timeout(timeout_s, RequestTimeout(f"request body not received within {timeout_s:g}s")):
-            return _read_body(environ, limit)
-    except RequestTimeout:
+        return _read_body(environ, limit)
+    except TimeoutError:
         environ["ntonix.must_close"] = True  # what is left of the body must not be parsed
-        raise
+        raise RequestTimeout(f"request body not received: {timeout_s:g}s without data") from None
+    finally:
+        if sock is not None:
+            sock.settimeout(None)
 
 
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
