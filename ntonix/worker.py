@@ -222,4 +222,8 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             self._conns[sock] = False
         if not self.alive:
             raise StopIteration  # shutting down: no more keep-alive on this connection
+        # gunicorn's keep-alive loop parses a pipelined or already-arrived next request without
+        # yielding, so under saturation a few busy connections are served back to back while
+        # others wait seconds. One yield per request puts this connection at the back of the queue.
+        gevent.sleep(0)
         return result
