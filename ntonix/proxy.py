@@ -54,11 +54,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("ntonix.proxy")
 
 
+_STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in http.HTTPStatus}
+
+
 def status_line(code: int) -> str:
-    try:
-        return f"{code} {http.HTTPStatus(code).phrase}"
-    except ValueError:
-        return f"{code} Unknown"
+    return _STATUS_LINES.get(code) or f"{code} Unknown"
 
 
 def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float) -> bytes:
