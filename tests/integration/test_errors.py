@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import free_port, wait_until
+from tests.support import free_port, split_response, wait_until
+from tests.support import raw_exchange as support_raw_exchange
 
 pytestmark = pytest.mark.integration
 
@@ -64,21 +65,7 @@ def exchange(port: int, method: str, path: str, body: bytes | None = None,
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
-    head, _, body = out.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
+    return split_response(support_raw_exchange(port, data, timeout))
 
 
 def openai_error(status: int, headers: dict[str, str], body: bytes, expected: int) -> dict[str, Any]:
