@@ -168,15 +168,13 @@ def test_hup_swaps_a_backend_with_zero_errors_and_whole_streams(mock_backend: An
         reloaded = time.time()
         wait_until(lambda: loop.count_since(reloaded)["c"] > 20, timeout=10)
         data = _read_to_end(stream, head)
-        b_requests_after_reload = b.stats()["requests"]  # /echo is not counted: use by_path
-        b_echo = b.stats()["by_path"]
+        b_echo = b.stats()["by_path"]  # /echo is not in "requests" (API routes only): use by_path
         time.sleep(0.3)
         assert b.stats()["by_path"] == b_echo, "the removed backend still gets requests"
     assert loop.errors == [], loop.errors[:5]
     assert loop.count_since(reloaded + 0.2)["b"] == 0
     assert data.count(b"data: ") == 13 and b"data: [DONE]" in data and data.endswith(b"\r\n0\r\n\r\n"), data[-300:]
     assert served_by, head[:300]
-    assert b_requests_after_reload >= 0
 
 
 def test_invalid_config_on_hup_keeps_serving(mock_backend: Any, gateway: Any) -> None:
