@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ntonix import transport
-from ntonix.backends import Backend, Change, Registry
+from ntonix.backends import Backend, Registry
 from ntonix.bodies import Body
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.coalesce import Coalescer
@@ -116,10 +116,6 @@ class Runtime:
                 backend.pool.close()
             log.info("backend.drained", extra={"backend": backend.address})
 
-    def report_changes(self, changes: Iterable[Change]) -> None:
-        for change in changes:
-            backend = next(b for b in self.registry.all() if b.address == change.backend)
-            self.log_change(backend, change.kind, change.transition)
 
 
 class Gateway:
