@@ -25,6 +25,8 @@ PURE_CORE = (
     "ntonix.cache_key",
     "ntonix.cache_entry",
     "ntonix.config",
+    "ntonix.config_model",
+    "ntonix.config_validate",
     "ntonix.headers",
     "ntonix.errors",
     "ntonix.gunicorn_settings",
