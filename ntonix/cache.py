@@ -25,9 +25,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ntonix.cache_entry import CachedResponse
-from ntonix.cache_lmdb import LmdbStore, StoreError
+from ntonix.cache_lmdb import LmdbStore
 from ntonix.cache_memory import MemoryLRU
 from ntonix.cache_redis import RedisStore
+from ntonix.lmdb_env import StoreError
 
 log = logging.getLogger("ntonix.cache")
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import orjson
 
 from ntonix.cache_entry import Headers
-from ntonix.cache_lmdb import MiB, Process, StoreError, open_env, translated
+from ntonix.lmdb_env import MiB, Process, StoreError, open_env, translated
 
 if TYPE_CHECKING:
     import lmdb
