@@ -166,9 +166,15 @@ def wait_http_up(url: str, proc: Proc | None = None, timeout: float = 30.0) -> N
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0, host: str = "127.0.0.1") -> bytes:
-    """Send ``data`` on a fresh connection; read until the peer closes (or resets) it."""
+    """Send ``data`` on a fresh connection; read until the peer closes (or resets) it.
+
+    A peer that refuses the request before it was all sent (a 431, say) has answered already:
+    a broken pipe while sending is not an error here."""
     with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(data)
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         out = b""
         try:
             while chunk := s.recv(65536):
