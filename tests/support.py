@@ -206,3 +206,18 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def client_exchange(port: int, method: str, path: str, body: bytes | None = None,
+                    headers: Mapping[str, str] | None = None, timeout: float = 10.0,
+                    host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    """One request with http.client: exactly the headers given (plus Host, Content-Length)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import free_port, split_response, wait_until
+from tests.support import client_exchange, free_port, split_response, wait_until
 from tests.support import raw_exchange as support_raw_exchange
 
 pytestmark = pytest.mark.integration
@@ -55,13 +55,7 @@ def fresh(mock: MockBackend) -> Iterator[MockBackend]:
 
 def exchange(port: int, method: str, path: str, body: bytes | None = None,
              headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+    return client_exchange(port, method, path, body, headers, timeout)
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:

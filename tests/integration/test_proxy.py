@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import split_response
+from tests.support import client_exchange, split_response
 
 pytestmark = pytest.mark.integration
 
@@ -47,13 +47,7 @@ def lower(headers: dict[str, str]) -> dict[str, str]:
 def exchange(gw: Gateway, method: str, path: str, body: bytes | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One request with http.client: exactly the headers given (plus Host, Content-Length)."""
-    conn = HTTPConnection("127.0.0.1", gw.port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+    return client_exchange(gw.port, method, path, body, headers)
 
 
 def raw_exchange(port: int, data: bytes | list[bytes], timeout: float = 10.0) -> bytes:

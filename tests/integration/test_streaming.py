@@ -153,6 +153,14 @@ def one_left_established(before: dict[int, str], port: int) -> bool:
 # ----------------------------------------------------------------------------- timing
 
 
+def assert_backend_closed_within_a_second(before: dict[int, str], port: int) -> None:
+    """The gateway's connection to the backend on ``port`` leaves ESTABLISHED within 1 s."""
+    closed_at = time.monotonic()
+    wait_until(lambda: one_left_established(before, port), timeout=1.0,
+               what="the gateway to close its backend connection")
+    assert time.monotonic() - closed_at < 1.0
+
+
 def test_first_event_long_before_the_last(gw: Gateway) -> None:
     stream = RawStream(gw.port, "POST", "/v1/chat/completions", chat(),
                        {"X-Mock-TTFT": "0", "X-Mock-Token-Delay": "0.2", "X-Mock-Tokens": "10"})
@@ -261,10 +269,7 @@ def test_disconnect_mid_stream_aborts_the_backend_stream(gw: Gateway, fresh: Moc
     assert fresh.stats()["streams_started"] == 1
     before = backend_connections(fresh.port)
     stream.close()
-    closed_at = time.monotonic()
-    wait_until(lambda: one_left_established(before, fresh.port), timeout=1.0,
-               what="the gateway to close its backend connection")
-    assert time.monotonic() - closed_at < 1.0
+    assert_backend_closed_within_a_second(before, fresh.port)
     stats = wait_until(lambda: (s := fresh.stats())["streams_aborted"] == 1 and s, timeout=2.0,
                        what="the mock to see its stream aborted")
     assert stats["streams_completed"] == 0
@@ -279,10 +284,7 @@ def test_disconnect_while_waiting_for_response_headers(gw: Gateway, fresh: MockB
                   b"X-Mock-TTFT: 3\r\nX-Mock-Tokens: 2\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         wait_until(lambda: fresh.stats()["active_requests"] == 1, timeout=2.0, what="the request to reach the mock")
         before = backend_connections(fresh.port)
-    closed_at = time.monotonic()
-    wait_until(lambda: one_left_established(before, fresh.port), timeout=1.0,
-               what="the gateway to close its backend connection")
-    assert time.monotonic() - closed_at < 1.0
+    assert_backend_closed_within_a_second(before, fresh.port)
 
 
 def test_disconnect_before_the_first_event_closes_the_backend_connection(gw: Gateway, fresh: MockBackend) -> None:
@@ -292,10 +294,7 @@ def test_disconnect_before_the_first_event_closes_the_backend_connection(gw: Gat
     wait_until(lambda: fresh.stats()["streams_started"] == 1, timeout=2.0, what="the stream to start")
     before = backend_connections(fresh.port)
     stream.close()
-    closed_at = time.monotonic()
-    wait_until(lambda: one_left_established(before, fresh.port), timeout=1.0,
-               what="the gateway to close its backend connection")
-    assert time.monotonic() - closed_at < 1.0
+    assert_backend_closed_within_a_second(before, fresh.port)
     # The mock notices when it writes its first event.
     wait_until(lambda: fresh.stats()["streams_aborted"] == 1, timeout=5.0, what="the mock to see the abort")
     assert fresh.stats()["streams_completed"] == 0
