@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis
@@ -52,6 +52,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ntonix.cache_entry import Headers
+from ntonix.cluster.resp import Pool, ProtocolError, RespError, sha1
 from ntonix.coalesce import LeaderFailed
 
 log = logging.getLogger("ntonix.cluster")
@@ -101,7 +102,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_ERRORS = (redis.RedisError, OSError)
+_SCRIPTS = {"join": _JOIN, "finish": _FINISH, "detach": _DETACH}
+_SHAS = {name: sha1(src) for name, src in _SCRIPTS.items()}
+_ERRORS = (redis.RedisError, OSError, RespError, ProtocolError, ValueError)
 
 
 def _redacted(url: str) -> str:
@@ -109,6 +112,16 @@ def _redacted(url: str) -> str:
     if not sep or "@" not in rest:
         return url
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+class _Ending(NamedTuple):
+    """A finish the keeper sends with the next batch (one round trip for many misses)."""
+
+    keys: list[str]
+    value: str
+    ok: int
+    records: list[tuple[bytes, bytes]]
+    size: int
 
 
 class Flights:
@@ -122,24 +135,28 @@ class Flights:
     def __init__(self, url: str, *, timeout_s: float = 0.05, backoff_s: float = 1.0, lease_s: float = 1.0,
                  tick_s: float = 0.1, block_s: float = 0.25, max_bytes: int = 8 * MiB,
                  flight_ttl_s: float = 600.0, grace_s: float = 60.0, max_followers: int = 256,
+                 max_pending_bytes: int = 16 * MiB,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  spawn: Callable[[Callable[[], None]], object] | None = None, prefix: str = PREFIX) -> None:
         self.url, self.prefix = url, prefix
         self.timeout_s, self.backoff_s, self.lease_s, self.tick_s = timeout_s, backoff_s, lease_s, tick_s
         self.block_s, self.max_bytes, self.max_followers = block_s, max_bytes, max_followers
+        self.max_pending_bytes = max_pending_bytes
         self.flight_ttl_ms, self.grace_ms = int(flight_ttl_s * 1000), int(grace_s * 1000)
         self.clock, self.sleep, self.spawn = clock, sleep, spawn
         self.stats: dict[str, int] = dict.fromkeys(
-            ("led", "followed", "alone", "detached", "leader_failed", "redis_errors"), 0)
+            ("led", "followed", "alone", "detached", "leader_failed", "redis_errors", "batched_finishes"), 0)
         self._pid = -1
         self._proc = ""
         self._fast: redis.Redis | None = None
         self._blocking: redis.Redis | None = None
-        self._scripts: dict[str, Any] = {}
+        self._raw: Pool | None = None
         self._down_until = 0.0
         self._outage = False
         self._leaders: dict[str, Leader] = {}
         self._following = 0
+        self._pending: list[_Ending] = []
+        self._pending_bytes = 0
         self._keeper_pid = -1
         self._beat_at = -1e9
         self.stopped = False
@@ -160,9 +177,9 @@ class Flights:
         token = secrets.token_hex(8)
         value = f"{token} {self._proc}"
         try:
-            found = self._scripts["join"](
-                keys=[self.prefix + "k:" + key, self.prefix + "f:" + token, self.prefix + "a:" + self._proc],
-                args=[value, int(self.lease_s * 1000), self.flight_ttl_ms, self.prefix])
+            found = self._script(
+                "join", [self.prefix + "k:" + key, self.prefix + "f:" + token, self.prefix + "a:" + self._proc],
+                [value, int(self.lease_s * 1000), self.flight_ttl_ms, self.prefix])
         except _ERRORS as exc:
             self._failed(exc)
             self.stats["alone"] += 1
@@ -203,11 +220,49 @@ class Flights:
             ld.followers_seen = True
         return seen
 
+    def flush(self) -> None:
+        """Send the finishes queued since the last round, pipelined (the keeper calls this)."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if not pending or not self._ready():
+            return
+        try:
+            replies = self._batch([(e.keys, [e.value, 0, e.ok, self.grace_ms]) for e in pending])
+            # Followers joined after all: everything, then the end, in one go.
+            late = [e for e, r in zip(pending, replies, strict=True) if r == 1]
+            if late:
+                self._batch([(e.keys, [e.value, 1, 1, self.grace_ms, *[x for rec in e.records for x in rec]])
+                             for e in late])
+        except _ERRORS as exc:
+            self._failed(exc)
+            return
+        self.stats["batched_finishes"] += len(pending)
+
+    def _batch(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        assert self._raw is not None
+        cmds = [("EVALSHA", _SHAS["finish"], len(keys), *keys, *args) for keys, args in calls]
+        replies = self._raw.pipeline(cmds)
+        if any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT") for r in replies):
+            self._raw.call("SCRIPT", "LOAD", _FINISH)
+            replies = self._raw.pipeline(cmds)
+        for r in replies:
+            if isinstance(r, RespError):
+                raise r
+        return replies
+
+    def _defer(self, ending: _Ending) -> bool:
+        """Queue a finish for the keeper's next batch, within ``max_pending_bytes``."""
+        if self.spawn is None or self._pending_bytes + ending.size > self.max_pending_bytes:
+            return False
+        self._pending.append(ending)
+        self._pending_bytes += ending.size
+        return True
+
     def keep(self) -> None:
         """The keeper loop (run by ``spawn``): :meth:`tick` every ``tick_s`` until :attr:`stopped`."""
         while not self.stopped:
             self.sleep(self.tick_s)
             try:
+                self.flush()
                 for leader in self.tick():
                     leader.catch_up()
             except Exception:  # a keeper that dies would silently stop every lease
@@ -215,10 +270,11 @@ class Flights:
 
     def close(self) -> None:
         self.stopped = True
-        for client in (self._fast, self._blocking):
-            if client is not None and self._pid == os.getpid():
-                client.close()
-        self._fast = self._blocking = None
+        if self._pid == os.getpid():
+            for client in (self._fast, self._blocking, self._raw):
+                if client is not None:
+                    client.close()
+        self._fast = self._blocking = self._raw = None
 
     def __repr__(self) -> str:
         state = "backing-off" if not self.available else ("outage" if self._outage else "ok")
@@ -228,7 +284,7 @@ class Flights:
     # -- internals -------------------------------------------------------------------
 
     def _ready(self) -> bool:
-        if self.clock() < self._down_until:
+        if self.clock() < self._down_until or self.stopped:
             return False
         if self._fast is None or self._pid != os.getpid():
             try:
@@ -240,8 +296,7 @@ class Flights:
             except (redis.RedisError, ValueError) as exc:
                 self._failed(exc)
                 return False
-            self._scripts = {name: self._fast.register_script(src)
-                             for name, src in (("join", _JOIN), ("finish", _FINISH), ("detach", _DETACH))}
+            self._raw = Pool(self.url, self.timeout_s)
             self._pid, self._proc = os.getpid(), secrets.token_hex(6)
             self._leaders = {}
         return True
@@ -249,6 +304,10 @@ class Flights:
     def _client(self) -> redis.Redis:
         assert self._fast is not None
         return self._fast
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        assert self._raw is not None
+        return self._raw.evalsha(_SHAS[name], _SCRIPTS[name], keys, args)
 
     def _blocking_client(self) -> redis.Redis:
         assert self._blocking is not None
@@ -340,12 +399,17 @@ class Leader:
         assert self.value is not None
         ok = ok and self._has_head and not self._overflow
         keys = [f.prefix + "k:" + self.key, f.prefix + "f:" + self.token, f.prefix + "s:" + self.token]
+        if not self._journaling and f._defer(_Ending(keys, self.value, int(ok), self._records, self._held)):
+            # Nobody followed so far: the flight ends with the keeper's next batch, and anyone
+            # who joins until then still gets the whole answer from these records.
+            self._records = []
+            return
         args: list[Any] = [self.value, int(self._journaling), int(ok), f.grace_ms]
         try:
-            if f._scripts["finish"](keys=keys, args=args) == 1:
+            if f._script("finish", keys, args) == 1:
                 # Followers joined but never got a byte: everything, then the end, in one go.
                 flat = [x for rec in self._records for x in rec]
-                f._scripts["finish"](keys=keys, args=[self.value, 1, 1, f.grace_ms, *flat])
+                f._script("finish", keys, [self.value, 1, 1, f.grace_ms, *flat])
         except _ERRORS as exc:
             f._failed(exc)
         self._records = []
@@ -426,7 +490,7 @@ class Leader:
         f = self._f
         f.stats["detached"] += 1
         try:
-            f._scripts["detach"](keys=[f.prefix + "k:" + self.key], args=[self.value])
+            f._script("detach", [f.prefix + "k:" + self.key], [self.value])
         except _ERRORS as exc:
             self._broken(exc)
 

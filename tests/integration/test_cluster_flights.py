@@ -131,9 +131,26 @@ def test_a_miss_nobody_follows_leaves_nothing_behind(gateways: tuple[Flights, Fl
     a, _ = gateways
     leader = lead(a, "solo")
     stream_answer(leader, EVENTS, 0)
-    assert flight_keys(clean_redis) == []
+    # The finish goes with the keeper's next batch (one round trip for many misses).
+    wait_until(lambda: flight_keys(clean_redis) == [], timeout=5, what="the flight's keys deleted")
+    assert a.stats["batched_finishes"] == 1
     # And the key is free again: the next request leads.
     lead(a, "solo").finish(False)
+
+
+def test_a_request_joining_while_the_finish_is_queued_still_gets_the_whole_answer(clean_redis: RedisServer) -> None:
+    a = Flights(clean_redis.url, spawn=lambda fn: None)  # a keeper that never runs: flush() by hand
+    b = Flights(clean_redis.url)
+    try:
+        leader = lead(a, "queued")
+        stream_answer(leader, EVENTS[:3], 0)
+        follower = follow(b, "queued")  # the flight's key is still there until the batch goes
+        a.flush()
+        assert follower.wait_head(2) == HEAD
+        assert list(follower.chunks(2)) == EVENTS[:3]
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_failed_leader_fails_its_followers_cleanly(gateways: tuple[Flights, Flights]) -> None:
