@@ -53,8 +53,10 @@ def main() -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    from ntonix.cluster.flights import Flights, Leader
+    from ntonix.cluster.flights import Flights, Follower, Leader
     from ntonix.coalesce import Coalescer
+    from ntonix.coalesce import Follower as LocalFollower
+    from ntonix.coalesce import Leader as LocalLeader
 
     exe = shutil.which("redis-server")
     if exe is None:
@@ -91,12 +93,12 @@ def main() -> None:
         chunk = b"x" * 200
         counter = [0]
 
-        def answer(leader: object) -> None:
-            assert isinstance(leader, Leader) or hasattr(leader, "publish_head")
-            leader.publish_head(*head)  # type: ignore[attr-defined]
+        def answer(leader: Leader | LocalLeader | Follower | LocalFollower) -> None:
+            assert not isinstance(leader, Follower | LocalFollower), "nobody else asks: always a leader"
+            leader.publish_head(*head)
             for _ in range(args.chunks):
-                leader.publish_chunk(chunk)  # type: ignore[attr-defined]
-            leader.finish(True)  # type: ignore[attr-defined]
+                leader.publish_chunk(chunk)
+            leader.finish(True)
 
         def cluster(n: int) -> None:
             for _ in range(n):
