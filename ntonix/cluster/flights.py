@@ -10,7 +10,9 @@ cheap local path stays first. Keys, all under ``prefix`` and all expiring:
   join script); deleted by the leader when it finishes or "detaches" (see below)
 * ``a:<proc>``    -> liveness of one gateway process, ``PX lease_s``; set on every join that
   leads and renewed every ``tick_s`` by the process's keeper while it leads anything. A
-  process killed with SIGKILL stops renewing: its followers notice within ``lease_s``
+  process killed with SIGKILL stops renewing: its followers notice within ``lease_s``. After
+  any Redis failure the process takes a new ``<proc>``, so a flight whose end may have been
+  lost (Redis unreachable at that moment) can never look alive again
 * ``f:<token>``   -> how many followers joined (``INCR`` in the join script)
 * ``s:<token>``   -> a Redis stream: ``h`` (head: JSON status and headers), ``c`` (a chunk of
   the body), then ``e`` (end: ``1`` complete, ``0`` failed). Followers ``XREAD BLOCK`` from
@@ -326,6 +328,11 @@ class Flights:
     def _failed(self, exc: BaseException) -> None:
         self.stats["redis_errors"] += 1
         self._down_until = self.clock() + self.backoff_s
+        if self._pid == os.getpid():
+            # A new identity for this process: whatever it led may have been left half-written
+            # (a finish, a chunk or an end that did not go through) and must never look alive
+            # again. Those flights' liveness lapses within lease_s; their followers regroup.
+            self._proc = secrets.token_hex(6)
         if not self._outage:
             self._outage = True
             log.warning("cluster.redis_unavailable", extra={

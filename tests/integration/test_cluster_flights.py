@@ -301,6 +301,24 @@ def lead_or_none(f: Flights, key: str) -> Leader | None:
     return None
 
 
+def test_a_flight_whose_end_was_lost_in_an_outage_never_holds_requests_back(clean_redis: RedisServer) -> None:
+    a = Flights(clean_redis.url, lease_s=0.3, backoff_s=0.2, spawn=lambda fn: None)  # flush() by hand
+    b = Flights(clean_redis.url, lease_s=0.3)
+    try:
+        stream_answer(lead(a, "lost"), EVENTS[:2], 0)  # its finish is queued...
+        clean_redis.command("CLIENT", "PAUSE", "400", "ALL")
+        a.flush()  # ...and times out: the flight's key stays in Redis, naming a
+        assert a.stats["redis_errors"] == 1
+        wait_until(lambda: a.available and lead_or_none(a, "other") is not None, timeout=5,
+                   what="a leads again (and renews its liveness)")
+        # The stale key names a's old identity, which nobody renews: b leads within the lease.
+        role = wait_until(lambda: lead_or_none(b, "lost"), timeout=3, what="b leads the lost key")
+        role.finish(False)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_an_unreachable_redis_costs_one_timeout_then_nothing() -> None:
     f = Flights(f"redis://127.0.0.1:{free_port()}/0", backoff_s=30)
     t = time.perf_counter()
