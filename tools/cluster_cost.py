@@ -53,7 +53,8 @@ def main() -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    from ntonix.cluster.flights import Flights, Follower, Leader
+    from ntonix.cluster.flights import Flights, Leader
+    from ntonix.cluster.follower import Follower
     from ntonix.coalesce import Coalescer
     from ntonix.coalesce import Follower as LocalFollower
     from ntonix.coalesce import Leader as LocalLeader

@@ -44,8 +44,7 @@ import os
 import secrets
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import orjson
@@ -54,8 +53,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ntonix.cache_entry import Headers
-from ntonix.cluster.resp import Pool, ProtocolError, RespError, sha1
-from ntonix.coalesce import LeaderFailed
+from ntonix.cluster.follower import Follower
+from ntonix.cluster.lua import FINISH, SCRIPTS, SHAS
+from ntonix.cluster.resp import ERRORS, Pool, RespError
 
 log = logging.getLogger("ntonix.cluster")
 
@@ -63,50 +63,6 @@ PREFIX = "ntonix:flight:"
 MiB = 1024 * 1024
 _HARD_FACTOR = 4  # followers already reading get at most this times max_bytes
 
-# KEYS: k, f, a(proc); ARGV: flight value, lease ms, flight ttl ms. Returns the value of the
-# flight to follow, or nil when the caller now leads (under ARGV[1]).
-_JOIN = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local proc = string.match(cur, ' (.*)$')
-  if proc and redis.call('EXISTS', ARGV[4] .. 'a:' .. proc) == 1 then
-    local tok = string.match(cur, '^(%S+)')
-    redis.call('INCR', ARGV[4] .. 'f:' .. tok)
-    redis.call('PEXPIRE', ARGV[4] .. 'f:' .. tok, ARGV[3])
-    return cur
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
-return false
-"""
-
-# KEYS: k, f, s; ARGV: flight value, journaling 0/1, ok 0/1, grace ms, then kind, data pairs.
-# Returns 1 when followers exist but the leader has not published: call again with records.
-_FINISH = """
-local n = tonumber(redis.call('GET', KEYS[2]) or '0')
-if ARGV[2] == '0' and n > 0 and ARGV[3] == '1' and #ARGV == 4 then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-if ARGV[2] == '0' and n == 0 then
-  redis.call('DEL', KEYS[2], KEYS[3])
-  return 0
-end
-for i = 5, #ARGV, 2 do redis.call('XADD', KEYS[3], '*', ARGV[i], ARGV[i + 1]) end
-redis.call('XADD', KEYS[3], '*', 'e', ARGV[3])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 0
-"""
-
-# KEYS: k; ARGV: flight value. Later requests start their own flight.
-_DETACH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_SCRIPTS = {"join": _JOIN, "finish": _FINISH, "detach": _DETACH}
-_SHAS = {name: sha1(src) for name, src in _SCRIPTS.items()}
-_ERRORS = (redis.RedisError, OSError, RespError, ProtocolError, ValueError)
 
 
 def _redacted(url: str) -> str:
@@ -182,7 +138,7 @@ class Flights:
             found = self._script(
                 "join", [self.prefix + "k:" + key, self.prefix + "f:" + token, self.prefix + "a:" + self._proc],
                 [value, int(self.lease_s * 1000), self.flight_ttl_ms, self.prefix])
-        except _ERRORS as exc:
+        except ERRORS as exc:
             self._failed(exc)
             self.stats["alone"] += 1
             return Leader(self, key, None)
@@ -211,7 +167,7 @@ class Flights:
             for ld in leaders:
                 pipe.get(self.prefix + "f:" + ld.token)
             replies = pipe.execute()
-        except _ERRORS as exc:
+        except ERRORS as exc:
             self._failed(exc)
             return []
         self._succeeded()
@@ -234,17 +190,17 @@ class Flights:
             if late:
                 self._batch([(e.keys, [e.value, 1, 1, self.grace_ms, *[x for rec in e.records for x in rec]])
                              for e in late])
-        except _ERRORS as exc:
+        except ERRORS as exc:
             self._failed(exc)
             return
         self.stats["batched_finishes"] += len(pending)
 
     def _batch(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         assert self._raw is not None
-        cmds = [("EVALSHA", _SHAS["finish"], len(keys), *keys, *args) for keys, args in calls]
+        cmds = [("EVALSHA", SHAS["finish"], len(keys), *keys, *args) for keys, args in calls]
         replies = self._raw.pipeline(cmds)
         if any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT") for r in replies):
-            self._raw.call("SCRIPT", "LOAD", _FINISH)
+            self._raw.call("SCRIPT", "LOAD", FINISH)
             replies = self._raw.pipeline(cmds)
         for r in replies:
             if isinstance(r, RespError):
@@ -309,7 +265,7 @@ class Flights:
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         assert self._raw is not None
-        return self._raw.evalsha(_SHAS[name], _SCRIPTS[name], keys, args)
+        return self._raw.evalsha(SHAS[name], SCRIPTS[name], keys, args)
 
     def _blocking_client(self) -> redis.Redis:
         assert self._blocking is not None
@@ -417,7 +373,7 @@ class Leader:
                 # Followers joined but never got a byte: everything, then the end, in one go.
                 flat = [x for rec in self._records for x in rec]
                 f._script("finish", keys, [self.value, 1, 1, f.grace_ms, *flat])
-        except _ERRORS as exc:
+        except ERRORS as exc:
             f._failed(exc)
         self._records = []
 
@@ -474,7 +430,7 @@ class Leader:
                 self._published += len(data)
             pipe.pexpire(stream, f.flight_ttl_ms)
             pipe.execute()
-        except _ERRORS as exc:
+        except ERRORS as exc:
             self._broken(exc)
             return
         if self._published > f.max_bytes and not self._closed:
@@ -498,7 +454,7 @@ class Leader:
         f.stats["detached"] += 1
         try:
             f._script("detach", [f.prefix + "k:" + self.key], [self.value])
-        except _ERRORS as exc:
+        except ERRORS as exc:
             self._broken(exc)
 
     def _broken(self, exc: BaseException) -> None:
@@ -511,104 +467,3 @@ class Leader:
         state = "alone" if self.value is None else (
             "finished" if self.finished else ("journaling" if self._journaling else "running"))
         return f"<Leader {self.key} {state} held={self._held} published={self._published}>"
-
-
-class Follower:
-    """A request waiting for an identical one in flight on some gateway; reads its stream."""
-
-    def __init__(self, flights: Flights, token: str, proc: str) -> None:
-        self._f = flights
-        self.token, self.proc = token, proc
-        self._last = b"0-0"
-        self._buffer: deque[tuple[bytes, bytes]] = deque()
-        self.closed = False
-        self.ended = False
-        flights._following += 1
-
-    def wait_head(self, timeout_s: float) -> tuple[int, Headers] | None:
-        """The leader's status and headers, or ``None`` if it failed, vanished or took longer
-        than ``timeout_s`` (the caller then goes to a backend itself)."""
-        try:
-            kind, data = self._next(timeout_s)
-        except LeaderFailed:
-            return None
-        if kind != b"h":
-            return None
-        status, headers = orjson.loads(data)
-        return int(status), tuple((str(k), str(v)) for k, v in headers)
-
-    def chunks(self, timeout_s: float) -> Iterator[bytes]:
-        """The body's chunks as the leader publishes them; ends when the leader finished.
-
-        Raises :class:`LeaderFailed` when the leader failed, vanished, Redis failed, or
-        nothing new came for ``timeout_s``.
-        """
-        while True:
-            kind, data = self._next(timeout_s)
-            if kind == b"c":
-                yield data
-            elif kind == b"e":
-                return
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._f._following -= 1
-
-    def __enter__(self) -> Follower:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.close()
-
-    def _next(self, timeout_s: float) -> tuple[bytes, bytes]:
-        """The next stream entry; an ``e`` entry that says failed raises."""
-        f = self._f
-        deadline = f.clock() + timeout_s
-        while not self._buffer:
-            if self.ended:
-                raise LeaderFailed("the answer already ended")
-            block = max(1, int(min(f.block_s, deadline - f.clock()) * 1000))
-            got = self._read(block)
-            if got:
-                continue
-            if f.clock() >= deadline:
-                self._failed(f"nothing from the leader for {timeout_s:g}s")
-            if not self._leader_alive() and not self._read(None):
-                self._failed("the leader's gateway is gone")
-        kind, data = self._buffer.popleft()
-        if kind == b"e":
-            self.ended = True
-            if data != b"1":
-                self._failed("the leader's request failed")
-        return kind, data
-
-    def _read(self, block_ms: int | None) -> bool:
-        f = self._f
-        stream = f.prefix + "s:" + self.token
-        try:
-            reply: Any = f._blocking_client().xread({stream: self._last}, count=256, block=block_ms)
-        except _ERRORS as exc:
-            f._failed(exc)
-            self._failed(f"redis failed: {type(exc).__name__}")
-        for _name, entries in reply or ():
-            for entry_id, fields in entries:
-                self._last = entry_id
-                for kind, data in fields.items():
-                    self._buffer.append((kind, data))
-        return bool(self._buffer)
-
-    def _leader_alive(self) -> bool:
-        f = self._f
-        try:
-            return bool(f._client().exists(f.prefix + "a:" + self.proc))
-        except _ERRORS as exc:
-            f._failed(exc)
-            return False
-
-    def _failed(self, why: str) -> Any:
-        self._f.stats["leader_failed"] += 1
-        raise LeaderFailed(why)
-
-    def __repr__(self) -> str:
-        return f"<Follower {self.token} last={self._last.decode()} {'closed' if self.closed else 'open'}>"

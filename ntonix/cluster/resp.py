@@ -17,6 +17,8 @@ import socket
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import redis
+
 Value = Any  # bytes | int | None | list[Value] | RespError (inside arrays)
 
 
@@ -26,6 +28,11 @@ class RespError(Exception):
 
 class ProtocolError(Exception):
     """Bytes that are not RESP: the connection is dropped."""
+
+
+# Everything a call to Redis may raise, through this client or redis-py: each means "Redis
+# failed" to ntonix/cluster/ (a miss, a lone request), never an error for the client.
+ERRORS = (redis.RedisError, OSError, RespError, ProtocolError, ValueError)
 
 
 def encode(*args: bytes | str | int) -> bytes:

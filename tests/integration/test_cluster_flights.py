@@ -16,7 +16,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from ntonix.cluster.flights import Flights, Follower, Leader
+from ntonix.cluster.flights import Flights, Leader
+from ntonix.cluster.follower import Follower
 from ntonix.coalesce import LeaderFailed
 from tests.fixtures import RedisServer
 from tests.support import Proc, free_port, wait_until
