@@ -34,10 +34,8 @@ from typing import Any, NamedTuple
 
 import orjson
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from ntonix.cluster.resp import ERRORS
+from ntonix.cluster.resp import ERRORS, redis_py
 
 log = logging.getLogger("ntonix.cluster")
 
@@ -134,9 +132,7 @@ class AffinityBoard:
             return None
         if self._client is None or self._pid != os.getpid():
             try:
-                self._client = redis.Redis.from_url(
-                    self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                    retry=Retry(NoBackoff(), 0), health_check_interval=0)
+                self._client = redis_py(self.url, self.timeout_s)
             except (redis.RedisError, ValueError) as exc:
                 self._failed(exc)
                 return None

@@ -49,13 +49,11 @@ from typing import Any, NamedTuple
 
 import orjson
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ntonix.cache_entry import Headers
 from ntonix.cluster.follower import Follower
 from ntonix.cluster.lua import FINISH, SCRIPTS, SHAS
-from ntonix.cluster.resp import ERRORS, Pool, RespError
+from ntonix.cluster.resp import ERRORS, Pool, RespError, redis_py
 
 log = logging.getLogger("ntonix.cluster")
 
@@ -246,11 +244,9 @@ class Flights:
             return False
         if self._fast is None or self._pid != os.getpid():
             try:
-                common: dict[str, Any] = {"socket_connect_timeout": self.timeout_s, "retry": Retry(NoBackoff(), 0),
-                                          "health_check_interval": 0}
-                self._fast = redis.Redis.from_url(self.url, socket_timeout=self.timeout_s, **common)
+                self._fast = redis_py(self.url, self.timeout_s)
                 # XREAD BLOCK holds its connection for block_s: a longer timeout, its own pool.
-                self._blocking = redis.Redis.from_url(self.url, socket_timeout=self.block_s + 1.0, **common)
+                self._blocking = redis_py(self.url, self.timeout_s, self.block_s + 1.0)
             except (redis.RedisError, ValueError) as exc:
                 self._failed(exc)
                 return False

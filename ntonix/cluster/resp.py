@@ -18,6 +18,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 Value = Any  # bytes | int | None | list[Value] | RespError (inside arrays)
 
@@ -33,6 +35,13 @@ class ProtocolError(Exception):
 # Everything a call to Redis may raise, through this client or redis-py: each means "Redis
 # failed" to ntonix/cluster/ (a miss, a lone request), never an error for the client.
 ERRORS = (redis.RedisError, OSError, RespError, ProtocolError, ValueError)
+
+
+def redis_py(url: str, timeout_s: float, read_timeout_s: float | None = None) -> redis.Redis:
+    """A redis-py client that fails fast: short timeouts, no retries, no health-check pings
+    (the same settings as ntonix/cache_redis.py)."""
+    return redis.Redis.from_url(url, socket_timeout=read_timeout_s or timeout_s, socket_connect_timeout=timeout_s,
+                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
 
 def encode(*args: bytes | str | int) -> bytes:
