@@ -1,9 +1,10 @@
 """A gateway process stand-in for tests/integration/test_cluster_flights.py: leads one flight.
 
-    python -m tests.integration.cluster_peer REDIS_URL KEY EVENTS DELAY [wait-follower]
+    python -m tests.integration.cluster_peer REDIS_URL KEY EVENTS DELAY [wait-follower] [gevent]
 
 Prints LEADING once it leads (ALONE if Redis said "go alone"), optionally waits up to 5 s for
 a follower, streams EVENTS SSE events DELAY seconds apart and ``[DONE]``, prints FINISHED.
+``gevent``: monkey-patched, the keeper a greenlet, as in a gateway's worker.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from ntonix.cluster.flights import Flights, Leader
 
 def main(argv: list[str]) -> int:
     url, key, n, delay = argv[0], argv[1], int(argv[2]), float(argv[3])
-    flights = Flights(url, backoff_s=0.2, spawn=lambda fn: threading.Thread(target=fn, daemon=True).start())
+    if "gevent" in argv[4:]:
+        import gevent
+
+        flights = Flights(url, backoff_s=0.2, spawn=gevent.spawn, sleep=gevent.sleep)
+    else:
+        flights = Flights(url, backoff_s=0.2, spawn=lambda fn: threading.Thread(target=fn, daemon=True).start())
     role = flights.join(key)
     if not isinstance(role, Leader):
         print("FOLLOWER", flush=True)
@@ -39,4 +45,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if "gevent" in sys.argv[5:]:
+        from gevent import monkey
+
+        monkey.patch_all()
     sys.exit(main(sys.argv[1:]))

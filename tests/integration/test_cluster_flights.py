@@ -339,10 +339,11 @@ def peer(redis_server: RedisServer, *args: str) -> Proc:
 
 
 @contextmanager
-def peer_leading(redis_server: RedisServer, key: str, events: int) -> Iterator[tuple[Proc, Follower, Flights]]:
+def peer_leading(redis_server: RedisServer, key: str, events: int,
+                 *mode: str) -> Iterator[tuple[Proc, Follower, Flights]]:
     """A peer process leading ``key`` (``events`` events 20 ms apart), followed from here."""
     b = Flights(redis_server.url, spawn=_thread)
-    proc = peer(redis_server, key, str(events), "0.02", "wait-follower")
+    proc = peer(redis_server, key, str(events), "0.02", "wait-follower", *mode)
     try:
         wait_until(lambda: "LEADING" in proc.output(), timeout=10, what="the peer leads")
         follower = follow(b, key)
@@ -353,8 +354,9 @@ def peer_leading(redis_server: RedisServer, key: str, events: int) -> Iterator[t
         b.close()
 
 
-def test_a_leader_in_another_process_streams_to_followers_byte_identical(clean_redis: RedisServer) -> None:
-    with peer_leading(clean_redis, "mp", 30) as (proc, follower, _):
+@pytest.mark.parametrize("mode", ["threads", "gevent"])
+def test_a_leader_in_another_process_streams_to_followers_byte_identical(clean_redis: RedisServer, mode: str) -> None:
+    with peer_leading(clean_redis, f"mp-{mode}", 30, mode) as (proc, follower, _):
         chunks = list(follower.chunks(10))
         assert chunks == [f"data: {{\"n\": {i}}}\n\n".encode() for i in range(30)] + [b"data: [DONE]\n\n"]
         assert proc.wait(10) == 0
