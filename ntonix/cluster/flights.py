@@ -62,7 +62,6 @@ MiB = 1024 * 1024
 _HARD_FACTOR = 4  # followers already reading get at most this times max_bytes
 
 
-
 def _redacted(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
@@ -283,8 +282,12 @@ class Flights:
         if self._pid == os.getpid():
             # A new identity for this process: whatever it led may have been left half-written
             # (a finish, a chunk or an end that did not go through) and must never look alive
-            # again. Those flights' liveness lapses within lease_s; their followers regroup.
+            # again. Those flights' liveness lapses within lease_s; their followers regroup,
+            # so their leaders stop publishing (and holding records) now.
             self._proc = secrets.token_hex(6)
+            for leader in list(self._leaders.values()):
+                leader.abandon()
+            self._leaders = {}
         if not self._outage:
             self._outage = True
             log.warning("cluster.redis_unavailable", extra={
@@ -454,10 +457,12 @@ class Leader:
             self._broken(exc)
 
     def _broken(self, exc: BaseException) -> None:
-        self._f._failed(exc)
+        self._f._failed(exc)  # abandons every leader of this process, this one included
+
+    def abandon(self) -> None:
+        """Stop publishing: the flight's liveness lapses by itself (see Flights._failed)."""
         self.finished = True
-        self._f._forget(self)
-        self._records = []
+        self._records, self._held = [], 0
 
     def __repr__(self) -> str:
         state = "alone" if self.value is None else (
