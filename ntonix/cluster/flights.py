@@ -100,7 +100,8 @@ class Flights:
         self.flight_ttl_ms, self.grace_ms = int(flight_ttl_s * 1000), int(grace_s * 1000)
         self.clock, self.sleep, self.spawn = clock, sleep, spawn
         self.stats: dict[str, int] = dict.fromkeys(
-            ("led", "followed", "alone", "detached", "leader_failed", "redis_errors", "batched_finishes"), 0)
+            ("led", "followed", "alone", "hits", "detached", "leader_failed", "redis_errors", "batched_finishes"),
+            0)
         self._pid = -1
         self._proc = ""
         self._fast: redis.Redis | None = None
@@ -126,20 +127,32 @@ class Flights:
     def join(self, key: str) -> Leader | Follower:
         """Follow the live flight for ``key`` on any gateway, or lead a new one; a Leader
         without a flight ("go alone") when Redis is down or too many already wait here."""
+        role = self.join_or_hit(key, None)
+        assert not isinstance(role, bytes)
+        return role
+
+    def join_or_hit(self, key: str, cache_key: str | None) -> Leader | Follower | bytes:
+        """:meth:`join`, but first (in the same round trip) read the Redis key ``cache_key``
+        (the cache tier's entry, ntonix/cache_redis.py): its raw value if it exists. A miss
+        re-checks the cache after joining anyway; this makes the re-check and the join one
+        round trip instead of two."""
         if self._following >= self.max_followers or not self._ready():
             self.stats["alone"] += 1
             return Leader(self, key, None)
         token = secrets.token_hex(8)
         value = f"{token} {self._proc}"
+        keys = [self.prefix + "k:" + key, self.prefix + "f:" + token, self.prefix + "a:" + self._proc]
         try:
-            found = self._script(
-                "join", [self.prefix + "k:" + key, self.prefix + "f:" + token, self.prefix + "a:" + self._proc],
-                [value, int(self.lease_s * 1000), self.flight_ttl_ms, self.prefix])
+            found = self._script("join", [*keys, cache_key] if cache_key else keys,
+                                 [value, int(self.lease_s * 1000), self.flight_ttl_ms, self.prefix])
         except ERRORS as exc:
             self._failed(exc)
             self.stats["alone"] += 1
             return Leader(self, key, None)
         self._succeeded()
+        if isinstance(found, list):
+            self.stats["hits"] += 1
+            return bytes(found[0])
         if found is not None:
             self.stats["followed"] += 1
             token, _, proc = found.decode().partition(" ")

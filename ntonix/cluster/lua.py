@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from ntonix.cluster.resp import sha1
 
-# KEYS: k, f, a(proc); ARGV: flight value, lease ms, flight ttl ms. Returns the value of the
-# flight to follow, or nil when the caller now leads (under ARGV[1]).
+# KEYS: k, f, a(proc)[, cached answer]; ARGV: flight value, lease ms, flight ttl ms, prefix.
+# Returns {answer} when the optional 4th key holds one (the Redis cache tier's entry: the
+# re-check a miss makes after joining, in the same round trip), else the value of the flight
+# to follow, or nil when the caller now leads (under ARGV[1]).
 JOIN = """
+if #KEYS >= 4 then
+  local hit = redis.call('GET', KEYS[4])
+  if hit then return {hit} end
+end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local proc = string.match(cur, ' (.*)$')

@@ -154,6 +154,21 @@ def test_a_request_joining_while_the_finish_is_queued_still_gets_the_whole_answe
         b.close()
 
 
+def test_the_cache_recheck_and_the_join_are_one_round_trip(gateways: tuple[Flights, Flights],
+                                                             clean_redis: RedisServer) -> None:
+    a, b = gateways
+    clean_redis.command("SET", "ntonix:cache:stored", "the entry")
+    assert a.join_or_hit("stored", "ntonix:cache:stored") == b"the entry"
+    assert flight_keys(clean_redis) == []  # a hit joins nothing
+    leader = a.join_or_hit("fresh", "ntonix:cache:fresh")
+    assert isinstance(leader, Leader) and leader.value is not None
+    assert isinstance(b.join_or_hit("fresh", "ntonix:cache:fresh"), Follower)
+    clean_redis.command("SET", "ntonix:cache:fresh", "stored meanwhile")
+    assert b.join_or_hit("fresh", "ntonix:cache:fresh") == b"stored meanwhile"  # the answer beats the flight
+    leader.finish(False)
+    assert a.stats["hits"] == 1 and b.stats["hits"] == 1
+
+
 def test_a_failed_leader_fails_its_followers_cleanly(gateways: tuple[Flights, Flights]) -> None:
     a, b = gateways
     leader = lead(a, "f2")
