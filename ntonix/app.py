@@ -21,7 +21,7 @@ from ntonix.bodies import Body
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.coalesce import Coalescer
 from ntonix.config import Config
-from ntonix.errors import Forbidden, NtonixError, render_error
+from ntonix.errors import Forbidden, NtonixError, render_error, status_line
 from ntonix.headers import in_networks, parse_networks, request_id_from
 from ntonix.health import HealthState
 from ntonix.proxy import Proxy
@@ -76,12 +76,10 @@ class Runtime:
             "backend": backend.address, "old_state": old, "new_state": new, "reason": change.reason})
 
     def backend_failed(self, backend: Backend, reason: str) -> None:
-        backend.errors += 1
         self.log_change(backend, "breaker", backend.breaker.record_failure(reason))
         self.telemetry.backend_result(backend.address, ok=False, latency_ms=None)
 
     def backend_succeeded(self, backend: Backend, latency_ms: float) -> None:
-        backend.latency_total_ms += latency_ms
         self.log_change(backend, "breaker", backend.breaker.record_success())
         self.telemetry.backend_result(backend.address, ok=True, latency_ms=latency_ms)
 
@@ -184,19 +182,19 @@ class Gateway:
         ok = healthy >= 1
         body = orjson.dumps({"status": "ok" if ok else "unavailable",
                              "backends": {"healthy": healthy, "total": total}})
-        return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
+        return status_line(200 if ok else 503), "application/json", body
 
     def _metrics(self, environ: WSGIEnvironment) -> tuple[str, str, bytes]:
         self._allowed(environ)
         query = environ.get("QUERY_STRING", "")
         accept = environ.get("HTTP_ACCEPT", "")
         if "format=prometheus" in query or ("text/plain" in accept and "format=json" not in query):
-            return "200 OK", "text/plain; version=0.0.4; charset=utf-8", self.rt.telemetry.prometheus(self.rt)
-        return "200 OK", "application/json", orjson.dumps(self.rt.telemetry.snapshot(self.rt))
+            return status_line(200), "text/plain; version=0.0.4; charset=utf-8", self.rt.telemetry.prometheus(self.rt)
+        return status_line(200), "application/json", orjson.dumps(self.rt.telemetry.snapshot(self.rt))
 
     def _cache_stats(self, environ: WSGIEnvironment) -> tuple[str, str, bytes]:
         self._allowed(environ)
-        return "200 OK", "application/json", orjson.dumps(self.cache_stats())
+        return status_line(200), "application/json", orjson.dumps(self.cache_stats())
 
     def cache_stats(self) -> dict[str, Any]:
         cache = self.rt.cache
@@ -219,7 +217,7 @@ class Gateway:
             raise Forbidden("cache purge needs 'Authorization: Bearer <cache.purge_token>'")
         removed = self.rt.cache.purge() if self.rt.cache is not None else 0
         log.info("cache.purged", extra={"entries": removed})
-        return "200 OK", "application/json", orjson.dumps({"purged": removed})
+        return status_line(200), "application/json", orjson.dumps({"purged": removed})
 
 
 _OWN_GET = {"/health": Gateway._health, "/metrics": Gateway._metrics, "/cache/stats": Gateway._cache_stats}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ntonix.balancer import SmoothWeightedRoundRobin
@@ -30,11 +30,7 @@ class Backend:
     breaker: CircuitBreaker
     pool: Any = None  # the transport's pool, attached by the I/O layer
     in_flight: int = 0
-    requests: int = 0
-    errors: int = 0
-    latency_total_ms: float = 0.0
     removed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def address(self) -> str:

@@ -1,6 +1,6 @@
 """Notice a client that went away while we wait on the backend, and stop the work.
 
-gunicorn only notices a gone client when a write fails (STACK-NOTES §2), so a request still
+gunicorn only notices a gone client when a write fails (docs/notes/stack.md §2), so a request still
 waiting for the backend's first byte would keep the backend busy. ``watch`` arms a libev
 timer (no greenlet, so a fast request pays almost nothing); after ``delay_s`` it starts an io
 watcher on the client socket. When the socket becomes readable we ask the kernel, without

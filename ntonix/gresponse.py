@@ -4,7 +4,7 @@ gunicorn's ``Response`` sends the status line and headers in one ``sendall`` and
 piece in another, so a small proxied answer costs two syscalls and two loopback wake-ups
 where one does. Here the headers wait and leave with the first body bytes (or at
 ``close()`` when there are none). An empty write still flushes them at once, so a
-streaming app can send headers early with ``yield b""`` (STACK-NOTES §2).
+streaming app can send headers early with ``yield b""`` (docs/notes/stack.md §2).
 
 Small writes use ``send`` instead of ``sendall``: gevent's ``sendall`` asks the kernel for
 SO_SNDBUF on every call; ``send`` of a few KiB on a writable socket completes in one call.

@@ -28,7 +28,6 @@ _OWN = frozenset({"host", "x-real-ip", "x-forwarded-proto", "x-request-id", "x-f
                   "x-forwarded-host", "content-length", "expect"})
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 # CGI names for the two headers WSGI keeps outside HTTP_*.
-_CGI_HEADERS = (("CONTENT_TYPE", "Content-Type"),)
 
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
@@ -103,34 +102,6 @@ def _environ_key(name: str) -> str:
 _DROP_KEYS = frozenset(_environ_key(n) for n in HOP_BY_HOP | _OWN)
 
 
-def environ_headers(environ: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Request headers from a WSGI environ as (Name-Case, value) pairs."""
-    out = [(_header_name(key), value) for key, value in environ.items() if key.startswith("HTTP_")]
-    for cgi, name in _CGI_HEADERS:
-        value = environ.get(cgi)
-        if value:
-            out.append((name, value))
-    return out
-
-
-def forward_request_headers(
-    headers: Iterable[tuple[str, str]],
-    *,
-    remote_addr: str,
-    scheme: str,
-    request_id: str,
-    trusted: Networks = (),
-) -> tuple[list[tuple[str, str]], str]:
-    """Headers for the backend request (``Host`` is added per backend), and the client address
-    we believe (for logs)."""
-    environ: dict[str, str] = {}
-    for name, value in headers:
-        key = "CONTENT_TYPE" if name.lower() == "content-type" else _environ_key(name)
-        environ[key] = f"{environ[key]},{value}" if key in environ else value
-    return forward_environ_headers(environ, remote_addr=remote_addr, scheme=scheme, request_id=request_id,
-                                   trusted=trusted)
-
-
 def forward_environ_headers(
     environ: Mapping[str, Any],
     *,
@@ -139,7 +110,8 @@ def forward_environ_headers(
     request_id: str,
     trusted: Networks = (),
 ) -> tuple[list[tuple[str, str]], str]:
-    """``forward_request_headers`` straight from a WSGI environ, in one pass (the hot path)."""
+    """Headers for the backend request (``Host`` is added per backend), and the client address
+    we believe (for logs), straight from a WSGI environ in one pass (the hot path)."""
     connection = environ.get("HTTP_CONNECTION")
     drop = _DROP_KEYS
     if connection:

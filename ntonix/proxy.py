@@ -20,7 +20,6 @@ kills the handler greenlet, so the ``finally`` blocks close the backend connecti
 
 from __future__ import annotations
 
-import http
 import json
 import logging
 import time
@@ -41,6 +40,7 @@ from ntonix.errors import (
     PayloadTooLarge,
     RequestTimeout,
     UpstreamUnavailable,
+    status_line,
 )
 from ntonix.headers import forward_environ_headers, forward_response_headers, header_value
 from ntonix.record import RequestRecord
@@ -54,11 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ntonix.proxy")
 
 
-_STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in http.HTTPStatus}
-
-
-def status_line(code: int) -> str:
-    return _STATUS_LINES.get(code) or f"{code} Unknown"
 
 
 def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float) -> bytes:
@@ -260,7 +255,6 @@ class Proxy:
                 if not allowed:
                     continue
                 backend.in_flight += 1
-                backend.requests += 1
                 started = time.perf_counter()
                 try:
                     resp = transport.send(backend.pool, rec.method, target,

@@ -11,7 +11,7 @@ when its response was read to the end and the backend allows keep-alive (geventh
 geventhttpclient (llhttp) parses the response. We write the request ourselves in one
 ``sendall`` and read the body with ``read_some``, which hands over whatever bytes have arrived
 instead of waiting for a 4 KiB block (``resp.read(n)`` buffered whole SSE streams, see
-STACK-NOTES §3). That uses the response's ``_body_buffer``/``_sock``: geventhttpclient is pinned.
+docs/notes/stack.md §3). That uses the response's ``_body_buffer``/``_sock``: geventhttpclient is pinned.
 
 Failures are translated here, in one place, into three outcomes the proxy acts on:
 ``SendFailed`` (the request never reached the backend: safe to try another one),
@@ -211,7 +211,7 @@ def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]
 
     A reused keep-alive connection that turns out closed before any response byte arrived is
     retried once on a fresh connection: the backend closed it while idle (the keep-alive race
-    of STACK-NOTES §3), so it never processed the request.
+    of docs/notes/stack.md §3), so it never processed the request.
     """
     data = encode_request(method, target, headers, body)
     for attempt in (0, 1):

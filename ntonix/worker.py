@@ -2,7 +2,7 @@
 
 Theory of operation (docs/adr/0002-tls-listener.md, 0004-reload-and-shutdown.md)
 --------------------------------------------------------------------------------
-* gunicorn applies its TLS settings to every bind (STACK-NOTES §1), so this worker builds
+* gunicorn applies its TLS settings to every bind (docs/notes/stack.md §1), so this worker builds
   the ``SSLContext`` itself (``ntonix.tls``) and gives it only to the listener on
   ``server.ssl_port``. The handshake happens in the connection's greenlet under
   ``ssl.handshake_timeout_s``; a failed one is logged in one line and touches nothing else.
@@ -19,7 +19,6 @@ Theory of operation (docs/adr/0002-tls-listener.md, 0004-reload-and-shutdown.md)
 from __future__ import annotations
 
 import gc
-import http
 import logging
 import signal
 import socket as _stdsocket
@@ -37,7 +36,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from ntonix import gresponse, runstate
 from ntonix.config import ConfigError
-from ntonix.errors import error_body
+from ntonix.errors import error_body, status_line
 from ntonix.headers import new_request_id
 from ntonix.logs import setup_logging
 from ntonix.prober import Prober
@@ -47,14 +46,11 @@ log = logging.getLogger("ntonix.worker")
 
 
 def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
-    try:
-        reason = http.HTTPStatus(status_int).phrase  # gunicorn passes "Bad Request" with its 501
-    except ValueError:
-        pass
+    line = status_line(status_int, reason)  # gunicorn passes "Bad Request" with its 501
     kind = "invalid_request_error" if status_int < 500 else "server_error"
-    body = error_body(status_int, mesg or reason, kind, status_int)
+    body = error_body(mesg or line.partition(" ")[2], kind, status_int)
     # Every response carries X-Request-ID (INTERFACE.md); the request was unreadable, so a new one.
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    head = (f"HTTP/1.1 {line}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nX-Request-ID: {new_request_id()}\r\n\r\n").encode("latin-1")
     util.write_nonblock(sock, head + body)
 
@@ -171,7 +167,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
                 readable, _, _ = gevent.select.select([client], [], [], 0)
                 if readable:
                     continue  # a request is arriving: let it be served
-                # An OS-level shutdown; gevent's own would log an EBADF traceback (STACK-NOTES §1).
+                # An OS-level shutdown; gevent's own would log an EBADF traceback (docs/notes/stack.md §1).
                 dup = _stdsocket.socket(fileno=__import__("os").dup(fd))
                 try:
                     dup.shutdown(_stdsocket.SHUT_RDWR)

@@ -1,4 +1,4 @@
-"""Backends that lie, hang or die mid-answer, through a live gateway (issue 9).
+"""Backends that lie, hang or die mid-answer, through a live gateway.
 
 Each test talks to the gateway through a raw socket; behind it sits ``RawBackend``, a tiny
 HTTP/1.1 server on a plain socket (one thread per connection) that does what the request's

@@ -1,4 +1,4 @@
-"""Hostile and broken clients, through raw sockets against a live gateway (issue 9).
+"""Hostile and broken clients, through raw sockets against a live gateway.
 
 - malformed requests → 400 in JSON; headers over the configured sizes → 431; request
   smuggling shapes (Content-Length with Transfer-Encoding, two Content-Lengths, ...) → 400 with

@@ -1,4 +1,4 @@
-"""Live TLS tests: HTTPS beside HTTP in one gateway, with real clients (issue 5).
+"""Live TLS tests: HTTPS beside HTTP in one gateway, with real clients.
 
 Python's ssl module with pinned protocol versions, ``openssl s_client`` and the openai client
 talk to a gateway whose certificates come from a trustme CA. One gateway (``a.test`` and

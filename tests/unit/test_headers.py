@@ -10,13 +10,12 @@ import pytest
 from ntonix.headers import (
     HOP_BY_HOP,
     client_ip,
-    environ_headers,
-    forward_request_headers,
     forward_response_headers,
     header_value,
     parse_networks,
     request_id_from,
 )
+from tests.header_forms import environ_headers, forward_request_headers
 
 TRUSTED = parse_networks(["10.0.0.0/8", "::1/128"])
 

@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the pure parts (issue 9).
+"""Property-based tests (hypothesis) of the pure parts.
 
 - configuration parsing: ``parse_backends`` reads back what was written and fails only with
   ``ConfigError``; ``build_config`` fails only with ``ConfigError`` naming the key, whatever it is
@@ -41,12 +41,12 @@ from ntonix.errors import BadRequest
 from ntonix.headers import (
     HOP_BY_HOP,
     client_ip,
-    forward_request_headers,
     in_networks,
     parse_networks,
     request_id_from,
 )
 from ntonix.proxy import origin_form, parse_json_body
+from tests.header_forms import forward_request_headers
 
 SANE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 BACKENDS = [{"host": "127.0.0.1", "port": 8001}]
