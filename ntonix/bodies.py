@@ -29,8 +29,8 @@ from ntonix.sse import StreamRecorder
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-    from ntonix.app import Runtime
     from ntonix.backends import Backend
+    from ntonix.gateway.runtime import Runtime
 
 log = logging.getLogger("ntonix.proxy")
 MAX_RECORD_BYTES = 32 * 1024 * 1024

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import gevent
 import gevent.pool
 
 from ntonix import transport
-
-if TYPE_CHECKING:
-    from ntonix.app import Runtime
+from ntonix.backends import Backend, Registry
+from ntonix.config import HealthConfig
 
 log = logging.getLogger("ntonix.health")
 
 
 class Prober:
-    def __init__(self, runtime: Runtime) -> None:
-        self.rt = runtime
+    def __init__(self, registry: Registry, health: Callable[[], HealthConfig],
+                 on_result: Callable[[Backend, bool, str], None]) -> None:
+        """``health`` gives the current settings (they change on reload); ``on_result`` gets
+        each probe's verdict for a backend still configured."""
+        self._registry = registry
+        self._health = health
+        self._on_result = on_result
         self._greenlet: gevent.Greenlet[..., None] | None = None
 
     def start(self) -> None:
@@ -37,25 +41,22 @@ class Prober:
             self._greenlet = None
 
     def probe_all(self) -> None:
-        cfg = self.rt.config.health
-        backends = list(self.rt.registry.backends.values())
+        cfg = self._health()
+        backends = list(self._registry.backends.values())
         group = gevent.pool.Group()
         for backend in backends:
             group.spawn(self._probe_one, backend, cfg.path, cfg.timeout_s)
         group.join(timeout=cfg.timeout_s + 1.0)
         group.kill(block=False)
 
-    def _probe_one(self, backend: object, path: str, timeout_s: float) -> None:
-        from ntonix.backends import Backend
-
-        assert isinstance(backend, Backend)
+    def _probe_one(self, backend: Backend, path: str, timeout_s: float) -> None:
         ok, reason = transport.probe(backend.config.host, backend.config.port, path, timeout_s)
         if not backend.removed:
-            self.rt.probe_result(backend, ok, reason)
+            self._on_result(backend, ok, reason)
 
     def _run(self) -> None:
         while True:
-            cfg = self.rt.config.health
+            cfg = self._health()
             if cfg.enabled:
                 try:
                     self.probe_all()

@@ -48,8 +48,8 @@ from ntonix.record import RequestRecord
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-    from ntonix.app import Runtime
     from ntonix.backends import Backend
+    from ntonix.gateway.runtime import Runtime
 
 log = logging.getLogger("ntonix.proxy")
 

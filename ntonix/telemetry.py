@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ntonix import procstat
@@ -35,7 +35,6 @@ from ntonix.statsd_sink import StatsdSink
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from ntonix.app import Runtime
 
 access_log = logging.getLogger("ntonix.access")
 log = logging.getLogger("ntonix.metrics")
@@ -133,7 +132,7 @@ class Telemetry:
             self.metrics.backend(backend.address)
 
     # ------------------------------------------------------------------ /metrics
-    def _collect(self, rt: Runtime) -> tuple[list[Metric], dict[Any, float], Extras]:
+    def _collect(self, backends: Sequence[tuple[str, str]]) -> tuple[list[Metric], dict[Any, float], Extras]:
         started = time.perf_counter()
         self._rss_at = self._monotonic()
         self.metrics.worker_rss.set(procstat.rss_bytes())
@@ -142,7 +141,7 @@ class Telemetry:
         extras = Extras(
             uptime_s=max(0.0, self._clock() - self._started_at),
             master_rss_bytes=procstat.rss_bytes(self._master) if self._master else 0,
-            backends=[(b.address, b.state) for b in rt.registry.all()],
+            backends=list(backends),
             worker_pid=os.getpid())
         if log.isEnabledFor(logging.DEBUG):
             log.debug("metrics.collected", extra={"files": self.metrics.file_count(), "families": len(families),
@@ -154,14 +153,15 @@ class Telemetry:
         samples = flatten(self.metrics.collect())
         return int(value(samples, "ntonix_cache_hits_total")), int(value(samples, "ntonix_cache_misses_total"))
 
-    def snapshot(self, rt: Runtime) -> dict[str, Any]:
-        """``GET /metrics``: the JSON figures of the whole gateway."""
-        _, samples, extras = self._collect(rt)
+    def snapshot(self, backends: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        """``GET /metrics``: the JSON figures of the whole gateway; ``backends`` are this worker's
+        (address, state) pairs."""
+        _, samples, extras = self._collect(backends)
         return figures(samples, extras)
 
-    def prometheus(self, rt: Runtime) -> bytes:
+    def prometheus(self, backends: Sequence[tuple[str, str]]) -> bytes:
         """``GET /metrics?format=prometheus``: the same figures as Prometheus text."""
-        families, samples, extras = self._collect(rt)
+        families, samples, extras = self._collect(backends)
         computed = extra_families(extras, memory_rss_bytes(samples, extras.master_rss_bytes),
                                   count_samples(samples, "ntonix_worker_rss_bytes"))
         return prometheus_text([*families, *computed])

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from ntonix.config import ConfigError, SSLConfig
 
 # Appended to every ``ssl.ciphers``: whatever an operator writes, these never get offered
-# (issue 5: no NULL/RC4/3DES/export). TLS 1.3 suites are not affected by ``set_ciphers``
+# (never: NULL/RC4/3DES/export). TLS 1.3 suites are not affected by ``set_ciphers``
 # and are all AEAD.
 NEVER_CIPHERS = "!aNULL:!eNULL:!EXPORT:!RC4:!3DES:!DES:!MD5:!PSK:!SRP"
 

@@ -36,7 +36,7 @@ from ntonix.errors import UpstreamTimeout, UpstreamUnavailable
 BLOCK = 64 * 1024
 FRESH_S = 1.0  # an idle socket younger than this is reused without a liveness check
 # llhttp sets no limit on a response head and geventhttpclient keeps every header it parses:
-# without one a backend could make us buffer (and relay) megabytes of headers (issue 9).
+# without one a backend could make us buffer (and relay) megabytes of headers.
 MAX_HEAD_BYTES = 64 * 1024
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 

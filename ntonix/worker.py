@@ -130,7 +130,8 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             if ready:
                 server.start()
             servers.append(server)
-        self._prober = Prober(self.wsgi.rt)
+        rt = self.wsgi.rt
+        self._prober = Prober(rt.registry, lambda: rt.config.health, rt.probe_result)
         self._prober.start()
 
         while self.alive:

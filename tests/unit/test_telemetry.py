@@ -155,25 +155,6 @@ def test_flatten_sums_duplicates_and_drops_created() -> None:
 # ----------------------------------------------------------------------------- one worker's Telemetry
 
 
-@dataclass
-class FakeBackend:
-    address: str
-    state: str = "healthy"
-
-
-@dataclass
-class FakeRegistry:
-    backends: list[FakeBackend]
-
-    def all(self) -> list[FakeBackend]:
-        return self.backends
-
-
-@dataclass
-class FakeRuntime:
-    registry: FakeRegistry
-
-
 class FakePipeline:
     def __init__(self, sent: list[str]) -> None:
         self.sent, self.stats = sent, []
@@ -220,14 +201,14 @@ def telemetry() -> Telemetry:
 
 
 def test_telemetry_counts_requests_on_arrival_and_answers_on_finish(telemetry: Telemetry) -> None:
-    rt: Any = FakeRuntime(FakeRegistry([FakeBackend("a:1"), FakeBackend("b:2", "unhealthy")]))
+    backends = [("a:1", "healthy"), ("b:2", "unhealthy")]
     for _ in range(3):
         telemetry.started()
     telemetry.backend_result("a:1", ok=False, latency_ms=None)  # a failed attempt, retried on b
     telemetry.backend_result("b:2", ok=True, latency_ms=8.0)
     telemetry.finished(_rec(backend="b:2"))
     telemetry.finished(_rec(cache="HIT", backend="", ok=None))
-    snap = telemetry.snapshot(rt)
+    snap = telemetry.snapshot(backends)
     assert (snap["requests_total"], snap["requests_active"], snap["cache_hits"], snap["cache_bypasses"]) == (3, 1, 1, 1)
     assert snap["responses"]["2xx"] == 2
     assert [(b["address"], b["state"], b["requests"], b["errors"]) for b in snap["backends"]] == [
@@ -237,26 +218,26 @@ def test_telemetry_counts_requests_on_arrival_and_answers_on_finish(telemetry: T
 
 
 def test_an_attempt_without_verdict_still_counts_as_a_backend_request(telemetry: Telemetry) -> None:
-    rt: Any = FakeRuntime(FakeRegistry([FakeBackend("a:1")]))
+    backends = [("a:1", "healthy")]
     telemetry.started()
     telemetry.finished(_rec(status=200, ok=None, backend="a:1"))  # the client left mid-answer
-    (backend,) = telemetry.snapshot(rt)["backends"]
+    (backend,) = telemetry.snapshot(backends)["backends"]
     assert (backend["requests"], backend["errors"]) == (1, 0)
 
 
 def test_stream_ttft_only_for_streams(telemetry: Telemetry) -> None:
-    rt: Any = FakeRuntime(FakeRegistry([]))
+    backends: list[tuple[str, str]] = []
     telemetry.finished(_rec(ttft_ms=3.0))  # a plain answer's first byte is not a TTFT
     telemetry.finished(_rec(streamed=True, ttft_ms=40.0))
-    assert telemetry.snapshot(rt)["stream_ttft_ms"]["count"] == 1
+    assert telemetry.snapshot(backends)["stream_ttft_ms"]["count"] == 1
 
 
 def test_prometheus_text_parses_and_matches_the_json(telemetry: Telemetry) -> None:
-    rt: Any = FakeRuntime(FakeRegistry([FakeBackend("a:1", "half_open")]))
+    backends = [("a:1", "half_open")]
     telemetry.started()
     telemetry.backend_result("a:1", ok=True, latency_ms=2.0)
     telemetry.finished(_rec(backend="a:1"))
-    text = telemetry.prometheus(rt).decode()
+    text = telemetry.prometheus(backends).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert all(name.startswith("ntonix_") for name in fams)
     assert fams["ntonix_requests"].samples[0].value == 1.0
