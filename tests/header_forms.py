@@ -1,6 +1,6 @@
 """Header lists in other shapes than a WSGI environ, for the header tests only.
 
-``ntonix.headers`` works on the environ (the hot path); these turn (name, value) pairs into an
+``ntonix.core.headers`` works on the environ (the hot path); these turn (name, value) pairs into an
 environ and back, so tests can state headers the way a client sends them.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ntonix.headers import Networks, _environ_key, _header_name, forward_environ_headers
+from ntonix.core.headers import Networks, _environ_key, _header_name, forward_environ_headers
 
 
 def environ_headers(environ: Mapping[str, Any]) -> list[tuple[str, str]]:

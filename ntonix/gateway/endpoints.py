@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ntonix.bodies import Body
+from ntonix.core.headers import in_networks, request_id_from
+from ntonix.core.record import RequestRecord
 from ntonix.errors import Forbidden, NtonixError, render_error, status_line
-from ntonix.headers import in_networks, request_id_from
-from ntonix.proxy import Proxy
-from ntonix.record import RequestRecord
+from ntonix.gateway.bodies import Body
+from ntonix.gateway.proxy import Proxy
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

@@ -12,16 +12,16 @@ import os
 import time
 from typing import Any
 
-from ntonix import transport
-from ntonix.backends import Backend, Registry
 from ntonix.cache import ResponseCache, build_cache
-from ntonix.coalesce import Coalescer
+from ntonix.cache.coalescer import Coalescer
 from ntonix.config import Config
-from ntonix.headers import parse_networks
-from ntonix.health import HealthState
-from ntonix.runstate import run_dir
+from ntonix.config.handover import run_dir
+from ntonix.core.headers import parse_networks
+from ntonix.core.health import HealthState
+from ntonix.core.registry import Backend, Registry
+from ntonix.core.transitions import Transition
 from ntonix.telemetry import Telemetry
-from ntonix.transitions import Transition
+from ntonix.upstream import transport
 
 log = logging.getLogger("ntonix.gateway")
 

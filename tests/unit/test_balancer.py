@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ntonix.balancer import SmoothWeightedRoundRobin
+from ntonix.core.balancer import SmoothWeightedRoundRobin
 
 
 def picks(b: SmoothWeightedRoundRobin, n: int, eligible: Container[str] | None = None) -> list[str | None]:

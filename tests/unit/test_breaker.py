@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntonix.breaker import (
+from ntonix.core.breaker import (
     TRANSITIONS,
     BreakerEvent,
     BreakerState,

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from ntonix.cache import ResponseCache, build_cache
-from ntonix.cache_entry import CachedResponse
-from ntonix.cache_lmdb import LmdbStore
-from ntonix.cache_memory import MemoryLRU
-from ntonix.cache_redis import RedisStore
+from ntonix.cache.memory import MemoryLRU
+from ntonix.cache.remote import RedisStore
+from ntonix.cache.shared import LmdbStore
+from ntonix.core.cache_entry import CachedResponse
 from tests.fixtures import RedisServer
 from tests.support import FakeClock
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ntonix.cache_entry import CachedResponse, DecodeError, replayable_headers
-from ntonix.cache_key import CACHEABLE_PATHS, cache_key, canonical_json, request_cache_policy
+from ntonix.core.cache_entry import CachedResponse, DecodeError, replayable_headers
+from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, canonical_json, request_cache_policy
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ntonix.cache_entry import CachedResponse
-from ntonix.cache_lmdb import LmdbStore, StoreError
+from ntonix.cache.shared import LmdbStore, StoreError
+from ntonix.core.cache_entry import CachedResponse
 from tests.support import FakeClock
 
 T0 = 1_700_000_000.0

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from ntonix.cache_entry import CachedResponse
-from ntonix.cache_memory import MemoryLRU
+from ntonix.cache.memory import MemoryLRU
+from ntonix.core.cache_entry import CachedResponse
 from tests.support import FakeClock
 
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from ntonix.cache_entry import CachedResponse
-from ntonix.cache_redis import PREFIX, RedisStore, _redacted
+from ntonix.cache.remote import PREFIX, RedisStore, _redacted
+from ntonix.core.cache_entry import CachedResponse
 from tests.fixtures import RedisServer
 from tests.support import FakeClock, free_port
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ntonix.coalesce import Coalescer, Follower, Leader, LeaderFailed
+from ntonix.cache.coalescer import Coalescer, Follower, Leader, LeaderFailed
 from tests.support import ROOT, FakeClock
 
 HEAD = (("Content-Type", "text/event-stream"),)
@@ -265,7 +265,7 @@ def test_misuse_is_refused(tmp_path: Path, clock: FakeClock, script: Script) -> 
 
 LEADER = r"""
 import sys, time
-from ntonix.coalesce import Coalescer
+from ntonix.cache.coalescer import Coalescer
 role = Coalescer(sys.argv[1], sleep=time.sleep).join("key")
 print(type(role).__name__, flush=True)
 for line in sys.stdin:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ntonix.config import BackendConfig, Config, LoggingConfig, ServerConfig
-from ntonix.gunicorn_settings import bind_address, gunicorn_settings
+from ntonix.server.settings import bind_address, gunicorn_settings
 
 
 def config(**server: object) -> Config:
@@ -27,7 +27,7 @@ def test_ipv6_bind() -> None:
 def test_workers_and_worker_class() -> None:
     s = gunicorn_settings(config(threads=4, worker_connections=500))
     assert s["workers"] == 4
-    assert s["worker_class"] == "ntonix.worker.NtonixWorker"
+    assert s["worker_class"] == "ntonix.server.worker.NtonixWorker"
     assert s["worker_connections"] == 500
 
 

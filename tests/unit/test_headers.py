@@ -1,4 +1,4 @@
-"""Header rewriting between client and backend (ntonix.headers), with plain values."""
+"""Header rewriting between client and backend (ntonix.core.headers), with plain values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ntonix.headers import (
+from ntonix.core.headers import (
     HOP_BY_HOP,
     client_ip,
     forward_response_headers,

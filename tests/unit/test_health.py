@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntonix.health import (
+from ntonix.core.health import (
     TRANSITIONS,
     HealthEvent,
     HealthState,
@@ -11,7 +11,7 @@ from ntonix.health import (
     Transition,
     next_state,
 )
-from ntonix.transitions import Transition as SharedTransition
+from ntonix.core.transitions import Transition as SharedTransition
 
 HEALTHY, UNHEALTHY, DRAINING = HealthState.HEALTHY, HealthState.UNHEALTHY, HealthState.DRAINING
 
@@ -21,7 +21,7 @@ def test_state_values() -> None:
 
 
 def test_transition_type_is_shared_with_breaker() -> None:
-    from ntonix import breaker
+    from ntonix.core import breaker
 
     assert Transition is SharedTransition is breaker.Transition
     assert IllegalTransition is breaker.IllegalTransition

@@ -17,22 +17,22 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "ntonix"
 
 PURE_CORE = (
-    "ntonix.balancer",
-    "ntonix.breaker",
-    "ntonix.health",
-    "ntonix.transitions",
-    "ntonix.sse",
-    "ntonix.cache_key",
-    "ntonix.cache_entry",
+    "ntonix.core.balancer",
+    "ntonix.core.breaker",
+    "ntonix.core.health",
+    "ntonix.core.transitions",
+    "ntonix.core.sse",
+    "ntonix.core.cache_key",
+    "ntonix.core.cache_entry",
     "ntonix.config",
-    "ntonix.config_model",
-    "ntonix.config_validate",
-    "ntonix.headers",
+    "ntonix.config.model",
+    "ntonix.config.validate",
+    "ntonix.core.headers",
     "ntonix.errors",
-    "ntonix.gunicorn_settings",
-    "ntonix.figures",
-    "ntonix.backends",
-    "ntonix.record",
+    "ntonix.server.settings",
+    "ntonix.core.figures",
+    "ntonix.core.registry",
+    "ntonix.core.record",
 )
 
 # Modules (and their submodules) the pure core must not import, directly or through another

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 from gunicorn.config import Config as GunicornConfig
 
-from ntonix import runstate
 from ntonix.config import Config, LoggingConfig
-from ntonix.logs import (
-    GunicornLogger,
+from ntonix.config import handover as runstate
+from ntonix.server.glogger import GunicornLogger
+from ntonix.telemetry.logs import (
     JsonFormatter,
     SharedRotatingFileHandler,
     TextFormatter,

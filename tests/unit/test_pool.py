@@ -1,4 +1,4 @@
-"""The per-backend keep-alive pool (ntonix.transport.Pool) against a real loopback listener.
+"""The per-backend keep-alive pool (ntonix.upstream.transport.Pool) against a real loopback listener.
 
 No gateway process: a gevent StreamServer plays the backend, the clock is a fake.
 """
@@ -12,7 +12,7 @@ import gevent
 import pytest
 from gevent.server import StreamServer
 
-from ntonix import transport
+from ntonix.upstream import transport
 from tests.support import FakeClock
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

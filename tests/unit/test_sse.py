@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ntonix.sse import EventSplitter, StreamRecorder, is_done_event
+from ntonix.core.sse import EventSplitter, StreamRecorder, is_done_event
 
 LF_STREAM = b'data: {"a":1}\n\ndata: {"b":2}\nid: 7\n\n: keep-alive\n\ndata: [DONE]\n\n'
 CRLF_STREAM = LF_STREAM.replace(b"\n", b"\r\n")

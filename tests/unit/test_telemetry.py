@@ -1,4 +1,4 @@
-"""Telemetry: the pure figures (ntonix.figures) with plain values, and one worker's Telemetry
+"""Telemetry: the pure figures (ntonix.core.figures) with plain values, and one worker's Telemetry
 in single-process mode with a fake registry and a fake statsd client (no sockets, no files).
 
 The cross-worker behaviour (multiprocess files, HUP, killed workers, real UDP) is tested live
@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ntonix import figures
 from ntonix.config import BackendConfig, Config, MetricsConfig
-from ntonix.figures import Extras, Histogram, histogram_quantile, statsd_safe, status_class
-from ntonix.record import RequestRecord
-from ntonix.statsd_sink import StatsdSink
+from ntonix.core import figures
+from ntonix.core.figures import Extras, Histogram, histogram_quantile, statsd_safe, status_class
+from ntonix.core.record import RequestRecord
 from ntonix.telemetry import Telemetry
+from ntonix.telemetry.statsd import StatsdSink
 
 # ----------------------------------------------------------------------------- naming rules
 

@@ -1,4 +1,4 @@
-"""ntonix.tls: SNI matching and the server context, with trustme certificates.
+"""ntonix.server.tls: SNI matching and the server context, with trustme certificates.
 
 Handshakes run in memory (two ``SSLObject``s joined by ``MemoryBIO``s), so the SNI callback,
 the protocol floor and the cipher list are checked for real without any socket.
@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from ntonix.config import ConfigError, SniEntry, SSLConfig
-from ntonix.tls import NEVER_CIPHERS, build_server_context, match_sni
+from ntonix.server.tls import NEVER_CIPHERS, build_server_context, match_sni
 from tests.fixtures import write_cert
 
 # ----------------------------------------------------------------------------- match_sni

@@ -22,7 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ntonix.cache_entry import CachedResponse, DecodeError
+from ntonix.core.cache_entry import CachedResponse, DecodeError
 
 log = logging.getLogger("ntonix.cache")
 

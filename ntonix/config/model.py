@@ -1,6 +1,6 @@
 """The configuration model: every key in a frozen dataclass, with its default (pure).
 
-``ntonix.config`` loads and merges the layers, ``ntonix.config_validate`` checks and converts
+``ntonix.config`` loads and merges the layers, ``ntonix.config.validate`` checks and converts
 them into these classes; code receives a ``Config``, never dicts.
 """
 

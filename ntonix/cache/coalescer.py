@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
-from ntonix.cache_entry import Headers
-from ntonix.lmdb_env import MiB, Process, StoreError, open_env, translated
+from ntonix.cache.lmdb_env import MiB, Process, StoreError, open_env, translated
+from ntonix.core.cache_entry import Headers
 
 if TYPE_CHECKING:
     import lmdb

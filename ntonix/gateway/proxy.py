@@ -10,7 +10,7 @@ Theory of operation
 4. Backend choice: smooth weighted round-robin over eligible backends. A request that could
    not be sent (``SendFailed``) is tried on the next backend, up to ``proxy.retries`` more;
    one that reached a backend is never sent twice.
-5. The body is relayed piece by piece as it arrives (``ntonix.bodies.UpstreamBody``),
+5. The body is relayed piece by piece as it arrives (``ntonix.gateway.bodies.UpstreamBody``),
    recorded for the cache and published to followers on the way. Its ``close()`` always
    releases the backend connection: back to the pool only when the response was read to its end.
 
@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ntonix import disconnect, transport
-from ntonix.bodies import Body, FollowerBody, UpstreamBody
-from ntonix.cache_entry import CachedResponse, replayable_headers
-from ntonix.cache_key import CACHEABLE_PATHS, cache_key, request_cache_policy
-from ntonix.coalesce import Follower, Leader
+from ntonix.cache.coalescer import Follower, Leader
+from ntonix.core.cache_entry import CachedResponse, replayable_headers
+from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, request_cache_policy
+from ntonix.core.headers import forward_environ_headers, forward_response_headers, header_value
+from ntonix.core.record import RequestRecord
 from ntonix.errors import (
     BadRequest,
     NoHealthyBackend,
@@ -42,13 +42,14 @@ from ntonix.errors import (
     UpstreamUnavailable,
     status_line,
 )
-from ntonix.headers import forward_environ_headers, forward_response_headers, header_value
-from ntonix.record import RequestRecord
+from ntonix.gateway.bodies import Body, FollowerBody, UpstreamBody
+from ntonix.server import disconnect
+from ntonix.upstream import transport
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-    from ntonix.backends import Backend
+    from ntonix.core.registry import Backend
     from ntonix.gateway.runtime import Runtime
 
 log = logging.getLogger("ntonix.proxy")

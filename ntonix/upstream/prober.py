@@ -14,9 +14,9 @@ from collections.abc import Callable
 import gevent
 import gevent.pool
 
-from ntonix import transport
-from ntonix.backends import Backend, Registry
 from ntonix.config import HealthConfig
+from ntonix.core.registry import Backend, Registry
+from ntonix.upstream import transport
 
 log = logging.getLogger("ntonix.health")
 

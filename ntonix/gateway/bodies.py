@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from ntonix import disconnect, transport
-from ntonix.cache_entry import CachedResponse
-from ntonix.coalesce import Follower, Leader, LeaderFailed
+from ntonix.cache.coalescer import Follower, Leader, LeaderFailed
+from ntonix.core.cache_entry import CachedResponse
+from ntonix.core.record import RequestRecord
+from ntonix.core.sse import StreamRecorder
 from ntonix.errors import NtonixError
-from ntonix.record import RequestRecord
-from ntonix.sse import StreamRecorder
+from ntonix.server import disconnect
+from ntonix.upstream import transport
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-    from ntonix.backends import Backend
+    from ntonix.core.registry import Backend
     from ntonix.gateway.runtime import Runtime
 
 log = logging.getLogger("ntonix.proxy")

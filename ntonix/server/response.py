@@ -18,7 +18,7 @@ from typing import Any
 from gunicorn import util
 from gunicorn.http.wsgi import Response
 
-from ntonix.transport import send_all
+from ntonix.upstream.transport import send_all
 
 
 def _send_headers(self: Any) -> None:

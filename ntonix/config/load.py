@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-Every key lives in a frozen dataclass (``ntonix.config_model``), with its default. Loading
+Every key lives in a frozen dataclass (``ntonix.config.model``), with its default. Loading
 (here) merges four layers, lowest first: built-in defaults < JSON file < environment <
-command line (``merge_layers``); then ``build_config`` (``ntonix.config_validate``) checks and
+command line (``merge_layers``); then ``build_config`` (``ntonix.config.validate``) checks and
 converts the merged raw values into the dataclass tree. Any problem raises ``ConfigError``
 whose message names the key (``backends[1].weight: must be >= 1, got 0``); the entry points
 print that one line and exit 2.
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ntonix.config_model import (
+from ntonix.config.model import (
     ALIASES,
     DEFAULT_CONFIG_PATH,
     ENV_SHORTCUTS,
@@ -49,7 +49,7 @@ from ntonix.config_model import (
     leaf_keys,
     text_value,
 )
-from ntonix.config_validate import build_config
+from ntonix.config.validate import build_config
 
 __all__ = [
     "ALIASES", "DEFAULT_CONFIG_PATH", "ENV_SHORTCUTS", "LOG_LEVELS", "PATH_KEYS", "SECTIONS",

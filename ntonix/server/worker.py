@@ -3,7 +3,7 @@
 Theory of operation (docs/adr/0002-tls-listener.md, 0004-reload-and-shutdown.md)
 --------------------------------------------------------------------------------
 * gunicorn applies its TLS settings to every bind (docs/notes/stack.md §1), so this worker builds
-  the ``SSLContext`` itself (``ntonix.tls``) and gives it only to the listener on
+  the ``SSLContext`` itself (``ntonix.server.tls``) and gives it only to the listener on
   ``server.ssl_port``. The handshake happens in the connection's greenlet under
   ``ssl.handshake_timeout_s``; a failed one is logged in one line and touches nothing else.
 * Requests that came over TLS get ``wsgi.url_scheme = https``.
@@ -34,13 +34,13 @@ from gevent.server import StreamServer
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
-from ntonix import gresponse, runstate
-from ntonix.config import ConfigError
+from ntonix.config import ConfigError, handover
+from ntonix.core.headers import new_request_id
 from ntonix.errors import error_body, status_line
-from ntonix.headers import new_request_id
-from ntonix.logs import setup_logging
-from ntonix.prober import Prober
-from ntonix.tls import build_server_context
+from ntonix.server import response
+from ntonix.server.tls import build_server_context
+from ntonix.telemetry.logs import setup_logging
+from ntonix.upstream.prober import Prober
 
 log = logging.getLogger("ntonix.worker")
 
@@ -55,9 +55,11 @@ def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> Non
     util.write_nonblock(sock, head + body)
 
 
-# gunicorn's handle_error calls util.write_error for malformed requests (400/413/431/...).
-util.write_error = _write_json_error
-gresponse.install()
+def _patch_gunicorn() -> None:
+    """Our error bodies and response writing, in the worker process only (not at import)."""
+    # gunicorn's handle_error calls util.write_error for malformed requests (400/413/431/...).
+    util.write_error = _write_json_error
+    response.install()
 
 
 class NtonixWorker(GeventWorker):  # type: ignore[misc]
@@ -67,6 +69,10 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         self._tls_ports: set[int] = set()
         self._tls_servers: list[StreamServer] = []
         self._prober: Prober | None = None
+
+    def init_process(self) -> None:
+        _patch_gunicorn()
+        super().init_process()  # monkey-patches, then runs until the worker exits
 
     # ------------------------------------------------------------------ signals
     def init_signals(self) -> None:
@@ -78,7 +84,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
 
     def reload(self) -> None:
         try:
-            cfg = runstate.current()
+            cfg = handover.current()
             setup_logging(cfg.logging)
             if self._tls_servers and cfg.server.ssl_port:
                 try:  # the master checked them, but the files may have changed since

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Every worker writes its counters, gauges and histograms with prometheus_client in
-multiprocess mode (``ntonix.metrics``); whichever worker answers ``/metrics`` merges all
+multiprocess mode (``ntonix.telemetry.prometheus``); whichever worker answers ``/metrics`` merges all
 workers' files into one flat table of samples::
 
     {("ntonix_requests_total", ()): 1234.0,

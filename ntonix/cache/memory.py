@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import pylru
 
-from ntonix.cache_entry import CachedResponse
+from ntonix.core.cache_entry import CachedResponse
 
 
 class MemoryLRU:

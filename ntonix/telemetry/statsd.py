@@ -4,7 +4,7 @@ Per request, in one datagram (a pipeline): ``<prefix>.requests``, ``<prefix>.sta
 ``<prefix>.cache.hit`` / ``.miss``, the timers ``<prefix>.latency``,
 ``<prefix>.backend.<address>.latency`` (time to the backend's headers) and, for streams,
 ``<prefix>.stream.ttft``. gunicorn's own statsd (``<prefix>.gunicorn.*``) is configured
-separately in ``ntonix.gunicorn_settings``.
+separately in ``ntonix.server.settings``.
 
 The client is made on first use, in the worker (after fork), and again after a reload that
 changed the target. A host that does not resolve is logged once and statsd stays off until
@@ -20,8 +20,8 @@ from typing import Any
 import statsd
 
 from ntonix.config import MetricsConfig
-from ntonix.figures import statsd_safe, status_class
-from ntonix.record import RequestRecord
+from ntonix.core.figures import statsd_safe, status_class
+from ntonix.core.record import RequestRecord
 
 log = logging.getLogger("ntonix.metrics")
 

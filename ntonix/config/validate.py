@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ntonix.config_model import (
+from ntonix.config.model import (
     ALIASES,
     LOG_LEVELS,
     PATH_KEYS,

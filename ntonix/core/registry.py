@@ -16,11 +16,11 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ntonix.balancer import SmoothWeightedRoundRobin
-from ntonix.breaker import BreakerState, CircuitBreaker
-from ntonix.config import BackendConfig, CircuitBreakerConfig, HealthConfig
-from ntonix.health import HealthState, HealthTracker
-from ntonix.transitions import Transition
+from ntonix.config.model import BackendConfig, CircuitBreakerConfig, HealthConfig
+from ntonix.core.balancer import SmoothWeightedRoundRobin
+from ntonix.core.breaker import BreakerState, CircuitBreaker
+from ntonix.core.health import HealthState, HealthTracker
+from ntonix.core.transitions import Transition
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 
-from ntonix.figures import LATENCY_BUCKETS, OTHER_STATUS, STATUS_CLASSES, TTFT_BUCKETS, Extras
+from ntonix.core.figures import LATENCY_BUCKETS, OTHER_STATUS, STATUS_CLASSES, TTFT_BUCKETS, Extras
 
 log = logging.getLogger("ntonix.metrics")
 

@@ -18,7 +18,7 @@ LRU is approximate: a hit refreshes the access time only when the stored one is 
 transaction that stores also removes a few entries whose *access* time is past the TTL
 (their creation is older still), then evicts from the front until the bytes fit.
 
-Processes: environments are opened per process through ``ntonix.lmdb_env.open_env`` (fork
+Processes: environments are opened per process through ``ntonix.cache.lmdb_env.open_env`` (fork
 rules there). Transactions never span a gevent switch: no call here yields.
 """
 
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import lmdb
 
-from ntonix.cache_entry import CachedResponse, DecodeError
-from ntonix.lmdb_env import COUNTER as _COUNTER
-from ntonix.lmdb_env import MiB, Process, StoreError, add_counter, open_env, read_counter, translated
+from ntonix.cache.lmdb_env import COUNTER as _COUNTER
+from ntonix.cache.lmdb_env import MiB, Process, StoreError, add_counter, open_env, read_counter, translated
+from ntonix.core.cache_entry import CachedResponse, DecodeError
 
 __all__ = ["LmdbStore", "StoreError"]
 

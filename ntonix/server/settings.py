@@ -1,7 +1,7 @@
 """gunicorn's settings, derived from our configuration in one place (pure).
 
 Both entry points (``gunicorn -c gunicorn.conf.py ntonix.wsgi`` and ``python -m ntonix``) load
-``ntonix.gunicorn_conf``, which takes its settings from here, so they run the same server.
+``ntonix.server.hooks``, which takes its settings from here, so they run the same server.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
     return {
         "bind": binds,
         "workers": s.threads,
-        "worker_class": "ntonix.worker.NtonixWorker",
+        "worker_class": "ntonix.server.worker.NtonixWorker",
         "worker_connections": s.worker_connections,
         # Our worker waits for in-flight work itself; gunicorn's master SIGKILLs after this.
         "graceful_timeout": math.ceil(s.graceful_timeout_s),
@@ -38,7 +38,7 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
         "control_socket_disable": True,
         "proc_name": "ntonix",
         "loglevel": cfg.logging.level.lower(),
-        "logger_class": "ntonix.logs.GunicornLogger",
+        "logger_class": "ntonix.server.glogger.GunicornLogger",
         "errorlog": "-",
         "accesslog": None,
         "do_handshake_on_connect": True,  # our worker does the TLS handshake itself, with a timeout

@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ntonix import procstat
 from ntonix.config import Config
-from ntonix.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class, value
-from ntonix.metrics import Metrics, extra_families, multiprocess_dir, prometheus_text
-from ntonix.record import RequestRecord
-from ntonix.statsd_sink import StatsdSink
+from ntonix.core.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class, value
+from ntonix.core.record import RequestRecord
+from ntonix.telemetry import procstat
+from ntonix.telemetry.prometheus import Metrics, extra_families, multiprocess_dir, prometheus_text
+from ntonix.telemetry.statsd import StatsdSink
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ntonix.cache_entry import CachedResponse
-from ntonix.cache_lmdb import LmdbStore
-from ntonix.cache_memory import MemoryLRU
-from ntonix.cache_redis import RedisStore
-from ntonix.lmdb_env import StoreError
+from ntonix.cache.lmdb_env import StoreError
+from ntonix.cache.memory import MemoryLRU
+from ntonix.cache.remote import RedisStore
+from ntonix.cache.shared import LmdbStore
+from ntonix.core.cache_entry import CachedResponse
 
 log = logging.getLogger("ntonix.cache")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from ntonix.transitions import IllegalTransition, Transition, advance
+from ntonix.core.transitions import IllegalTransition, Transition, advance
 
 __all__ = [
     "TRANSITIONS",

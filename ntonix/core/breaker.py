@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 
-from ntonix.transitions import IllegalTransition, Transition, advance
+from ntonix.core.transitions import IllegalTransition, Transition, advance
 
 __all__ = [
     "TRANSITIONS",

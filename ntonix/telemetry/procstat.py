@@ -1,7 +1,7 @@
 """Facts about the gateway's processes: resident memory, the master's PID and start time.
 
 The master stamps its PID and start time into the environment (``stamp_master``, from
-``ntonix.gunicorn_conf``) before any worker forks, so every worker knows whose memory to
+``ntonix.server.hooks``) before any worker forks, so every worker knows whose memory to
 add and how long the gateway (not the worker) has been up. Without a master (the WSGI app
 run some other way) the process itself counts as the start.
 
