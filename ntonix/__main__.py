@@ -62,12 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[CLI_ENV] = json.dumps(layer)
     if args.config:
         os.environ["NTONIX_CONFIG"] = os.path.abspath(args.config)
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from ntonix.server.hooks import run_gunicorn
 
-    # The same configuration file as `gunicorn -c gunicorn.conf.py ntonix.wsgi`, wherever we run from.
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gunicorn.conf.py")
-    sys.argv = ["ntonix", "-c", conf, "ntonix.wsgi:application"]
-    WSGIApplication("%(prog)s [OPTIONS]").run()
+    run_gunicorn()
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ntonix.config import Config
 from ntonix.gateway.endpoints import Gateway
 from ntonix.gateway.runtime import Runtime
-from ntonix.telemetry import Telemetry
+from ntonix.telemetry.recorder import Telemetry
 
 
 def build_app(config: Config, telemetry: Telemetry | None = None) -> Gateway:

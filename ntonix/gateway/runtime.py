@@ -20,7 +20,7 @@ from ntonix.core.headers import parse_networks
 from ntonix.core.health import HealthState
 from ntonix.core.registry import Backend, Registry
 from ntonix.core.transitions import Transition
-from ntonix.telemetry import Telemetry
+from ntonix.telemetry.recorder import Telemetry
 from ntonix.upstream import transport
 
 log = logging.getLogger("ntonix.gateway")

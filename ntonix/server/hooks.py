@@ -95,5 +95,15 @@ def reload_in_place(arbiter: Any) -> None:
         arbiter.manage_workers()
 
 
+def run_gunicorn() -> None:
+    """``python -m ntonix``: gunicorn's master with gunicorn.conf.py, wherever we run from."""
+    from gunicorn.app.wsgiapp import WSGIApplication
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "gunicorn.conf.py")
+    sys.argv = ["ntonix", "-c", conf, "ntonix.wsgi:application"]
+    WSGIApplication("%(prog)s [OPTIONS]").run()
+
+
 def on_exit(server: Any) -> None:
     shutil.rmtree(handover.run_dir(), ignore_errors=True)

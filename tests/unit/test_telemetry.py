@@ -19,7 +19,7 @@ from ntonix.config import BackendConfig, Config, MetricsConfig
 from ntonix.core import figures
 from ntonix.core.figures import Extras, Histogram, histogram_quantile, statsd_safe, status_class
 from ntonix.core.record import RequestRecord
-from ntonix.telemetry import Telemetry
+from ntonix.telemetry.recorder import Telemetry
 from ntonix.telemetry.statsd import StatsdSink
 
 # ----------------------------------------------------------------------------- naming rules
