@@ -6,7 +6,7 @@
         status, headers, body = gw.request("POST", "/v1/chat/completions", {...})
 
 Everything runs on free 127.0.0.1 ports and is stopped by PID at teardown. The classes live in
-``tests/fixtures.py``; the process helpers in ``tests/support.py``.
+``tests/live/servers.py``; the process helpers in ``tests/live/procs.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackendFactory, RedisServer
+from tests.live.servers import Gateway, GatewayFactory, MockBackendFactory, RedisServer
 
 # A developer's NTONIX_* variables (or a multiprocess metrics dir) must not leak into the
 # gateways the tests start: they would override the config files the tests write.
@@ -108,7 +108,7 @@ def gateway_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway
 
 @pytest.fixture
 def tls_ca() -> trustme.CA:
-    """A fresh trustme CA, e.g. to issue SNI certificates (``tests.fixtures.write_cert``)
+    """A fresh trustme CA, e.g. to issue SNI certificates (``tests.live.servers.write_cert``)
     before ``gateway(..., ssl=True, ca=tls_ca)``."""
     return trustme.CA()
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import raw_exchange, wait_until
-from tests.support import split_response as split
+from tests.live.procs import raw_exchange, wait_until
+from tests.live.procs import split_response as split
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

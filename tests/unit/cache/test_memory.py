@@ -6,7 +6,7 @@ import pytest
 
 from ntonix.cache.memory import MemoryLRU
 from ntonix.core.cache_entry import CachedResponse
-from tests.support import FakeClock
+from tests.fakes import FakeClock
 
 
 def entry(size: int, tag: bytes = b"x") -> CachedResponse:

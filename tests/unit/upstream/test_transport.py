@@ -13,7 +13,7 @@ import pytest
 from gevent.server import StreamServer
 
 from ntonix.upstream import transport
-from tests.support import FakeClock
+from tests.fakes import FakeClock
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 PARTIAL = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"

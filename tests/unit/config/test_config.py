@@ -26,7 +26,7 @@ from ntonix.config import (
     to_jsonable,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SEED = {
     "server": {"port": 8080, "ssl_port": 8443, "threads": 4},
     "backends": [{"host": "localhost", "port": 8001, "weight": 1},

@@ -1,6 +1,6 @@
 """Live-test building blocks behind the fixtures in ``tests/conftest.py``.
 
-Each class wraps one child process started on a free loopback port with ``tests/support.py``'s
+Each class wraps one child process started on a free loopback port with ``tests/live/procs.py``'s
 ``Proc`` (stopped by PID, never by name) and knows how to talk to it:
 
 - ``MockBackend``: ``python -m mock_llm --port N --name NAME [--ttft S --token-delay S]``
@@ -29,7 +29,7 @@ from typing import Any
 
 import trustme
 
-from tests.support import PYTHON, GaveUp, Proc, free_port, get_json, http, wait_http_up, wait_until
+from tests.live.procs import PYTHON, GaveUp, Proc, free_port, get_json, http, wait_http_up, wait_until
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 30.0

@@ -17,7 +17,7 @@ import trustme
 
 from ntonix.config import ConfigError, SniEntry, SSLConfig
 from ntonix.server.tls import NEVER_CIPHERS, build_server_context, match_sni
-from tests.fixtures import write_cert
+from tests.live.servers import write_cert
 
 # ----------------------------------------------------------------------------- match_sni
 

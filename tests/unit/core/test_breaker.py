@@ -11,7 +11,7 @@ from ntonix.core.breaker import (
     Transition,
     next_state,
 )
-from tests.support import FakeClock
+from tests.fakes import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

@@ -11,8 +11,9 @@ import pytest
 
 from ntonix.cache.remote import PREFIX, RedisStore, _redacted
 from ntonix.core.cache_entry import CachedResponse
-from tests.fixtures import RedisServer
-from tests.support import FakeClock, free_port
+from tests.fakes import FakeClock
+from tests.live.procs import free_port
+from tests.live.servers import RedisServer
 
 pytestmark = pytest.mark.redis
 

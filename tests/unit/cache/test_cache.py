@@ -11,8 +11,8 @@ from ntonix.cache.memory import MemoryLRU
 from ntonix.cache.remote import RedisStore
 from ntonix.cache.shared import LmdbStore
 from ntonix.core.cache_entry import CachedResponse
-from tests.fixtures import RedisServer
-from tests.support import FakeClock
+from tests.fakes import FakeClock
+from tests.live.servers import RedisServer
 
 STATS_KEYS = {"enabled", "entries", "size_bytes", "max_size_bytes", "hits", "misses", "hit_rate", "evictions"}
 T0 = 1_700_000_000.0

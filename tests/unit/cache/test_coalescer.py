@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ntonix.cache.coalescer import Coalescer, Follower, Leader, LeaderFailed
-from tests.support import ROOT, FakeClock
+from tests.fakes import FakeClock
+from tests.live.procs import ROOT
 
 HEAD = (("Content-Type", "text/event-stream"),)
 

@@ -9,7 +9,7 @@ import pytest
 
 from ntonix.cache.shared import LmdbStore, StoreError
 from ntonix.core.cache_entry import CachedResponse
-from tests.support import FakeClock
+from tests.fakes import FakeClock
 
 T0 = 1_700_000_000.0
 

@@ -18,7 +18,7 @@ import pytest
 from ntonix import config as model
 from ntonix.__main__ import parser
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
