@@ -328,3 +328,31 @@ def test_core_import_rule() -> None:
     assert not core_import_allowed("ntonix.upstream.transport")
     assert not core_import_allowed("socket")
     assert not core_import_allowed("lmdb")
+
+
+# Which packages each package may import (docs/architecture.md, module map); TYPE_CHECKING included.
+# The flow (gateway) sits on the edges; no edge imports the flow; nothing but wsgi.py imports app.
+PACKAGE_MAY_IMPORT = {
+    "core": {"core", "errors", "config.model"},
+    "config": {"config", "errors"},
+    "cache": {"cache", "core", "errors"},
+    "upstream": {"upstream", "core", "errors", "config"},
+    "telemetry": {"telemetry", "core", "errors", "config"},
+    "server": {"server", "core", "errors", "config", "upstream", "telemetry"},
+    "gateway": {"gateway", "core", "errors", "config", "cache", "upstream", "telemetry", "server.disconnect"},
+}
+
+
+def test_packages_import_only_what_the_module_map_allows() -> None:
+    problems = []
+    for package, allowed in PACKAGE_MAY_IMPORT.items():
+        assert (PACKAGE / package).is_dir(), f"ntonix/{package}/ is missing"
+        for path in sorted((PACKAGE / package).rglob("*.py")):
+            for line, name in imported_modules(path):
+                parts = name.split(".")
+                if parts[0] != "ntonix" or len(parts) < 2:
+                    continue
+                target = ".".join(parts[1:])
+                if not any(target == a or target.startswith(a + ".") for a in allowed):
+                    problems.append(f"{path.relative_to(ROOT)} line {line}: import {name}")
+    assert not problems, "imports the module map does not allow:\n  " + "\n  ".join(problems)
