@@ -16,8 +16,7 @@ from types import SimpleNamespace
 import pytest
 from gunicorn.config import Config as GunicornConfig
 
-from ntonix.config import Config, LoggingConfig
-from ntonix.config import handover as runstate
+from ntonix.config import Config, LoggingConfig, handover
 from ntonix.server.glogger import GunicornLogger
 from ntonix.telemetry.logs import (
     JsonFormatter,
@@ -208,7 +207,7 @@ def test_checks_are_throttled_and_a_late_writer_loses_nothing(tmp_path: Path) ->
 def gunicorn_logger_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             restore_loggers: None) -> Iterator[tuple[Path, list[GunicornLogger]]]:
     path = tmp_path / "master.log"
-    monkeypatch.setattr(runstate, "current", lambda: Config(logging=LoggingConfig(file=str(path), level="info")))
+    monkeypatch.setattr(handover, "current", lambda: Config(logging=LoggingConfig(file=str(path), level="info")))
     made: list[GunicornLogger] = []
     yield path, made
     for lg in made:
