@@ -49,7 +49,7 @@ from ntonix.config.model import (
     leaf_keys,
     text_value,
 )
-from ntonix.config.validate import build_config
+from ntonix.config.validate import build_config as build_values
 
 __all__ = [
     "ALIASES", "DEFAULT_CONFIG_PATH", "ENV_SHORTCUTS", "LOG_LEVELS", "PATH_KEYS", "SECTIONS",
@@ -132,6 +132,46 @@ def read_file_layer(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file: {path} must hold a JSON object")
     return data
+
+
+def build_config(raw: Mapping[str, Any], base_dir: Path | None = None, source: str = "",
+                 check_files: bool = True) -> Config:
+    """Validate merged raw values and build the frozen ``Config``; with ``check_files``, also
+    check that the files it names can be used (after every other check, as before)."""
+    cfg = build_values(raw, base_dir=base_dir, source=source)
+    if check_files:
+        _check_files(cfg)
+    return cfg
+
+
+def _check_files(cfg: Config) -> None:
+    if cfg.logging.file:
+        _check_writable("logging.file", cfg.logging.file)
+    if cfg.server.ssl_port:
+        _check_file("ssl.cert_file", cfg.ssl.cert_file)
+        _check_file("ssl.key_file", cfg.ssl.key_file)
+        for name, entry in cfg.ssl.sni.items():
+            _check_file(f"ssl.sni[{name!r}].cert_file", entry.cert_file)
+            _check_file(f"ssl.sni[{name!r}].key_file", entry.key_file)
+
+
+def _check_writable(where: str, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{where}: folder does not exist: {folder}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"{where}: file not writable: {path}")
+    if not os.path.exists(path) and not os.access(folder, os.W_OK):
+        raise ConfigError(f"{where}: folder not writable: {folder}")
+
+
+def _check_file(where: str, path: str) -> None:
+    if not path:
+        raise ConfigError(f"{where}: required while server.ssl_port is not 0")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{where}: file not readable: {path}")
 
 
 def load_config(

@@ -2,8 +2,9 @@
 
 Every problem raises ``ConfigError`` whose message names the key and what is wrong
 (``backends[1].weight: must be >= 1, got 0``). Text values (environment, command line) are
-converted by the field's type; JSON values must already have it. The only I/O: checking that
-the files the configuration names exist and are readable (or writable, for the log file).
+converted by the field's type; JSON values must already have it. No file is opened or checked
+here (``ntonix.config.load`` checks the files the configuration names); relative paths are
+resolved against the configuration file's folder.
 """
 
 from __future__ import annotations
@@ -109,9 +110,8 @@ def _resolve(base: Path | None, path: str) -> str:
     return str((base / path).resolve())
 
 
-def build_config(raw: Mapping[str, Any], base_dir: Path | None = None, source: str = "",
-                 check_files: bool = True) -> Config:
-    """Validate merged raw values and build the frozen ``Config``."""
+def build_config(raw: Mapping[str, Any], base_dir: Path | None = None, source: str = "") -> Config:
+    """Validate merged raw values and build the frozen ``Config`` (the files it names unchecked)."""
     if not isinstance(raw, Mapping):
         raise ConfigError("configuration: must be a JSON object")
     for key in raw:
@@ -146,7 +146,7 @@ def build_config(raw: Mapping[str, Any], base_dir: Path | None = None, source: s
         sections[section] = cls(**values)
     backends = _build_backends(raw.get("backends"))
     cfg = Config(backends=backends, source=source, **sections)
-    _validate(cfg, check_files)
+    _validate(cfg)
     return cfg
 
 
@@ -203,7 +203,7 @@ def _build_backends(value: Any) -> tuple[BackendConfig, ...]:
     return tuple(out)
 
 
-def _validate(cfg: Config, check_files: bool) -> None:
+def _validate(cfg: Config) -> None:
     s = cfg.server
     _check_port("server.port", s.port)
     _check_port("server.ssl_port", s.ssl_port, allow_zero=True)
@@ -252,14 +252,6 @@ def _validate(cfg: Config, check_files: bool) -> None:
         raise ConfigError(f"logging.format: must be json or text, got {lg.format!r}")
     _check_port("metrics.statsd_port", cfg.metrics.statsd_port)
     _at_least("ssl.handshake_timeout_s", cfg.ssl.handshake_timeout_s, 0.1)
-    if lg.file and check_files:
-        _check_writable("logging.file", lg.file)
-    if s.ssl_port and check_files:
-        _check_file("ssl.cert_file", cfg.ssl.cert_file)
-        _check_file("ssl.key_file", cfg.ssl.key_file)
-        for name, entry in cfg.ssl.sni.items():
-            _check_file(f"ssl.sni[{name!r}].cert_file", entry.cert_file)
-            _check_file(f"ssl.sni[{name!r}].key_file", entry.key_file)
 
 
 def _check_network(where: str, value: str) -> None:
@@ -267,22 +259,3 @@ def _check_network(where: str, value: str) -> None:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ConfigError(f"{where}: not an IP address or network, got {value!r}") from None
-
-
-def _check_writable(where: str, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{where}: folder does not exist: {folder}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ConfigError(f"{where}: file not writable: {path}")
-    if not os.path.exists(path) and not os.access(folder, os.W_OK):
-        raise ConfigError(f"{where}: folder not writable: {folder}")
-
-
-def _check_file(where: str, path: str) -> None:
-    if not path:
-        raise ConfigError(f"{where}: required while server.ssl_port is not 0")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{where}: file not found: {path}")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"{where}: file not readable: {path}")
