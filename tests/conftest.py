@@ -17,8 +17,14 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings
 
 from tests.live.servers import Gateway, GatewayFactory, MockBackendFactory, RedisServer
+
+# scripts/test --fast: few examples per property (HYPOTHESIS_PROFILE=fast); the full run keeps them all.
+settings.register_profile("fast", max_examples=20)
+if os.environ.get("HYPOTHESIS_PROFILE") == "fast":
+    settings.load_profile("fast")
 
 # A developer's NTONIX_* variables (or a multiprocess metrics dir) must not leak into the
 # gateways the tests start: they would override the config files the tests write.

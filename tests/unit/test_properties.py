@@ -50,7 +50,9 @@ from tests.header_forms import forward_request_headers
 
 SANE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 BACKENDS = [{"host": "127.0.0.1", "port": 8001}]
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 150 examples each, unless a smaller profile is loaded (scripts/test --fast, tests/conftest.py).
+_EXAMPLES = 150 if settings.default.max_examples >= 100 else settings.default.max_examples
+PROPS = settings(max_examples=_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ----------------------------------------------------------------------------- strategies
 
