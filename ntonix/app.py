@@ -1,9 +1,9 @@
 """Composition root: builds the gateway of one worker process from a ``Config``.
 
 ``build_app(config)`` wires the runtime (registry of backends, their pools, the cache tiers,
-the coalescer, telemetry) into a ``Gateway``, the WSGI callable. Only the entry points
-(``ntonix.wsgi``, ``gunicorn.conf.py``) import this module; tests/unit/test_layering.py checks
-that, ``TYPE_CHECKING`` imports included.
+the coalescer, telemetry) into a ``Gateway``, the WSGI callable. Only the entry point
+``ntonix.wsgi`` imports this module; tests/unit/test_layering.py checks that, ``TYPE_CHECKING``
+imports included.
 """
 
 from __future__ import annotations
