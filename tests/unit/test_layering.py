@@ -133,6 +133,8 @@ def existing_core_modules() -> list[tuple[str, Path]]:
         for candidate in (ROOT / rel.with_suffix(".py"), ROOT / rel / "__init__.py"):
             if candidate.exists():
                 out.append((name, candidate))
+    # Everything in ntonix/core/ is pure core, whatever its name.
+    out += [(module_name(path), path) for path in sorted((PACKAGE / "core").glob("*.py"))]
     return out
 
 
