@@ -112,7 +112,7 @@ class RoutingConfig:
     queue_timeout_s: float = 30.0
     prefix_block_chars: int = 256
     prefix_balance_factor: float = 1.5
-    prefix_load_blocks: int = 16
+    prefix_load_blocks: int = 2
     prefix_index_entries: int = 262144
 
 
