@@ -35,6 +35,10 @@ class NotFound(NtonixError):
     status, reason, type, code = 404, "Not Found", "invalid_request_error", "not_found"
 
 
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
 class RequestTimeout(NtonixError):
     status, reason, type, code = 408, "Request Timeout", "invalid_request_error", "request_timeout"
 
