@@ -29,12 +29,9 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
-from ntonix.routing.shm import SharedCells
+from ntonix.routing.shm import NamesFull, SharedCells
 
-__all__ = ["HostLoad", "LimitFull", "Waiter"]
-
-_NAME_BYTES = 64
-
+__all__ = ["HostLoad", "LimitFull", "NamesFull", "Waiter"]
 
 def _alive(pid: int) -> bool:
     try:
@@ -47,7 +44,7 @@ def _alive(pid: int) -> bool:
 
 
 class LimitFull(Exception):
-    """More distinct backend addresses than the shared file has columns for."""
+    """Every worker slot of the shared file is taken by a live process."""
 
 
 @dataclass
@@ -79,9 +76,8 @@ class HostLoad:
         self._heads = self._queued + backends * s
         self._admitted = self._heads + backends * s
         cells = self._admitted + backends
-        self._shm = SharedCells(path, cells, extra_bytes=backends * _NAME_BYTES, signature=(slots << 32) | backends)
+        self._shm = SharedCells(path, cells, names=backends, signature=(slots << 32) | backends)
         self._q = self._shm.q
-        self._columns: dict[str, int] = {}
         self._local_waiters: dict[int, list[Waiter]] = {}  # column -> this worker's waiters, oldest first
         self.slot = self._claim()
 
@@ -124,27 +120,7 @@ class HostLoad:
 
     def column(self, address: str) -> int:
         """The column of ``address``, assigned host-wide on first use."""
-        col = self._columns.get(address)
-        if col is not None:
-            return col
-        name = address.encode()[:_NAME_BYTES]
-        raw = self._shm.raw
-        with self._shm.lock(0):
-            free = -1
-            for col in range(self.backends):
-                start = self._shm.bytes_offset + col * _NAME_BYTES
-                stored = raw[start:start + _NAME_BYTES].rstrip(b"\0")
-                if stored == name:
-                    self._columns[address] = col
-                    return col
-                if not stored and free < 0:
-                    free = col
-            if free < 0:
-                raise LimitFull(f"more than {self.backends} backend addresses in {self._shm.path}")
-            start = self._shm.bytes_offset + free * _NAME_BYTES
-            raw[start:start + _NAME_BYTES] = name.ljust(_NAME_BYTES, b"\0")
-        self._columns[address] = free
-        return free
+        return self._shm.number(address)
 
     def _sum(self, base: int, col: int) -> int:
         start = self._c(base + col * self.slots)
@@ -172,14 +148,8 @@ class HostLoad:
 
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """``{address: (in_flight, queued)}`` of every address this host has seen, for /metrics."""
-        out = {}
-        raw = self._shm.raw
-        for col in range(self.backends):
-            start = self._shm.bytes_offset + col * _NAME_BYTES
-            name = raw[start:start + _NAME_BYTES].rstrip(b"\0")
-            if name:
-                out[name.decode()] = (self._sum(self._inflight, col), self._sum(self._queued, col))
-        return out
+        return {address: (self._sum(self._inflight, col), self._sum(self._queued, col))
+                for col, address in self._shm.numbered()}
 
     def begin(self, address: str, limit: int = 0) -> bool:
         """Take a place on ``address`` now if it has room (``limit`` 0 = none) and no waiters."""
@@ -289,4 +259,4 @@ class HostLoad:
         self._shm.close()
 
     def __repr__(self) -> str:
-        return f"<HostLoad slot={self.slot} pid={self.pid} backends={len(self._columns)}>"
+        return f"<HostLoad slot={self.slot} pid={self.pid} backends={len(self._shm.numbered())}>"

@@ -20,22 +20,33 @@ import mmap
 import os
 from collections.abc import Iterator
 
-__all__ = ["SharedCells"]
+__all__ = ["NamesFull", "SharedCells"]
 
 _MAGIC = 0x4E544F4E49585348  # "NTONIXSH"
 _HEADER_CELLS = 2  # magic, layout signature
+NAME_BYTES = 64
+
+
+class NamesFull(Exception):
+    """More distinct names (backend addresses) than the shared file has room for."""
 
 
 class SharedCells:
-    """``cells`` int64 cells after a 2-cell header, plus ``extra_bytes`` of raw bytes at the end."""
+    """``cells`` int64 cells after a 2-cell header, then a table of ``names`` names (host-wide numbering).
 
-    __slots__ = ("_base", "_fd", "_map", "bytes_offset", "cells", "path", "q")
+    A name (a backend address) gets the first free number on first use, under lock 0, and keeps it
+    for the life of the file, so every process maps an address to the same column or bit.
+    """
 
-    def __init__(self, path: str, cells: int, *, extra_bytes: int = 0, signature: int = 0) -> None:
+    __slots__ = ("_base", "_fd", "_map", "_numbers", "cells", "names", "names_offset", "path", "q")
+
+    def __init__(self, path: str, cells: int, *, names: int = 0, signature: int = 0) -> None:
         self.path = path
         self.cells = cells
-        self.bytes_offset = (_HEADER_CELLS + cells) * 8
-        size = self.bytes_offset + extra_bytes
+        self.names = names
+        self._numbers: dict[str, int] = {}
+        self.names_offset = (_HEADER_CELLS + cells) * 8
+        size = self.names_offset + names * NAME_BYTES
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         with self._locked(0):
             if os.fstat(self._fd).st_size != size:
@@ -49,9 +60,35 @@ class SharedCells:
                 self.q[1] = signature
                 self.q[0] = _MAGIC
 
-    @property
-    def raw(self) -> mmap.mmap:
-        return self._map
+    def number(self, name: str) -> int:
+        """The host-wide number of ``name`` (0 .. names - 1), assigned on first use."""
+        found = self._numbers.get(name)
+        if found is not None:
+            return found
+        key = name.encode()[:NAME_BYTES]
+        with self._locked(0):
+            free = -1
+            for number, stored in self._stored():
+                if stored == key:
+                    self._numbers[name] = number
+                    return number
+                if not stored and free < 0:
+                    free = number
+            if free < 0:
+                raise NamesFull(f"more than {self.names} backend addresses in {self.path}")
+            start = self.names_offset + free * NAME_BYTES
+            self._map[start:start + NAME_BYTES] = key.ljust(NAME_BYTES, b"\0")
+        self._numbers[name] = free
+        return free
+
+    def numbered(self) -> list[tuple[int, str]]:
+        """Every name assigned so far, with its number."""
+        return [(number, stored.decode(errors="replace")) for number, stored in self._stored() if stored]
+
+    def _stored(self) -> Iterator[tuple[int, bytes]]:
+        for number in range(self.names):
+            start = self.names_offset + number * NAME_BYTES
+            yield number, self._map[start:start + NAME_BYTES].rstrip(b"\0")
 
     def lock(self, number: int) -> contextlib.AbstractContextManager[None]:
         """Exclusive across processes for lock ``number`` (0 and up); see the module docstring."""

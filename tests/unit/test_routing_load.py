@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ntonix.routing.load import HostLoad, LimitFull
+from ntonix.routing.load import HostLoad, LimitFull, NamesFull
 from tests.support import FakeClock
 
 
@@ -150,7 +150,7 @@ def test_columns_run_out(world: World) -> None:
     w1 = world.worker(101)
     for i in range(8):
         w1.column(f"h:{i}")
-    with pytest.raises(LimitFull, match="backend addresses"):
+    with pytest.raises(NamesFull, match="backend addresses"):
         w1.column("h:99")
 
 
