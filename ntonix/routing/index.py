@@ -14,6 +14,7 @@ seen longest ago (least recently seen is forgotten first, as engines evict their
 Learning: when a request is sent, ``record`` adds its backend's bit to every block of its prompt
 (the backend will hold them once it prefilled them). Before the answer, on purpose: the next turn
 of a busy conversation, or a burst of requests sharing a system prompt, must already see them.
+Blocks the backend was already known to hold are only refreshed, a stride of them per call.
 
 Lookup: for each candidate backend, how many leading blocks of the prompt carry its bit. The
 chain makes presence monotone (a backend that holds block i was sent blocks 0..i), so each
@@ -35,9 +36,10 @@ from collections.abc import Callable, Sequence
 
 from ntonix.routing.shm import SharedCells
 
-__all__ = ["MAX_BACKENDS", "PROBE", "PrefixIndex"]
+__all__ = ["MAX_BACKENDS", "PROBE", "REFRESH_STRIDE", "PrefixIndex"]
 
 PROBE = 8
+REFRESH_STRIDE = 8
 MAX_BACKENDS = 62  # bits of a signed 64-bit mask that stay positive
 _KEY_BITS = (1 << 63) - 1
 
@@ -56,6 +58,7 @@ class PrefixIndex:
         self._shm = SharedCells(path, 3 * entries, names=MAX_BACKENDS, signature=entries)
         self._q = self._shm.q
         self._base = self._shm.cell(0)
+        self._turn = 0
 
     def bit(self, address: str) -> int:
         return 1 << self._shm.number(address)
@@ -77,35 +80,49 @@ class PrefixIndex:
         cell = self._find(_key(block_hash))
         return self._q[cell + 1] if cell >= 0 else 0
 
-    def record(self, blocks: Sequence[int], address: str) -> None:
-        """``address`` was sent a prompt made of ``blocks``: it holds them from now on."""
+    def record(self, blocks: Sequence[int], address: str, known: int = 0) -> None:
+        """``address`` was sent a prompt made of ``blocks``: it holds them from now on.
+
+        ``known``: how many leading blocks ``matched`` already found for ``address``. Those are
+        only touched (their stamp refreshed) at every ``REFRESH_STRIDE``-th position, from an
+        offset that turns with every call, so a long conversation costs a few probes per turn
+        for its history plus one write per new block, and each history block is still refreshed
+        every few turns.
+        """
         bit = self.bit(address)
         now = int(self._clock() * 1000)
+        known = min(known, len(blocks))
+        if known:
+            self._turn = (self._turn + 1) % REFRESH_STRIDE
+            for i in range(self._turn, known, REFRESH_STRIDE):
+                cell = self._find(_key(blocks[i]))
+                if cell >= 0:
+                    self._q[cell + 2] = now
+        for i in range(known, len(blocks)):
+            self._put(_key(blocks[i]), bit, now)
+
+    def _put(self, key: int, bit: int, now: int) -> None:
         q, base, n = self._q, self._base, self.entries
-        for block_hash in blocks:
-            key = _key(block_hash)
-            slot = key % n
-            victim, oldest = -1, None
-            for i in range(PROBE):
-                cell = base + 3 * ((slot + i) % n)
-                stored = q[cell]
-                if stored == key:
-                    q[cell + 1] |= bit
-                    q[cell + 2] = now
-                    break
-                if stored == 0:
-                    victim = cell
-                    break
-                stamp = q[cell + 2]
-                if oldest is None or stamp < oldest:
-                    victim, oldest = cell, stamp
-            else:
-                q[victim] = 0  # evict: readers see no entry rather than a half-written one
-                stored = 0
+        slot = key % n
+        victim, oldest = -1, -1
+        for i in range(PROBE):
+            cell = base + 3 * ((slot + i) % n)
+            stored = q[cell]
+            if stored == key:
+                q[cell + 1] |= bit
+                q[cell + 2] = now
+                return
             if stored == 0:
-                q[victim + 1] = bit
-                q[victim + 2] = now
-                q[victim] = key
+                victim = cell
+                break
+            stamp = q[cell + 2]
+            if oldest < 0 or stamp < oldest:
+                victim, oldest = cell, stamp
+        else:
+            q[victim] = 0  # evict: readers see no entry rather than a half-written one
+        q[victim + 1] = bit
+        q[victim + 2] = now
+        q[victim] = key
 
     def matched(self, blocks: Sequence[int], addresses: Sequence[str]) -> dict[str, int]:
         """For each address, how many leading ``blocks`` it is believed to hold."""

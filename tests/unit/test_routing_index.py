@@ -88,6 +88,25 @@ def test_memory_is_bounded_and_the_least_recently_seen_go_first(tmp_path: Path) 
     assert (tmp_path / "index").stat().st_size < 1024 * 24 + 8192
 
 
+def test_known_blocks_are_refreshed_a_stride_at_a_time(tmp_path: Path) -> None:
+    clock = FakeClock()
+    index = PrefixIndex(str(tmp_path / "index"), entries=1024, clock=clock)
+    history = list(range(1, 41))
+    index.record(history, "a:1")
+    for turn in range(8):  # the conversation goes on: its history is known, one new block a turn
+        clock.advance(1)
+        blocks = history + [1000 + i for i in range(turn + 1)]
+        known = index.matched(blocks, ["a:1"])["a:1"]
+        assert known == len(blocks) - 1
+        index.record(blocks, "a:1", known=known)
+    assert index.matched(blocks, ["a:1"]) == {"a:1": len(blocks)}
+    # over REFRESH_STRIDE turns every history block was seen again (stamp after the first record)
+    q, base = index._q, index._base  # entries are (key, mask, stamp) triples
+    stamps = [q[base + 3 * e + 2] for e in range(1024) if 0 < q[base + 3 * e] <= 40]
+    assert len(stamps) == 40
+    assert min(stamps) >= (1000 + 1) * 1000
+
+
 def test_forget_a_backend(index: PrefixIndex) -> None:
     blocks = list(range(1, 21))
     index.record(blocks, "a:1")
