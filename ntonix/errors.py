@@ -59,6 +59,12 @@ class NoHealthyBackend(NtonixError):
     status, reason, type, code = 503, "Service Unavailable", "upstream_error", "no_healthy_backend"
 
 
+class BackendsBusy(NoHealthyBackend):
+    """Every backend for the request stayed at its ``max_in_flight`` for ``routing.queue_timeout_s``."""
+
+    code = "backends_busy"
+
+
 class UpstreamTimeout(NtonixError):
     status, reason, type, code = 504, "Gateway Timeout", "upstream_error", "backend_timeout"
 
