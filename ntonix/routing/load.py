@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -59,6 +60,14 @@ class Waiter:
     admitted_as: int = 0  # the backend's admission number, for checking the order
 
 
+def _reclaim_in_child(ref: weakref.ref[HostLoad]) -> None:
+    load = ref()
+    if load is not None:
+        load.pid = os.getpid()
+        load._local_waiters = {}  # the parent's waiters are the parent's
+        load.slot = load._claim()
+
+
 class HostLoad:
     """A worker's handle on the host-wide counts (one per worker process)."""
 
@@ -80,6 +89,11 @@ class HostLoad:
         self._q = self._shm.q
         self._local_waiters: dict[int, list[Waiter]] = {}  # column -> this worker's waiters, oldest first
         self.slot = self._claim()
+        if pid is None:
+            # Made before gunicorn forks its workers (preload)? Each child then takes a slot of
+            # its own: two processes writing one slot's cells would lose counts.
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _reclaim_in_child(ref))
 
     # ------------------------------------------------------------------ slots and columns
 
@@ -91,7 +105,7 @@ class HostLoad:
             self._reap_locked()
             high = self._q[self._c(1)]
             for slot in range(self.slots):
-                if self._q[self._c(self._pids + slot)] in (0, self.pid):
+                if self._q[self._c(self._pids + slot)] == 0:
                     self._clear_slot(slot)
                     self._q[self._c(self._pids + slot)] = self.pid
                     self._q[self._c(1)] = max(high, slot + 1)

@@ -161,3 +161,27 @@ def test_another_layout_is_reinitialised(world: World) -> None:
     other = HostLoad(world.path, slots=4, backends=4, pid=101)
     assert other.in_flight("a:1") == 0
     assert "slot=0" in repr(other)
+
+
+def test_a_forked_child_takes_a_slot_of_its_own(tmp_path: Path) -> None:
+    import os
+
+    load = HostLoad(str(tmp_path / "load"), slots=8, backends=8)
+    assert load.begin("a:1")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its slot and the host-wide count after its own begin
+        try:
+            load.begin("a:1")
+            os.write(write_end, f"{load.slot} {load.in_flight('a:1')}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    child_slot, seen = map(int, os.read(read_end, 100).split())
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert child_slot != load.slot
+    assert seen == 2
+    assert load.in_flight("a:1") == 2  # the child died holding one: counted until reaped
+    assert load.reap() == 1
+    assert load.in_flight("a:1") == 1
