@@ -32,6 +32,12 @@ class Forbidden(NtonixError):
     status, type, code = 403, "permission_error", "forbidden"
 
 
+class ModelNotFound(NtonixError):
+    """No backend serves the requested ``model``."""
+
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
 class RequestTimeout(NtonixError):
     status, type, code = 408, "invalid_request_error", "request_timeout"
 
@@ -46,6 +52,12 @@ class UpstreamUnavailable(NtonixError):
 
 class NoHealthyBackend(NtonixError):
     status, type, code = 503, "upstream_error", "no_healthy_backend"
+
+
+class BackendsBusy(NoHealthyBackend):
+    """Every backend for the request stayed at its ``max_in_flight`` for ``routing.queue_timeout_s``."""
+
+    code = "backends_busy"
 
 
 class UpstreamTimeout(NtonixError):

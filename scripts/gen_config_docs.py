@@ -40,6 +40,7 @@ SECTION_INTRO = {
     "ssl": "The HTTPS listener on `server.ssl_port` (not checked at all while `server.ssl_port` is 0).",
     "logging": "Structured logs of the master and all workers.",
     "metrics": "statsd output and access to the gateway's own `/metrics` and `/cache/stats`.",
+    "routing": "How a backend is chosen for each request (see docs/adr/0008-prefix-routing.md for `prefix`).",
 }
 
 DESCRIPTIONS: dict[tuple[str, str], str] = {
@@ -115,6 +116,24 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("metrics", "statsd_prefix"): "Prefix of every statsd metric name.",
     ("metrics", "allow"): "Addresses or networks allowed to read `/metrics` and `/cache/stats` (others get "
                           "403). Empty = everyone.",
+    ("routing", "policy"): "`round_robin` (smooth weighted round-robin), `least_requests` (fewest requests in "
+                           "flight relative to weight, over all workers of the host) or `prefix` (KV-cache "
+                           "aware: a prompt sharing a long prefix with earlier ones goes where that prefix was "
+                           "served, unless that backend is markedly busier; others go to the least loaded).",
+    ("routing", "queue_timeout_s"): "A request for which every suitable backend is at its `max_in_flight` waits "
+                                    "(first come, first served) up to this long, then gets 503 with "
+                                    "`Retry-After`. Below the usual 60 s client timeouts, so clients see the 503.",
+    ("routing", "prefix_block_chars"): "`prefix`: the prompt is matched in blocks of this many characters "
+                                       "(256 ≈ 64 tokens); a shorter tail is not matched.",
+    ("routing", "prefix_balance_factor"): "`prefix`: a backend whose in-flight requests per weight exceed this "
+                                          "factor × the host average (plus one request) gets no request for "
+                                          "the sake of its cache (bounded-load affinity).",
+    ("routing", "prefix_load_blocks"): "`prefix`: how many matched prompt blocks one more request in flight "
+                                       "(per weight) is worth when trading cache affinity against load; `0` = "
+                                       "longest match wins within the balance bound.",
+    ("routing", "prefix_index_entries"): "`prefix`: entries (prompt blocks) of the host-wide prefix index "
+                                         "(24 bytes each; the default is 6 MiB); the least recently seen are "
+                                         "forgotten first. Size it near the backends' total KV cache in blocks.",
 }
 
 # When a changed value takes effect: "HUP" (kill -HUP <master pid>) or "restart".
@@ -158,6 +177,12 @@ RELOAD: dict[tuple[str, str], str] = {
     ("metrics", "statsd_port"): HUP,
     ("metrics", "statsd_prefix"): HUP,
     ("metrics", "allow"): HUP,
+    ("routing", "policy"): HUP,
+    ("routing", "queue_timeout_s"): HUP,
+    ("routing", "prefix_block_chars"): HUP,
+    ("routing", "prefix_balance_factor"): HUP,
+    ("routing", "prefix_load_blocks"): HUP,
+    ("routing", "prefix_index_entries"): RESTART,
 }
 
 # Command-line flags of `python -m ntonix` (tests/unit/test_config_docs.py checks them against
@@ -340,7 +365,8 @@ place: no worker restarts, no in-flight request or stream is dropped. What takes
 - **on HUP**: the backend list (added backends join at once, removed ones finish their
   in-flight requests and get no new ones, kept ones keep their health and breaker state),
   `health.*`, `circuit_breaker.*`, `proxy.*` timeouts, retries and limits, `logging.*`,
-  certificates (`ssl.*`), `metrics.*`, `cache.purge_token`; `server.threads` starts or stops
+  certificates (`ssl.*`), `metrics.*`, `cache.purge_token`, `routing.*` (but
+  `routing.prefix_index_entries`); `server.threads` starts or stops
   workers to match;
 - **after a restart**: `server.host`, `server.port`, `server.ssl_port` (the master logs a
   warning when they changed), `server.worker_connections`, `server.keepalive_s`,
@@ -361,6 +387,10 @@ A list (order matters only for ties of the balancer); at least one entry.
 | `host` | string | — | name or address (IPv6 without brackets in the file: `"::1"`) |
 | `port` | integer | — | 1-65535 |
 | `weight` | integer | `1` | share of the traffic, ≥ 1: weights 1 and 3 give 25 % and 75 % {wrr} |
+| `models` | list of strings | absent | model ids the backend serves; absent: learned from its \
+`GET /v1/models` (a backend that does not answer it with a model list serves any model) |
+| `max_in_flight` | integer | `0` | most requests in flight to it from this host, all workers \
+together; `0` = no limit (see `routing.queue_timeout_s`) |
 
 Environment `NTONIX_BACKENDS`, flag `--backends` (format above). Takes effect on HUP.
 

@@ -30,6 +30,7 @@ from ntonix.config.model import (
     ENV_SHORTCUTS,
     LOG_LEVELS,
     PATH_KEYS,
+    ROUTING_POLICIES,
     SECTIONS,
     BackendConfig,
     CacheConfig,
@@ -41,6 +42,7 @@ from ntonix.config.model import (
     MetricsConfig,
     PoolConfig,
     ProxyConfig,
+    RoutingConfig,
     ServerConfig,
     SniEntry,
     SSLConfig,
@@ -52,9 +54,10 @@ from ntonix.config.model import (
 from ntonix.config.validate import build_config as build_values
 
 __all__ = [
-    "ALIASES", "DEFAULT_CONFIG_PATH", "ENV_SHORTCUTS", "LOG_LEVELS", "PATH_KEYS", "SECTIONS",
+    "ALIASES", "DEFAULT_CONFIG_PATH", "ENV_SHORTCUTS", "LOG_LEVELS", "PATH_KEYS", "ROUTING_POLICIES", "SECTIONS",
     "BackendConfig", "CacheConfig", "CircuitBreakerConfig", "Config", "ConfigError", "HealthConfig",
-    "LoggingConfig", "MetricsConfig", "PoolConfig", "ProxyConfig", "SSLConfig", "ServerConfig", "SniEntry",
+    "LoggingConfig", "MetricsConfig", "PoolConfig", "ProxyConfig", "RoutingConfig", "SSLConfig", "ServerConfig",
+    "SniEntry",
     "build_config", "env_layer", "env_name", "from_jsonable", "leaf_keys", "load_config", "merge_layers",
     "parse_backends", "read_file_layer", "text_value", "to_jsonable",
 ]

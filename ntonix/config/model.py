@@ -48,6 +48,10 @@ class BackendConfig:
     host: str
     port: int
     weight: int = 1
+    # Model ids this backend serves; None = learn them from its GET /v1/models.
+    models: tuple[str, ...] | None = None
+    # Most requests in flight to it from this host, all workers together; 0 = no limit.
+    max_in_flight: int = 0
 
     @property
     def address(self) -> str:
@@ -97,6 +101,21 @@ class CacheConfig:
     purge_token: str = ""
 
 
+ROUTING_POLICIES = ("round_robin", "least_requests", "prefix")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    policy: str = "round_robin"
+    # Longer than any sane burst of queued LLM requests takes to drain a slot, shorter than the
+    # common 60 s client timeouts (and proxy.read_timeout_s), so the client gets our 503 first.
+    queue_timeout_s: float = 30.0
+    prefix_block_chars: int = 256
+    prefix_balance_factor: float = 1.5
+    prefix_load_blocks: int = 2
+    prefix_index_entries: int = 262144
+
+
 @dataclass(frozen=True, slots=True)
 class SniEntry:
     cert_file: str
@@ -142,6 +161,7 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     source: str = ""  # the file it was read from ("" = none); not a key
 
 
@@ -155,6 +175,7 @@ SECTIONS: dict[str, type[Any]] = {
     "ssl": SSLConfig,
     "logging": LoggingConfig,
     "metrics": MetricsConfig,
+    "routing": RoutingConfig,
 }
 ALIASES = {("server", "workers"): ("server", "threads")}
 # Keys whose value is a file path, taken relative to the config file's folder.

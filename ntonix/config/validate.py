@@ -23,6 +23,7 @@ from ntonix.config.model import (
     ALIASES,
     LOG_LEVELS,
     PATH_KEYS,
+    ROUTING_POLICIES,
     SECTIONS,
     BackendConfig,
     Config,
@@ -182,7 +183,7 @@ def _build_backends(value: Any) -> tuple[BackendConfig, ...]:
         if not isinstance(item, Mapping):
             raise ConfigError(f"{where}: must be an object with host and port, got {_show(item)}")
         for key in item:
-            if key not in ("host", "port", "weight"):
+            if key not in ("host", "port", "weight", "models", "max_in_flight"):
                 raise ConfigError(f"{where}.{key}: unknown key")
         if "host" not in item:
             raise ConfigError(f"{where}.host: missing")
@@ -195,7 +196,15 @@ def _build_backends(value: Any) -> tuple[BackendConfig, ...]:
         _check_port(f"{where}.port", port)
         weight = _convert(f"{where}.weight", int, item.get("weight", 1))
         _at_least(f"{where}.weight", weight, 1)
-        backend = BackendConfig(host, port, weight)
+        models = None
+        given_models = item.get("models")
+        if given_models is not None:  # null (as to_jsonable writes "absent") = learn them
+            models = _convert(f"{where}.models", tuple[str, ...], given_models)
+            if any(not m for m in models):
+                raise ConfigError(f"{where}.models: model ids must not be empty")
+        max_in_flight = _convert(f"{where}.max_in_flight", int, item.get("max_in_flight", 0))
+        _at_least(f"{where}.max_in_flight", max_in_flight, 0)
+        backend = BackendConfig(host, port, weight, models, max_in_flight)
         if backend.address in seen:
             raise ConfigError(f"{where}: duplicate backend {backend.address}")
         seen.add(backend.address)
@@ -252,6 +261,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"logging.format: must be json or text, got {lg.format!r}")
     _check_port("metrics.statsd_port", cfg.metrics.statsd_port)
     _at_least("ssl.handshake_timeout_s", cfg.ssl.handshake_timeout_s, 0.1)
+    r = cfg.routing
+    if r.policy not in ROUTING_POLICIES:
+        raise ConfigError(f"routing.policy: must be one of {', '.join(ROUTING_POLICIES)}, got {r.policy!r}")
+    _at_least("routing.queue_timeout_s", r.queue_timeout_s, 0)
+    _at_least("routing.prefix_block_chars", r.prefix_block_chars, 16)
+    _at_least("routing.prefix_balance_factor", r.prefix_balance_factor, 1)
+    _at_least("routing.prefix_load_blocks", r.prefix_load_blocks, 0)
+    _at_least("routing.prefix_index_entries", r.prefix_index_entries, 1024)
 
 
 def _check_network(where: str, value: str) -> None:

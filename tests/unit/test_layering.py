@@ -33,10 +33,14 @@ CORE = (
     "ntonix.core.figures",
     "ntonix.core.headers",
     "ntonix.core.health",
+    "ntonix.core.models",
+    "ntonix.core.prompt",
     "ntonix.core.record",
     "ntonix.core.registry",
+    "ntonix.core.routing",
     "ntonix.core.sse",
     "ntonix.core.transitions",
+    "ntonix.core.usage",
 )
 # Pure outside core/: no I/O reached (they may read files and the environment).
 PURE_ELSEWHERE = (
