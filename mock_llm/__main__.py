@@ -73,11 +73,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.name = args.name or f"mock-{args.port}"
     args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    for option in ("kv_cache_tokens", "block_tokens", "max_num_seqs", "stream_interval"):
-        if getattr(args, option) < 1 and (option != "kv_cache_tokens" or getattr(args, option) < 0):
-            p.error(f"--{option.replace('_', '-')}: must be >= 1")
-    if args.max_waiting < 0 or args.prefill_time_per_token < 0:
-        p.error("--max-waiting and --prefill-time-per-token: must be >= 0")
+    for option, least in (("block_tokens", 1), ("max_num_seqs", 1), ("stream_interval", 1), ("kv_cache_tokens", 0),
+                          ("max_waiting", 0), ("prefill_time_per_token", 0)):
+        if getattr(args, option) < least:
+            p.error(f"--{option.replace('_', '-')}: must be >= {least}, got {getattr(args, option)}")
     return args
 
 

@@ -204,14 +204,14 @@ class MockLLM:
         tag = f"[{self.name} #{_digest(prompt).hex()[:8]}]"
         return [f"{tag} tok0" if i == 0 else f" tok{i}" for i in range(count)]
 
-    def check_model(self, body: dict[str, Any]) -> str:
-        """The body's model; ``MockError`` 404 ``model_not_found`` when a list is set without it."""
+    def check_model(self, body: dict[str, Any]) -> Any:
+        """The body's model, as sent; ``MockError`` 404 ``model_not_found`` when a list is set without it."""
         model = body.get("model", "mock-model")
         if self.models and model not in self.models:
             self.stats.wrong_model += 1
             raise MockError(404, f"{self.name}: the model {model!r} does not exist (serving: "
                                  f"{', '.join(self.models)})", code="model_not_found")
-        return str(model)
+        return model
 
     def _count(self, plan: _Plan, body: dict[str, Any]) -> int:
         if plan.tokens is not None:

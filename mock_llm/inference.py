@@ -214,7 +214,7 @@ class Engine:
         self.counters.requests_finished += 1
         self.seqs.release()
 
-    def _events(self, chat: bool, rid: str, created: int, model: str, out: list[str], delay: float,
+    def _events(self, chat: bool, rid: str, created: int, model: Any, out: list[str], delay: float,
                 usage: dict[str, Any] | None) -> Iterator[bytes]:
         step = max(self.cfg.stream_interval, 1)
         sent = 0
