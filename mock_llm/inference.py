@@ -75,13 +75,18 @@ class FifoSlots:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def full(self) -> bool:
+        """``acquire()`` would raise ``QueueFull``."""
+        busy = self.running >= self.slots or bool(self._waiters)
+        return busy and bool(self.max_waiting) and len(self._waiters) >= self.max_waiting
+
     def acquire(self) -> None:
         """Wait for a slot; ``QueueFull`` at once when ``max_waiting`` are already waiting."""
         with self._lock:
             if self.running < self.slots and not self._waiters:
                 self.running += 1
                 return
-            if self.max_waiting and len(self._waiters) >= self.max_waiting:
+            if self.full():
                 raise QueueFull
             turn = threading.Event()
             self._waiters.append(turn)
@@ -100,6 +105,7 @@ class Counters:
     requests: int = 0
     requests_finished: int = 0
     requests_rejected: int = 0  # queue full
+    peak_in_system: int = 0  # most requests running and waiting at once (a proxy's concurrency limit)
     prompt_tokens: int = 0
     prompt_tokens_cached: int = 0
     prompt_tokens_computed: int = 0
@@ -129,6 +135,7 @@ class Engine:
         self.seqs = FifoSlots(cfg.max_num_seqs, cfg.max_waiting)
         self.compute = FifoSlots(1)
         self.counters = Counters()
+        self.in_system = 0  # running or waiting
 
     def __repr__(self) -> str:
         return f"<Engine {self.mock.name} running={self.seqs.running} waiting={self.seqs.waiting} {self.cache!r}>"
@@ -136,7 +143,7 @@ class Engine:
     def reset(self) -> None:
         """``POST /_reset``: an empty cache and zero counters (what is running stays counted)."""
         self.cache.clear()
-        self.counters = Counters(blocks_running=self.counters.blocks_running)
+        self.counters = Counters(blocks_running=self.counters.blocks_running, peak_in_system=self.in_system)
 
     # -- views -----------------------------------------------------------------------------
 
@@ -156,6 +163,10 @@ class Engine:
         out = answer_tokens(text, mock._count(plan, body))
         self.counters.requests += 1
         try:
+            if self.seqs.full():
+                raise QueueFull
+            self.in_system += 1  # no greenlet switch between the check and acquire()
+            self.counters.peak_in_system = max(self.counters.peak_in_system, self.in_system)
             self.seqs.acquire()
         except QueueFull:
             self.counters.requests_rejected += 1
@@ -210,6 +221,7 @@ class Engine:
             self.compute.release()
 
     def _finish(self, blocks: int = 0) -> None:
+        self.in_system -= 1
         self.counters.blocks_running -= blocks
         self.counters.requests_finished += 1
         self.seqs.release()
@@ -267,6 +279,8 @@ class Engine:
              c.prompt_tokens_computed),
             ("mock:prompt_tokens_cached_total", "counter", "Prompt tokens served from the prefix cache.",
              c.prompt_tokens_cached),
+            ("mock:requests_in_system_peak", "gauge", "Most requests running and waiting at once since the reset.",
+             c.peak_in_system),
             ("mock:kv_cache_blocks", "gauge", "Blocks held in the prefix cache.", len(self.cache)),
             ("mock:kv_cache_capacity_blocks", "gauge", "Capacity of the prefix cache in blocks.",
              self.cache.capacity_blocks),

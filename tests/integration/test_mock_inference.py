@@ -140,6 +140,7 @@ def test_running_requests_are_capped_and_the_queue_is_limited(mock: MockBackend)
         wait_until(lambda n=i + 1: metrics(mock)["mock:requests_total"] == n, timeout=10, what=f"request {i} in")
     m = metrics(mock)
     assert (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"]) == (2, 2)
+    assert m["mock:requests_in_system_peak"] == 4
     assert 0 < m["vllm:kv_cache_usage_perc"] <= 1
 
     status, error, _ = chat(mock, [{"role": "user", "content": "one too many"}])
@@ -155,6 +156,9 @@ def test_running_requests_are_capped_and_the_queue_is_limited(mock: MockBackend)
     m = metrics(mock)
     assert (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"], m["vllm:kv_cache_usage_perc"]) == (0, 0, 0)
     assert m["vllm:request_success_total"] == 4
+    assert m["mock:requests_in_system_peak"] == 4  # the refused one never counted
+    mock.reset()
+    assert metrics(mock)["mock:requests_in_system_peak"] == 0
 
 
 def test_default_mode_is_unchanged(mock_backend: MockBackendFactory) -> None:

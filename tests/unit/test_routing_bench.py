@@ -9,7 +9,15 @@ import pytest
 
 from mock_llm.kvcache import render_prompt, tokenize
 from tools.routing_bench.routers import BlockIndex, ReferenceRouter, RoundRobin, UserHash, char_block_hashes
-from tools.routing_bench.stats import BackendCounts, Row, Turn, percentile, prefix_checks, summarize
+from tools.routing_bench.stats import (
+    BackendCounts,
+    Row,
+    Turn,
+    limit_checks,
+    percentile,
+    prefix_checks,
+    summarize,
+)
 from tools.routing_bench.workload import Spec, conversations, total_prompt_tokens, working_set_blocks
 
 SMALL = Spec(users=6, groups=2, system_tokens=40, rounds=3, question_tokens=8, answer_tokens=8, think_ms=100)
@@ -141,13 +149,14 @@ def test_percentiles_interpolate_between_ranks() -> None:
 def test_summary_of_a_run() -> None:
     turns = [Turn(0, 0, 200, 0.1, 1.0, 10), Turn(0, 1, 200, 0.3, 2.0, 20), Turn(1, 0, 503, None, 0.01, error="x"),
              Turn(1, 1, 200, None, 0.5)]
-    backends = [BackendCounts(3, 0, 100, 40, 60), BackendCounts(1, 2, 50, 50, 0)]
+    backends = [BackendCounts(3, 0, 100, 40, 60, 2), BackendCounts(1, 2, 50, 50, 0, 1)]
     row = summarize("t", turns, backends, 5.0)
     assert (row.requests, row.failures) == (4, 1)
     assert row.ttft_p50 == pytest.approx(0.2) and row.e2e_p99 == pytest.approx(1.98)
     assert (row.prefill_tokens, row.prompt_tokens, row.cached_tokens) == (90, 150, 60)
     assert row.cached_ratio == pytest.approx(0.4)
     assert row.per_backend == (3, 1) and row.skew == 3.0 and row.wrong_model == 2
+    assert row.peak_per_backend == (2, 1)
 
 
 def _row(label: str, prefill: int, ttft_p99: float, per_backend: tuple[int, ...] = (10, 10), failures: int = 0) -> Row:
@@ -167,3 +176,11 @@ def test_prefix_targets() -> None:
     assert [c.ok for c in checks[5:10]] == [False, True, False, False, None]  # 0.40 ×; skew 1.6; 1 failure
     assert checks[10].ok is None and "not run" in checks[10].value
     assert checks[0].line().startswith("PASS  prefix at 1 worker(s): prefill tokens")
+
+
+def test_max_in_flight_target() -> None:
+    held = replace(_row("ntonix round_robin w4", 1000, 1.0), peak_per_backend=(2, 2, 1, 2))
+    over = replace(_row("ntonix prefix w4", 1000, 1.0), peak_per_backend=(2, 3, 2, 2))
+    checks = limit_checks({"direct": _row("direct", 1, 1.0), held.label: held, over.label: over}, 2)
+    assert [(c.ok, c.value) for c in checks] == [(True, "2/2/1/2"), (False, "2/3/2/2")]
+    assert limit_checks({"direct": _row("direct", 1, 1.0)}, 2)[0].ok is None

@@ -31,7 +31,14 @@ from tests.support import Proc  # noqa: E402
 from tools.routing_bench import procs  # noqa: E402
 from tools.routing_bench.routers import ReferenceRouter, RoundRobin, UserHash  # noqa: E402
 from tools.routing_bench.run import Target, replay  # noqa: E402
-from tools.routing_bench.stats import Row, model_checks, prefix_checks, slow_checks, table  # noqa: E402
+from tools.routing_bench.stats import (  # noqa: E402
+    Row,
+    limit_checks,
+    model_checks,
+    prefix_checks,
+    slow_checks,
+    table,
+)
 from tools.routing_bench.workload import QUICK, Spec, conversations, total_prompt_tokens, working_set_blocks  # noqa: E402
 
 TARGETS = ("direct", "nginx", "ntonix", "reference", "user_hash")
@@ -72,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "that the gateway did not start)")
     t.add_argument("--gateway-workers", type=_csv(int), default=None, help="default 1,2,4 (--quick: 1)")
     t.add_argument("--cache-on", action="store_true", help="leave the gateway's response cache on")
+    t.add_argument("--max-in-flight", type=int, default=0, help="variant: backends[].max_in_flight of the "
+                   "gateway; checks that no backend ever held more of its requests at once")
     t.add_argument("--out", type=Path, help="also write the report (Markdown) to this file")
     args = p.parse_args(argv)
     unknown = set(args.targets) - set(TARGETS)
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         label = f"ntonix {policy} w{workers}"
                         try:
                             proc, port = procs.start_gateway(folder / label.replace(" ", "-"), backends, workers,
-                                                             policy, args.cache_on)
+                                                             policy, args.cache_on, args.max_in_flight)
                         except (TimeoutError, RuntimeError) as exc:
                             said = [line for line in str(exc).splitlines() if line.strip()]
                             notes.append(f"{label}: the gateway did not start ({said[-1][:200] if said else exc!r})")
@@ -169,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     by_label = {r.label: r for r in rows}
     say()
     say("Targets (issue #16):")
-    checks = slow_checks(by_label, args.gateway_workers) if args.slow else (
-        model_checks(by_label) if args.models else prefix_checks(by_label, args.gateway_workers))
+    if args.max_in_flight:
+        checks = limit_checks(by_label, args.max_in_flight)
+    elif args.slow:
+        checks = slow_checks(by_label, args.gateway_workers)
+    elif args.models:
+        checks = model_checks(by_label)
+    else:
+        checks = prefix_checks(by_label, args.gateway_workers)
     for check in checks:
         say("  " + check.line())
     if args.out:

@@ -140,14 +140,16 @@ def start_nginx(folder: Path, backends: list[Backend]) -> tuple[Proc, int]:
 
 
 def start_gateway(folder: Path, backends: list[Backend], workers: int, policy: str,
-                  cache: bool) -> tuple[Proc, int]:
+                  cache: bool, max_in_flight: int = 0) -> tuple[Proc, int]:
     """``python -m ntonix`` in front of ``backends``; ``NTONIX_ROUTING_POLICY`` set for any policy but
-    the default (round_robin), so that a gateway without routing keys still runs round_robin."""
+    the default (round_robin), and ``backends[].max_in_flight`` only when asked for, so that a gateway
+    without routing keys still runs round_robin."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {
         "server": {"host": HOST, "port": port, "ssl_port": 0, "threads": workers},
-        "backends": [{"host": HOST, "port": b.port, "weight": 1} for b in backends],
+        "backends": [{"host": HOST, "port": b.port, "weight": 1,
+                      **({"max_in_flight": max_in_flight} if max_in_flight else {})} for b in backends],
         "cache": {"enabled": cache, "dir": str(folder / "cache")},
         "proxy": {"read_timeout_s": 300},
         "health": {"interval_s": 1.0},

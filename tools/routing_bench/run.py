@@ -141,5 +141,6 @@ def replay(target: Target, convs: Sequence[Conversation], spec: Spec, backends: 
             requests=int(m["mock:requests_total"]), wrong_model=int(m["mock:requests_wrong_model_total"]),
             prompt_tokens=int(m["vllm:prompt_tokens_total"]),
             computed_tokens=int(m["mock:prompt_tokens_computed_total"]),
-            cached_tokens=int(m["mock:prompt_tokens_cached_total"])))
+            cached_tokens=int(m["mock:prompt_tokens_cached_total"]),
+            peak_in_system=int(m["mock:requests_in_system_peak"])))
     return summarize(target.label, turns, counts, seconds)

@@ -33,6 +33,7 @@ class BackendCounts:
     prompt_tokens: int = 0
     computed_tokens: int = 0
     cached_tokens: int = 0
+    peak_in_system: int = 0  # most requests it held (running and waiting) at once
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -59,7 +60,7 @@ class Row:
     per_backend: tuple[int, ...]
     wrong_model: int
     seconds: float
-    notes: tuple[str, ...] = field(default=())
+    peak_per_backend: tuple[int, ...] = field(default=())
 
     @property
     def cached_ratio(self) -> float:
@@ -86,6 +87,7 @@ def summarize(label: str, turns: Sequence[Turn], backends: Sequence[BackendCount
         cached_tokens=sum(b.cached_tokens for b in backends),
         per_backend=tuple(b.requests for b in backends),
         wrong_model=sum(b.wrong_model for b in backends), seconds=seconds,
+        peak_per_backend=tuple(b.peak_in_system for b in backends),
     )
 
 
@@ -166,6 +168,16 @@ def slow_checks(rows: Mapping[str, Row], workers: Sequence[int]) -> list[Check]:
         else:
             out.append(Check(name, f"{_ms(least.ttft_p99)} vs {_ms(rr.ttft_p99)}", least.ttft_p99 < rr.ttft_p99))
     return out
+
+
+def limit_checks(rows: Mapping[str, Row], limit: int) -> list[Check]:
+    """``backends[].max_in_flight``: no backend ever held more than ``limit`` requests of the gateway's."""
+    gateway = [r for label, r in rows.items() if label.startswith("ntonix ")]
+    if not gateway:
+        return [Check(f"max_in_flight {limit} holds", "gateway not run", None)]
+    return [Check(f"max_in_flight {limit} holds ({r.label}): most requests at a backend at once",
+                  "/".join(map(str, r.peak_per_backend)), max(r.peak_per_backend, default=0) <= limit)
+            for r in gateway]
 
 
 def model_checks(rows: Mapping[str, Row]) -> list[Check]:
