@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.live.procs import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

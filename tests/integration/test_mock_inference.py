@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import MockBackend, MockBackendFactory
-from tests.support import get_json, http, wait_until
+from tests.live.procs import get_json, http, wait_until
+from tests.live.servers import MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ import tempfile  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from tests.support import Proc  # noqa: E402
+from tests.live.procs import Proc  # noqa: E402
 from tools.routing_bench import procs  # noqa: E402
 from tools.routing_bench.routers import ReferenceRouter, RoundRobin, UserHash  # noqa: E402
 from tools.routing_bench.run import Target, replay  # noqa: E402

@@ -1,6 +1,6 @@
 """The routing benchmark's processes: inference-mode mock backends, nginx, the NTONIX gateway.
 
-Each runs as a child on a free 127.0.0.1 port, through tests/support.py's ``Proc`` (output in a
+Each runs as a child on a free 127.0.0.1 port, through tests/live/procs.py's ``Proc`` (output in a
 temporary log file; stopped by its PID, then its own process group).
 """
 
@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import PYTHON, Proc, free_port, http, wait_http_up, wait_until
+from tests.live.procs import PYTHON, Proc, free_port, http, wait_http_up, wait_until
 
 HOST = "127.0.0.1"
 
