@@ -50,8 +50,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds in-flight requests may finish on SIGTERM")
     p.add_argument("--access-log", action="store_true", default=_env("ACCESS_LOG", "") == "1",
                    help="log every request to stderr")
+    p.add_argument("--models", default=_env("MODELS", ""),
+                   help="comma-separated model ids served (listed by /v1/models; others get 404 "
+                        "model_not_found); default: any model, /v1/models lists mock-model")
+    inf = p.add_argument_group(
+        "inference-server mode", "--inference: a KV prefix cache, prefill time per uncached token, a limited number "
+        "of running requests with a FIFO queue, decode time per output token (--token-delay), cached_tokens in "
+        "usage, vLLM-style /metrics (mock_llm/inference.py)")
+    inf.add_argument("--inference", action="store_true", default=_env("INFERENCE", "") == "1",
+                     help="act like an inference server (default: the plain mock)")
+    inf.add_argument("--kv-cache-tokens", type=int, default=_env("KV_CACHE_TOKENS", "65536"),
+                     help="prefix cache capacity in tokens (rounded down to whole blocks)")
+    inf.add_argument("--block-tokens", type=int, default=_env("BLOCK_TOKENS", "16"), help="tokens per KV block")
+    inf.add_argument("--prefill-time-per-token", type=float, default=_env("PREFILL_TIME_PER_TOKEN", "0.0001"),
+                     help="seconds per uncached prompt token (prefills run one at a time)")
+    inf.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", "8"),
+                     help="requests running at once; the others wait first come, first served")
+    inf.add_argument("--max-waiting", type=int, default=_env("MAX_WAITING", "0"),
+                     help="requests allowed to wait (more: 503 at once); 0 = no limit")
+    inf.add_argument("--stream-interval", type=int, default=_env("STREAM_INTERVAL", "1"),
+                     help="output tokens per stream event after the first")
     args = p.parse_args(argv)
     args.name = args.name or f"mock-{args.port}"
+    args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    for option, least in (("block_tokens", 1), ("max_num_seqs", 1), ("stream_interval", 1), ("kv_cache_tokens", 0),
+                          ("max_waiting", 0), ("prefill_time_per_token", 0)):
+        if getattr(args, option) < least:
+            p.error(f"--{option.replace('_', '-')}: must be >= {least}, got {getattr(args, option)}")
     return args
 
 
@@ -62,8 +87,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     def load() -> Any:
         # Imported in the worker, after gevent has monkey-patched the standard library.
         from mock_llm.app import create_app
+        from mock_llm.inference import InferenceConfig
 
-        return create_app(args.name, ttft=args.ttft, token_delay=args.token_delay, tokens=args.tokens)
+        inference = InferenceConfig(
+            kv_cache_tokens=args.kv_cache_tokens, block_tokens=args.block_tokens,
+            prefill_time_per_token=args.prefill_time_per_token, max_num_seqs=args.max_num_seqs,
+            max_waiting=args.max_waiting, stream_interval=args.stream_interval,
+        ) if args.inference else None
+        return create_app(args.name, ttft=args.ttft, token_delay=args.token_delay, tokens=args.tokens,
+                          models=args.models, inference=inference)
 
     options: dict[str, Any] = {
         "bind": [f"{host}:{args.port}"],

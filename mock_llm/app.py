@@ -24,17 +24,20 @@ import hashlib
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
+if TYPE_CHECKING:
+    from mock_llm.inference import InferenceConfig
+
 HANG_LIMIT_S = 600.0
 _PATTERN = b"0123456789abcdef"
-_CONTROL_PATHS = ("/_control", "/_reset", "/_stats", "/health")
+_CONTROL_PATHS = ("/_control", "/_reset", "/_stats", "/health", "/metrics")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error"}
 
@@ -62,16 +65,18 @@ class Stats:
     streams_aborted: int = 0  # the client went away mid-stream
     streams_broken: int = 0  # we dropped the connection on purpose (X-Mock-Break-After)
     active_requests: int = 0
+    wrong_model: int = 0  # 404 model_not_found (only with a configured model list)
     last_request: dict[str, Any] | None = None
 
 
 class MockError(Exception):
     """An error answered as an OpenAI-shaped JSON body with ``status``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,11 @@ class _Plan:
     break_after: int | None
 
 
-def error_response(status: int, message: str) -> Response:
+def error_response(status: int, message: str, code: str | None = None) -> Response:
     err_type = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": err_type, "code": status}}
+    if code == "model_not_found":  # OpenAI's shape for it
+        err_type = "invalid_request_error"
+    body = {"error": {"message": message, "type": err_type, "code": code or status}}
     return Response(json.dumps(body), status=status, mimetype="application/json")
 
 
@@ -108,7 +115,7 @@ def _digest(value: Any) -> bytes:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
 
 
-def _json_body() -> dict[str, Any]:
+def json_body() -> dict[str, Any]:
     try:
         body = json.loads(request.get_data() or b"null")
     except ValueError as exc:
@@ -121,9 +128,11 @@ def _json_body() -> dict[str, Any]:
 class MockLLM:
     """The state and the views of one mock instance."""
 
-    def __init__(self, name: str, settings: Settings) -> None:
+    def __init__(self, name: str, settings: Settings, models: tuple[str, ...] = ()) -> None:
         self.name = name
         self.settings = settings
+        self.models = models  # () serves any model and lists "mock-model"
+        self.reset_hooks: list[Callable[[], None]] = []
         self.stats = Stats()
         self._ids = 0  # never reset, so ids stay unique for the life of the process
 
@@ -195,6 +204,15 @@ class MockLLM:
         tag = f"[{self.name} #{_digest(prompt).hex()[:8]}]"
         return [f"{tag} tok0" if i == 0 else f" tok{i}" for i in range(count)]
 
+    def check_model(self, body: dict[str, Any]) -> Any:
+        """The body's model, as sent; ``MockError`` 404 ``model_not_found`` when a list is set without it."""
+        model = body.get("model", "mock-model")
+        if self.models and model not in self.models:
+            self.stats.wrong_model += 1
+            raise MockError(404, f"{self.name}: the model {model!r} does not exist (serving: "
+                                 f"{', '.join(self.models)})", code="model_not_found")
+        return model
+
     def _count(self, plan: _Plan, body: dict[str, Any]) -> int:
         if plan.tokens is not None:
             return plan.tokens
@@ -213,10 +231,10 @@ class MockLLM:
 
     def _complete(self, chat: bool) -> Response:
         plan = self._plan()
-        body = _json_body()
+        body = json_body()
         prompt = body.get("messages") if chat else body.get("prompt")
+        model = self.check_model(body)
         tokens = self.tokens_for(prompt, self._count(plan, body))
-        model = body.get("model", "mock-model")
         rid = self._next_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         if body.get("stream") is True:
@@ -281,7 +299,7 @@ class MockLLM:
 
     def embeddings(self) -> Response:
         plan = self._plan()
-        body = _json_body()
+        body = json_body()
         inputs = body.get("input")
         if isinstance(inputs, str) or not isinstance(inputs, list):
             inputs = [inputs]
@@ -293,9 +311,10 @@ class MockLLM:
                            "usage": {"prompt_tokens": used, "total_tokens": used},
                            "mock_instance": self.name})
 
-    def models(self) -> Response:
+    def models_view(self) -> Response:
         return self._json({"object": "list", "data": [
-            {"id": "mock-model", "object": "model", "created": 0, "owned_by": "ntonix-mock"}]})
+            {"id": model, "object": "model", "created": 0, "owned_by": "ntonix-mock"}
+            for model in self.models or ("mock-model",)]})
 
     # -- health, control, test helpers ----------------------------------------------------
 
@@ -308,7 +327,7 @@ class MockLLM:
 
     def control(self) -> Response:
         if request.method == "POST":
-            changes = _json_body()
+            changes = json_body()
             for key, value in changes.items():
                 _check_setting(key, value)
             for key, value in changes.items():
@@ -317,6 +336,8 @@ class MockLLM:
 
     def reset(self) -> Response:
         self.stats = Stats(active_requests=self.stats.active_requests)  # in-flight is a fact
+        for hook in self.reset_hooks:
+            hook()
         return self._json(asdict(self.stats))
 
     def stats_view(self) -> Response:
@@ -394,9 +415,14 @@ def _drop(sock: socket.socket | None) -> None:
         pass  # the client is already gone
 
 
-def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: int = 8) -> Flask:
-    """The Flask app of one mock instance called ``name`` (see the module docstring)."""
-    mock = MockLLM(name, Settings(ttft=ttft, token_delay=token_delay, tokens=tokens))
+def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: int = 8,
+               models: Sequence[str] = (), inference: InferenceConfig | None = None) -> Flask:
+    """The Flask app of one mock instance called ``name`` (see the module docstring).
+
+    ``models``: the ids it serves (others get 404 ``model_not_found``); empty serves any.
+    ``inference``: act like an inference server with a KV prefix cache (mock_llm/inference.py).
+    """
+    mock = MockLLM(name, Settings(ttft=ttft, token_delay=token_delay, tokens=tokens), tuple(models))
     app = Flask("mock_llm")
     app.extensions["mock_llm"] = mock
     app.before_request(mock.before)
@@ -405,7 +431,7 @@ def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: i
     rule("/v1/chat/completions", view_func=mock.chat_completions, methods=["POST"])
     rule("/v1/completions", view_func=mock.completions, methods=["POST"])
     rule("/v1/embeddings", view_func=mock.embeddings, methods=["POST"])
-    rule("/v1/models", view_func=mock.models, methods=["GET"])
+    rule("/v1/models", view_func=mock.models_view, methods=["GET"])
     rule("/health", view_func=mock.health, methods=["GET"])
     rule("/_control", view_func=mock.control, methods=["GET", "POST"])
     rule("/_reset", view_func=mock.reset, methods=["POST"])
@@ -417,7 +443,7 @@ def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: i
 
     @app.errorhandler(MockError)
     def _mock_error(exc: MockError) -> Response:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.code)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> BaseResponse:
@@ -425,4 +451,8 @@ def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: i
             return exc.get_response()
         return error_response(exc.code or 500, exc.description or exc.name)
 
+    if inference is not None:
+        from mock_llm.inference import install
+
+        install(app, mock, inference)
     return app

@@ -6,7 +6,7 @@ Starts its own redis-server on a free loopback port (stopped by PID at the end) 
 with ``time.process_time`` (this process's CPU, so other load on the machine matters less
 than for wall time), a miss nobody follows: ``join`` + ``publish_head`` + ``--chunks``
 ``publish_chunk`` + ``finish``, against the same loop with no cluster at all; and the local
-LMDB coalescer's miss (ntonix/coalesce.py) for scale. redis-server's own CPU is reported apart
+LMDB coalescer's miss (ntonix/cache/coalescer.py) for scale. redis-server's own CPU is reported apart
 (it is another process, usually on another host). Compare with the gateway's CPU per miss in
 docs/performance.md (scenario 1).
 """
@@ -53,12 +53,12 @@ def main() -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    from ntonix.cache_redis import PREFIX, RedisStore
+    from ntonix.cache.coalescer import Coalescer
+    from ntonix.cache.coalescer import Follower as LocalFollower
+    from ntonix.cache.coalescer import Leader as LocalLeader
+    from ntonix.cache.remote import PREFIX, RedisStore
     from ntonix.cluster.flights import Flights, Leader
     from ntonix.cluster.follower import Follower
-    from ntonix.coalesce import Coalescer
-    from ntonix.coalesce import Follower as LocalFollower
-    from ntonix.coalesce import Leader as LocalLeader
 
     exe = shutil.which("redis-server")
     if exe is None:

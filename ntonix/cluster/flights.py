@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The same shape as :mod:`ntonix.coalesce` (``join(key)`` -> :class:`Leader` | :class:`Follower`),
+The same shape as :mod:`ntonix.cache.coalescer` (``join(key)`` -> :class:`Leader` | :class:`Follower`),
 one level up: the proxy asks this only for keys not already led on its own host, so the
 cheap local path stays first. Keys, all under ``prefix`` and all expiring:
 
@@ -50,10 +50,10 @@ from typing import Any, NamedTuple
 import orjson
 import redis
 
-from ntonix.cache_entry import Headers
 from ntonix.cluster.follower import Follower
 from ntonix.cluster.lua import FINISH, SCRIPTS, SHAS
 from ntonix.cluster.resp import ERRORS, Pool, RespError, redis_py
+from ntonix.core.cache_entry import Headers
 
 log = logging.getLogger("ntonix.cluster")
 
@@ -133,7 +133,7 @@ class Flights:
 
     def join_or_hit(self, key: str, cache_key: str | None) -> Leader | Follower | bytes:
         """:meth:`join`, but first (in the same round trip) read the Redis key ``cache_key``
-        (the cache tier's entry, ntonix/cache_redis.py): its raw value if it exists. A miss
+        (the cache tier's entry, ntonix/cache/remote.py): its raw value if it exists. A miss
         re-checks the cache after joining anyway; this makes the re-check and the join one
         round trip instead of two."""
         if self._following >= self.max_followers or not self._ready():

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ntonix.cache_entry import Headers
+from ntonix.cache.coalescer import LeaderFailed
 from ntonix.cluster.resp import ERRORS
-from ntonix.coalesce import LeaderFailed
+from ntonix.core.cache_entry import Headers
 
 if TYPE_CHECKING:
     from ntonix.cluster.flights import Flights

@@ -1,6 +1,6 @@
 """Putting cross-gateway coalescing behind the host's own (ADR 0009, "Wiring").
 
-The host's LMDB coalescer (ntonix/coalesce.py) answers first; only a request that became the
+The host's LMDB coalescer (ntonix/cache/coalescer.py) answers first; only a request that became the
 host's leader asks the cluster (:func:`widen`), so Redis is never consulted for a key already
 led on this host. Then:
 
@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ntonix.cache_entry import Headers
+from ntonix.cache.coalescer import Follower as LocalFollower
+from ntonix.cache.coalescer import Leader as LocalLeader
+from ntonix.cache.coalescer import LeaderFailed
 from ntonix.cluster.flights import Leader as ClusterLeader
 from ntonix.cluster.follower import Follower as ClusterFollower
-from ntonix.coalesce import Follower as LocalFollower
-from ntonix.coalesce import Leader as LocalLeader
-from ntonix.coalesce import LeaderFailed
+from ntonix.core.cache_entry import Headers
 
 if TYPE_CHECKING:
     from ntonix.cluster.flights import Flights

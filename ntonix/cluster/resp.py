@@ -39,7 +39,7 @@ ERRORS = (redis.RedisError, OSError, RespError, ProtocolError, ValueError)
 
 def redis_py(url: str, timeout_s: float, read_timeout_s: float | None = None) -> redis.Redis:
     """A redis-py client that fails fast: short timeouts, no retries, no health-check pings
-    (the same settings as ntonix/cache_redis.py)."""
+    (the same settings as ntonix/cache/remote.py)."""
     return redis.Redis.from_url(url, socket_timeout=read_timeout_s or timeout_s, socket_connect_timeout=timeout_s,
                                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
 

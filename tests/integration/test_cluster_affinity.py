@@ -9,8 +9,8 @@ import time
 import pytest
 
 from ntonix.cluster.affinity import AffinityBoard, Assignment
-from tests.fixtures import RedisServer
-from tests.support import free_port, wait_until
+from tests.live.procs import free_port, wait_until
+from tests.live.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 

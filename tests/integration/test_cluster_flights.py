@@ -16,11 +16,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from ntonix.cache.coalescer import LeaderFailed
 from ntonix.cluster.flights import Flights, Leader
 from ntonix.cluster.follower import Follower
-from ntonix.coalesce import LeaderFailed
-from tests.fixtures import RedisServer
-from tests.support import Proc, free_port, wait_until
+from tests.live.procs import Proc, free_port, wait_until
+from tests.live.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from ntonix.cache.coalescer import Coalescer, LeaderFailed
+from ntonix.cache.coalescer import Follower as LocalFollower
+from ntonix.cache.coalescer import Leader as LocalLeader
 from ntonix.cluster.flights import Flights
 from ntonix.cluster.relay import Fanout, Relay, widen
-from ntonix.coalesce import Coalescer, LeaderFailed
-from ntonix.coalesce import Follower as LocalFollower
-from ntonix.coalesce import Leader as LocalLeader
-from tests.fixtures import RedisServer
-from tests.support import wait_until
+from tests.live.procs import wait_until
+from tests.live.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 

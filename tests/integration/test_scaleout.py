@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, http
+from tests.live.procs import ROOT, http
 from tools.scaleout import Topology, haproxy_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]

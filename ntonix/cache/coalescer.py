@@ -1,0 +1,419 @@
+"""Request coalescing across the worker processes of one host, through an LMDB journal.
+
+Theory of operation
+-------------------
+Identical cacheable requests (same cache key) that are in flight at the same time should
+reach a backend once, whichever workers they landed on. An LMDB environment (its own, in
+``<directory>/inflight``, so journal writes never wait on cache writes) holds:
+
+* ``inflight``: key -> token of the flight currently answering it
+* ``flights``:  token -> (leader pid, heartbeat, followers, records published, state, key)
+* ``journal``:  token + sequence number -> record; record 0 is the head (status, headers),
+  the others are the body's chunks in order
+
+``join(key)`` is one write transaction: if the key has a live running flight, register as
+a follower (``followers += 1``) and get a :class:`Follower`; otherwise (none, finished, or
+its leader is stale: pid gone or no heartbeat for ``stale_after_s``) start a new flight and
+get a :class:`Leader`. A stale flight taken over is marked failed so its followers stop.
+
+The leader keeps the head and chunks in memory (the proxy does so anyway to store the
+answer) and writes the journal only once a follower exists: before each chunk it reads the
+follower count (~1 µs); the first time it is non-zero it writes everything so far, then
+each chunk as it comes. Without followers a request costs two writes (join, finish) and one
+read per chunk. ``finish`` publishes what is missing and marks the flight done or failed in
+the same transaction as it reads the follower count, so a follower can never miss it.
+Followers poll (every ``poll_interval_s``, sleeping with gevent) and read records they have
+not seen; the flight and its journal are deleted by whoever leaves last, leader or follower.
+
+Staleness: the leader refreshes its heartbeat at most once a second, but only while it
+publishes, so ``stale_after_s`` must exceed the longest silence of a live backend (the
+proxy's read timeout); a dead leader is noticed at once through its pid. Transactions never
+span a sleep or a ``yield``: records are copied out first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
+
+import orjson
+
+from ntonix.cache.lmdb_env import MiB, Process, StoreError, open_env, translated
+from ntonix.core.cache_entry import Headers
+
+if TYPE_CHECKING:
+    import lmdb
+    from lmdb import _Database
+
+    Txn = lmdb.Transaction[bytes]
+
+log = logging.getLogger("ntonix.cache")
+
+_RECORD = struct.Struct(">IdIIB")  # pid, heartbeat (wall clock), followers, published, state
+RUNNING, DONE, FAILED = 0, 1, 2
+_HEARTBEAT_S = 1.0
+
+
+class LeaderFailed(Exception):
+    """The leader failed, vanished or went silent: the follower's answer cannot be completed."""
+
+
+class _Flight(NamedTuple):
+    pid: int
+    heartbeat: float
+    followers: int
+    published: int
+    state: int
+    key: bytes
+
+    def pack(self) -> bytes:
+        return _RECORD.pack(self.pid, self.heartbeat, self.followers, self.published, self.state) + self.key
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> _Flight:
+        pid, heartbeat, followers, published, state = _RECORD.unpack_from(raw)
+        return cls(pid, heartbeat, followers, published, state, raw[_RECORD.size :])
+
+
+class _Handles(NamedTuple):
+    env: lmdb.Environment
+    inflight: _Database
+    flights: _Database
+    journal: _Database
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _gevent_sleep(seconds: float) -> None:
+    import gevent
+
+    gevent.sleep(seconds)
+
+
+class Coalescer:
+    """Decides, per key, who goes to the backend (:class:`Leader`) and who follows."""
+
+    def __init__(self, directory: str, poll_interval_s: float = 0.005, stale_after_s: float = 120.0, *,
+                 sleep: Callable[[float], None] = _gevent_sleep, clock: Callable[[], float] = time.time,
+                 is_alive: Callable[[int], bool] = pid_alive, map_size: int = 1024 * MiB) -> None:
+        self.path = os.path.join(directory, "inflight")
+        self.poll_interval_s, self.stale_after_s = poll_interval_s, stale_after_s
+        self.sleep, self.clock, self.is_alive = sleep, clock, is_alive
+        self.map_size = map_size
+        self._pid = -1
+        self._handles: _Handles | None = None
+        self._swept_at = 0.0
+
+    def handles(self) -> _Handles:
+        if self._handles is None or self._pid != Process.pid:
+            env = open_env(self.path, self.map_size, max_dbs=4)
+            dbs = [env.open_db(name) for name in (b"inflight", b"flights", b"journal")]
+            self._handles, self._pid = _Handles(env, *dbs), Process.pid
+        return self._handles
+
+    def stale(self, flight: _Flight, now: float) -> bool:
+        # A live leader beats at most once a second, so allow that much on top.
+        return now - flight.heartbeat > self.stale_after_s + _HEARTBEAT_S or not self.is_alive(flight.pid)
+
+    def join(self, key: str) -> Leader | Follower:
+        """Follow the live flight for ``key``, or lead a new one (one write transaction)."""
+        k = key.encode()
+        now = self.clock()
+        try:
+            if now - self._swept_at > self.stale_after_s:
+                self._swept_at = now
+                self.sweep()
+            with translated():
+                h = self.handles()
+                with h.env.begin(write=True) as txn:
+                    token = txn.get(k, db=h.inflight)
+                    raw = txn.get(token, db=h.flights) if token is not None else None
+                    if token is not None and raw is not None:
+                        flight = _Flight.unpack(raw)
+                        if flight.state == RUNNING and not self.stale(flight, now):
+                            txn.put(token, flight._replace(followers=flight.followers + 1).pack(), db=h.flights)
+                            return Follower(self, token)
+                        if flight.state == RUNNING:  # its leader is gone: stop its followers
+                            settle(h, txn, token, flight._replace(state=FAILED))
+                    token = secrets.token_bytes(8)
+                    txn.put(k, token, db=h.inflight)
+                    txn.put(token, _Flight(os.getpid(), now, 0, 0, RUNNING, k).pack(), db=h.flights)
+                    return Leader(self, key, token)
+        except StoreError as exc:
+            log.warning("coalesce.unavailable", extra={"path": self.path, "error": str(exc)})
+            return Leader(self, key, None)  # nobody can follow: the request just goes alone
+
+    def sweep(self) -> int:
+        """Remove flights nobody will finish or read any more; returns how many."""
+        now = self.clock()
+        removed = 0
+        with translated():
+            h = self.handles()
+            with h.env.begin(write=True) as txn:
+                for token, raw in list(txn.cursor(db=h.flights)):
+                    flight = _Flight.unpack(raw)
+                    if flight.state != RUNNING and now - flight.heartbeat > self.stale_after_s:
+                        drop(h, txn, token, flight.key)  # its followers died without closing
+                        removed += 1
+                    elif flight.state == RUNNING and self.stale(flight, now):
+                        removed += settle(h, txn, token, flight._replace(state=FAILED))
+        return removed
+
+    def __repr__(self) -> str:
+        return f"<Coalescer {self.path} poll={self.poll_interval_s}s stale_after={self.stale_after_s}s>"
+
+
+def settle(h: _Handles, txn: Txn, token: bytes, flight: _Flight) -> int:
+    """Write ``flight``; if it is over and nobody follows it, delete it (returns 1 if so)."""
+    if flight.state == RUNNING:
+        txn.put(token, flight.pack(), db=h.flights)
+        return 0
+    if txn.get(flight.key, db=h.inflight) == token:
+        txn.delete(flight.key, db=h.inflight)
+    if flight.followers > 0:
+        txn.put(token, flight.pack(), db=h.flights)
+        return 0
+    drop(h, txn, token, flight.key)
+    return 1
+
+
+def drop(h: _Handles, txn: Txn, token: bytes, key: bytes) -> None:
+    if txn.get(key, db=h.inflight) == token:
+        txn.delete(key, db=h.inflight)
+    txn.delete(token, db=h.flights)
+    clear_journal(h, txn, token)
+
+
+def clear_journal(h: _Handles, txn: Txn, token: bytes) -> None:
+    with txn.cursor(db=h.journal) as cur:
+        if cur.set_range(token):
+            while cur.key()[:8] == token and cur.delete():
+                pass
+
+
+def _seq(token: bytes, n: int) -> bytes:
+    return token + n.to_bytes(4, "big")
+
+
+class Leader:
+    """The request that goes to the backend and publishes its answer to any followers.
+
+    Journal failures never reach the leader's own client: the leader then stops publishing
+    (its followers see the flight fail or go stale and fetch the answer themselves).
+    """
+
+    def __init__(self, coalescer: Coalescer, key: str, token: bytes | None) -> None:
+        self._c = coalescer
+        self.key, self.token = key, token
+        self._records: list[bytes] = []
+        self._published = 0
+        self._journaling = False
+        self._has_head = False
+        self._beat = coalescer.clock()
+        self.finished = token is None
+
+    @property
+    def has_followers(self) -> bool:
+        """Whether anyone follows (as of the last publish): a leader whose own client left
+        may keep reading the backend for them."""
+        return self._journaling and not self.finished
+
+    def publish_head(self, status: int, headers: Headers) -> None:
+        if self._has_head:
+            raise ValueError("publish_head: the head is already published")
+        self._has_head = True
+        if not self.finished:
+            self._records.append(orjson.dumps([status, headers]))
+            if status != 200:
+                self._detach()
+            self._sync(None)
+
+    def publish_chunk(self, data: bytes) -> None:
+        if not self._has_head:
+            raise ValueError("publish_chunk: publish_head first")
+        if data and not self.finished:
+            self._records.append(bytes(data))
+            self._sync(None)
+
+    def finish(self, ok: bool) -> None:
+        """End the flight (idempotent): ``ok`` means the answer is complete."""
+        if not self.finished:
+            self._sync(DONE if ok and self._records else FAILED)
+            self.finished = True
+            self._records = []
+
+    def close(self) -> None:
+        """Mark the flight failed unless :meth:`finish` was called."""
+        self.finish(False)
+
+    def __enter__(self) -> Leader:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.finish(False)
+
+    def _sync(self, end: int | None) -> None:
+        """Publish what followers have not seen (if there are any), beat, or end (``end``)."""
+        if self.finished or self.token is None:
+            return
+        now = self._c.clock()
+        try:
+            with translated():
+                h = self._c.handles()
+                if not self._journaling and end is None:
+                    with h.env.begin() as txn:  # the cheap common case: one read
+                        raw = txn.get(self.token, db=h.flights)
+                    self._journaling = raw is not None and _Flight.unpack(raw).followers > 0
+                    if raw is None or (not self._journaling and now - self._beat < _HEARTBEAT_S):
+                        self.finished = raw is None  # taken over as stale: nobody follows us
+                        return
+                with h.env.begin(write=True) as txn:
+                    raw = txn.get(self.token, db=h.flights)
+                    if raw is None or _Flight.unpack(raw).state != RUNNING:
+                        self.finished = True
+                        return
+                    flight = _Flight.unpack(raw)._replace(heartbeat=now)
+                    self._journaling = flight.followers > 0
+                    if self._journaling and end != FAILED:
+                        for n in range(self._published, len(self._records)):
+                            txn.put(_seq(self.token, n), self._records[n], db=h.journal)
+                        self._published = len(self._records)
+                        flight = flight._replace(published=self._published)
+                    settle(h, txn, self.token, flight if end is None else flight._replace(state=end))
+                self._beat = now
+        except StoreError as exc:
+            log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": str(exc)})
+            self.finished = True
+            self._records = []
+            if end is None:
+                self._abandon()
+
+    def _detach(self) -> None:
+        """Take the key off the in-flight index, so that requests arriving from now on start a
+        flight of their own: an answer that will not be cached (status other than 200) is shared
+        with the followers already waiting for it, but never handed to a later request (e.g. one
+        sent after the leader's client already had the whole error) as if it were cached."""
+        assert self.token is not None
+        try:
+            with translated():
+                h = self._c.handles()
+                k = self.key.encode()
+                with h.env.begin(write=True) as txn:
+                    if txn.get(k, db=h.inflight) == self.token:
+                        txn.delete(k, db=h.inflight)
+        except StoreError as exc:
+            log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": str(exc)})
+
+    def _abandon(self) -> None:
+        """Best effort after a failed write (e.g. a full map): fail the flight, free its journal."""
+        assert self.token is not None
+        try:
+            with translated():
+                h = self._c.handles()
+                with h.env.begin(write=True) as txn:
+                    raw = txn.get(self.token, db=h.flights)
+                    if raw is not None:
+                        settle(h, txn, self.token, _Flight.unpack(raw)._replace(state=FAILED))
+                        clear_journal(h, txn, self.token)
+        except StoreError:
+            pass  # followers notice the silence (timeout) or the sweep cleans up
+
+    def __repr__(self) -> str:
+        state = "finished" if self.finished else ("journaling" if self._journaling else "running")
+        return f"<Leader {self.key} {state} records={len(self._records)} published={self._published}>"
+
+
+class Follower:
+    """A request waiting for an identical one in flight; reads the leader's journal."""
+
+    def __init__(self, coalescer: Coalescer, token: bytes) -> None:
+        self._c = coalescer
+        self.token = token
+        self._next = 0
+        self.closed = False
+
+    def wait_head(self, timeout_s: float) -> tuple[int, Headers] | None:
+        """The leader's status and headers, or ``None`` if it failed, vanished or took longer
+        than ``timeout_s`` (the caller then goes to a backend itself)."""
+        try:
+            head = next(self._records(0, 1, timeout_s))
+        except (LeaderFailed, StopIteration):
+            return None
+        status, headers = orjson.loads(head)
+        return int(status), tuple((str(k), str(v)) for k, v in headers)
+
+    def chunks(self, timeout_s: float) -> Iterator[bytes]:
+        """The body's chunks as the leader publishes them; ends when the leader finished.
+
+        Raises :class:`LeaderFailed` when the leader failed or vanished, or nothing new came
+        for ``timeout_s``.
+        """
+        return self._records(max(self._next, 1), 256, timeout_s)
+
+    def close(self) -> None:
+        """Deregister (idempotent); the last one out deletes a finished flight's journal."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            with translated():
+                h = self._c.handles()
+                with h.env.begin(write=True) as txn:
+                    raw = txn.get(self.token, db=h.flights)
+                    if raw is not None:
+                        flight = _Flight.unpack(raw)
+                        settle(h, txn, self.token, flight._replace(followers=flight.followers - 1))
+        except StoreError:
+            pass  # the sweep removes what we could not
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close()
+
+    def _records(self, start: int, batch: int, timeout_s: float) -> Iterator[bytes]:
+        c = self._c
+        last_data = c.clock()
+        while True:
+            try:
+                with translated():
+                    h = c.handles()
+                    with h.env.begin() as txn:
+                        raw = txn.get(self.token, db=h.flights)
+                        flight = _Flight.unpack(raw) if raw is not None else None
+                        end = min(flight.published, start + batch) if flight is not None else start
+                        records = [txn.get(_seq(self.token, n), b"", db=h.journal) for n in range(start, end)]
+            except StoreError as exc:
+                raise LeaderFailed(f"coalescing journal failed: {exc}") from None
+            if flight is None or flight.state == FAILED:
+                raise LeaderFailed("the leader's request failed")
+            if records:
+                start = self._next = start + len(records)
+                last_data = c.clock()
+                yield from records
+                continue
+            if flight.state == DONE:
+                return
+            now = c.clock()
+            if c.stale(flight, now):
+                raise LeaderFailed("the leader's process is gone")
+            if now - last_data > timeout_s:
+                raise LeaderFailed(f"nothing from the leader for {timeout_s:g}s")
+            c.sleep(c.poll_interval_s)
+
+    def __repr__(self) -> str:
+        return f"<Follower next={self._next} {'closed' if self.closed else 'open'}>"

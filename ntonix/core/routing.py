@@ -1,0 +1,170 @@
+"""Routing decisions: which backend gets a request, from plain values (pure).
+
+Theory of operation
+-------------------
+The caller (the request flow) gathers one ``Candidate`` per backend that serves the request's
+model: its weight, the requests in flight to it from this host (all workers, from
+``ntonix.routing.load``), its ``max_in_flight`` (0 = none), how many leading prompt blocks it is
+believed to hold in its KV cache (from ``ntonix.routing.index``) and whether it is routable
+(healthy, breaker not open, not draining). ``Router.choose`` returns a ``Decision``:
+
+- ``CHOSEN`` with an address;
+- ``AT_LIMIT``: routable backends exist but every one is at its ``max_in_flight``; the caller
+  waits its turn (``ntonix.routing.load``) and asks again;
+- ``NONE``: no candidate is routable (→ 503 with ``Retry-After``).
+
+Policies, among routable backends below their limit:
+
+- ``round_robin``: nginx's smooth weighted round-robin (``ntonix.core.balancer``).
+- ``least_requests``: the fewest ``(in_flight + 1) / weight``; the ``+ 1`` makes an idle pair of
+  weights 3 and 1 prefer the heavier one, as the next request would load it less. Ties rotate, so
+  equal idle backends take turns instead of the first one taking every request.
+- ``prefix`` (docs/adr/0008-prefix-routing.md says why this form):
+  1. *bounded load*: a backend is allowed only if, with this request, it would carry no more than
+     ``ceil(balance_factor × (total_in_flight + 1) × weight / total_weight)`` requests, as in
+     consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018). The least
+     loaded backend always passes, so the set is never empty.
+  2. among the allowed, the highest ``matched − load_blocks × (in_flight + 1) / weight``: a
+     backend holding the prompt's prefix wins unless it is markedly busier (each extra request
+     in flight per weight costs ``load_blocks`` matched blocks), the Dynamo-style single
+     exchange rate between cache and load; ties go to the less loaded, then rotate.
+  3. no allowed backend holds any of the prompt: the least loaded relative to weight, as
+     ``least_requests`` (llm-d's lesson: spread cold requests, do not pile them on one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from ntonix.core.balancer import SmoothWeightedRoundRobin
+
+__all__ = ["POLICIES", "Candidate", "Decision", "Outcome", "PrefixSettings", "Router"]
+
+POLICIES = ("round_robin", "least_requests", "prefix")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One backend that serves the request's model, as the policy sees it."""
+
+    address: str
+    weight: int = 1
+    in_flight: int = 0  # host-wide, all workers
+    max_in_flight: int = 0  # 0 = no limit
+    matched: int = 0  # leading prompt blocks it is believed to hold
+    routable: bool = True
+
+    @property
+    def at_limit(self) -> bool:
+        return 0 < self.max_in_flight <= self.in_flight
+
+    @property
+    def load(self) -> float:
+        """Requests in flight per weight once this request is added."""
+        return (self.in_flight + 1) / self.weight
+
+
+class Outcome(Enum):
+    CHOSEN = "chosen"
+    AT_LIMIT = "at_limit"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    address: str | None = None
+    matched: int = 0  # prompt blocks the chosen backend is believed to hold
+
+
+AT_LIMIT = Decision(Outcome.AT_LIMIT)
+NONE = Decision(Outcome.NONE)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixSettings:
+    balance_factor: float = 1.5
+    load_blocks: int = 2
+
+
+class Router:
+    """Holds what a policy remembers between requests (the round-robin state, the tie rotation)."""
+
+    __slots__ = ("_peers", "_rotation", "_rr", "policy", "prefix")
+
+    def __init__(self, policy: str = "round_robin", prefix: PrefixSettings | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}")
+        self.policy = policy
+        self.prefix = prefix or PrefixSettings()
+        self._rr = SmoothWeightedRoundRobin([])
+        self._peers: dict[str, int] = {}  # the round-robin's peers and weights
+        self._rotation = 0
+
+    def configure(self, policy: str, prefix: PrefixSettings | None = None,
+                  backends: Sequence[tuple[str, int]] | None = None) -> None:
+        """Take a new policy and backend list (on HUP); the rotation state of kept backends carries over."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}")
+        self.policy = policy
+        self.prefix = prefix or PrefixSettings()
+        if backends is not None:
+            self._peers = dict(backends)
+            self._rr.update(list(self._peers.items()))
+
+    def choose(self, candidates: Sequence[Candidate]) -> Decision:
+        """The backend for one request among ``candidates`` (those serving its model)."""
+        routable = [c for c in candidates if c.routable]
+        if not routable:
+            return NONE
+        eligible = [c for c in routable if not c.at_limit]
+        if not eligible:
+            return AT_LIMIT
+        if len(eligible) == 1:
+            return Decision(Outcome.CHOSEN, eligible[0].address, eligible[0].matched)
+        if self.policy == "round_robin":
+            chosen = self._round_robin(candidates, eligible)
+        elif self.policy == "least_requests":
+            chosen = self._least_loaded(eligible)
+        else:
+            chosen = self._prefix(eligible)
+        return Decision(Outcome.CHOSEN, chosen.address, chosen.matched)
+
+    def __repr__(self) -> str:
+        return f"<Router {self.policy} peers={len(self._peers)} {self.prefix}>"
+
+    def _round_robin(self, candidates: Sequence[Candidate], eligible: list[Candidate]) -> Candidate:
+        if any(self._peers.get(c.address) != c.weight for c in candidates):
+            # A new backend (or weight) joins the rotation; the others keep their place in it.
+            self._peers.update((c.address, c.weight) for c in candidates)
+            self._rr.update(list(self._peers.items()))
+        by_address = {c.address: c for c in eligible}
+        name = self._rr.pick(by_address)
+        assert name is not None  # eligible is not empty and every eligible address is a peer
+        return by_address[name]
+
+    def _least_loaded(self, eligible: Sequence[Candidate]) -> Candidate:
+        best = min(c.load for c in eligible)
+        return self._rotate([c for c in eligible if c.load == best])
+
+    def _rotate(self, tied: list[Candidate]) -> Candidate:
+        if len(tied) == 1:
+            return tied[0]
+        self._rotation += 1
+        return tied[self._rotation % len(tied)]
+
+    def _prefix(self, eligible: list[Candidate]) -> Candidate:
+        total_in = sum(c.in_flight for c in eligible)
+        total_weight = sum(c.weight for c in eligible)
+        factor = self.prefix.balance_factor
+        allowed = [c for c in eligible
+                   if c.in_flight + 1 <= math.ceil(factor * (total_in + 1) * c.weight / total_weight)]
+        if not any(c.matched for c in allowed):  # a cold prompt
+            return self._least_loaded(allowed)
+        k = self.prefix.load_blocks
+        best = max(c.matched - k * c.load for c in allowed)
+        top = [c for c in allowed if c.matched - k * c.load == best]
+        return self._least_loaded(top)

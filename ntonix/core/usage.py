@@ -1,0 +1,119 @@
+"""Token usage from backend answers, JSON or streamed (pure).
+
+OpenAI-compatible servers report ``usage`` = ``{"prompt_tokens", "completion_tokens",
+"prompt_tokens_details": {"cached_tokens"}}`` in a JSON answer, and in a stream in a final chunk
+(when the client asked for ``stream_options.include_usage``; vLLM can repeat it in every chunk).
+The Responses API spells them ``input_tokens``, ``output_tokens``, ``input_tokens_details``.
+
+``UsageScanner`` sits on the relay path of a stream, so it must cost next to nothing per chunk:
+it keeps only the unfinished last line, and looks for ``"usage"`` with a substring test before it
+parses anything; only a ``data:`` line holding a ``"usage": {`` object is parsed (OpenAI sends
+``"usage": null`` in every other chunk). The last usage seen wins, as servers that repeat it send
+running totals.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import orjson
+
+__all__ = ["Usage", "UsageScanner", "usage_from_json", "usage_of"]
+
+_MAX_LINE = 1 << 20  # a line longer than this is not kept whole (and holds no usage worth the memory)
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_LINE_END = re.compile(rb"[\r\n]")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt: int = 0  # all prompt tokens, cached ones included
+    completion: int = 0
+    cached_prompt: int = 0
+
+
+def usage_of(doc: object) -> Usage | None:
+    """The ``usage`` of a parsed answer (or chunk), if it carries one."""
+    if not isinstance(doc, Mapping):
+        return None
+    usage = doc.get("usage")
+    if not isinstance(usage, Mapping):
+        response = doc.get("response")  # Responses API stream events wrap the response
+        usage = response.get("usage") if isinstance(response, Mapping) else None
+        if not isinstance(usage, Mapping):
+            return None
+    prompt = _count(usage, "prompt_tokens", "input_tokens")
+    completion = _count(usage, "completion_tokens", "output_tokens")
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cached = _count(details, "cached_tokens") if isinstance(details, Mapping) else 0
+    return Usage(prompt, completion, min(cached, prompt) if prompt else cached)
+
+
+def _count(mapping: Mapping[str, object], *names: str) -> int:
+    for name in names:
+        value = mapping.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return 0
+
+
+def usage_from_json(body: bytes) -> Usage | None:
+    """The usage of a JSON answer body; None when it is not JSON or has none."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        return usage_of(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+
+
+class UsageScanner:
+    """Fed the raw bytes of an SSE stream as they are relayed; ``usage`` is the last one seen."""
+
+    __slots__ = ("_skipping", "_tail", "usage")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._skipping = False  # inside an over-long line, dropped up to its end
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._tail + chunk if self._tail else chunk
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if cut < 0:
+            self._hold(data)
+            return
+        complete = data[:cut + 1]
+        if self._skipping:
+            self._skipping = False
+            first = _LINE_END.search(complete)
+            assert first is not None  # complete ends with a line end
+            complete = complete[first.end():]
+        self._hold(data[cut + 1:])
+        if b'"usage"' in complete:
+            self._scan(complete)
+
+    def finish(self) -> Usage | None:
+        """End of stream: a last line without a line end counts too."""
+        if self._tail and not self._skipping and b'"usage"' in self._tail:
+            self._scan(self._tail)
+        self._tail = b""
+        return self.usage
+
+    def _hold(self, rest: bytes) -> None:
+        if len(rest) > _MAX_LINE:
+            self._tail, self._skipping = b"", True
+        elif not self._skipping:
+            self._tail = rest
+
+    def _scan(self, data: bytes) -> None:
+        for line in data.splitlines():
+            if line.startswith(b"data:") and _USAGE_OBJECT.search(line):
+                try:
+                    found = usage_of(orjson.loads(line[5:]))
+                except orjson.JSONDecodeError:
+                    continue
+                if found is not None:
+                    self.usage = found

@@ -1,0 +1,121 @@
+"""Choosing a backend for one request and holding its place: the policy plus the host-shared state.
+
+``Selector.acquire`` is what the request flow calls once it knows the request's model-filtered
+backends and prompt blocks:
+
+1. read each backend's host-wide in-flight count (a backend with waiters counts as full for a
+   newcomer, so nobody jumps the queue) and, for ``prefix``, how much of the prompt it holds;
+2. let the pure policy (``ntonix.core.routing``) choose;
+3. take the place (``HostLoad.begin``: exact under ``max_in_flight``); another worker may have
+   taken the last place in between, so a lost race chooses again, a couple of times;
+4. every suitable backend at its limit: wait first come, first served up to
+   ``routing.queue_timeout_s``; the policy chooses among the backends that have room when the
+   turn comes;
+5. for ``prefix``, record the prompt's blocks for the chosen backend.
+
+The ``Lease`` gives the place back exactly once (``release``), whatever path the request ends on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Container, Sequence
+from dataclasses import dataclass
+
+from ntonix.core.routing import Candidate, Outcome, Router
+from ntonix.errors import BackendsBusy, NoHealthyBackend
+from ntonix.routing.index import PrefixIndex
+from ntonix.routing.load import HostLoad
+
+__all__ = ["Lease", "Selector", "Target"]
+
+_RACES = 3  # choices retried after losing the last place to another worker
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A backend serving the request's model, as the request flow knows it."""
+
+    address: str
+    weight: int = 1
+    max_in_flight: int = 0
+    routable: bool = True
+
+
+class Lease:
+    """A place on a backend; ``release`` once the request is over (idempotent)."""
+
+    __slots__ = ("_load", "address", "matched", "released", "waited")
+
+    def __init__(self, load: HostLoad, address: str, matched: int, waited: bool) -> None:
+        self._load = load
+        self.address = address
+        self.matched = matched  # prompt blocks the backend was believed to hold
+        self.waited = waited
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._load.end(self.address)
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.address} matched={self.matched} released={self.released}>"
+
+
+class Selector:
+    def __init__(self, router: Router, load: HostLoad, index: PrefixIndex | None,
+                 queue_timeout_s: float, retry_after_s: int = 1) -> None:
+        self.router = router
+        self.load = load
+        self.index = index
+        self.queue_timeout_s = queue_timeout_s
+        self.retry_after_s = retry_after_s
+
+    def acquire(self, targets: Sequence[Target], blocks: Sequence[int] = (),
+                exclude: Container[str] = ()) -> Lease:
+        """A place on the chosen backend; raises ``NoHealthyBackend`` or ``BackendsBusy`` (both 503)."""
+        targets = [t for t in targets if t.address not in exclude]
+        use_prefix = self.router.policy == "prefix" and bool(blocks) and self.index is not None
+        matched: dict[str, int] = {}
+        if use_prefix and self.index is not None:
+            matched = self.index.matched(blocks, [t.address for t in targets if t.routable])
+        for _ in range(_RACES):
+            candidates = [self._candidate(t, matched, newcomer=True) for t in targets]
+            decision = self.router.choose(candidates)
+            if decision.outcome is Outcome.NONE:
+                raise NoHealthyBackend("no healthy backend available", retry_after=self.retry_after_s)
+            if decision.outcome is Outcome.AT_LIMIT:
+                break
+            assert decision.address is not None
+            limit = next(t.max_in_flight for t in targets if t.address == decision.address)
+            if self.load.begin(decision.address, limit):
+                return self._granted(decision.address, blocks, matched, use_prefix, waited=False)
+        return self._wait(targets, blocks, matched, use_prefix)
+
+    def _candidate(self, t: Target, matched: dict[str, int], newcomer: bool) -> Candidate:
+        in_flight = (self.load.load_for_newcomer(t.address, t.max_in_flight) if newcomer
+                     else self.load.in_flight(t.address))
+        return Candidate(t.address, t.weight, in_flight, t.max_in_flight, matched.get(t.address, 0), t.routable)
+
+    def _wait(self, targets: Sequence[Target], blocks: Sequence[int], matched: dict[str, int],
+              use_prefix: bool) -> Lease:
+        routable = {t.address: t for t in targets if t.routable}
+
+        def pick(ready: Collection[str]) -> str | None:
+            # The head of the queue with room on ``ready``: the policy chooses among those.
+            return self.router.choose([self._candidate(routable[a], matched, newcomer=False) for a in ready]).address
+
+        address = self.load.wait({a: t.max_in_flight for a, t in routable.items()}, self.queue_timeout_s, pick)
+        if address is None:
+            raise BackendsBusy(
+                f"every backend for this request is at its max_in_flight; waited {self.queue_timeout_s:g} s",
+                retry_after=max(1, math.ceil(self.retry_after_s)))
+        return self._granted(address, blocks, matched, use_prefix, waited=True)
+
+    def _granted(self, address: str, blocks: Sequence[int], matched: dict[str, int], use_prefix: bool,
+                 waited: bool) -> Lease:
+        known = matched.get(address, 0)
+        if use_prefix and self.index is not None:
+            self.index.record(blocks, address, known=known)
+        return Lease(self.load, address, known, waited)

@@ -1,0 +1,128 @@
+"""ntonix.core.routing: policy decisions from plain values."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from ntonix.core.routing import Candidate, Decision, Outcome, PrefixSettings, Router
+
+
+def picks(router: Router, candidates: list[Candidate], n: int) -> list[str | None]:
+    return [router.choose(candidates).address for _ in range(n)]
+
+
+def test_round_robin_is_smooth_weighted() -> None:
+    cands = [Candidate("a", 4), Candidate("b", 1), Candidate("c", 1)]
+    assert picks(Router("round_robin"), cands, 6) == ["a", "a", "b", "a", "c", "a"]
+
+
+def test_round_robin_skips_unroutable_and_at_limit() -> None:
+    cands = [Candidate("a"), Candidate("b", routable=False), Candidate("c", in_flight=2, max_in_flight=2),
+             Candidate("d")]
+    assert set(picks(Router("round_robin"), cands, 10)) == {"a", "d"}
+
+
+def test_round_robin_keeps_its_place_when_a_backend_joins() -> None:
+    r = Router("round_robin")
+    two = [Candidate("a"), Candidate("b")]
+    assert picks(r, two, 3) == ["a", "b", "a"]
+    assert picks(r, [*two, Candidate("c")], 3) == ["b", "c", "a"]
+
+
+def test_none_and_at_limit_outcomes() -> None:
+    r = Router("least_requests")
+    assert r.choose([]) == Decision(Outcome.NONE)
+    assert r.choose([Candidate("a", routable=False)]).outcome is Outcome.NONE
+    full = [Candidate("a", in_flight=3, max_in_flight=3), Candidate("b", in_flight=5, max_in_flight=4),
+            Candidate("c", in_flight=9, routable=False)]
+    assert r.choose(full).outcome is Outcome.AT_LIMIT
+    assert r.choose([*full, Candidate("d", in_flight=50)]).address == "d"
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_requests", "prefix"])
+def test_no_limit_means_never_at_limit(policy: str) -> None:
+    assert Router(policy).choose([Candidate("a", in_flight=10_000)]).address == "a"
+
+
+def test_least_requests_relative_to_weight() -> None:
+    r = Router("least_requests")
+    assert r.choose([Candidate("a", 1, in_flight=2), Candidate("b", 1, in_flight=1)]).address == "b"
+    # idle: the heavier one would be less loaded by the next request
+    assert r.choose([Candidate("a", 1), Candidate("b", 3)]).address == "b"
+    # 5 in flight on weight 3 (6/3 = 2) against 1 on weight 1 (2/1 = 2): a tie, and ties rotate
+    tied = [Candidate("a", 1, in_flight=1), Candidate("b", 3, in_flight=5)]
+    assert set(picks(r, tied, 4)) == {"a", "b"}
+
+
+def test_least_requests_ties_rotate_fairly() -> None:
+    r = Router("least_requests")
+    idle = [Candidate("a"), Candidate("b"), Candidate("c")]
+    assert Counter(picks(r, idle, 300)) == {"a": 100, "b": 100, "c": 100}
+
+
+def test_prefix_follows_the_match_when_loads_are_close() -> None:
+    r = Router("prefix", PrefixSettings(balance_factor=1.5, load_blocks=4))
+    cands = [Candidate("a", in_flight=2), Candidate("b", in_flight=3, matched=40), Candidate("c", in_flight=2)]
+    assert r.choose(cands) == Decision(Outcome.CHOSEN, "b", 40)
+
+
+def test_prefix_longer_match_wins() -> None:
+    r = Router("prefix")
+    cands = [Candidate("a", matched=10), Candidate("b", matched=30), Candidate("c", matched=20)]
+    assert r.choose(cands).address == "b"
+
+
+def test_prefix_leaves_a_markedly_busier_backend() -> None:
+    r = Router("prefix", PrefixSettings(balance_factor=1.5, load_blocks=4))
+    # b holds the prefix but carries 12 of 15 requests: above 1.5 x the average
+    cands = [Candidate("a", in_flight=1), Candidate("b", in_flight=12, matched=100), Candidate("c", in_flight=2)]
+    assert r.choose(cands).address == "a"
+
+
+def test_prefix_exchange_rate_trades_match_for_load() -> None:
+    # within the balance bound, 10 matched blocks are worth less than 3 requests at 4 blocks each
+    r = Router("prefix", PrefixSettings(balance_factor=100, load_blocks=4))
+    assert r.choose([Candidate("a", in_flight=5, matched=10), Candidate("b", in_flight=2)]).address == "b"
+    assert r.choose([Candidate("a", in_flight=5, matched=13), Candidate("b", in_flight=2)]).address == "a"
+    # load_blocks 0: the longest match wins inside the bound, whatever the load
+    r0 = Router("prefix", PrefixSettings(balance_factor=100, load_blocks=0))
+    assert r0.choose([Candidate("a", in_flight=50, matched=1), Candidate("b")]).address == "a"
+
+
+def test_prefix_cold_prompt_goes_to_least_loaded_relative_to_weight() -> None:
+    r = Router("prefix")
+    cands = [Candidate("a", 1, in_flight=2), Candidate("b", 4, in_flight=4), Candidate("c", 1, in_flight=1)]
+    assert r.choose(cands).address == "b"  # 5/4 < 2/1 < 3/1
+    idle = [Candidate("a"), Candidate("b"), Candidate("c"), Candidate("d")]
+    assert Counter(picks(r, idle, 400)) == {"a": 100, "b": 100, "c": 100, "d": 100}
+
+
+def test_prefix_bound_respects_weights() -> None:
+    r = Router("prefix", PrefixSettings(balance_factor=1.0, load_blocks=0))
+    # total 7 in flight (+1 = 8), weights 3:1: capacity of a = ceil(8 * 3/4) = 6 > 5 -> allowed
+    assert r.choose([Candidate("a", 3, in_flight=5, matched=9), Candidate("b", 1, in_flight=2)]).address == "a"
+    # capacity of b = ceil(8 * 1/4) = 2, b would carry 3: not allowed despite its match
+    assert r.choose([Candidate("a", 3, in_flight=5), Candidate("b", 1, in_flight=2, matched=9)]).address == "a"
+
+
+def test_prefix_skips_unroutable_holder() -> None:
+    r = Router("prefix")
+    assert r.choose([Candidate("a", matched=50, routable=False), Candidate("b")]).address == "b"
+    assert r.choose([Candidate("a", matched=50, in_flight=1, max_in_flight=1), Candidate("b")]).address == "b"
+
+
+def test_policy_change_keeps_rotation_state() -> None:
+    r = Router("round_robin")
+    two = [Candidate("a"), Candidate("b")]
+    assert picks(r, two, 1) == ["a"]
+    r.configure("least_requests")
+    assert r.policy == "least_requests"
+    r.configure("round_robin", backends=[("a", 1), ("b", 1)])
+    assert picks(r, two, 1) == ["b"]
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        r.configure("random")
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        Router("fastest")
+    assert "round_robin" in repr(r)

@@ -1,0 +1,181 @@
+"""A small deterministic simulation of multi-turn chat traffic routed by each policy (pure, no time).
+
+The workload has the shape of the issue's routing benchmark at a smaller scale: 64 users in 8
+groups; each group shares a 16-block system prompt, each user's conversation grows by 4 blocks a
+round for 8 rounds. Four backends, each with an LRU KV cache holding a third of the working set
+(so the working set is 3 x one backend and 75 % of all four), a limited number of sequences
+running at once with a queue behind them, and a service time that grows with the uncached
+prompt blocks (prefill) plus a fixed decode time. Users are a closed loop: a user sends its next
+turn a short think time after the previous answer.
+
+The router sees what the gateway will see: host-wide in-flight counts and an approximate prefix
+index learnt from its own decisions (block -> backends it routed that block to).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import pytest
+
+from ntonix.core.routing import Candidate, PrefixSettings, Router
+
+GROUPS, USERS_PER_GROUP, ROUNDS = 8, 8, 8
+SYSTEM_BLOCKS, QUESTION_BLOCKS, ANSWER_BLOCKS = 16, 2, 2
+BACKENDS = ("a", "b", "c", "d")
+WORKING_SET = GROUPS * SYSTEM_BLOCKS + GROUPS * USERS_PER_GROUP * ROUNDS * (QUESTION_BLOCKS + ANSWER_BLOCKS)
+CAPACITY = WORKING_SET // 3
+MAX_SEQS = 8
+PREFILL_PER_BLOCK, DECODE, OVERHEAD = 1.0, 20.0, 1.0
+
+
+@dataclass
+class Backend:
+    cache: OrderedDict[object, None] = field(default_factory=OrderedDict)
+    running: int = 0
+    queue: list[tuple[int, list[object]]] = field(default_factory=list)
+
+    def serve(self, blocks: list[object]) -> int:
+        """Blocks it must prefill (its longest cached leading run is free); the prompt is cached after."""
+        hit = 0
+        for b in blocks:
+            if b not in self.cache:
+                break
+            hit += 1
+        for b in blocks:
+            self.cache[b] = None
+            self.cache.move_to_end(b)
+        while len(self.cache) > CAPACITY:
+            self.cache.popitem(last=False)
+        return len(blocks) - hit
+
+
+@dataclass
+class Result:
+    requests: Counter[str]
+    prefilled: int
+    prompt_blocks: int
+    stuck: int  # turns that went to the same backend as the user's previous turn
+    turns_after_first: int
+
+
+def prompt(user: int, rnd: int, groups: int = GROUPS) -> list[object]:
+    group = user % groups
+    blocks: list[object] = [("s", group, i) for i in range(SYSTEM_BLOCKS)]
+    blocks += [("u", user, i) for i in range(rnd * (QUESTION_BLOCKS + ANSWER_BLOCKS) + QUESTION_BLOCKS)]
+    return blocks
+
+
+def simulate(policy: str, settings: PrefixSettings | None = None, seed: int = 7, groups: int = GROUPS) -> Result:
+    rng = random.Random(seed)
+    router = Router(policy, settings)
+    backends = {name: Backend() for name in BACKENDS}
+    in_flight = Counter[str]()
+    index: dict[object, set[str]] = {}
+    requests = Counter[str]()
+    last: dict[int, str] = {}
+    prefilled = prompt_total = stuck = later = 0
+    events: list[tuple[float, int, str, int, str]] = []  # (time, seq, kind, user, backend)
+    seq = 0
+
+    def push(t: float, kind: str, user: int, backend: str = "") -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, user, backend))
+
+    rounds_done = Counter[int]()
+    users = GROUPS * USERS_PER_GROUP
+    for user in range(users):
+        push(rng.uniform(0, 200), "send", user)
+
+    def start(now: float, name: str, user: int, blocks: list[object]) -> None:
+        nonlocal prefilled
+        backend = backends[name]
+        backend.running += 1
+        uncached = backend.serve(blocks)
+        prefilled += uncached
+        push(now + OVERHEAD + uncached * PREFILL_PER_BLOCK + DECODE, "done", user, name)
+
+    while events:
+        now, _, kind, user, name = heapq.heappop(events)
+        if kind == "send":
+            blocks = prompt(user, rounds_done[user], groups)
+            prompt_total += len(blocks)
+            candidates = []
+            for b in BACKENDS:
+                matched = 0
+                for block in blocks:
+                    if b not in index.get(block, ()):
+                        break
+                    matched += 1
+                candidates.append(Candidate(b, in_flight=in_flight[b], matched=matched))
+            chosen = router.choose(candidates).address
+            assert chosen is not None
+            for block in blocks:
+                index.setdefault(block, set()).add(chosen)
+            requests[chosen] += 1
+            in_flight[chosen] += 1
+            if user in last:
+                later += 1
+                stuck += last[user] == chosen
+            last[user] = chosen
+            backend = backends[chosen]
+            if backend.running < MAX_SEQS:
+                start(now, chosen, user, blocks)
+            else:
+                backend.queue.append((user, blocks))
+        else:  # done
+            backend = backends[name]
+            backend.running -= 1
+            in_flight[name] -= 1
+            if backend.queue:
+                queued_user, queued_blocks = backend.queue.pop(0)
+                start(now, name, queued_user, queued_blocks)
+            rounds_done[user] += 1
+            if rounds_done[user] < ROUNDS:
+                push(now + rng.uniform(0, 10), "send", user)
+    return Result(requests, prefilled, prompt_total, stuck, later)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Result]:
+    return {policy: simulate(policy) for policy in ("round_robin", "least_requests", "prefix")}
+
+
+def test_every_request_is_served(results: dict[str, Result]) -> None:
+    for result in results.values():
+        assert sum(result.requests.values()) == GROUPS * USERS_PER_GROUP * ROUNDS
+
+
+def test_prefix_computes_far_less_prefill_than_round_robin(results: dict[str, Result]) -> None:
+    rr, lr, px = (results[p].prefilled for p in ("round_robin", "least_requests", "prefix"))
+    assert px <= 0.35 * rr, (px, rr)
+    unique = GROUPS * SYSTEM_BLOCKS + GROUPS * USERS_PER_GROUP * ((ROUNDS - 1) * 4 + QUESTION_BLOCKS)
+    assert px <= 1.1 * unique, (px, unique)  # near the floor: each block prefilled about once
+    assert px < 0.5 * lr, (px, lr)  # load alone does little on prefix-heavy traffic
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 8])
+def test_prefix_keeps_load_balanced(groups: int) -> None:
+    counts = simulate("prefix", groups=groups).requests
+    assert len(counts) == len(BACKENDS)
+    assert max(counts.values()) / min(counts.values()) <= 1.5, counts
+
+
+def test_prefix_turns_of_a_conversation_stick(results: dict[str, Result]) -> None:
+    px, rr = results["prefix"], results["round_robin"]
+    assert px.stuck / px.turns_after_first >= 0.9
+    assert rr.stuck / rr.turns_after_first <= 0.3
+
+
+def test_affinity_without_a_load_guard_collapses() -> None:
+    # One system prompt shared by every user: with the guards off, every request follows it to
+    # the backend that served it first (llm-d's prefix-only collapse); with them, load spreads.
+    greedy = simulate("prefix", PrefixSettings(balance_factor=1000.0, load_blocks=0), groups=1)
+    assert len(greedy.requests) == 1
+    guarded = simulate("prefix", groups=1)
+    assert len(guarded.requests) == len(BACKENDS)
+    assert guarded.prefilled < 0.5 * simulate("round_robin", groups=1).prefilled

@@ -1,0 +1,104 @@
+"""ntonix.core.usage: token usage from JSON answers and, incrementally, from SSE streams."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from ntonix.core.usage import Usage, UsageScanner, usage_from_json, usage_of
+
+USAGE = {"prompt_tokens": 1400, "completion_tokens": 12, "total_tokens": 1412,
+         "prompt_tokens_details": {"cached_tokens": 1392}}
+
+
+def chunk(content: str | None = None, usage: object = None) -> bytes:
+    doc = {"id": "c1", "object": "chat.completion.chunk",
+           "choices": [{"index": 0, "delta": {"content": content}}] if content is not None else [],
+           "usage": usage}
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+STREAM = b"".join([chunk("Hel"), chunk("lo"), chunk(usage=USAGE), b"data: [DONE]\n\n"])
+
+
+def test_json_answer() -> None:
+    body = orjson.dumps({"id": "x", "choices": [], "usage": USAGE})
+    assert usage_from_json(body) == Usage(1400, 12, 1392)
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b'{"usage": null}', b'{"choices": []}', b'"usage"',
+                                  b'{"usage": "lots"}'])
+def test_json_without_usage(body: bytes) -> None:
+    assert usage_from_json(body) is None
+
+
+def test_missing_or_odd_fields_count_as_zero() -> None:
+    assert usage_of({"usage": {"prompt_tokens": 5}}) == Usage(5, 0, 0)
+    assert usage_of({"usage": {"prompt_tokens": -1, "completion_tokens": True}}) == Usage(0, 0, 0)
+    assert usage_of({"usage": {"prompt_tokens": 5, "prompt_tokens_details": None}}) == Usage(5, 0, 0)
+    # never more cached than prompt tokens
+    assert usage_of({"usage": {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}}}) == Usage(5, 0, 5)
+
+
+def test_responses_api_names() -> None:
+    usage = {"input_tokens": 30, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 16}}
+    assert usage_of({"usage": usage}) == Usage(30, 4, 16)
+    assert usage_of({"type": "response.completed", "response": {"usage": usage}}) == Usage(30, 4, 16)
+
+
+def test_stream_whole() -> None:
+    scanner = UsageScanner()
+    scanner.feed(STREAM)
+    assert scanner.finish() == Usage(1400, 12, 1392)
+
+
+def test_stream_cut_anywhere() -> None:
+    for cut in range(1, len(STREAM)):
+        scanner = UsageScanner()
+        scanner.feed(STREAM[:cut])
+        scanner.feed(STREAM[cut:])
+        assert scanner.finish() == Usage(1400, 12, 1392), cut
+
+
+def test_stream_byte_by_byte_with_crlf() -> None:
+    scanner = UsageScanner()
+    for i in range(len(STREAM)):
+        scanner.feed(STREAM.replace(b"\n", b"\r\n")[i:i + 1])
+    scanner.feed(STREAM.replace(b"\n", b"\r\n")[len(STREAM):])
+    assert scanner.finish() == Usage(1400, 12, 1392)
+
+
+def test_stream_without_usage() -> None:
+    scanner = UsageScanner()
+    scanner.feed(chunk("a") + chunk("b") + b"data: [DONE]\n\n")
+    assert scanner.finish() is None
+
+
+def test_repeated_usage_last_wins() -> None:
+    scanner = UsageScanner()
+    scanner.feed(chunk("a", {"prompt_tokens": 10, "completion_tokens": 1}))
+    scanner.feed(chunk("b", {"prompt_tokens": 10, "completion_tokens": 2}))
+    assert scanner.usage == Usage(10, 2, 0)
+
+
+def test_last_line_without_line_end() -> None:
+    scanner = UsageScanner()
+    scanner.feed(chunk(usage=USAGE).rstrip(b"\n"))
+    assert scanner.usage is None
+    assert scanner.finish() == Usage(1400, 12, 1392)
+
+
+def test_content_that_mentions_usage_is_not_usage() -> None:
+    scanner = UsageScanner()
+    scanner.feed(chunk('the "usage": {"prompt_tokens": 9} field'))
+    scanner.feed(b'data: {"usage": {broken\n\n')
+    assert scanner.finish() is None
+
+
+def test_over_long_line_is_dropped_and_scanning_resumes() -> None:
+    scanner = UsageScanner()
+    scanner.feed(b"data: " + b"x" * (1 << 20))
+    scanner.feed(b"y" * 100 + b'"usage": {"prompt_tokens": 1}\n\n')  # the end of that long line: not parsed
+    assert scanner.usage is None
+    scanner.feed(chunk(usage=USAGE))
+    assert scanner.finish() == Usage(1400, 12, 1392)

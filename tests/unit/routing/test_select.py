@@ -1,0 +1,108 @@
+"""ntonix.routing.select: policy + host-shared counts + prefix index, in one process with a fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ntonix.core.routing import Router
+from ntonix.errors import BackendsBusy, NoHealthyBackend, render_error
+from ntonix.routing.index import PrefixIndex
+from ntonix.routing.load import HostLoad
+from ntonix.routing.select import Selector, Target
+from tests.fakes import FakeClock
+
+A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def selector(tmp_path: Path, clock: FakeClock, policy: str = "prefix", timeout: float = 5.0,
+             pid: int = 101) -> Selector:
+    load = HostLoad(str(tmp_path / "load"), clock=clock, sleep=clock.advance, poll_s=0.01, pid=pid,
+                    alive=lambda p: True, slots=8, backends=8)
+    index = PrefixIndex(str(tmp_path / "index"), entries=4096, clock=clock)
+    return Selector(Router(policy), load, index, queue_timeout_s=timeout)
+
+
+def test_a_conversation_sticks_and_others_spread(tmp_path: Path, clock: FakeClock) -> None:
+    sel = selector(tmp_path, clock)
+    targets = [Target(A), Target(B), Target(C)]
+    conversation = list(range(1, 21))
+    first = sel.acquire(targets, conversation)
+    assert first.matched == 0
+    # another cold prompt goes elsewhere while the first is in flight
+    other = sel.acquire(targets, list(range(100, 120)))
+    assert other.address != first.address
+    first.release()
+    other.release()
+    # the next turn (its history plus new blocks) follows the first
+    turn2 = sel.acquire(targets, [*conversation, 21, 22])
+    assert turn2.address == first.address
+    assert turn2.matched == 20
+    turn2.release()
+    turn2.release()  # idempotent
+    assert sel.load.in_flight(first.address) == 0
+
+
+def test_another_worker_sees_the_same_index_and_counts(tmp_path: Path, clock: FakeClock) -> None:
+    w1, w2 = selector(tmp_path, clock, pid=101), selector(tmp_path, clock, pid=102)
+    targets = [Target(A), Target(B)]
+    lease = w1.acquire(targets, list(range(1, 11)))
+    again = w2.acquire(targets, list(range(1, 13)))
+    assert again.address == lease.address
+    assert w2.load.in_flight(lease.address) == 2
+
+
+def test_unroutable_and_excluded(tmp_path: Path, clock: FakeClock) -> None:
+    sel = selector(tmp_path, clock, policy="round_robin")
+    assert sel.acquire([Target(A, routable=False), Target(B)]).address == B
+    assert sel.acquire([Target(A), Target(B)], exclude={A}).address == B
+    with pytest.raises(NoHealthyBackend) as info:
+        sel.acquire([Target(A, routable=False)])
+    assert info.value.retry_after == 1
+
+
+def test_at_limit_waits_then_times_out_with_503(tmp_path: Path, clock: FakeClock) -> None:
+    sel = selector(tmp_path, clock, policy="least_requests", timeout=2.0)
+    targets = [Target(A, max_in_flight=1), Target(B, max_in_flight=1)]
+    held = [sel.acquire(targets), sel.acquire(targets)]
+    assert {h.address for h in held} == {A, B}
+    start = clock()
+    with pytest.raises(BackendsBusy) as info:
+        sel.acquire(targets)
+    assert clock() - start >= 2.0
+    status, headers, body = render_error(info.value)
+    assert status.startswith("503")
+    assert ("Retry-After", "1") in headers
+    assert b"backends_busy" in body
+    assert sel.load.queued(A) == 0
+
+
+def test_a_waiter_gets_the_place_that_frees(tmp_path: Path, clock: FakeClock) -> None:
+    sel = selector(tmp_path, clock, policy="least_requests")
+    targets = [Target(A, max_in_flight=1)]
+    held = sel.acquire(targets)
+    # the holder finishes while the newcomer waits: the fake sleep is where it happens
+    sleep = sel.load._sleep
+
+    def finish_then_sleep(seconds: float) -> None:
+        held.release()
+        sleep(seconds)
+
+    sel.load._sleep = finish_then_sleep
+    lease = sel.acquire(targets)
+    assert lease.address == A
+    assert lease.waited
+    assert sel.load.in_flight(A) == 1
+
+
+def test_weights_and_limits_reach_the_policy(tmp_path: Path, clock: FakeClock) -> None:
+    sel = selector(tmp_path, clock, policy="least_requests")
+    targets = [Target(A, weight=3), Target(B, weight=1)]
+    got = [sel.acquire(targets).address for _ in range(8)]
+    assert got.count(A) == 6 and got.count(B) == 2  # in flight stays 3:1
