@@ -1,0 +1,1 @@
+"""Developer tools: benchmarks and set-ups run from the command line (not imported by ntonix)."""

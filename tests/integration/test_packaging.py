@@ -45,6 +45,7 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent  # the venv's bin: hadolint, check-jsonschema, gunicorn
 PRODUCTION_CMD = ["gunicorn", "-c", "gunicorn.conf.py", "ntonix.wsgi"]  # INTERFACE.md
 OUR_IMAGE_SERVICES = ("gateway", "backend-1", "backend-2")
+SCALE_SERVICES = ("gateway-2", "lb")  # profile "scale" (docs/scale-out.md)
 LOCAL_NAMES = ("127.0.0.1", "localhost", "0.0.0.0")  # noqa: S104 - names to rewrite, nothing listens
 START_TIMEOUT = 30.0
 
@@ -194,8 +195,12 @@ def _interpolate(value: Any) -> Any:
     return value
 
 
-def compose() -> dict[str, Any]:
+def compose(*profiles: str) -> dict[str, Any]:
+    """compose.yaml as ``docker compose [--profile P]... up`` sees it: services without
+    ``profiles`` always, the others only when one of their profiles is asked for."""
     doc: dict[str, Any] = _interpolate(yaml.safe_load((ROOT / "compose.yaml").read_text()))
+    doc["services"] = {name: svc for name, svc in doc["services"].items()
+                       if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)}
     return doc
 
 
@@ -298,7 +303,7 @@ class NativeCompose:
 
     def env(self, service: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NTONIX_", "_NTONIX_", "PROMETHEUS_"))}
-        if service in OUR_IMAGE_SERVICES:
+        if service in (*OUR_IMAGE_SERVICES, "gateway-2"):
             env.update(image_env())
         env.update({k: self.rewrite(service, v, host=k.endswith("_HOST"))
                     for k, v in service_env(self.services[service]).items()})
@@ -382,9 +387,8 @@ def _free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeCompose]:
-    native = NativeCompose(compose(), tmp_path_factory.mktemp("compose"))
+def native_stack(doc: dict[str, Any], workdir: Path) -> Iterator[NativeCompose]:
+    native = NativeCompose(doc, workdir)
     try:
         for name in native.order():
             for dep, rule in (native.services[name].get("depends_on") or {}).items():
@@ -394,6 +398,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeCompose]:
         yield native
     finally:
         native.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeCompose]:
+    yield from native_stack(compose(), tmp_path_factory.mktemp("compose"))
+
+
+@pytest.fixture(scope="module")
+def scale_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeCompose]:
+    """``docker compose --profile scale up``, natively: HAProxy comes from Debian (scripts/test)."""
+    yield from native_stack(compose("scale"), tmp_path_factory.mktemp("compose-scale"))
 
 
 def test_every_compose_health_check_passes_natively(stack: NativeCompose) -> None:
@@ -434,3 +449,45 @@ def test_gateway_sends_statsd_to_the_receiver(stack: NativeCompose) -> None:
 def stack_json(url: str) -> tuple[int, Any]:
     status, _, body = http("GET", url)
     return status, json.loads(body)
+
+
+# ----------------------------------------------------------------------------- profile "scale"
+
+
+def test_compose_scale_profile_wiring() -> None:
+    everything = compose("scale")["services"]
+    assert set(everything) - set(compose()["services"]) == set(SCALE_SERVICES)
+    gateway, second, lb = everything["gateway"], everything["gateway-2"], everything["lb"]
+    # The same configuration (one YAML anchor), hence the same backends and the same Redis.
+    assert service_env(second) == service_env(gateway)
+    assert second["image"] == gateway["image"] and second.get("command", PRODUCTION_CMD) == PRODUCTION_CMD
+    assert "ports" not in second, "only the balancer is published"
+    env = service_env(lb)
+    assert (env["LB_GATEWAY_1"], env["LB_GATEWAY_2"]) == ("gateway:8080", "gateway-2:8080")
+    assert {dep: rule["condition"] for dep, rule in lb["depends_on"].items()} == {
+        "gateway": "service_healthy", "gateway-2": "service_healthy"}
+    assert lb["image"].startswith("haproxy:") and "8090:8090" in lb["ports"]
+    cfg = (ROOT / "conf/haproxy-scale.cfg").read_text()
+    assert "mode tcp" in cfg and all(f"${{{k}}}" in cfg for k in env)
+
+
+def gateway_requests(stack: NativeCompose, service: str) -> int:
+    _, figures = stack_json(stack.url(service, 8080) + "/metrics")
+    return int(figures["requests_total"])
+
+
+def test_scale_profile_runs_natively_and_both_gateways_share_redis(scale_stack: NativeCompose) -> None:
+    for name in ("gateway-2", "lb"):
+        scale_stack.wait_healthy(name, scale_stack.services[name]["healthcheck"]["test"])
+    lb = scale_stack.url("lb", 8090)
+    before = {g: gateway_requests(scale_stack, g) for g in ("gateway", "gateway-2")}
+    request = {"model": "mock", "messages": [{"role": "user", "content": f"scale {uuid.uuid4()}"}]}
+    seen: list[tuple[str, bytes]] = []
+    for _ in range(6):  # a new connection each: HAProxy alternates between the gateways
+        status, headers, body = http("POST", lb + "/v1/chat/completions", body=request)
+        assert status == 200, body
+        seen.append((headers["x-cache"], body))
+    assert [c for c, _ in seen].count("MISS") == 1, seen
+    assert len({b for _, b in seen}) == 1, "every answer must be the one stored first"
+    served = {g: gateway_requests(scale_stack, g) - before[g] for g in before}
+    assert all(n >= 3 for n in served.values()), f"both gateways should serve: {served}"

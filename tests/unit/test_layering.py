@@ -232,7 +232,8 @@ def test_listed_core_modules_are_all_in_core() -> None:
 OWNERS = {
     "geventhttpclient": ("ntonix/upstream/",),
     "lmdb": ("ntonix/cache/",),
-    "redis": ("ntonix/cache/",),
+    # Redis is also the cluster's shared state (ntonix/cluster/, ADR 0009).
+    "redis": ("ntonix/cache/", "ntonix/cluster/"),
     "pylru": ("ntonix/cache/",),
     "prometheus_client": ("ntonix/telemetry/",),
     "statsd": ("ntonix/telemetry/",),
@@ -340,6 +341,7 @@ PACKAGE_MAY_IMPORT = {
     "core": {"core", "errors", "config.model"},
     "config": {"config", "errors"},
     "cache": {"cache", "core", "errors"},
+    "cluster": {"cluster", "cache", "core", "errors"},
     "upstream": {"upstream", "core", "errors", "config"},
     "telemetry": {"telemetry", "core", "errors", "config"},
     "server": {"server", "core", "errors", "config", "upstream", "telemetry"},

@@ -1,0 +1,483 @@
+"""Coalescing across gateways through the Redis they share (issue #17, ADR 0009).
+
+Theory of operation
+-------------------
+The same shape as :mod:`ntonix.cache.coalescer` (``join(key)`` -> :class:`Leader` | :class:`Follower`),
+one level up: the proxy asks this only for keys not already led on its own host, so the
+cheap local path stays first. Keys, all under ``prefix`` and all expiring:
+
+* ``k:<key>``     -> ``"<token> <proc>"``: the flight answering ``key`` (``SET NX``-like, in the
+  join script); deleted by the leader when it finishes or "detaches" (see below)
+* ``a:<proc>``    -> liveness of one gateway process, ``PX lease_s``; set on every join that
+  leads and renewed every ``tick_s`` by the process's keeper while it leads anything. A
+  process killed with SIGKILL stops renewing: its followers notice within ``lease_s``. After
+  any Redis failure the process takes a new ``<proc>``, so a flight whose end may have been
+  lost (Redis unreachable at that moment) can never look alive again
+* ``f:<token>``   -> how many followers joined (``INCR`` in the join script)
+* ``s:<token>``   -> a Redis stream: ``h`` (head: JSON status and headers), ``c`` (a chunk of
+  the body), then ``e`` (end: ``1`` complete, ``0`` failed). Followers ``XREAD BLOCK`` from
+  ``0-0``, so a late joiner gets everything from the start
+
+Cheap when nobody follows (the common miss): a leader keeps its head and chunks in memory
+(bounded by ``max_bytes``) and writes nothing per chunk; it learns of followers from ``f`` (read
+by the keeper every ``tick_s``, or on a publish when no keeper runs), then writes what it has
+in one pipeline and each later chunk as it comes. A miss with no follower costs two round
+trips (the join script, the finish script). ``finish`` reads the follower count and ends the
+flight in one script, so a follower can never miss the end.
+
+An answer that will not be cached (status other than 200) or grows past ``max_bytes``
+detaches: ``k`` is deleted, so requests arriving later start their own flight (they would need
+the answer from its start), while followers already reading get it whole. Past
+``4 * max_bytes`` (a stream that big is too much to hold in Redis) the followers get a
+clean failure, never a silently truncated answer.
+
+Redis slow or down: every call has ``timeout_s`` socket timeouts and no retries; a failure
+opens a breaker for ``backoff_s`` during which ``join`` answers "go alone" (a :class:`Leader`
+without a flight) at once, without touching the network. No Redis error reaches the caller:
+followers see :class:`LeaderFailed` (or ``None`` before the head), leaders stop publishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import orjson
+import redis
+
+from ntonix.cluster.follower import Follower
+from ntonix.cluster.lua import FINISH, SCRIPTS, SHAS
+from ntonix.cluster.resp import ERRORS, Pool, RespError, redis_py
+from ntonix.core.cache_entry import Headers
+
+log = logging.getLogger("ntonix.cluster")
+
+PREFIX = "ntonix:flight:"
+MiB = 1024 * 1024
+_HARD_FACTOR = 4  # followers already reading get at most this times max_bytes
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+class _Ending(NamedTuple):
+    """A finish the keeper sends with the next batch (one round trip for many misses)."""
+
+    keys: list[str]
+    value: str
+    ok: int
+    records: list[tuple[bytes, bytes]]
+    size: int
+
+
+class Flights:
+    """Decides, per key, which gateway goes to the backend (:class:`Leader`) and who follows.
+
+    ``spawn`` (e.g. ``gevent.spawn``) starts the per-process keeper on the first join that
+    leads; without it, leaders renew on publish only, so a silent backend longer than
+    ``lease_s`` makes followers regroup (correct, but the answer is fetched twice).
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 0.05, backoff_s: float = 1.0, lease_s: float = 1.0,
+                 tick_s: float = 0.1, block_s: float = 0.25, max_bytes: int = 8 * MiB,
+                 flight_ttl_s: float = 600.0, grace_s: float = 60.0, max_followers: int = 256,
+                 max_pending_bytes: int = 16 * MiB,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 spawn: Callable[[Callable[[], None]], object] | None = None, prefix: str = PREFIX) -> None:
+        self.url, self.prefix = url, prefix
+        self.timeout_s, self.backoff_s, self.lease_s, self.tick_s = timeout_s, backoff_s, lease_s, tick_s
+        self.block_s, self.max_bytes, self.max_followers = block_s, max_bytes, max_followers
+        self.max_pending_bytes = max_pending_bytes
+        self.flight_ttl_ms, self.grace_ms = int(flight_ttl_s * 1000), int(grace_s * 1000)
+        self.clock, self.sleep, self.spawn = clock, sleep, spawn
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("led", "followed", "alone", "hits", "detached", "leader_failed", "redis_errors", "batched_finishes"),
+            0)
+        self._pid = -1
+        self._proc = ""
+        self._fast: redis.Redis | None = None
+        self._blocking: redis.Redis | None = None
+        self._raw: Pool | None = None
+        self._down_until = 0.0
+        self._outage = False
+        self._leaders: dict[str, Leader] = {}
+        self._following = 0
+        self._pending: list[_Ending] = []
+        self._pending_bytes = 0
+        self._keeper_pid = -1
+        self._beat_at = -1e9
+        self.stopped = False
+
+    # -- public ----------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        """False while backing off after a Redis failure."""
+        return self.clock() >= self._down_until
+
+    def join(self, key: str) -> Leader | Follower:
+        """Follow the live flight for ``key`` on any gateway, or lead a new one; a Leader
+        without a flight ("go alone") when Redis is down or too many already wait here."""
+        role = self.join_or_hit(key, None)
+        assert not isinstance(role, bytes)
+        return role
+
+    def join_or_hit(self, key: str, cache_key: str | None) -> Leader | Follower | bytes:
+        """:meth:`join`, but first (in the same round trip) read the Redis key ``cache_key``
+        (the cache tier's entry, ntonix/cache/remote.py): its raw value if it exists. A miss
+        re-checks the cache after joining anyway; this makes the re-check and the join one
+        round trip instead of two."""
+        if self._following >= self.max_followers or not self._ready():
+            self.stats["alone"] += 1
+            return Leader(self, key, None)
+        token = secrets.token_hex(8)
+        value = f"{token} {self._proc}"
+        keys = [self.prefix + "k:" + key, self.prefix + "f:" + token, self.prefix + "a:" + self._proc]
+        try:
+            found = self._script("join", [*keys, cache_key] if cache_key else keys,
+                                 [value, int(self.lease_s * 1000), self.flight_ttl_ms, self.prefix])
+        except ERRORS as exc:
+            self._failed(exc)
+            self.stats["alone"] += 1
+            return Leader(self, key, None)
+        self._succeeded()
+        if isinstance(found, list):
+            self.stats["hits"] += 1
+            return bytes(found[0])
+        if found is not None:
+            self.stats["followed"] += 1
+            token, _, proc = found.decode().partition(" ")
+            return Follower(self, token, proc)
+        self.stats["led"] += 1
+        self._beat_at = self.clock()
+        leader = Leader(self, key, value)
+        self._leaders[token] = leader
+        self._ensure_keeper()
+        return leader
+
+    def tick(self) -> list[Leader]:
+        """One keeper round: renew this process's liveness and tell leaders about followers
+        (one pipeline; nothing when this process leads nothing). Returns the leaders that
+        learnt of their first follower."""
+        leaders = [ld for ld in list(self._leaders.values()) if not ld.finished]
+        if not leaders or not self._ready():
+            return []
+        try:
+            pipe = self._client().pipeline(transaction=False)
+            pipe.set(self.prefix + "a:" + self._proc, b"1", px=int(self.lease_s * 1000))
+            for ld in leaders:
+                pipe.get(self.prefix + "f:" + ld.token)
+            replies = pipe.execute()
+        except ERRORS as exc:
+            self._failed(exc)
+            return []
+        self._succeeded()
+        self._beat_at = self.clock()
+        seen = [ld for ld, n in zip(leaders, replies[1:], strict=True)
+                if n is not None and int(n) > 0 and not ld.followers_seen]
+        for ld in seen:
+            ld.followers_seen = True
+        return seen
+
+    def flush(self) -> None:
+        """Send the finishes queued since the last round, pipelined (the keeper calls this)."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if not pending or not self._ready():
+            return
+        try:
+            replies = self._batch([(e.keys, [e.value, 0, e.ok, self.grace_ms]) for e in pending])
+            # Followers joined after all: everything, then the end, in one go.
+            late = [e for e, r in zip(pending, replies, strict=True) if r == 1]
+            if late:
+                self._batch([(e.keys, [e.value, 1, 1, self.grace_ms, *[x for rec in e.records for x in rec]])
+                             for e in late])
+        except ERRORS as exc:
+            self._failed(exc)
+            return
+        self.stats["batched_finishes"] += len(pending)
+
+    def _batch(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        assert self._raw is not None
+        cmds = [("EVALSHA", SHAS["finish"], len(keys), *keys, *args) for keys, args in calls]
+        replies = self._raw.pipeline(cmds)
+        if any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT") for r in replies):
+            self._raw.call("SCRIPT", "LOAD", FINISH)
+            replies = self._raw.pipeline(cmds)
+        for r in replies:
+            if isinstance(r, RespError):
+                raise r
+        return replies
+
+    def _defer(self, ending: _Ending) -> bool:
+        """Queue a finish for the keeper's next batch, within ``max_pending_bytes``."""
+        if self.spawn is None or self._pending_bytes + ending.size > self.max_pending_bytes:
+            return False
+        self._pending.append(ending)
+        self._pending_bytes += ending.size
+        return True
+
+    def keep(self) -> None:
+        """The keeper loop (run by ``spawn``): :meth:`tick` every ``tick_s`` until :attr:`stopped`."""
+        while not self.stopped:
+            self.sleep(self.tick_s)
+            try:
+                self.flush()
+                for leader in self.tick():
+                    leader.catch_up()
+            except Exception:  # a keeper that dies would silently stop every lease
+                log.exception("cluster.keeper_failed")
+
+    def close(self) -> None:
+        self.stopped = True
+        if self._pid == os.getpid():
+            for client in (self._fast, self._blocking, self._raw):
+                if client is not None:
+                    client.close()
+        self._fast = self._blocking = self._raw = None
+
+    def __repr__(self) -> str:
+        state = "backing-off" if not self.available else ("outage" if self._outage else "ok")
+        return (f"<Flights {_redacted(self.url)} {state} leading={len(self._leaders)} "
+                f"following={self._following}>")
+
+    # -- internals -------------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        if self.clock() < self._down_until or self.stopped:
+            return False
+        if self._fast is None or self._pid != os.getpid():
+            try:
+                self._fast = redis_py(self.url, self.timeout_s)
+                # XREAD BLOCK holds its connection for block_s: a longer timeout, its own pool.
+                self._blocking = redis_py(self.url, self.timeout_s, self.block_s + 1.0)
+            except (redis.RedisError, ValueError) as exc:
+                self._failed(exc)
+                return False
+            self._raw = Pool(self.url, self.timeout_s)
+            self._pid, self._proc = os.getpid(), secrets.token_hex(6)
+            self._leaders = {}
+        return True
+
+    def _client(self) -> redis.Redis:
+        assert self._fast is not None
+        return self._fast
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        assert self._raw is not None
+        return self._raw.evalsha(SHAS[name], SCRIPTS[name], keys, args)
+
+    def _blocking_client(self) -> redis.Redis:
+        assert self._blocking is not None
+        return self._blocking
+
+    def _ensure_keeper(self) -> None:
+        if self.spawn is not None and self._keeper_pid != os.getpid():
+            self._keeper_pid = os.getpid()
+            self.spawn(self.keep)
+
+    def _maybe_beat(self) -> None:
+        """Without a keeper, a publishing leader renews its process's liveness itself."""
+        if self.spawn is None and self.clock() - self._beat_at >= self.tick_s:
+            self.tick()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats["redis_errors"] += 1
+        self._down_until = self.clock() + self.backoff_s
+        if self._pid == os.getpid():
+            # A new identity for this process: whatever it led may have been left half-written
+            # (a finish, a chunk or an end that did not go through) and must never look alive
+            # again. Those flights' liveness lapses within lease_s; their followers regroup,
+            # so their leaders stop publishing (and holding records) now.
+            self._proc = secrets.token_hex(6)
+            for leader in list(self._leaders.values()):
+                leader.abandon()
+            self._leaders = {}
+        if not self._outage:
+            self._outage = True
+            log.warning("cluster.redis_unavailable", extra={
+                "url": _redacted(self.url), "error": f"{type(exc).__name__}: {exc}", "backoff_s": self.backoff_s})
+
+    def _succeeded(self) -> None:
+        if self._outage:
+            self._outage = False
+            log.info("cluster.redis_recovered", extra={"url": _redacted(self.url)})
+
+    def _forget(self, leader: Leader) -> None:
+        if leader.token:
+            self._leaders.pop(leader.token, None)
+
+
+class Leader:
+    """The request that goes to the backend and publishes its answer to followers anywhere.
+
+    Redis failures never reach the leader's own client: the leader then stops publishing, and
+    its followers see the flight fail (or the process's liveness lapse) and go alone.
+    """
+
+    def __init__(self, flights: Flights, key: str, value: str | None) -> None:
+        self._f = flights
+        self.key = key
+        self.value = value
+        self.token = value.split(" ", 1)[0] if value else ""
+        self.finished = value is None
+        self.followers_seen = False  # set by the keeper
+        self._records: list[tuple[bytes, bytes]] = []
+        self._held = 0  # bytes in _records
+        self._published = 0  # bytes written to the stream
+        self._journaling = False
+        self._overflow = False  # dropped its records: cannot serve a follower whole any more
+        self._closed = False  # detached for size: followers already reading still get it all
+        self._has_head = False
+        self._checked = flights.clock()
+        # The keeper's catch-up and the request's publishes must not interleave their writes.
+        self._lock = threading.RLock()
+
+    @property
+    def has_followers(self) -> bool:
+        """Whether followers read this answer (as of the last publish)."""
+        return self._journaling and not self.finished
+
+    def publish_head(self, status: int, headers: Headers) -> None:
+        if self._has_head:
+            raise ValueError("publish_head: the head is already published")
+        self._has_head = True
+        self._publish(b"h", orjson.dumps([status, headers]))
+        if status != 200 and not self.finished:
+            self._detach()
+
+    def publish_chunk(self, data: bytes) -> None:
+        if not self._has_head:
+            raise ValueError("publish_chunk: publish_head first")
+        if data:
+            self._publish(b"c", bytes(data))
+
+    def finish(self, ok: bool) -> None:
+        """End the flight (idempotent): ``ok`` means the answer is complete."""
+        with self._lock:
+            self._finish(ok)
+
+    def _finish(self, ok: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        f = self._f
+        f._forget(self)
+        assert self.value is not None
+        ok = ok and self._has_head and not self._overflow
+        keys = [f.prefix + "k:" + self.key, f.prefix + "f:" + self.token, f.prefix + "s:" + self.token]
+        if not self._journaling and f._defer(_Ending(keys, self.value, int(ok), self._records, self._held)):
+            # Nobody followed so far: the flight ends with the keeper's next batch, and anyone
+            # who joins until then still gets the whole answer from these records.
+            self._records = []
+            return
+        args: list[Any] = [self.value, int(self._journaling), int(ok), f.grace_ms]
+        try:
+            if f._script("finish", keys, args) == 1:
+                # Followers joined but never got a byte: everything, then the end, in one go.
+                flat = [x for rec in self._records for x in rec]
+                f._script("finish", keys, [self.value, 1, 1, f.grace_ms, *flat])
+        except ERRORS as exc:
+            f._failed(exc)
+        self._records = []
+
+    def close(self) -> None:
+        self.finish(False)
+
+    def __enter__(self) -> Leader:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.finish(False)
+
+    def _publish(self, kind: bytes, data: bytes) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            f = self._f
+            if self._journaling:
+                self._write([(kind, data)])
+                return
+            if not self._overflow:
+                self._records.append((kind, data))
+                self._held += len(data)
+                if self._held > f.max_bytes:
+                    self._overflowed()
+            now = f.clock()
+            if not self.followers_seen and now - self._checked >= f.tick_s:
+                self._checked = now
+                f._maybe_beat()  # without a keeper: renews liveness and reads follower counts
+            self._catch_up()
+
+    def catch_up(self) -> None:
+        """Once followers exist, publish what they have not seen (the keeper calls this, so a
+        follower does not wait for the leader's next chunk)."""
+        with self._lock:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        if self.followers_seen and not self._journaling and not self.finished:
+            if self._overflow:
+                self._fail_followers()
+                return
+            self._journaling = True
+            self._write(self._records)
+            self._records, self._held = [], 0
+
+    def _write(self, records: list[tuple[bytes, bytes]]) -> None:
+        f = self._f
+        stream = f.prefix + "s:" + self.token
+        try:
+            pipe = f._client().pipeline(transaction=False)
+            for kind, data in records:
+                pipe.xadd(stream, {kind: data})
+                self._published += len(data)
+            pipe.pexpire(stream, f.flight_ttl_ms)
+            pipe.execute()
+        except ERRORS as exc:
+            self._broken(exc)
+            return
+        if self._published > f.max_bytes and not self._closed:
+            self._closed = True  # late joiners would need it all from the start: no more of them
+            self._detach()
+        if self._published > _HARD_FACTOR * f.max_bytes:
+            self._fail_followers()
+
+    def _overflowed(self) -> None:
+        """Too big to hold for followers that may come: drop it, take no more followers."""
+        self._overflow = True
+        self._records, self._held = [], 0
+        self._detach()
+
+    def _fail_followers(self) -> None:
+        self._f.stats["leader_failed"] += 1
+        self._finish(False)
+
+    def _detach(self) -> None:
+        f = self._f
+        f.stats["detached"] += 1
+        try:
+            f._script("detach", [f.prefix + "k:" + self.key], [self.value])
+        except ERRORS as exc:
+            self._broken(exc)
+
+    def _broken(self, exc: BaseException) -> None:
+        self._f._failed(exc)  # abandons every leader of this process, this one included
+
+    def abandon(self) -> None:
+        """Stop publishing: the flight's liveness lapses by itself (see Flights._failed)."""
+        self.finished = True
+        self._records, self._held = [], 0
+
+    def __repr__(self) -> str:
+        state = "alone" if self.value is None else (
+            "finished" if self.finished else ("journaling" if self._journaling else "running"))
+        return f"<Leader {self.key} {state} held={self._held} published={self._published}>"

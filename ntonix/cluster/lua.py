@@ -1,0 +1,56 @@
+"""The Lua scripts of ntonix/cluster/flights.py: each runs atomically in Redis, so a join, a
+finish or a detach is one step that no other gateway can interleave with (ADR 0009)."""
+
+from __future__ import annotations
+
+from ntonix.cluster.resp import sha1
+
+# KEYS: k, f, a(proc)[, cached answer]; ARGV: flight value, lease ms, flight ttl ms, prefix.
+# Returns {answer} when the optional 4th key holds one (the Redis cache tier's entry: the
+# re-check a miss makes after joining, in the same round trip), else the value of the flight
+# to follow, or nil when the caller now leads (under ARGV[1]).
+JOIN = """
+if #KEYS >= 4 then
+  local hit = redis.call('GET', KEYS[4])
+  if hit then return {hit} end
+end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local proc = string.match(cur, ' (.*)$')
+  if proc and redis.call('EXISTS', ARGV[4] .. 'a:' .. proc) == 1 then
+    local tok = string.match(cur, '^(%S+)')
+    redis.call('INCR', ARGV[4] .. 'f:' .. tok)
+    redis.call('PEXPIRE', ARGV[4] .. 'f:' .. tok, ARGV[3])
+    return cur
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+return false
+"""
+
+# KEYS: k, f, s; ARGV: flight value, journaling 0/1, ok 0/1, grace ms, then kind, data pairs.
+# Returns 1 when followers exist but the leader has not published: call again with records.
+FINISH = """
+local n = tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[2] == '0' and n > 0 and ARGV[3] == '1' and #ARGV == 4 then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[2] == '0' and n == 0 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return 0
+end
+for i = 5, #ARGV, 2 do redis.call('XADD', KEYS[3], '*', ARGV[i], ARGV[i + 1]) end
+redis.call('XADD', KEYS[3], '*', 'e', ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 0
+"""
+
+# KEYS: k; ARGV: flight value. Later requests start their own flight.
+DETACH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+SCRIPTS = {"join": JOIN, "finish": FINISH, "detach": DETACH}
+SHAS = {name: sha1(src) for name, src in SCRIPTS.items()}

@@ -1,0 +1,116 @@
+"""Putting cross-gateway coalescing behind the host's own (ADR 0009, "Wiring").
+
+The host's LMDB coalescer (ntonix/cache/coalescer.py) answers first; only a request that became the
+host's leader asks the cluster (:func:`widen`), so Redis is never consulted for a key already
+led on this host. Then:
+
+* the cluster says "lead": :class:`Fanout` publishes the backend's answer to both the host's
+  followers and the cluster's;
+* the cluster says "follow": :class:`Relay` reads the other gateway's answer for this
+  request and publishes it into the host's flight, so the host's followers ride along;
+* Redis down ("go alone"): the host's leader as it was.
+
+Both keep the API the proxy already uses (``publish_head``/``publish_chunk``/``finish``/
+``has_followers``; ``wait_head``/``chunks``/``close``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from ntonix.cache.coalescer import Follower as LocalFollower
+from ntonix.cache.coalescer import Leader as LocalLeader
+from ntonix.cache.coalescer import LeaderFailed
+from ntonix.cluster.flights import Leader as ClusterLeader
+from ntonix.cluster.follower import Follower as ClusterFollower
+from ntonix.core.cache_entry import Headers
+
+if TYPE_CHECKING:
+    from ntonix.cluster.flights import Flights
+
+
+def widen(role: LocalLeader | LocalFollower, flights: Flights | None,
+          key: str) -> LocalLeader | LocalFollower | Fanout | Relay:
+    """The role for ``key`` across gateways, given the role on this host."""
+    if flights is None or not isinstance(role, LocalLeader):
+        return role  # following a flight of this host: no need to ask Redis
+    remote = flights.join(key)
+    if isinstance(remote, ClusterFollower):
+        return Relay(remote, role)
+    if remote.value is None:
+        return role  # Redis unavailable: this gateway goes on alone
+    return Fanout(role, remote)
+
+
+class Fanout:
+    """The leader of both the host's flight and the cluster's."""
+
+    def __init__(self, local: LocalLeader, cluster: ClusterLeader) -> None:
+        self.local, self.cluster = local, cluster
+
+    @property
+    def has_followers(self) -> bool:
+        return self.local.has_followers or self.cluster.has_followers
+
+    @property
+    def finished(self) -> bool:
+        return self.local.finished and self.cluster.finished
+
+    def publish_head(self, status: int, headers: Headers) -> None:
+        self.local.publish_head(status, headers)
+        self.cluster.publish_head(status, headers)
+
+    def publish_chunk(self, data: bytes) -> None:
+        self.local.publish_chunk(data)
+        self.cluster.publish_chunk(data)
+
+    def finish(self, ok: bool) -> None:
+        self.local.finish(ok)
+        self.cluster.finish(ok)
+
+    def close(self) -> None:
+        self.finish(False)
+
+    def __repr__(self) -> str:
+        return f"<Fanout {self.local!r} {self.cluster!r}>"
+
+
+class Relay:
+    """Follows another gateway's answer and republishes it to this host's followers.
+
+    ``close()`` always settles the host's flight: complete only if the whole answer came, so a
+    request that found the other gateway's leader gone (``wait_head`` -> ``None``) joins again
+    from scratch, and the host's followers never receive a truncated answer as complete.
+    """
+
+    def __init__(self, remote: ClusterFollower, local: LocalLeader) -> None:
+        self.remote, self.local = remote, local
+        self._complete = False
+        self.closed = False
+
+    def wait_head(self, timeout_s: float) -> tuple[int, Headers] | None:
+        head = self.remote.wait_head(timeout_s)
+        if head is not None:
+            self.local.publish_head(*head)
+        return head
+
+    def chunks(self, timeout_s: float) -> Iterator[bytes]:
+        try:
+            for chunk in self.remote.chunks(timeout_s):
+                self.local.publish_chunk(chunk)
+                yield chunk
+        except LeaderFailed:
+            self.local.finish(False)
+            raise
+        self._complete = True
+        self.local.finish(True)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.remote.close()
+            self.local.finish(self._complete)
+
+    def __repr__(self) -> str:
+        return f"<Relay {self.remote!r} -> {self.local!r}>"

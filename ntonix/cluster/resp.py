@@ -1,0 +1,213 @@
+"""A minimal Redis (RESP2) client for the two calls every cache miss makes (ADR 0009).
+
+Why not redis-py here: a command through redis-py costs about 30-40 µs of CPU (connection
+pool bookkeeping, packing, a pure-Python parser), three times a raw round trip on the same
+socket (tools/cluster_cost.py). A miss makes two calls (join, finish), and the issue's budget
+for the whole cross-gateway path is 10 % of a miss (about 280 µs, docs/performance.md). The
+rest of the protocol (followers, the keeper) stays on redis-py.
+
+:func:`parse` is pure (bytes in, value out) and unit-tested; :class:`Pool` holds a few
+connections per process with short timeouts, and drops any connection that failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+Value = Any  # bytes | int | None | list[Value] | RespError (inside arrays)
+
+
+class RespError(Exception):
+    """An error reply from Redis (``-ERR ...``, ``-NOSCRIPT ...``)."""
+
+
+class ProtocolError(Exception):
+    """Bytes that are not RESP: the connection is dropped."""
+
+
+# Everything a call to Redis may raise, through this client or redis-py: each means "Redis
+# failed" to ntonix/cluster/ (a miss, a lone request), never an error for the client.
+ERRORS = (redis.RedisError, OSError, RespError, ProtocolError, ValueError)
+
+
+def redis_py(url: str, timeout_s: float, read_timeout_s: float | None = None) -> redis.Redis:
+    """A redis-py client that fails fast: short timeouts, no retries, no health-check pings
+    (the same settings as ntonix/cache/remote.py)."""
+    return redis.Redis.from_url(url, socket_timeout=read_timeout_s or timeout_s, socket_connect_timeout=timeout_s,
+                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+
+def encode(*args: bytes | str | int) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def parse(buf: bytes, pos: int = 0) -> tuple[Value, int] | None:
+    """The reply starting at ``buf[pos]`` and the position after it, or ``None`` if ``buf``
+    does not hold all of it yet. Error replies come back as :class:`RespError` values."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return None
+    kind, line = buf[pos:pos + 1], buf[pos + 1:end]
+    nxt = end + 2
+    if kind == b"+":
+        return line, nxt
+    if kind == b"-":
+        return RespError(line.decode(errors="replace")), nxt
+    if kind == b":":
+        return int(line), nxt
+    if kind == b"$":
+        n = int(line)
+        if n < 0:
+            return None, nxt
+        if len(buf) < nxt + n + 2:
+            return None
+        return buf[nxt:nxt + n], nxt + n + 2
+    if kind == b"*":
+        n = int(line)
+        if n < 0:
+            return None, nxt
+        items: list[Value] = []
+        for _ in range(n):
+            got = parse(buf, nxt)
+            if got is None:
+                return None
+            item, nxt = got
+            items.append(item)
+        return items, nxt
+    raise ProtocolError(f"not a RESP reply: {buf[pos:pos + 16]!r}")
+
+
+def sha1(script: str) -> str:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
+class Connection:
+    """One socket to Redis; every call sends one command and reads one reply."""
+
+    def __init__(self, host: str, port: int, timeout_s: float, db: int = 0,
+                 username: str | None = None, password: str | None = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = b""
+        if password is not None:
+            self.call(*(("AUTH", username, password) if username else ("AUTH", password)))
+        if db:
+            self.call("SELECT", db)
+
+    def call(self, *args: bytes | str | int) -> Value:
+        self.sock.sendall(encode(*args))
+        while True:
+            got = parse(self._buf) if self._buf else None
+            if got is not None:
+                value, used = got
+                self._buf = self._buf[used:]
+                if isinstance(value, RespError):
+                    raise value
+                return value
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            self._buf += data
+
+    def call_many(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Value]:
+        """Pipelined: all commands in one write, then their replies (errors as values)."""
+        self.sock.sendall(b"".join(encode(*c) for c in commands))
+        out: list[Value] = []
+        while len(out) < len(commands):
+            got = parse(self._buf) if self._buf else None
+            if got is not None:
+                value, used = got
+                self._buf = self._buf[used:]
+                out.append(value)
+                continue
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            self._buf += data
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Pool:
+    """Up to ``size`` idle connections to the Redis of ``url`` (``redis://[user:pass@]host:port/db``).
+
+    A connection is taken for one call and given back only if the call succeeded, so a
+    timed-out reply can never be read by the next caller.
+    """
+
+    def __init__(self, url: str, timeout_s: float, size: int = 16) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "redis":
+            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} (redis:// only here)")
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
+        self.db = int(parts.path.lstrip("/") or 0)
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        if self.password is None and self.username is not None:
+            self.username, self.password = None, self.username  # redis://:pw@ and redis://pw@ alike
+        self.timeout_s, self.size = timeout_s, size
+        self._idle: list[Connection] = []
+        self.closed = False
+
+    def _take(self) -> Connection:
+        return self._idle.pop() if self._idle else Connection(
+            self.host, self.port, self.timeout_s, self.db, self.username, self.password)
+
+    def pipeline(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Value]:
+        """Several commands in one round trip; error replies come back as RespError values."""
+        conn = self._take()
+        try:
+            values = conn.call_many(commands)
+        except BaseException:
+            conn.close()
+            raise
+        self._give_back(conn)
+        return values
+
+    def call(self, *args: bytes | str | int) -> Value:
+        conn = self._take()
+        try:
+            value = conn.call(*args)
+        except RespError:
+            self._give_back(conn)  # an error reply leaves the connection in step
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        self._give_back(conn)
+        return value
+
+    def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Value:
+        """EVALSHA, loading the script once if this Redis does not know it (e.g. restarted)."""
+        try:
+            return self.call("EVALSHA", sha, len(keys), *keys, *args)
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        self.call("SCRIPT", "LOAD", script)
+        return self.call("EVALSHA", sha, len(keys), *keys, *args)
+
+    def _give_back(self, conn: Connection) -> None:
+        if len(self._idle) < self.size and not self.closed:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        self.closed = True  # a call still under way closes its connection when it ends
+        while self._idle:
+            self._idle.pop().close()

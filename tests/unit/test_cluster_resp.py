@@ -1,0 +1,54 @@
+"""The RESP parser and encoder of ntonix/cluster/resp.py, with plain bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+from ntonix.cluster.resp import Pool, ProtocolError, RespError, encode, parse
+
+
+def test_encode_is_an_array_of_bulk_strings() -> None:
+    assert encode("GET", b"k\r\n", 12) == b"*3\r\n$3\r\nGET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n"
+
+
+@pytest.mark.parametrize(("raw", "value"), [
+    (b"+OK\r\n", b"OK"),
+    (b":42\r\n", 42),
+    (b"$5\r\nhe\r\nl\r\n", b"he\r\nl"),
+    (b"$-1\r\n", None),
+    (b"*-1\r\n", None),
+    (b"*3\r\n$1\r\na\r\n:1\r\n*1\r\n$0\r\n\r\n", [b"a", 1, [b""]]),
+])
+def test_parse_every_reply_type(raw: bytes, value: object) -> None:
+    assert parse(raw + b"+next\r\n") == (value, len(raw))
+
+
+def test_an_error_reply_is_a_value_not_an_exception() -> None:
+    got = parse(b"-NOSCRIPT No matching script\r\n")
+    assert got is not None and isinstance(got[0], RespError) and str(got[0]).startswith("NOSCRIPT")
+
+
+@pytest.mark.parametrize("raw", [b"", b"+OK", b"$5\r\nhel", b"$5\r\nhello\r", b"*2\r\n:1\r\n", b"*2\r\n:1\r\n$3\r\nab"])
+def test_an_incomplete_reply_asks_for_more(raw: bytes) -> None:
+    assert parse(raw) is None
+
+
+def test_garbage_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        parse(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("redis://127.0.0.1:6380/2", ("127.0.0.1", 6380, 2, None, None)),
+    ("redis://:s%40cret@h", ("h", 6379, 0, None, "s@cret")),
+    ("redis://pw@h:1/0", ("h", 1, 0, None, "pw")),
+    ("redis://user:pw@h/", ("h", 6379, 0, "user", "pw")),
+])
+def test_pool_reads_the_url(url: str, expected: tuple[object, ...]) -> None:
+    p = Pool(url, 0.05)
+    assert (p.host, p.port, p.db, p.username, p.password) == expected
+
+
+def test_pool_refuses_what_it_cannot_speak() -> None:
+    with pytest.raises(ValueError, match="rediss"):
+        Pool("rediss://h:6379/0", 0.05)
