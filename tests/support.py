@@ -195,6 +195,22 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
+class Listener:
+    """Something listening on ``host:port`` over plain HTTP (a backend the tests start)."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """``host:port``, as the gateway names backends in /metrics."""
+        return f"{self.host}:{self.port}"
+
+
 class FakeClock:
     """A clock for pure code under test: ``clock()`` reads it, ``advance(s)`` moves it."""
 
