@@ -33,6 +33,7 @@ PURE_CORE = (
     "ntonix.figures",
     "ntonix.backends",
     "ntonix.record",
+    "ntonix.keepalive",
 )
 
 # Modules (and their submodules) the pure core must not import, directly or through another
