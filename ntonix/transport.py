@@ -276,7 +276,7 @@ def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]
             raise UpstreamTimeout(f"backend sent no response headers within {read_timeout_s:g}s") from exc
         except HTTPParseError as exc:
             raise UpstreamUnavailable(f"backend sent an invalid HTTP response: {exc}") from exc
-        except OSError as exc:  # after part of the head: the backend had started to answer
+        except OSError as exc:  # a reset after part of the head, or a failure that is no close
             raise UpstreamUnavailable(f"backend connection failed: {exc.strerror or exc}") from exc
     raise UpstreamUnavailable("backend closed the connection without answering")  # pragma: no cover
 
