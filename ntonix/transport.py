@@ -11,8 +11,8 @@ per connection in ``ntonix.keepalive.ConnState``); anything else is closed.
 
 A backend may close a keep-alive connection at any time, and some close one right after
 answering while announcing keep-alive (llama.cpp's server does after every streamed answer,
-issue 13). So every idle connection is checked before reuse with one non-blocking
-``recv(MSG_PEEK)`` (a FIN or stray bytes mean it is dead; about a microsecond), and a reused
+issue 13). So every idle connection is checked before reuse with one zero-timeout ``poll``
+(readable means a FIN or stray bytes: it is dead; about a microsecond), and a reused
 connection that fails before a single response byte (the FIN was still on its way) is
 retried once on a fresh connection: the backend never read that request. A request that got
 any response byte is never resent.
@@ -29,6 +29,7 @@ Failures are translated here, in one place, into three outcomes the proxy acts o
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +48,6 @@ BLOCK = 64 * 1024
 # llhttp sets no limit on a response head and geventhttpclient keeps every header it parses:
 # without one a backend could make us buffer (and relay) megabytes of headers (issue 9).
 MAX_HEAD_BYTES = 64 * 1024
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class SendFailed(Exception):
@@ -90,9 +90,11 @@ class BoundedResponse(HTTPSocketPoolResponse):
 
     def _on_headers_complete(self) -> int | bool | None:
         result = super()._on_headers_complete()
-        # Before a complete small body releases the socket into the pool.
-        keep_alive = self._headers_index.get("keep-alive")
-        if keep_alive is not None and self._owner is not None and self.get_code() >= 200:
+        # Here, before a complete small body releases the socket into the pool. (``in`` first:
+        # ``get`` of a missing header raises and catches a KeyError, 0.3 µs per response.)
+        index = self._headers_index
+        if "keep-alive" in index and self._owner is not None and self.get_code() >= 200:
+            keep_alive = index["keep-alive"]
             self._owner.answered(self._sock, keep_alive if isinstance(keep_alive, str) else keep_alive[-1])
         return result
 
@@ -215,18 +217,19 @@ def send_all(sock: Any, data: bytes) -> None:
 
 
 def _alive(sock: Any) -> bool:
-    """An idle keep-alive socket must have nothing to read: a byte or EOF means FIN or garbage.
+    """An idle keep-alive socket must have nothing to read: a byte or EOF means FIN or garbage,
+    an error or hang-up a reset.
 
-    One non-blocking peek on the underlying socket (gevent keeps it non-blocking), instead of
-    a gevent ``select`` that sets up watchers.
+    One ``poll`` with a zero timeout on the underlying socket, instead of a gevent ``select``
+    that sets up watchers: about 1 µs (``scripts/bench_pool.py``), 0.4 µs less than a
+    non-blocking ``recv(MSG_PEEK)`` and its BlockingIOError.
     """
     try:
-        sock._sock.recv(1, _PEEK)
-    except BlockingIOError:
-        return True
+        poller = select.poll()
+        poller.register(sock._sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError, AttributeError):
         return False
-    return False
 
 
 def _close(sock: Any) -> None:
