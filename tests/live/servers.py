@@ -29,7 +29,7 @@ from typing import Any
 
 import trustme
 
-from tests.live.procs import PYTHON, GaveUp, Proc, free_port, get_json, http, wait_http_up, wait_until
+from tests.live.procs import PYTHON, GaveUp, Listener, Proc, free_port, get_json, http, wait_http_up, wait_until
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 30.0
@@ -73,7 +73,7 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
 # ----------------------------------------------------------------------------- mock backend
 
 
-class MockBackend:
+class MockBackend(Listener):
     """One ``mock_llm`` process. ``url`` is ``http://127.0.0.1:PORT``."""
 
     def __init__(
@@ -87,15 +87,6 @@ class MockBackend:
         self.extra_args = tuple(extra_args)
         self.port = port or free_port()
         self.proc: Proc = self._launch(may_move=port is None)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def address(self) -> str:
-        """``host:port``, as the gateway names backends in /metrics."""
-        return f"{self.host}:{self.port}"
 
     def argv(self) -> list[str]:
         return [

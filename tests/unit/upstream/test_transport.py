@@ -5,6 +5,8 @@ No gateway process: a gevent StreamServer plays the backend, the clock is a fake
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +19,11 @@ from tests.fakes import FakeClock
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 PARTIAL = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"
+ANSWERS = {
+    b"/max2": b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=2\r\nContent-Length: 2\r\n\r\nok",
+    b"/timeout1": b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1\r\nContent-Length: 2\r\n\r\nok",
+    b"/close": b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok",
+}
 
 
 
@@ -24,10 +31,12 @@ PARTIAL = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"
 @pytest.fixture
 def backend() -> Iterator[Any]:
     accepted: list[Any] = []
+    received: list[bytes] = []
 
     def handle(sock: Any, _addr: Any) -> None:
         accepted.append(sock)
         buf = b""
+        served = 0  # requests answered on this connection
         try:
             while True:
                 data = sock.recv(65536)
@@ -36,14 +45,29 @@ def backend() -> Iterator[Any]:
                 buf += data
                 while b"\r\n\r\n" in buf:
                     head, buf = buf.split(b"\r\n\r\n", 1)
+                    target = head.split(b" ")[1]
+                    received.append(target)
+                    if target in (b"/drop", b"/reset") and served:
+                        # The keep-alive race: the backend closed this connection as our
+                        # request arrived, too late for the pool's check to see it.
+                        if target == b"/reset":
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        sock.close()
+                        return
+                    if target == b"/half":  # part of a status line, then gone
+                        sock.sendall(b"HTTP/1.1 2")
+                        sock.close()
+                        return
+                    served += 1
                     # /partial: announce 10 bytes, send 2 and keep the connection open
-                    sock.sendall(PARTIAL if head.startswith(b"GET /partial") else RESPONSE)
+                    sock.sendall(PARTIAL if target == b"/partial" else ANSWERS.get(target, RESPONSE))
         except OSError:
             return
 
     server = StreamServer(("127.0.0.1", 0), handle)
     server.start()
     server.accepted = accepted  # type: ignore[attr-defined]
+    server.received = received  # type: ignore[attr-defined]
     yield server
     for pool in _POOLS:
         pool.close()
@@ -63,8 +87,8 @@ def _pool(server: Any, clock: FakeClock, size: int = 2, max_size: int = 4) -> tr
     return pool
 
 
-def _get(pool: transport.Pool) -> bytes:
-    resp = transport.send(pool, "GET", "/", [("Host", "x")], b"", 2.0)
+def _get(pool: transport.Pool, path: str = "/") -> bytes:
+    resp = transport.send(pool, "GET", path, [("Host", "x")], b"", 2.0)
     body = b""
     while chunk := transport.read_some(resp):
         body += chunk
@@ -120,14 +144,74 @@ def test_a_socket_the_backend_closed_while_idle_is_not_reused(backend: Any) -> N
     assert len(backend.accepted) == 2
 
 
-def test_a_stale_keepalive_socket_is_retried_once_on_a_fresh_connection(backend: Any) -> None:
-    clock = FakeClock()
-    pool = _pool(backend, clock)
+def test_a_socket_the_backend_closed_right_after_answering_is_not_reused(backend: Any) -> None:
+    pool = _pool(backend, FakeClock())
     assert _get(pool) == b"ok"
     for sock in backend.accepted:
         sock.close()
-    gevent.sleep(0.05)  # fresh enough to skip the check: the send itself finds it closed
+    gevent.sleep(0.05)  # no time passed on the pool's clock: checked all the same
     assert _get(pool) == b"ok"
+    assert backend.received == [b"/", b"/"]  # the dead socket never got the request
+    assert len(backend.accepted) == 2
+
+
+@pytest.mark.parametrize("path", ["/drop", "/reset"])
+def test_a_reused_socket_closed_before_any_answer_byte_is_retried_on_a_fresh_one(backend: Any, path: str) -> None:
+    pool = _pool(backend, FakeClock())
+    held = [pool.acquire()[0] for _ in range(2)]
+    for sock in held:  # two idle sockets that served a request: the retry must take neither
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(100) == RESPONSE
+    for sock in held:
+        pool.return_socket(sock)
+    assert _get(pool, path) == b"ok"
+    assert backend.received == [b"/", b"/", path.encode(), path.encode()]
+    assert len(backend.accepted) == 3  # the retry opened a connection of its own
+    assert pool.idle == 2
+
+
+def test_a_request_that_got_a_response_byte_is_never_resent(backend: Any) -> None:
+    pool = _pool(backend, FakeClock())
+    assert _get(pool) == b"ok"
+    with pytest.raises(transport.UpstreamUnavailable) as info:
+        _get(pool, "/half")
+    assert not isinstance(info.value, transport.Unanswered)
+    assert backend.received == [b"/", b"/half"]
+
+
+def test_a_fresh_connection_closed_without_answer_is_unanswered_not_retried(backend: Any) -> None:
+    pool = _pool(backend, FakeClock())
+    with pytest.raises(transport.UpstreamUnavailable):
+        _get(pool, "/half")
+    assert backend.received == [b"/half"]
+
+
+def test_keep_alive_max_is_honoured(backend: Any) -> None:
+    pool = _pool(backend, FakeClock())
+    for _ in range(5):
+        assert _get(pool, "/max2") == b"ok"
+    assert len(backend.accepted) == 3  # two requests per connection: 2 + 2 + 1
+    assert pool.idle == 1
+
+
+def test_connection_close_is_honoured(backend: Any) -> None:
+    pool = _pool(backend, FakeClock())
+    for _ in range(3):
+        assert _get(pool, "/close") == b"ok"
+        assert pool.idle == 0
+    assert len(backend.accepted) == 3
+
+
+def test_keep_alive_timeout_is_honoured_with_a_margin(backend: Any) -> None:
+    clock = FakeClock()
+    pool = _pool(backend, clock)
+    assert _get(pool, "/timeout1") == b"ok"
+    clock.advance(0.4)
+    assert _get(pool, "/timeout1") == b"ok"
+    assert len(backend.accepted) == 1
+    clock.advance(0.6)  # past the announced second less the margin: not reused
+    assert _get(pool, "/timeout1") == b"ok"
+    assert len(backend.accepted) == 2
 
 
 def test_connect_refused_is_send_failed() -> None:
