@@ -39,7 +39,7 @@ from ntonix import gresponse, runstate
 from ntonix.config import ConfigError
 from ntonix.errors import error_body
 from ntonix.headers import new_request_id
-from ntonix.logs import setup_logging
+from ntonix.logs import ACCESS, setup_logging
 from ntonix.prober import Prober
 from ntonix.tls import build_server_context
 
@@ -142,6 +142,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             self.wsgi.rt.telemetry.tick()  # this worker's RSS for /metrics, every few seconds
             gevent.sleep(0.2)
         self._drain(servers)
+        ACCESS.flush()
 
     def _drain(self, servers: list[StreamServer]) -> None:
         for server in servers:
