@@ -359,3 +359,18 @@ def test_statsd_unresolvable_host_is_reported_once_and_switched_off(caplog: pyte
         sink.request(_rec())
     assert len(calls) == 1 and not sink.enabled
     assert [r.getMessage() for r in caplog.records] == ["statsd.disabled"]
+
+
+def test_metric_values_take_no_greenlet_lock_under_gevent(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import gevent.thread
+
+    from ntonix import metrics
+
+    real = metrics._value_lock()
+    assert real.acquire(blocking=False) and not real.acquire(blocking=False)  # without gevent: a real lock
+    monkeypatch.setattr(threading, "Lock", gevent.thread.allocate_lock)  # what monkey-patching installs
+    with metrics._value_lock():  # updates never yield: nothing to exclude between greenlets
+        pass
+    assert isinstance(metrics._value_lock(), metrics._NoLock)
