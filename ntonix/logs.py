@@ -23,7 +23,7 @@ flushes it from its main loop every ``FLUSH_EVERY_S`` (``flush_if_due``), and at
 ``FLUSH_BYTES`` are waiting, on HUP (before the new destination is set up), when it stops
 and at exit. A hard kill of a worker (SIGKILL, the kernel's OOM killer, a crash of the
 interpreter itself) loses at most the lines of the last ``FLUSH_EVERY_S``: never more than
-``FLUSH_BYTES``. See docs/operations.md ("Access log").
+``FLUSH_BYTES``. See docs/configuration.md ("Logging").
 """
 
 from __future__ import annotations

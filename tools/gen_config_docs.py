@@ -375,6 +375,40 @@ Each worker process keeps, for each backend, a pool of keep-alive HTTP/1.1 conne
 
 So a gateway holds at most `server.threads × pool.max_size` connections to each backend.
 
+## Memory: sizing a container
+
+What the gateway holds is bounded by its configuration. Per **worker** (`server.threads` of them):
+
+- the process itself (Python, gunicorn, gevent, NTONIX): about 35–40 MB resident once warm;
+- the in-memory cache tier (L1): `cache.memory_max_mb` of stored answers (default: a quarter of
+  `cache.max_size_mb`, at most 64);
+- a request body being read: up to `proxy.max_body_bytes`, while it is read (bodies are read
+  whole: the cache key and a retry on another backend need them);
+- a cacheable answer being relayed: recorded for the cache as it passes, up to 32 MiB per answer
+  (`MAX_RECORD_BYTES` in ntonix/bodies.py); larger answers are relayed but not stored;
+- an open client connection or stream: about 20–30 KB (greenlet, parser, socket objects; 1,000
+  open SSE streams add 20–28 MB, docs/performance.md), plus one 64 KiB read block while a read
+  from its backend is in flight;
+- backend connections: at most `pool.max_size` per backend, a few KB each;
+- the access log buffer: at most 64 KiB.
+
+Per **host**, once:
+
+- the master process: about 30 MB;
+- the shared cache tier (L2, LMDB): `cache.max_size_mb` of stored answers in a memory-mapped
+  file (address space: twice that plus 64 MiB). Its pages are the kernel's page cache: they show
+  in the RSS of every worker that reads them (so adding up `ps` counts them once per worker), are
+  shared, and can be dropped under memory pressure: count them once;
+- the coalescing journal (LMDB): the answers followers are waiting for, while in flight;
+- Redis (L3): its own `maxmemory`, on its own host.
+
+So a container needs about `30 MB + server.threads × (40 MB + L1 + connections in use × 25 KB)
++ cache.max_size_mb`, plus, for the worst case, the bodies and answers in flight: at most
+`server.worker_connections` requests per worker, each with a body of at most
+`proxy.max_body_bytes` and a recorded answer of at most 32 MiB. Lower `server.worker_connections`
+or `proxy.max_body_bytes` to lower that worst case; `scripts/bench` reports the RSS under load
+(docs/performance.md).
+
 ## Recipes
 
 ### Timeouts
@@ -446,6 +480,15 @@ NTONIX_LOG_LEVEL=debug NTONIX_LOGGING_FORMAT=text python -m ntonix
 
 Levels: {levels}. `json` writes one object per line with stable event names (`request.done`,
 `backend.health_changed`, `config.reloaded`, ...).
+
+The access log (`request.done`, one line per request) is buffered, as nginx's
+`access_log ... buffer= flush=` is: each worker collects its lines and writes them in batches of
+whole lines every 0.2 s, or at once when 64 KiB are waiting, before a reload (`kill -HUP`)
+switches the destination, when it stops (`TERM`, `INT`, `QUIT`) and at exit. A line can
+therefore appear up to 0.2 s after its request ended. A worker killed hard (`kill -9`, the
+kernel's OOM killer, a crash of the interpreter) loses at most the lines of its last 0.2 s, never
+more than 64 KiB; nothing else is lost. Writes to a pipe (stderr under a supervisor) are at most
+4 KiB each, so the lines of different workers never interleave.
 """
 
 
