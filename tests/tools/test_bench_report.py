@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tools.bench import chart, nginx, wrk
 from tools.bench.profile import summarize_profile
 from tools.bench.report import Result, Table
-from tools.bench.run import STRIPPED, gateway_env
+from tools.bench.run import STRIPPED, gateway_env, parse_args
 
 
 def run(sc: str, param: str, target: str, rnd: int = 0, **m: Any) -> Result:
@@ -106,3 +108,20 @@ def test_profile_summary_merges_lines_and_groups_by_package() -> None:
     assert "50.0%  handle (ntonix/proxy.py)" in text
     assert "50.0%  send (gevent/_socketcommon.py)" in text
     assert "50.0%  ntonix" in text and "50.0%  gevent" in text
+
+
+def test_baseline_rows_get_a_same_round_ratio_and_no_target_check(tmp_path: Path) -> None:
+    results = [run("1", "c=50", "shipped", r, cpu_us=300.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
+    results += [run("1", "c=50", "baseline", r, cpu_us=400.0, p50_ms=1.0, p99_ms=2.0, errors=5) for r in range(2)]
+    table = Table(results)
+    text = table.render()
+    assert "shipped/baseline CPU 0.75 (0.75–0.75)" in text
+    assert ("no errors anywhere (shipped and stripped)", "0 errors, 0 broken streams", True) in table.checks
+
+
+def test_baseline_must_be_a_checkout(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--baseline", str(tmp_path)])
+    (tmp_path / "ntonix").mkdir()
+    (tmp_path / "ntonix" / "wsgi.py").write_text("")
+    assert parse_args(["--baseline", str(tmp_path), "--quick"]).baseline == str(tmp_path)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from tools.bench.report import Result, Table
 
-ORDER = ("shipped", "stripped", "floor", "nginx", "direct")
-COLOURS = {"shipped": "#c0392b", "stripped": "#e67e22", "floor": "#7f8c8d", "nginx": "#27ae60", "direct": "#2980b9"}
+ORDER = ("shipped", "baseline", "stripped", "floor", "nginx", "direct")
+COLOURS = {"shipped": "#c0392b", "baseline": "#8e44ad", "stripped": "#e67e22", "floor": "#7f8c8d", "nginx": "#27ae60",
+           "direct": "#2980b9"}
 
 
 def panels(results: list[Result]) -> list[tuple[str, list[tuple[str, float]]]]:

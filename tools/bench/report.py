@@ -26,7 +26,7 @@ def diff(x: float, y: float) -> float:
     return x - y
 
 
-GW = ("shipped", "stripped")
+GW = ("shipped", "stripped")  # "baseline" (--baseline) is someone else's revision: not checked
 
 
 class Table:
@@ -122,6 +122,9 @@ class Table:
             vs = self.paired(sc, param, "shipped", "stripped", "cpu_us")
             if vs:
                 shown += f"; shipped/stripped CPU {span(vs, 2)}"
+            base = self.paired(sc, param, "shipped", "baseline", "cpu_us")
+            if base:
+                shown += f"; shipped/baseline CPU {span(base, 2)}"
             thr = self.paired(sc, param, "shipped", "nginx", "rps")
             self.out(f"  {param:<7} ratios    {shown}; shipped/nginx req/s {span(thr, 3)}")
             if sc == "1":
@@ -139,12 +142,12 @@ class Table:
                            m <= 1.3 and hits == ["HIT"] if floor["shipped"] else None)
 
     def latency_section(self) -> None:
-        self.added_section("7", "7. one client, one request at a time (latency added over direct)", 3)
+        self.added_section("7", "7. one client, one request at a time (latency added over direct)", 3, 3)
 
     def slow_section(self) -> None:
-        self.added_section("3", "3. backend answering after 1 s (latency added over direct)", 1)
+        self.added_section("3", "3. backend answering after 1 s (latency added over direct)", 1, 2)
 
-    def added_section(self, sc: str, title: str, digits: int) -> None:
+    def added_section(self, sc: str, title: str, digits: int, added_digits: int) -> None:
         """Latency percentiles and what each proxy adds over direct, same round (scenarios 3 and 7)."""
         if not self.params(sc):
             return
@@ -157,8 +160,8 @@ class Table:
                 self.out(f"  {param:<7} {t:<9} {fmt(med(self.get(sc, param, t, 'rps'))):>10} "
                          f"{fmt(med(self.get(sc, param, t, 'p50_ms')), digits):>10} "
                          f"{fmt(med(self.get(sc, param, t, 'p99_ms')), digits):>10} "
-                         f"{sum(self.get(sc, param, t, 'errors')):>7} {span(add50, digits + 1):>22} "
-                         f"{span(add99, digits + 1):>22} {fmt(med(self.get(sc, param, t, 'cpu_us'))):>12} "
+                         f"{sum(self.get(sc, param, t, 'errors')):>7} {span(add50, added_digits):>22} "
+                         f"{span(add99, added_digits):>22} {fmt(med(self.get(sc, param, t, 'cpu_us'))):>12} "
                          f"{self.other(sc, param, t):>11}")
                 if t == "shipped" and sc == "7":
                     self.limit("c=1: added latency p50 ≤ 0.3 ms", add50, 0.3, " ms", 3)

@@ -43,7 +43,7 @@ from tools.procs import Child, clean_env, free_port, port_open, rss_bytes, tree,
 
 PY = sys.executable
 CHAT = "/v1/chat/completions"
-SHIPPED, STRIPPED = "shipped", "stripped"
+SHIPPED, STRIPPED, BASELINE = "shipped", "stripped", "baseline"
 BRIEF = ("rps", "p50_ms", "p99_ms", "errors", "cpu_us", "ttft_p50_ms", "ttft_p99_ms", "streams", "ok", "errors_detail",
          "rss_mb", "added_mb", "growth_mb", "first_error", "other_proxy_pct", "other_load_pct")
 SCENARIOS = {"1": "cache miss", "2": "cache hit", "3": "slow backend", "4": "SSE", "5": "big stream", "6": "HTTPS",
@@ -112,8 +112,10 @@ class Bench:
         self.fast: list[Proc] = []
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, argv: list[str], cpu: int, env: dict[str, str] | None = None) -> Proc:
-        child = Child(name, ["taskset", "-c", str(cpu), *argv], self.dir / f"{name}.log", env=clean_env(**(env or {})))
+    def _spawn(self, name: str, argv: list[str], cpu: int, env: dict[str, str] | None = None,
+               cwd: Path = ROOT) -> Proc:
+        child = Child(name, ["taskset", "-c", str(cpu), *argv], self.dir / f"{name}.log", env=clean_env(**(env or {})),
+                      cwd=cwd)
         proc = Proc(name, child, cpu)
         self.procs.append(proc)
         return proc
@@ -145,13 +147,15 @@ class Bench:
         return proc
 
     def start_gateway(self, name: str, backends: list[Proc], variant: str, tls: bool = False) -> Proc:
+        """``variant``: shipped, stripped, or baseline (shipped, from the ``--baseline`` tree)."""
         port = free_port()
         ssl_port = free_port() if tls else 0
         env = gateway_env(variant, [b.port for b in backends], port, self.a.workers, ssl_port,
                           self.cert_dir if tls else None)
         (self.dir / f"{name}.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        root = Path(self.a.baseline) if variant == BASELINE else ROOT
         proc = self._spawn(name, [PY, "-m", "gunicorn", "-c", "gunicorn.conf.py", "ntonix.wsgi"], self.a.proxy_cpu,
-                           env)
+                           env, cwd=root)
         proc.port = port
         proc.extra["ssl_port"] = ssl_port
         self._listening(proc, port)
@@ -161,7 +165,8 @@ class Bench:
         return proc
 
     def start_gateways(self, tag: str, backends: list[Proc], tls: bool = False) -> list[tuple[str, Proc]]:
-        return [(v, self.start_gateway(f"{v}-{tag}", backends, v, tls=tls)) for v in (SHIPPED, STRIPPED)]
+        variants = (SHIPPED, STRIPPED, BASELINE) if self.a.baseline else (SHIPPED, STRIPPED)
+        return [(v, self.start_gateway(f"{v}-{tag}", backends, v, tls=tls)) for v in variants]
 
     def start_floor(self) -> Proc:
         port = free_port()
@@ -304,6 +309,7 @@ class Bench:
     def s2_hit(self) -> None:
         print("\n== 2. cache hit, c=500 (the same body every request)", flush=True)
         gw = self.start_gateway("shipped-hit", self.fast, SHIPPED)
+        base = [(BASELINE, self.start_gateway("baseline-hit", self.fast, BASELINE))] if self.a.baseline else []
         ngx = self.start_nginx("nginx-cache", self.fast, cache=True)
         floor = self.start_floor()
 
@@ -312,10 +318,10 @@ class Bench:
                 m["hit_checked"] = self._check_hit(proc)
 
         try:
-            self.rounds("2", "c=500", [(SHIPPED, gw), ("nginx", ngx), ("floor", floor)], 500, self.a.seconds,
+            self.rounds("2", "c=500", [(SHIPPED, gw), *base, ("nginx", ngx), ("floor", floor)], 500, self.a.seconds,
                         mode="same", after=check)
         finally:
-            for p in (floor, ngx, gw):
+            for p in (floor, ngx, gw, *(b for _, b in base)):
                 self.stop(p)
 
     def _check_hit(self, proc: Proc) -> str:
@@ -469,6 +475,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--big-every", type=float, default=0.002, help="scenario 5: seconds between 64 KiB reads")
     p.add_argument("--tls-conns", type=int, default=50)
     p.add_argument("--workers", type=int, default=1, help="worker processes of the gateways and the floor")
+    p.add_argument("--baseline", metavar="DIR", default="",
+                   help="also measure the gateway as shipped from another checkout (e.g. `git worktree add "
+                        "/tmp/base main`): a before/after in the same rounds")
     p.add_argument("--proxy-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="also write every run's figures here")
@@ -486,6 +495,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.rounds, a.seconds, a.warmup, a.slow_seconds, a.sse_seconds, a.big_mb = 1, 2, 1, 3, 1.5, 50.0
+    if a.baseline and not (Path(a.baseline) / "ntonix" / "wsgi.py").exists():
+        p.error(f"--baseline {a.baseline}: no ntonix/wsgi.py there")
     if a.chart is None:
         a.chart = "" if a.quick else str(ROOT / "docs" / "performance.png")
     a.conns = [int(x) for x in a.conns.split(",") if x]
