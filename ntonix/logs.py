@@ -36,6 +36,7 @@ import os
 import stat
 import sys
 import time
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -223,16 +224,16 @@ class AccessLog:
     def request(self, rec: RequestRecord, ttft_ms: float | None) -> None:
         """Buffer the ``request.done`` line of a finished request."""
         ts = self._timestamp(self._clock())
-        fields = {"method": rec.method, "path": rec.path, "status": rec.status,
-                  "latency_ms": round(rec.latency_ms, 3), "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
-                  "cache": rec.cache or None, "backend": rec.backend or None, "bytes_sent": rec.bytes_sent,
-                  "client": rec.client, "request_id": rec.request_id, "error": rec.error or None}
+        obj = {"timestamp": ts, "level": "info", "component": "ntonix.access", "pid": self._pid,
+               "message": "request.done", "method": rec.method, "path": rec.path, "status": rec.status,
+               "latency_ms": round(rec.latency_ms, 3), "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
+               "cache": rec.cache or None, "backend": rec.backend or None, "bytes_sent": rec.bytes_sent,
+               "client": rec.client, "request_id": rec.request_id, "error": rec.error or None}
         if self._json:
-            line = orjson.dumps({"timestamp": ts, "level": "info", "component": "ntonix.access", "pid": self._pid,
-                                 "message": "request.done", **fields})
-        else:
+            line = orjson.dumps(obj)
+        else:  # the text formatter's shape: the five fixed fields, then key=value for the rest
             line = (f"{ts} INFO ntonix.access request.done"
-                    + "".join(f" {k}={v}" for k, v in fields.items() if v is not None)).encode()
+                    + "".join(f" {k}={v}" for k, v in islice(obj.items(), 5, None) if v is not None)).encode()
         self._lines.append(line)
         self._size += len(line) + 1
         if self._size >= FLUSH_BYTES:
