@@ -379,7 +379,8 @@ So a gateway holds at most `server.threads × pool.max_size` connections to each
 
 What the gateway holds is bounded by its configuration. Per **worker** (`server.threads` of them):
 
-- the process itself (Python, gunicorn, gevent, NTONIX): about 35–40 MB resident once warm;
+- the process itself (Python, gunicorn, gevent, NTONIX): about 25–40 MB resident once warm
+  (`scripts/soak` and `scripts/bench` print it);
 - the in-memory cache tier (L1): `cache.memory_max_mb` of stored answers (default: a quarter of
   `cache.max_size_mb`, at most 64);
 - a request body being read: up to `proxy.max_body_bytes`, while it is read (bodies are read
@@ -394,7 +395,7 @@ What the gateway holds is bounded by its configuration. Per **worker** (`server.
 
 Per **host**, once:
 
-- the master process: about 30 MB;
+- the master process: about 20–30 MB;
 - the shared cache tier (L2, LMDB): `cache.max_size_mb` of stored answers in a memory-mapped
   file (address space: twice that plus 64 MiB). Its pages are the kernel's page cache: they show
   in the RSS of every worker that reads them (so adding up `ps` counts them once per worker), are
