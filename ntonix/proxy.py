@@ -32,7 +32,7 @@ import orjson
 from ntonix import disconnect, transport
 from ntonix.bodies import Body, FollowerBody, UpstreamBody
 from ntonix.cache_entry import CachedResponse, replayable_headers
-from ntonix.cache_key import CACHEABLE_PATHS, cache_key, request_cache_policy
+from ntonix.cache_key import CACHEABLE_PATHS, cache_key, credential_keys, credentials, request_cache_policy
 from ntonix.coalesce import Follower, Leader
 from ntonix.errors import (
     BadRequest,
@@ -143,6 +143,7 @@ class Proxy:
     def __init__(self, runtime: Runtime, done: Callable[[RequestRecord], None]) -> None:
         self.rt = runtime
         self._done = done
+        self._credential_keys = credential_keys(runtime.config.cache.partition_headers)
 
     # ------------------------------------------------------------------ entry
     def handle(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord) -> Any:
@@ -159,7 +160,7 @@ class Proxy:
             stream = parsed.get("stream") is True
             if rt.cache is not None and rt.cache.enabled:
                 serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))
-                key = cache_key(path, parsed, environ.get("HTTP_AUTHORIZATION"))
+                key = cache_key(path, parsed, credentials(environ, self._credential_keys))
         rec.cache = "MISS" if serve_ok else "BYPASS"
         leader: Leader | None = None
         if key is not None and serve_ok and rt.cache is not None:
