@@ -8,9 +8,11 @@
 
 ``lookup`` reads L1, then L2, then L3, and copies a lower-tier hit into the tiers above it
 with its remaining lifetime (TTL counts from the answer's ``created``, in every tier).
-``store`` writes every tier. ``purge`` empties L2 (and L3) and bumps L2's purge
-*generation*; each worker compares it on every lookup (one ~1 µs read) and drops its L1
-when it changed, so no worker serves an entry purged by another.
+``store`` writes every tier. L2 decides what is evicted for the whole host (exact LRU, see
+``ntonix.cache_lmdb``): an L1 hit is reported to L2 (a ~1 µs read; a write only when the entry
+was not the most recently used already) and dropped when L2 no longer holds it. ``purge``
+empties L2 (and L3) and bumps L2's purge *generation*; each worker compares it on every
+lookup (one ~1 µs read) and drops its L1 when it changed, so no worker serves an entry purged by another.
 
 A failing L2 (disk full, permissions) degrades to a miss with one warning per minute; it
 never fails a request.
@@ -72,8 +74,12 @@ class ResponseCache:
         self._check_generation()
         memory, shared, remote = self.memory, self.shared, self.remote
         entry = memory.get(key) if memory is not None else None
-        if entry is not None and shared is not None:
-            self._l2(lambda s: s.touch(key), None)  # keep the shared LRU order honest
+        if entry is not None and shared is not None and self._l2(lambda s: s.touch(key), True) is False:
+            # L2 is the host's LRU: an entry it evicted is gone for every worker, whatever
+            # L1 still holds (the touch keeps L2's order exact: INTERFACE.md "Cache").
+            assert memory is not None
+            memory.delete(key)
+            entry = None
         if entry is None and shared is not None:
             entry = self._l2(lambda s: s.get(key, touch=not count), None)
             if entry is not None and memory is not None:
