@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from ntonix.backends import Backend
 
 log = logging.getLogger("ntonix.proxy")
-MAX_RECORD_BYTES = 32 * 1024 * 1024
 
 class StreamAborted(gevent.GreenletExit):  # type: ignore[misc]
     """The answer broke off after its headers went out; the client connection was cut."""
@@ -76,6 +75,7 @@ class UpstreamBody:
         self.recorder: StreamRecorder | None = StreamRecorder() if (store_key is not None and stream) else None
         self.chunks: list[bytes] | None = [] if (store_key is not None and not stream) else None
         self.recorded = 0
+        self.max_record = rt.config.cache.max_entry_bytes
         self.stream = stream
         self.ended = False  # the backend's body ended cleanly
         self.failed: str = ""
@@ -123,7 +123,8 @@ class UpstreamBody:
         """Record a piece for the cache and publish it to coalesced followers."""
         if self.store_key is not None:
             self.recorded += len(chunk)
-            if self.recorded > MAX_RECORD_BYTES:
+            if self.recorded > self.max_record:
+                # cache.max_entry_bytes: relayed as usual, never stored, and not held meanwhile.
                 self.store_key, self.recorder, self.chunks = None, None, None
             elif self.recorder is not None:
                 self.recorder.feed(chunk)

@@ -30,7 +30,7 @@ from ntonix.cache_entry import CachedResponse
 from ntonix.cache_lmdb import LmdbStore
 from ntonix.cache_memory import MemoryLRU
 from ntonix.cache_redis import RedisStore
-from ntonix.lmdb_env import StoreError
+from ntonix.lmdb_env import StoreError, explain
 
 log = logging.getLogger("ntonix.cache")
 
@@ -179,7 +179,8 @@ class ResponseCache:
             now = time.monotonic()
             if now - self._warned_at >= _WARN_EVERY_S:
                 self._warned_at = now
-                log.warning("cache.store_failed", extra={"path": self.shared.path, "error": str(exc)})
+                path = self.shared.path
+                log.warning("cache.store_failed", extra={"path": path, "error": explain(exc, path)})
             return default
 
     def __repr__(self) -> str:
