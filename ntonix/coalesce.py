@@ -53,6 +53,7 @@ import os
 import secrets
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -74,6 +75,8 @@ _RECORD = struct.Struct(">IdIIB")  # pid, heartbeat (wall clock), followers, pub
 _READER = struct.Struct(">II")  # follower's pid, next record it reads
 RUNNING, DONE, FAILED = 0, 1, 2
 _CAPPED = 0x10  # flag in the state byte: past max_bytes, records are dropped once read
+_LAG_BYTES = 2 * MiB  # a capped flight's leader waits while a follower is further behind
+_READ_BYTES = 512 * 1024  # what a follower copies out of the journal at once (at least a record)
 _HEARTBEAT_S = 1.0
 
 
@@ -289,6 +292,8 @@ class Leader:
         self._pending: list[bytes] = []  # records not in the journal yet
         self._published = 0  # records in the journal (the first pending one's number)
         self._trimmed = 0  # journal records below this were read by every follower and dropped
+        self._kept: deque[int] = deque()  # sizes of journal records from _trimmed on (capped)
+        self._kept_bytes = 0
         self._bytes = 0  # body bytes taken so far
         self._capped = False
         self._journaling = False
@@ -381,6 +386,8 @@ class Leader:
                 self._beat = now
                 if end is not None:
                     self._end()
+                elif self._kept_bytes > _LAG_BYTES:
+                    self._wait_for_followers()
         except StoreError as exc:
             log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": explain(exc, self._c.path)})
             self._end()
@@ -401,12 +408,44 @@ class Leader:
         for record in self._pending:
             txn.put(_seq(self.token, self._published), record, db=h.journal)
             self._published += 1
+            if self._capped:
+                self._kept.append(len(record))
+                self._kept_bytes += len(record)
         self._pending = []
         if self._capped:
-            low = least_needed(self._c, h, txn, self.token, self._published)
-            for n in range(self._trimmed, low):
-                txn.delete(_seq(self.token, n), db=h.journal)
-            self._trimmed = max(self._trimmed, low)
+            self._trim(h, txn)
+
+    def _trim(self, h: _Handles, txn: Txn) -> None:
+        assert self.token is not None
+        low = least_needed(self._c, h, txn, self.token, self._published)
+        for n in range(self._trimmed, low):
+            txn.delete(_seq(self.token, n), db=h.journal)
+            if self._kept:
+                self._kept_bytes -= self._kept.popleft()
+        self._trimmed = max(self._trimmed, low)
+
+    def _wait_for_followers(self) -> None:
+        """Backpressure on a capped flight: while some follower is more than ``_LAG_BYTES``
+        behind, wait for it (polling, a read each time), so that the journal, and the pages
+        of it that followers map, stay small; the slowest follower paces the flight, as any
+        fan-out. One that does not move for ``stale_after_s / 2`` ends the flight."""
+        assert self.token is not None
+        c = self._c
+        waited_from = c.clock()
+        while self._kept_bytes > _LAG_BYTES and not self.finished:
+            c.sleep(c.poll_interval_s)
+            with translated():
+                h = c.handles()
+                with h.env.begin(write=True) as txn:
+                    self._trim(h, txn)
+                    raw = txn.get(self.token, db=h.flights)
+                    if raw is not None:  # a beat, so that nobody takes us for stale meanwhile
+                        txn.put(self.token, _Flight.unpack(raw)._replace(heartbeat=c.clock()).pack(),
+                                db=h.flights)
+            if c.clock() - waited_from > c.stale_after_s / 2:
+                log.warning("coalesce.followers_too_slow", extra={"path": c.path, "key": self.key})
+                self._sync(FAILED)
+                self._end()
 
     def _detach(self) -> None:
         """Take the key off the in-flight index, so that requests arriving from now on start a
@@ -516,7 +555,14 @@ class Follower:
                         raw = txn.get(self.token, db=h.flights)
                         flight = _Flight.unpack(raw) if raw is not None else None
                         end = min(flight.published, start + batch) if flight is not None else start
-                        records = [txn.get(_seq(self.token, n), b"", db=h.journal) for n in range(start, end)]
+                        records = []
+                        size = 0
+                        for n in range(start, end):
+                            record = txn.get(_seq(self.token, n), b"", db=h.journal)
+                            records.append(record)
+                            size += len(record)
+                            if size >= _READ_BYTES:
+                                break
                     if records and flight is not None and flight.capped:
                         self._next = start + len(records)
                         self._progress(h)

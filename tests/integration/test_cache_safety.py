@@ -5,13 +5,23 @@ in memory, coalesced or not), endless streams, and a full cache disk.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
+import json
+import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from tests import bigstream
 from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.integration.test_cache import backend_calls, chat_body, post
+from tests.integration.test_cache import backend_calls, chat_body, post, worker_pids
+from tests.support import PYTHON, Proc, free_port, wait_http_up, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +85,187 @@ def test_lru_is_exact_even_within_milliseconds(mock: MockBackend, gateway: Gatew
     assert backend_calls(mock) == before
     assert post(gw1, b, headers)[1]["x-cache"] == "MISS", "B, the least recently used, was kept"
     assert elapsed < 2.0, elapsed  # no waiting for a recency interval
+
+
+# ----------------------------------------------------------------------------- large and endless answers
+
+MB = 1024 * 1024
+
+
+@dataclass
+class BigBackend:
+    port: int
+    proc: Proc
+
+    @property
+    def spec(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def count(self) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("GET", "/count")
+            return int(conn.getresponse().read())
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def big() -> Iterator[BigBackend]:
+    port = free_port()
+    proc = Proc([PYTHON, "-m", "tests.bigstream", "--port", str(port)], name="bigstream")
+    try:
+        wait_http_up(f"http://127.0.0.1:{port}/health", proc)
+        yield BigBackend(port, proc)
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Streamed:
+    """What one client received of a streamed answer."""
+
+    status: int = 0
+    cache: str = ""
+    length: int = 0
+    sha256: str = ""
+    complete: bool = False
+    longest_gap_s: float = 0.0
+    error: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+
+def stream_body(prompt: str) -> bytes:
+    return json.dumps({"model": "big", "stream": True, "messages": [{"role": "user", "content": prompt}]}).encode()
+
+
+def read_stream(gw: Gateway, body: bytes, headers: dict[str, str], stop_after: int | None = None,
+                timeout: float = 60.0) -> Streamed:
+    """POST ``body``; read the answer as it streams (hashing, never keeping it), up to
+    ``stop_after`` bytes if given (then leave)."""
+    out = Streamed()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=timeout)
+    h = hashlib.sha256()
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json", **headers})
+        resp = conn.getresponse()
+        out.status, out.cache = resp.status, resp.getheader("X-Cache", "")
+        last = time.monotonic()
+        while True:
+            data = resp.read1(1 << 20)
+            now = time.monotonic()
+            out.longest_gap_s = max(out.longest_gap_s, now - last)
+            last = now
+            if not data:
+                out.complete = True
+                break
+            h.update(data)
+            out.length += len(data)
+            if stop_after is not None and out.length >= stop_after:
+                break
+    except (OSError, http.client.HTTPException) as exc:
+        out.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+    out.sha256 = h.hexdigest()
+    return out
+
+
+def gateway_pids(gw: Gateway, workers: int) -> list[int]:
+    return [gw.pid, *worker_pids(gw, workers)]
+
+
+def reset_peak_rss(pids: list[int]) -> dict[int, int]:
+    """Reset each process's peak RSS (``/proc/PID/clear_refs`` 5) and return its RSS now (KiB)."""
+    now = {}
+    for pid in pids:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        now[pid] = _status_kib(pid, "VmRSS")
+    return now
+
+
+def peak_growth_mb(pids: list[int], before: dict[int, int]) -> dict[int, float]:
+    return {pid: (_status_kib(pid, "VmHWM") - before[pid]) / 1024 for pid in pids}
+
+
+def _status_kib(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field_name} not in /proc/{pid}/status")
+
+
+def warm_up(gw: Gateway, workers: int) -> None:
+    """One small streamed answer through each worker (lazy imports, pools, LMDB maps)."""
+    for _ in range(4 * workers):
+        assert read_stream(gw, stream_body(f"warm {uuid.uuid4()}"), {"X-Big-Bytes": str(MB)}).complete
+
+
+def test_a_200_mb_answer_is_relayed_whole_without_growing_memory(big: BigBackend, gateway: GatewayFactory) -> None:
+    gw1 = gateway([big.spec], workers=2)  # the cache on, with its defaults
+    warm_up(gw1, 2)
+    pids = gateway_pids(gw1, 2)
+    body = stream_body(f"big {uuid.uuid4()}")
+    want_len, want_sha = bigstream.expected(body, 200 * MB)
+    before = reset_peak_rss(pids)
+    got = read_stream(gw1, body, {"X-Big-Bytes": str(200 * MB)})
+    growth = peak_growth_mb(pids, before)
+    print("peak RSS growth (MiB) by pid:", {pid: round(g, 2) for pid, g in growth.items()})
+    assert (got.status, got.cache, got.complete, got.error) == (200, "MISS", True, ""), got
+    assert (got.length, got.sha256) == (want_len, want_sha)
+    assert max(growth.values()) <= 10, growth
+    entries = gw1.cache_stats()["entries"]
+    again = read_stream(gw1, body, {"X-Big-Bytes": str(MB)})  # same body: a hit would be the big answer
+    assert again.cache == "MISS"  # the big one was not stored ...
+    wait_until(lambda: gw1.cache_stats()["entries"] == entries + 1, timeout=5, what="the small answer stored")
+
+
+def test_three_coalesced_200_mb_answers_reach_every_client_whole(big: BigBackend, gateway: GatewayFactory) -> None:
+    gw1 = gateway([big.spec], workers=2)
+    warm_up(gw1, 2)
+    pids = gateway_pids(gw1, 2)
+    body = stream_body(f"big3 {uuid.uuid4()}")
+    size = int(float(os.environ.get("NTONIX_TEST_COALESCED_MB", "200")) * MB)
+    want = bigstream.expected(body, size)
+    calls_before = big.count()
+    before = reset_peak_rss(pids)
+    results: list[Streamed] = [Streamed()] * 3
+    # The backend waits 0.5 s before its head: all three are in flight together.
+    headers = {"X-Big-Bytes": str(size), "X-Big-TTFT": "0.5"}
+
+    def run(i: int) -> None:
+        results[i] = read_stream(gw1, body, headers)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    growth = peak_growth_mb(pids, before)
+    print("peak RSS growth (MiB) by pid:", {pid: round(g, 2) for pid, g in growth.items()})
+    assert [(r.status, r.complete, r.error) for r in results] == [(200, True, "")] * 3, results
+    assert all((r.length, r.sha256) == want for r in results)
+    assert sorted(r.cache for r in results) == ["HIT", "HIT", "MISS"]
+    assert big.count() - calls_before == 1  # one backend call for all three
+    assert max(growth.values()) <= 10, growth
+    assert gw1.cache_stats()["entries"] == 8  # the warm-up answers only
+
+
+def test_an_endless_stream_keeps_the_worker_flat_and_serves_until_the_client_leaves(
+        big: BigBackend, gateway: GatewayFactory) -> None:
+    relay_gb = float(os.environ.get("NTONIX_TEST_ENDLESS_GB", "1"))
+    gw1 = gateway([big.spec], workers=2)
+    warm_up(gw1, 2)
+    pids = gateway_pids(gw1, 2)
+    before = reset_peak_rss(pids)
+    got = read_stream(gw1, stream_body(f"endless {uuid.uuid4()}"), {"X-Big-Bytes": "-1"},
+                      stop_after=int(relay_gb * 1024 * MB))
+    growth = peak_growth_mb(pids, before)
+    print("peak RSS growth (MiB) by pid:", {pid: round(g, 2) for pid, g in growth.items()})
+    assert (got.status, got.error) == (200, ""), got
+    assert got.length >= relay_gb * 1024 * MB
+    assert max(growth.values()) <= 10, growth
+    assert gateway_pids(gw1, 2) == pids, "a worker was replaced"
+    assert "WORKER TIMEOUT" not in gw1.output()
+    # The client left: the gateway lets go of the backend, and serves the next request.
+    assert read_stream(gw1, stream_body(f"after {uuid.uuid4()}"), {"X-Big-Bytes": str(MB)}).complete
