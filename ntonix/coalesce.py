@@ -78,6 +78,7 @@ _CAPPED = 0x10  # flag in the state byte: past max_bytes, records are dropped on
 _LAG_BYTES = 2 * MiB  # a capped flight's leader waits while a follower is further behind
 _READ_BYTES = 512 * 1024  # what a follower copies out of the journal at once (at least a record)
 _HEARTBEAT_S = 1.0
+_WARN_EVERY_S = 60.0
 
 
 class LeaderFailed(Exception):
@@ -144,6 +145,7 @@ class Coalescer:
         self._pid = -1
         self._handles: _Handles | None = None
         self._swept_at = 0.0
+        self._warned: dict[str, float] = {}
 
     def handles(self) -> _Handles:
         if self._handles is None or self._pid != Process.pid:
@@ -199,8 +201,16 @@ class Coalescer:
                 self._handles.locks.release(mine)
             if not isinstance(exc, StoreError):
                 raise
-            log.warning("coalesce.unavailable", extra={"path": self.path, "error": explain(exc, self.path)})
+            self.warn("coalesce.unavailable", exc)
             return Leader(self, key, None)  # nobody can follow: the request just goes alone
+
+    def warn(self, event: str, exc: StoreError) -> None:
+        """Log a journal failure, each kind at most once a minute per process (a full disk
+        fails every request: one line per request would flood the log)."""
+        now = time.monotonic()
+        if now - self._warned.get(event, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            self._warned[event] = now
+            log.warning(event, extra={"path": self.path, "error": explain(exc, self.path)})
 
     def sweep(self) -> int:
         """Remove flights nobody will finish or read any more; returns how many."""
@@ -389,7 +399,7 @@ class Leader:
                 elif self._kept_bytes > _LAG_BYTES:
                     self._wait_for_followers()
         except StoreError as exc:
-            log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": explain(exc, self._c.path)})
+            self._c.warn("coalesce.publish_failed", exc)
             self._end()
             if end is None:
                 self._abandon()
@@ -461,7 +471,7 @@ class Leader:
                     if txn.get(k, db=h.inflight) == self.token:
                         txn.delete(k, db=h.inflight)
         except StoreError as exc:
-            log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": explain(exc, self._c.path)})
+            self._c.warn("coalesce.publish_failed", exc)
 
     def _abandon(self) -> None:
         """Best effort after a failed write (e.g. a full disk): fail the flight, free its journal.

@@ -5,14 +5,17 @@ in memory, coalesced or not), endless streams, and a full cache disk.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
 import os
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +134,8 @@ class Streamed:
     sha256: str = ""
     complete: bool = False
     longest_gap_s: float = 0.0
+    gap_at: int = 0  # bytes received when the longest gap ended
+    first_byte_s: float = 0.0
     error: str = ""
     started: float = field(default_factory=time.monotonic)
 
@@ -150,11 +155,13 @@ def read_stream(gw: Gateway, body: bytes, headers: dict[str, str], stop_after: i
         conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json", **headers})
         resp = conn.getresponse()
         out.status, out.cache = resp.status, resp.getheader("X-Cache", "")
+        out.first_byte_s = time.monotonic() - out.started
         last = time.monotonic()
         while True:
             data = resp.read1(1 << 20)
             now = time.monotonic()
-            out.longest_gap_s = max(out.longest_gap_s, now - last)
+            if now - last > out.longest_gap_s:
+                out.longest_gap_s, out.gap_at = now - last, out.length
             last = now
             if not data:
                 out.complete = True
@@ -269,3 +276,87 @@ def test_an_endless_stream_keeps_the_worker_flat_and_serves_until_the_client_lea
     assert "WORKER TIMEOUT" not in gw1.output()
     # The client left: the gateway lets go of the backend, and serves the next request.
     assert read_stream(gw1, stream_body(f"after {uuid.uuid4()}"), {"X-Big-Bytes": str(MB)}).complete
+
+
+# ----------------------------------------------------------------------------- a full cache disk
+
+
+def _maps_open(pid: int, paths: list[str]) -> bool:
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+    return all(p in maps for p in paths)
+
+
+def _fill(folder: Path) -> int:
+    """Fill the file system of ``folder`` to the last byte; returns the bytes written."""
+    written = 0
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            block = b"\0" * size
+            try:
+                while True:
+                    written += f.write(block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return written
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs the suite as root)")
+    folder = tmp_path / "cachefs"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("room", [0, 300_000], ids=["full", "nearly-full"])
+def test_a_full_cache_disk_costs_followers_nothing(big: BigBackend, gateway: GatewayFactory,
+                                                   full_tmpfs: Path, room: int) -> None:
+    """64 streamed requests over 2 prompts, 32 at a time, with the cache directory on a full
+    file system: every client gets its whole answer, byte-identical, with no pause of a second
+    or more, and the logs say why nothing is cached. Full: no flight can even start, each
+    request goes alone. Nearly full: flights start, then their journal writes fail midway; the
+    followers notice at once and take the rest from a backend of their own."""
+    gw1 = gateway([big.spec], workers=2, config={"cache": {"dir": str(full_tmpfs)}})
+    try:
+        workers = worker_pids(gw1)
+        # Both workers open both LMDB environments (and the lock file) while there is room.
+        wanted = [str(full_tmpfs / "store" / "data.mdb"), str(full_tmpfs / "inflight" / "data.mdb")]
+
+        def opened() -> bool:
+            with ThreadPoolExecutor(8) as pool:
+                done = list(pool.map(lambda _: read_stream(gw1, stream_body(f"warm {uuid.uuid4()}"),
+                                                           {"X-Big-Bytes": "100000"}).complete, range(8)))
+            assert all(done)
+            return all(_maps_open(pid, wanted) for pid in workers)
+
+        wait_until(opened, timeout=30, what="both workers to open the cache")
+        assert _fill(full_tmpfs) > 0
+        if room:
+            os.truncate(full_tmpfs / "filler", os.path.getsize(full_tmpfs / "filler") - room)
+        prompts = [stream_body(f"full {uuid.uuid4()}") for _ in range(2)]
+        size = 256 * 1024
+        want = [bigstream.expected(p, size) for p in prompts]
+        headers = {"X-Big-Bytes": str(size), "X-Big-TTFT": "0.2", "X-Big-Delay": "0.02"}
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(lambda i: read_stream(gw1, prompts[i % 2], headers, timeout=30), range(64)))
+        problems = [(i, r) for i, r in enumerate(results)
+                    if (r.status, r.complete, r.error, (r.length, r.sha256)) != (200, True, "", want[i % 2])]
+        assert problems == []
+        assert max(r.longest_gap_s for r in results) < 1.0, [
+            (r.cache, round(r.first_byte_s, 3), round(r.longest_gap_s, 3), r.gap_at)
+            for r in results if r.longest_gap_s > 0.5]
+        assert "No space left on device" in gw1.output()
+        assert "Input/output error" not in gw1.output()
+        assert worker_pids(gw1) == workers, "a worker died"
+        print("caches:", sorted(r.cache for r in results).count("HIT"), "HIT of 64;",
+              "longest gap", round(max(r.longest_gap_s for r in results), 3), "s")
+    finally:
+        gw1.stop()
