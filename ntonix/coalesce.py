@@ -73,6 +73,8 @@ log = logging.getLogger("ntonix.cache")
 
 _RECORD = struct.Struct(">IdIIB")  # pid, heartbeat (wall clock), followers, published, state
 _READER = struct.Struct(">II")  # follower's pid, next record it reads
+_FOLLOWERS_AT = struct.calcsize(">Id")  # where the follower count sits in a flight record
+_COUNT = struct.Struct(">I")
 RUNNING, DONE, FAILED = 0, 1, 2
 _CAPPED = 0x10  # flag in the state byte: past max_bytes, records are dropped once read
 _LAG_BYTES = 2 * MiB  # a capped flight's leader waits while a follower is further behind
@@ -362,15 +364,16 @@ class Leader:
         """Publish what followers have not seen (if there are any), beat, cap, or end (``end``)."""
         if self.finished or self.token is None:
             return
-        now = self._c.clock()
-        over = self._bytes > self._c.max_bytes and not self._capped
+        c = self._c
+        now = c.clock()
+        over = self._bytes > c.max_bytes and not self._capped
         try:
             with translated():
-                h = self._c.handles()
+                h = c.handles()
                 if not self._journaling and end is None and not over:
-                    with h.env.begin() as txn:  # the cheap common case: one read
+                    with h.env.begin() as txn:  # the cheap common case: one read, per chunk
                         raw = txn.get(self.token, db=h.flights)
-                    self._journaling = raw is not None and _Flight.unpack(raw).followers > 0
+                    self._journaling = raw is not None and _COUNT.unpack_from(raw, _FOLLOWERS_AT)[0] > 0
                     if raw is None or (not self._journaling and now - self._beat < _HEARTBEAT_S):
                         if raw is None:  # taken over as stale: nobody follows us
                             self._end()
