@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ntonix.config import ConfigError, load_config, parse_backends, text_value
-from ntonix.runstate import CLI_ENV
+from ntonix.config.handover import CLI_ENV
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         layer = cli_layer(args)
         cfg = load_config(layer, config_path=args.config)
         if args.check_config and cfg.server.ssl_port:
-            from ntonix.tls import build_server_context
+            from ntonix.server.tls import build_server_context
 
             build_server_context(cfg.ssl)
     except ConfigError as exc:
@@ -58,14 +58,13 @@ def main(argv: list[str] | None = None) -> int:
               f"ssl_port {cfg.server.ssl_port}, {cfg.server.threads} workers"
               + (f", from {cfg.source}" if cfg.source else ""))
         return 0
-    # The master (ntonix.gunicorn_conf) reloads file + environment + these options on HUP.
+    # The master (ntonix.server.hooks) reloads file + environment + these options on HUP.
     os.environ[CLI_ENV] = json.dumps(layer)
     if args.config:
         os.environ["NTONIX_CONFIG"] = os.path.abspath(args.config)
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from ntonix.server.hooks import run_gunicorn
 
-    sys.argv = ["ntonix", "-c", "python:ntonix.gunicorn_conf", "ntonix.wsgi:application"]
-    WSGIApplication("%(prog)s [OPTIONS]").run()
+    run_gunicorn()
     return 0
 
 

@@ -6,6 +6,8 @@ into ``{"error": {"message", "type", "code"}}`` with ``render_error``.
 
 from __future__ import annotations
 
+import http
+
 import orjson
 
 
@@ -13,7 +15,6 @@ class NtonixError(Exception):
     """An error the gateway answers itself."""
 
     status = 500
-    reason = "Internal Server Error"
     type = "server_error"
     code = "internal_error"
 
@@ -24,49 +25,51 @@ class NtonixError(Exception):
 
 
 class BadRequest(NtonixError):
-    status, reason, type, code = 400, "Bad Request", "invalid_request_error", "invalid_request"
+    status, type, code = 400, "invalid_request_error", "invalid_request"
 
 
 class Forbidden(NtonixError):
-    status, reason, type, code = 403, "Forbidden", "permission_error", "forbidden"
-
-
-class NotFound(NtonixError):
-    status, reason, type, code = 404, "Not Found", "invalid_request_error", "not_found"
+    status, type, code = 403, "permission_error", "forbidden"
 
 
 class RequestTimeout(NtonixError):
-    status, reason, type, code = 408, "Request Timeout", "invalid_request_error", "request_timeout"
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class PayloadTooLarge(NtonixError):
-    status, reason, type, code = 413, "Payload Too Large", "invalid_request_error", "payload_too_large"
-
-
-class HeadersTooLarge(NtonixError):
-    status, reason, type, code = 431, "Request Header Fields Too Large", "invalid_request_error", "headers_too_large"
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
 
 
 class UpstreamUnavailable(NtonixError):
-    status, reason, type, code = 502, "Bad Gateway", "upstream_error", "backend_failed"
+    status, type, code = 502, "upstream_error", "backend_failed"
 
 
 class NoHealthyBackend(NtonixError):
-    status, reason, type, code = 503, "Service Unavailable", "upstream_error", "no_healthy_backend"
+    status, type, code = 503, "upstream_error", "no_healthy_backend"
 
 
 class UpstreamTimeout(NtonixError):
-    status, reason, type, code = 504, "Gateway Timeout", "upstream_error", "backend_timeout"
+    status, type, code = 504, "upstream_error", "backend_timeout"
 
 
-def error_body(status: int, message: str, type_: str, code: str | int | None) -> bytes:
+# Python 3.11 still says "Request Entity Too Large" (RFC 2616); RFC 7231's name is the one clients know.
+_STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in http.HTTPStatus} | {413: "413 Payload Too Large"}
+
+
+def status_line(code: int, reason: str = "Unknown") -> str:
+    """The one ``"NNN Phrase"`` for a WSGI status or an HTTP status line; ``reason`` is used
+    only for a code ``http.HTTPStatus`` does not know."""
+    return _STATUS_LINES.get(code) or f"{code} {reason}"
+
+
+def error_body(message: str, type_: str, code: str | int | None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
 
 
 def render_error(err: NtonixError) -> tuple[str, list[tuple[str, str]], bytes]:
     """(status line, headers, body) for an error the gateway answers."""
-    body = error_body(err.status, err.message, err.type, err.code)
+    body = error_body(err.message, err.type, err.code)
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     if err.retry_after is not None:
         headers.append(("Retry-After", str(err.retry_after)))
-    return f"{err.status} {err.reason}", headers, body
+    return status_line(err.status), headers, body

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ntonix.app import build_app
-from ntonix.logs import setup_logging
-from ntonix.runstate import current
+from ntonix.config.handover import current
+from ntonix.telemetry.logs import setup_logging
 
 _config = current()
 setup_logging(_config.logging)

@@ -3,7 +3,7 @@
 
     python scripts/bench_minimal_app.py --port 9100 [--workers 1] [--worker-connections 4096]
 
-The gunicorn settings come from ``ntonix.gunicorn_settings`` for a configuration with the same
+The gunicorn settings come from ``ntonix.server.settings`` for a configuration with the same
 ``server`` section as the gateway under test (bind, workers, worker_connections, keepalive,
 backlog, request limits, timeouts), so the only differences are the worker class (gunicorn's
 stock ``gevent`` worker instead of ``NtonixWorker``, which needs the gateway behind it) and the
@@ -34,7 +34,7 @@ def application(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 def settings(port: int, workers: int, worker_connections: int) -> dict[str, Any]:
     from ntonix.config import build_config
-    from ntonix.gunicorn_settings import gunicorn_settings
+    from ntonix.server.settings import gunicorn_settings
 
     cfg = build_config({"server": {"host": "127.0.0.1", "port": port, "ssl_port": 0, "threads": workers,
                                    "worker_connections": worker_connections},

@@ -6,7 +6,7 @@
         status, headers, body = gw.request("POST", "/v1/chat/completions", {...})
 
 Everything runs on free 127.0.0.1 ports and is stopped by PID at teardown. The classes live in
-``tests/fixtures.py``; the process helpers in ``tests/support.py``.
+``tests/live/servers.py``; the process helpers in ``tests/live/procs.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackendFactory, RedisServer
+from tests.live.servers import Gateway, GatewayFactory, MockBackendFactory, RedisServer
+
+# scripts/test --fast: few examples per property (HYPOTHESIS_PROFILE=fast); the full run keeps them all.
+settings.register_profile("fast", max_examples=20)
+if os.environ.get("HYPOTHESIS_PROFILE") == "fast":
+    settings.load_profile("fast")
 
 # A developer's NTONIX_* variables (or a multiprocess metrics dir) must not leak into the
 # gateways the tests start: they would override the config files the tests write.
@@ -108,7 +114,7 @@ def gateway_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway
 
 @pytest.fixture
 def tls_ca() -> trustme.CA:
-    """A fresh trustme CA, e.g. to issue SNI certificates (``tests.fixtures.write_cert``)
+    """A fresh trustme CA, e.g. to issue SNI certificates (``tests.live.servers.write_cert``)
     before ``gateway(..., ssl=True, ca=tls_ca)``."""
     return trustme.CA()
 

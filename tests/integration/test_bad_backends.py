@@ -1,4 +1,4 @@
-"""Backends that lie, hang or die mid-answer, through a live gateway (issue 9).
+"""Backends that lie, hang or die mid-answer, through a live gateway.
 
 Each test talks to the gateway through a raw socket; behind it sits ``RawBackend``, a tiny
 HTTP/1.1 server on a plain socket (one thread per connection) that does what the request's
@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import Gateway, GatewayFactory
-from tests.support import raw_exchange, wait_until
-from tests.support import split_response as split
+from tests.live.procs import raw_exchange, wait_until
+from tests.live.procs import split_response as split
+from tests.live.servers import Gateway, GatewayFactory
 
 pytestmark = pytest.mark.integration
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import wait_until
+from tests.live.procs import wait_until
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 
@@ -485,7 +485,7 @@ def test_replay_tool_reports_hits_against_the_best_possible(gw: Gateway, mock: M
     import subprocess
     import sys
 
-    from tests.support import ROOT
+    from tests.live.procs import ROOT
 
     before = backend_calls(mock)
     out = subprocess.run(

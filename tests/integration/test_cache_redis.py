@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory, RedisServer
 from tests.integration.test_cache import access_log, backend_calls, chat_body, post
-from tests.support import wait_until
+from tests.live.procs import wait_until
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory, RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 

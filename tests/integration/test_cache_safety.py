@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import bigstream
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 from tests.integration.test_cache import backend_calls, chat_body, post, worker_pids
-from tests.support import PYTHON, Proc, free_port, wait_http_up, wait_until
+from tests.live import bigstream
+from tests.live.procs import PYTHON, Proc, free_port, wait_http_up, wait_until
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,7 @@ class BigBackend:
 @pytest.fixture(scope="module")
 def big() -> Iterator[BigBackend]:
     port = free_port()
-    proc = Proc([PYTHON, "-m", "tests.bigstream", "--port", str(port)], name="bigstream")
+    proc = Proc([PYTHON, "-m", "tests.live.bigstream", "--port", str(port)], name="bigstream")
     try:
         wait_http_up(f"http://127.0.0.1:{port}/health", proc)
         yield BigBackend(port, proc)

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 from tests.integration.test_cache import access_log, chat_body, only_worker, post, worker_pids
-from tests.support import wait_until
+from tests.live.procs import wait_until
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

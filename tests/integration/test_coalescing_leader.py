@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import wait_until
+from tests.live.procs import wait_until
 
 pytestmark = pytest.mark.integration
 

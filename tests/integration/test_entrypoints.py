@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import MockBackend, MockBackendFactory
-from tests.support import PYTHON, ROOT, Proc, free_port, http, wait_http_up
+from tests.live.procs import PYTHON, ROOT, Proc, free_port, http, wait_http_up
+from tests.live.servers import MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import client_exchange, free_port, split_response, wait_until
-from tests.support import raw_exchange as support_raw_exchange
+from tests.live.procs import client_exchange, free_port, split_response, wait_until
+from tests.live.procs import raw_exchange as support_raw_exchange
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Hostile and broken clients, through raw sockets against a live gateway (issue 9).
+"""Hostile and broken clients, through raw sockets against a live gateway.
 
 - malformed requests → 400 in JSON; headers over the configured sizes → 431; request
   smuggling shapes (Content-Length with Transfer-Encoding, two Content-Lengths, ...) → 400 with
@@ -35,9 +35,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import raw_exchange, wait_until
-from tests.support import split_response as split
+from tests.live.procs import raw_exchange, wait_until
+from tests.live.procs import split_response as split
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

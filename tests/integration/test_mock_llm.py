@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Proc, free_port, get_json, http, wait_http_up, wait_until
+from tests.live.procs import Proc, free_port, get_json, http, wait_http_up, wait_until
 
 pytestmark = pytest.mark.integration
 

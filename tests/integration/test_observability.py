@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackendFactory
-from tests.support import wait_until
+from tests.live.procs import wait_until
+from tests.live.servers import Gateway, GatewayFactory, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

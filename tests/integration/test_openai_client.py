@@ -14,8 +14,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import free_port
+from tests.live.procs import free_port
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

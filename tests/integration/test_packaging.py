@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import ROOT, Proc, http, wait_until
+from tests.live.procs import ROOT, Proc, http, wait_until
 
 pytestmark = pytest.mark.integration
 

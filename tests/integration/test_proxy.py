@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory
-from tests.support import client_exchange, split_response
+from tests.live.procs import client_exchange, split_response
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 pytestmark = pytest.mark.integration
 

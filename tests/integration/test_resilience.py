@@ -1,4 +1,4 @@
-"""Backend health, circuit breaker, failover, hot reload and graceful shutdown (issue 3).
+"""Backend health, circuit breaker, failover, hot reload and graceful shutdown.
 
 Every test runs real processes: mock backends and a gateway (2 workers), and clients on
 real sockets. Loads are bounded in time and count.
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import wait_until
+from tests.live.procs import wait_until
 
 pytestmark = pytest.mark.integration
 

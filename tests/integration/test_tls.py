@@ -1,4 +1,4 @@
-"""Live TLS tests: HTTPS beside HTTP in one gateway, with real clients (issue 5).
+"""Live TLS tests: HTTPS beside HTTP in one gateway, with real clients.
 
 Python's ssl module with pinned protocol versions, ``openssl s_client`` and the openai client
 talk to a gateway whose certificates come from a trustme CA. One gateway (``a.test`` and
@@ -28,14 +28,14 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.fixtures import Gateway, GatewayFactory, MockBackend, MockBackendFactory, write_cert
-from tests.support import wait_until
+from tests.live.procs import wait_until
+from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory, write_cert
 
 pytestmark = pytest.mark.integration
 
 LOOPBACK = "127.0.0.1"
 HANDSHAKE_TIMEOUT_S = 1.0
-DEFAULT_SAN = ["localhost"]  # what tests.fixtures.Gateway issues for server.crt (plus IP SANs)
+DEFAULT_SAN = ["localhost"]  # what tests.live.servers.Gateway issues for server.crt (plus IP SANs)
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -62,6 +62,6 @@ def test_errors_are_exceptions_with_their_message() -> None:
 
 
 def test_message_is_escaped_json() -> None:
-    body = error_body(400, 'bad "quote"\n\u00e9', "invalid_request_error", "x")
+    body = error_body('bad "quote"\n\u00e9', "invalid_request_error", "x")
     assert json.loads(body)["error"]["message"] == 'bad "quote"\n\u00e9'
     assert b"\n" not in body

@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the pure parts (issue 9).
+"""Property-based tests (hypothesis) of the pure parts.
 
 - configuration parsing: ``parse_backends`` reads back what was written and fails only with
   ``ConfigError``; ``build_config`` fails only with ``ConfigError`` naming the key, whatever it is
@@ -6,7 +6,7 @@
   configuration survives ``to_jsonable``/``from_jsonable``.
 - cache keys: a body with the same meaning (key order, whitespace, escapes) gets the same key;
   any changed field, path or credential gets another. Bodies go through the gateway's own JSON
-  parsing (``ntonix.proxy.parse_json_body``), as on the wire.
+  parsing (``ntonix.gateway.proxy.parse_json_body``), as on the wire.
 - header rewriting: ``X-Forwarded-For`` is only appended to, hop-by-hop headers never reach the
   backend, end-to-end headers pass unchanged, ``X-Request-ID`` never carries CR/LF.
 """
@@ -23,7 +23,6 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from ntonix.cache_key import cache_key
 from ntonix.config import (
     SECTIONS,
     Config,
@@ -37,20 +36,23 @@ from ntonix.config import (
     parse_backends,
     to_jsonable,
 )
-from ntonix.errors import BadRequest
-from ntonix.headers import (
+from ntonix.core.cache_key import cache_key
+from ntonix.core.headers import (
     HOP_BY_HOP,
     client_ip,
-    forward_request_headers,
     in_networks,
     parse_networks,
     request_id_from,
 )
-from ntonix.proxy import origin_form, parse_json_body
+from ntonix.errors import BadRequest
+from ntonix.gateway.proxy import origin_form, parse_json_body
+from tests.header_forms import forward_request_headers
 
 SANE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 BACKENDS = [{"host": "127.0.0.1", "port": 8001}]
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 150 examples each, unless a smaller profile is loaded (scripts/test --fast, tests/conftest.py).
+_EXAMPLES = 150 if settings.default.max_examples >= 100 else settings.default.max_examples
+PROPS = settings(max_examples=_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ----------------------------------------------------------------------------- strategies
 

@@ -1,0 +1,220 @@
+"""The response cache the proxy talks to: three tiers behind one small facade.
+
+* L1 :class:`MemoryLRU` — per worker process, fastest, a working-set subset.
+* L2 :class:`LmdbStore` — one per host, shared by all workers, survives worker restarts.
+  It is the source of truth for ``/cache/stats`` (entries, bytes, hits, misses, evictions
+  are counted there, so any worker answers for the whole gateway).
+* L3 :class:`RedisStore` — optional, shared by several gateways; failures are misses.
+
+``lookup`` reads L1, then L2, then L3, and copies a lower-tier hit into the tiers above it
+with its remaining lifetime (TTL counts from the answer's ``created``, in every tier).
+``store`` writes every tier. L2 decides what is evicted for the whole host (exact LRU, see
+``ntonix.cache.shared``): an L1 hit is reported to L2 (a ~1 µs read; a write only when the entry
+was not the most recently used already) and dropped when L2 no longer holds it. ``purge``
+empties L2 (and L3) and bumps L2's purge *generation*; each worker compares it on every
+lookup (one ~1 µs read) and drops its L1 when it changed, so no worker serves an entry purged by another.
+
+A failing L2 (disk full, permissions) degrades to a miss with one warning per minute; it
+never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ntonix.cache.lmdb_env import StoreError, explain
+from ntonix.cache.memory import MemoryLRU
+from ntonix.cache.remote import RedisStore
+from ntonix.cache.shared import LmdbStore
+from ntonix.core.cache_entry import CachedResponse
+
+log = logging.getLogger("ntonix.cache")
+
+MiB = 1 << 20
+_WARN_EVERY_S = 60.0
+T = TypeVar("T")
+
+
+class ResponseCache:
+    """Facade over the tiers; every tier is optional. ``enabled=False`` turns it all off."""
+
+    def __init__(
+        self,
+        memory: MemoryLRU | None,
+        shared: LmdbStore | None,
+        remote: RedisStore | None,
+        enabled: bool,
+        *,
+        max_bytes: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.memory = memory
+        self.shared = shared
+        self.remote = remote
+        self.enabled = enabled
+        self.max_bytes = max_bytes if max_bytes is not None else _configured_max(memory, shared)
+        self._clock = clock
+        self._generation: int | None = None
+        self._hits = 0  # used only without a shared store
+        self._misses = 0
+        self._warned_at = -_WARN_EVERY_S
+
+    # -- request path -------------------------------------------------------------------
+
+    def lookup(self, key: str, *, count: bool = True) -> CachedResponse | None:
+        """The cached answer for ``key`` or ``None``; counts one hit or miss gateway-wide
+        unless ``count=False`` (the caller then reports the outcome with :meth:`record`,
+        e.g. a miss answered by a coalesced leader, which the client sees as a HIT)."""
+        if not self.enabled:
+            return None
+        self._check_generation()
+        memory, shared, remote = self.memory, self.shared, self.remote
+        entry = memory.get(key) if memory is not None else None
+        if entry is not None and shared is not None and self._l2(lambda s: s.touch(key), True) is False:
+            # L2 is the host's LRU: an entry it evicted is gone for every worker, whatever
+            # L1 still holds (the touch keeps L2's order exact: INTERFACE.md "Cache").
+            assert memory is not None
+            memory.delete(key)
+            entry = None
+        if entry is None and shared is not None:
+            entry = self._l2(lambda s: s.get(key, touch=not count), None)
+            if entry is not None and memory is not None:
+                memory.put(key, entry, age_s=self._clock() - entry.created)
+        if entry is None and remote is not None:
+            found = remote.get(key)
+            if found is not None:
+                self._l2(lambda s: s.put(key, found), 0)
+                if memory is not None:
+                    memory.put(key, found, age_s=self._clock() - found.created)
+            entry = found
+        if count:
+            self.record(key, entry is not None)
+        return entry
+
+    def store(self, key: str, entry: CachedResponse) -> None:
+        """Keep a complete answer in every tier; anything but status 200 is ignored."""
+        if not self.enabled or entry.status != 200:
+            return
+        self._check_generation()
+        if self.memory is not None:
+            self.memory.put(key, entry, age_s=self._clock() - entry.created)
+        self._l2(lambda s: s.put(key, entry), 0)
+        if self.remote is not None:
+            self.remote.put(key, entry)
+
+    # -- operator -----------------------------------------------------------------------
+
+    def purge(self) -> int:
+        """Empty the cache for the whole gateway (and the shared Redis); returns entries removed."""
+        removed = 0
+        if self.memory is not None:
+            n = self.memory.clear()
+            if self.shared is None:
+                removed = n
+        if self.shared is not None:
+            removed = self._l2(lambda s: s.purge(), 0)
+            self._generation = None
+        if self.remote is not None:
+            removed = max(removed, self.remote.purge())
+        return removed
+
+    def stats(self) -> dict[str, Any]:
+        """``/cache/stats``: enabled, entries, size_bytes, max_size_bytes, hits, misses,
+        hit_rate, evictions — for the whole gateway when there is a shared store."""
+        entries = size = hits = misses = evictions = 0
+        if self.enabled:
+            shared = self._l2(lambda s: s.stats(), None)
+            if shared is not None:
+                entries, size = shared["entries"], shared["size_bytes"]
+                hits, misses, evictions = shared["hits"], shared["misses"], shared["evictions"]
+            elif self.memory is not None:
+                entries, size, evictions = self.memory.entries, self.memory.size_bytes, self.memory.evictions
+                hits, misses = self._hits, self._misses
+        total = hits + misses
+        return {
+            "enabled": self.enabled,
+            "entries": entries,
+            "size_bytes": size,
+            "max_size_bytes": self.max_bytes,
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": round(hits / total, 4) if total else 0.0,
+            "evictions": evictions,
+        }
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _check_generation(self) -> None:
+        if self.memory is None:
+            return
+        generation = self._l2(lambda s: s.generation(), None)
+        if generation is not None and generation != self._generation:
+            if self._generation is not None:
+                self.memory.clear()
+            self._generation = generation
+
+    def record(self, key: str | None, hit: bool) -> None:
+        """Count one hit or miss (gateway-wide with a shared store)."""
+        if not self.enabled:
+            return
+        if self._l2(lambda s: s.record_lookup(key, hit), None) is not None:
+            return
+        if hit:
+            self._hits += 1
+        else:
+            self._misses += 1
+
+    def _l2(self, op: Callable[[LmdbStore], T], default: T) -> T:
+        """``op`` on the shared store; ``default`` when there is none or it failed (a failure
+        is logged at most once a minute: it degrades to a miss, never fails a request)."""
+        if self.shared is None:
+            return default
+        try:
+            return op(self.shared)
+        except StoreError as exc:
+            now = time.monotonic()
+            if now - self._warned_at >= _WARN_EVERY_S:
+                self._warned_at = now
+                path = self.shared.path
+                log.warning("cache.store_failed", extra={"path": path, "error": explain(exc, path)})
+            return default
+
+    def __repr__(self) -> str:
+        tiers = [t for t, on in (("memory", self.memory), ("lmdb", self.shared), ("redis", self.remote)) if on]
+        return f"<ResponseCache {'enabled' if self.enabled else 'disabled'} tiers={'+'.join(tiers) or '-'}>"
+
+
+def build_cache(
+    enabled: bool,
+    max_bytes: int,
+    ttl_s: float,
+    directory: str,
+    redis_url: str | None,
+    *,
+    memory_max_bytes: int | None = None,
+) -> ResponseCache:
+    """The gateway's cache from its configuration.
+
+    L2 lives in ``<directory>/store`` (the coalescer uses ``<directory>/inflight``); nothing
+    is opened until first use in each worker. L1 defaults to a quarter of ``max_bytes``,
+    at most 64 MiB per worker: it only saves the ~2 µs of an L2 read, so it should hold the
+    hot set, not everything.
+    """
+    if not enabled:
+        return ResponseCache(None, None, None, False, max_bytes=max_bytes)
+    if memory_max_bytes is None:
+        memory_max_bytes = min(max_bytes // 4, 64 * MiB)
+    memory = MemoryLRU(memory_max_bytes, ttl_s) if memory_max_bytes > 0 else None
+    shared = LmdbStore(os.path.join(directory, "store"), max_bytes, ttl_s)
+    remote = RedisStore(redis_url, ttl_s) if redis_url else None
+    return ResponseCache(memory, shared, remote, True, max_bytes=max_bytes)
+
+
+def _configured_max(memory: MemoryLRU | None, shared: LmdbStore | None) -> int:
+    if shared is not None:
+        return shared.max_bytes
+    return memory.max_bytes if memory is not None else 0

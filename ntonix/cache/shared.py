@@ -1,0 +1,311 @@
+"""L2: the host-wide response store in LMDB, shared by every worker process.
+
+Theory of operation
+-------------------
+One LMDB environment (a memory-mapped B-tree: ~1 µs reads, ~5 µs small writes) holds
+four sub-databases:
+
+* ``data``:  key -> encoded :class:`CachedResponse`
+* ``meta``:  key -> (last access µs, created, stored bytes)
+* ``lru``:   last access µs (8 bytes, big-endian) + key -> ``b""``; its first item is the
+  least recently used entry, so eviction is a cursor walk from the front
+* ``stats``: gateway-wide counters (entries, bytes, hits, misses, evictions, expired, and the
+  ``generation`` the per-worker L1 caches watch: bumped by a purge and when a stored answer is
+  replaced by a newer one, so no worker keeps serving the replaced answer from its L1)
+
+LRU is exact (issue #12): the entry evicted is always the one whose last use is oldest,
+however close together two uses were. The access stamps in ``lru`` are strictly increasing
+(a new stamp is ``max(now µs, newest stamp + 1)``), so their order is the order of use even
+within one microsecond or under a clock step. A hit writes only when its entry is not the
+most recently used one already, i.e. when something else was stored or used after it: the
+check is a read of ``lru``'s last row in the read transaction the hit opens anyway, so a key
+read again and again with nothing in between costs no write at all. Every write
+transaction that stores also removes a few entries whose *access* time is past the TTL
+(their creation is older still), then evicts from the front until the bytes fit.
+
+Processes: environments are opened per process through ``ntonix.cache.lmdb_env.open_env`` (fork
+rules there). Transactions never span a gevent switch: no call here yields.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import lmdb
+
+from ntonix.cache.lmdb_env import COUNTER as _COUNTER
+from ntonix.cache.lmdb_env import MiB, Process, StoreError, add_counter, open_env, read_counter, translated
+from ntonix.core.cache_entry import CachedResponse, DecodeError
+
+__all__ = ["LmdbStore", "StoreError"]
+
+if TYPE_CHECKING:
+    from lmdb import _Database
+
+    Txn = lmdb.Transaction[bytes]
+
+_META = struct.Struct(">QdQ")  # access µs, created (wall clock), stored bytes
+_SWEEP_PER_PUT = 16
+_MAP_FULL_RETRIES = 4
+_STAT_NAMES = (b"entries", b"bytes", b"hits", b"misses", b"evictions", b"expired", b"generation")
+
+class _Handles(NamedTuple):
+    env: lmdb.Environment
+    data: _Database
+    meta: _Database
+    lru: _Database
+    stats: _Database
+
+
+class LmdbStore:
+    """Byte-bounded, TTL-bounded LRU store shared by all processes that open ``path``."""
+
+    def __init__(self, path: str, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.time, *,
+                 map_size: int | None = None) -> None:
+        self.path, self.max_bytes, self.ttl_s = path, max_bytes, ttl_s
+        self.map_size = map_size if map_size is not None else 2 * max_bytes + 64 * MiB
+        self._clock = clock
+        self._pid = -1
+        self._handles: _Handles | None = None
+
+    def _open(self) -> _Handles:
+        if self._handles is None or self._pid != Process.pid:
+            env = open_env(self.path, self.map_size, max_dbs=8)
+            dbs = [env.open_db(name) for name in (b"data", b"meta", b"lru", b"stats")]
+            self._handles, self._pid = _Handles(env, *dbs), Process.pid
+        return self._handles
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, key: str, *, touch: bool = True) -> CachedResponse | None:
+        """The fresh entry under ``key`` or ``None``; an expired or unreadable one is removed.
+
+        ``touch=False`` leaves the access time alone (the caller reports the lookup through
+        :meth:`record_lookup`, which touches in the same write).
+        """
+        k = _k(key)
+        with translated():
+            h = self._open()
+            with h.env.begin() as txn:
+                raw_meta = txn.get(k, db=h.meta)
+                raw = txn.get(k, db=h.data) if raw_meta is not None else None
+                newest = touch and raw_meta is not None and _is_newest(h, txn, k, raw_meta)
+            if raw_meta is None or raw is None:
+                return None
+            created = _META.unpack(raw_meta)[1]
+            now = self._clock()
+            entry: CachedResponse | None = None
+            if created + self.ttl_s > now:
+                try:
+                    entry = CachedResponse.decode(raw)
+                except DecodeError:
+                    entry = None
+            if entry is None:
+                with h.env.begin(write=True) as txn:
+                    if txn.get(k, db=h.meta) == raw_meta:
+                        self._remove(h, txn, k, raw_meta, counter=b"expired")
+            elif touch and not newest:
+                with h.env.begin(write=True) as txn:
+                    self._touch(h, txn, k, now)
+            return entry
+
+    def touch(self, key: str) -> bool:
+        """Note a use of ``key`` served from a worker's memory tier, so the shared LRU order sees
+        it: one read, and a write only when ``key`` is not the most recently used entry already.
+        False when the entry is no longer here (evicted, purged): the caller must not serve it."""
+        k = _k(key)
+        with translated():
+            h = self._open()
+            with h.env.begin() as txn:
+                raw_meta = txn.get(k, db=h.meta)
+                if raw_meta is None:
+                    return False
+                newest = _is_newest(h, txn, k, raw_meta)
+            if not newest:
+                with h.env.begin(write=True) as txn:
+                    self._touch(h, txn, k, self._clock())
+            return True
+
+    def generation(self) -> int:
+        """The purge generation: changes whenever :meth:`purge` ran in any process."""
+        with translated():
+            h = self._open()
+            with h.env.begin() as txn:
+                return read_counter(txn, h.stats, b"generation")
+
+    def stats(self) -> dict[str, int]:
+        """Gateway-wide counters."""
+        with translated():
+            h = self._open()
+            with h.env.begin() as txn:
+                out = {name.decode(): read_counter(txn, h.stats, name) for name in _STAT_NAMES}
+        out["size_bytes"] = out.pop("bytes")
+        out["max_size_bytes"] = self.max_bytes
+        return out
+
+    # -- writing ------------------------------------------------------------------------
+
+    def record_lookup(self, key: str | None, hit: bool) -> int:
+        """Count a hit or a miss gateway-wide (returns the new count); on a hit also refresh
+        ``key``'s access time, in the same write."""
+        with translated():
+            h = self._open()
+            with h.env.begin(write=True) as txn:
+                count = add_counter(txn, h.stats, b"hits" if hit else b"misses", 1)
+                if hit and key is not None:
+                    self._touch(h, txn, _k(key), self._clock())
+                return count
+
+    def put(self, key: str, entry: CachedResponse) -> int:
+        """Store ``entry`` (keeping its ``created``); returns how many entries were evicted.
+
+        Entries larger than ``max_bytes`` or already expired are not stored.
+        """
+        raw = entry.encode()
+        now = self._clock()
+        if len(raw) > self.max_bytes or entry.created + self.ttl_s <= now:
+            return 0
+        k = _k(key)
+        with translated():
+            for _ in range(_MAP_FULL_RETRIES):
+                try:
+                    return self._put(k, raw, entry.created, now)
+                except lmdb.MapFullError:
+                    # Page rounding and pages held by old snapshots can outgrow the map's
+                    # headroom: halve what is stored and try again.
+                    self._shrink()
+            return 0
+
+    def delete(self, key: str) -> bool:
+        k = _k(key)
+        with translated():
+            h = self._open()
+            with h.env.begin(write=True) as txn:
+                raw_meta = txn.get(k, db=h.meta)
+                if raw_meta is None:
+                    return False
+                self._remove(h, txn, k, raw_meta, counter=None)
+                return True
+
+    def purge(self) -> int:
+        """Remove every entry (all processes see it at once); returns how many there were."""
+        with translated():
+            h = self._open()
+            with h.env.begin(write=True) as txn:
+                n = int(txn.stat(h.data)["entries"])
+                for db in (h.data, h.meta, h.lru):
+                    txn.drop(db, delete=False)
+                txn.put(b"entries", _COUNTER.pack(0), db=h.stats)
+                txn.put(b"bytes", _COUNTER.pack(0), db=h.stats)
+                add_counter(txn, h.stats, b"generation", 1)
+                return n
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _put(self, k: bytes, raw: bytes, created: float, now: float) -> int:
+        h = self._open()
+        with h.env.begin(write=True) as txn:
+            old = txn.get(k, db=h.meta)
+            if old is not None:
+                self._remove(h, txn, k, old, counter=None)
+                if _META.unpack(old)[1] != created:
+                    # A new answer replaces an old one (e.g. after ``no-cache``): other workers'
+                    # L1 copies of the old one must go, as after a purge.
+                    add_counter(txn, h.stats, b"generation", 1)
+            access_us = _next_stamp(h, txn, now)
+            txn.put(k, raw, db=h.data)
+            txn.put(k, _META.pack(access_us, created, len(raw)), db=h.meta)
+            txn.put(access_us.to_bytes(8, "big") + k, b"", db=h.lru)
+            add_counter(txn, h.stats, b"entries", 1)
+            total = add_counter(txn, h.stats, b"bytes", len(raw))
+            self._sweep_expired(h, txn, now)
+            return self._evict(h, txn, total, self.max_bytes, keep=k)
+
+    def _shrink(self) -> None:
+        h = self._open()
+        with h.env.begin(write=True) as txn:
+            total = read_counter(txn, h.stats, b"bytes")
+            self._evict(h, txn, total, total // 2, keep=b"")
+
+    def _evict(self, h: _Handles, txn: Txn, total: int, budget: int, keep: bytes) -> int:
+        """Remove least recently used entries until ``total`` bytes fit ``budget``."""
+        evicted = 0
+        while total > budget and (victim := self._oldest(h, txn)) is not None and victim[0] != keep:
+            total = self._remove(h, txn, victim[0], victim[1], counter=b"evictions")
+            evicted += 1
+        return evicted
+
+    def _oldest(self, h: _Handles, txn: Txn) -> tuple[bytes, bytes] | None:
+        """(key, meta) of the least recently accessed entry."""
+        while True:
+            with txn.cursor(db=h.lru) as cur:
+                if not cur.first():
+                    return None
+                row = cur.key()
+            raw_meta = txn.get(row[8:], db=h.meta)
+            if raw_meta is not None:
+                return row[8:], raw_meta
+            txn.delete(row, db=h.lru)  # an index row without its entry: drop it, look again
+
+    def _sweep_expired(self, h: _Handles, txn: Txn, now: float) -> None:
+        # The access time is never older than the creation time: an entry not accessed for a
+        # whole TTL has surely expired.
+        horizon = int((now - self.ttl_s) * 1e6)
+        for _ in range(_SWEEP_PER_PUT):
+            victim = self._oldest(h, txn)
+            if victim is None or _META.unpack(victim[1])[0] > horizon:
+                return
+            self._remove(h, txn, victim[0], victim[1], counter=b"expired")
+
+    def _touch(self, h: _Handles, txn: Txn, k: bytes, now: float) -> None:
+        raw_meta = txn.get(k, db=h.meta)
+        if raw_meta is None:
+            return
+        access_us, created, size = _META.unpack(raw_meta)
+        if _is_newest(h, txn, k, raw_meta):
+            return
+        new_us = _next_stamp(h, txn, now)
+        txn.delete(access_us.to_bytes(8, "big") + k, db=h.lru)
+        txn.put(new_us.to_bytes(8, "big") + k, b"", db=h.lru)
+        txn.put(k, _META.pack(new_us, created, size), db=h.meta)
+
+    def _remove(self, h: _Handles, txn: Txn, k: bytes, raw_meta: bytes, counter: bytes | None) -> int:
+        """Delete one entry and its index row; returns the new byte total."""
+        access_us, _, size = _META.unpack(raw_meta)
+        txn.delete(k, db=h.data)
+        txn.delete(k, db=h.meta)
+        txn.delete(access_us.to_bytes(8, "big") + k, db=h.lru)
+        add_counter(txn, h.stats, b"entries", -1)
+        if counter is not None:
+            add_counter(txn, h.stats, counter, 1)
+        return add_counter(txn, h.stats, b"bytes", -size)
+
+    def __repr__(self) -> str:
+        opened = "open" if self._pid == Process.pid else "not open in this process"
+        return f"<LmdbStore {self.path} {opened} max={self.max_bytes}B ttl={self.ttl_s}s>"
+
+
+def _is_newest(h: _Handles, txn: Txn, k: bytes, raw_meta: bytes) -> bool:
+    """Is ``k`` (whose meta is ``raw_meta``) the most recently used entry?"""
+    with txn.cursor(db=h.lru) as cur:
+        return bool(cur.last()) and cur.key() == _META.unpack(raw_meta)[0].to_bytes(8, "big") + k
+
+
+def _next_stamp(h: _Handles, txn: Txn, now: float) -> int:
+    """An access stamp newer than every stamp in ``lru``: the clock's µs, or one more than the
+    newest when the clock has not moved on (same µs, or stepped back)."""
+    stamp = int(now * 1e6)
+    with txn.cursor(db=h.lru) as cur:
+        if cur.last():
+            stamp = max(stamp, int.from_bytes(cur.key()[:8], "big") + 1)
+    return stamp
+
+
+def _k(key: str) -> bytes:
+    k = key.encode("utf-8")
+    if not 0 < len(k) <= 400:
+        raise ValueError(f"cache key must be 1..400 bytes, got {len(k)}")
+    return k

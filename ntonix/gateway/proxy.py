@@ -1,0 +1,366 @@
+"""The request flow: body, cache, coalescing, backend choice with failover, relaying.
+
+Theory of operation
+-------------------
+1. Read the body (limit → 413). On the OpenAI endpoints parse it once as JSON (→ 400).
+2. Cacheable requests compute the cache key; a hit is replayed at once (``X-Cache: HIT``).
+3. A miss joins the coalescer: the first of identical requests in flight (on any worker of
+   this host) is the leader and goes to a backend; the others follow the leader's answer as
+   it streams (``X-Cache: HIT``). A follower whose leader failed goes to a backend itself.
+4. Backend choice: smooth weighted round-robin over eligible backends. A request that could
+   not be sent (``SendFailed``) is tried on the next backend, up to ``proxy.retries`` more;
+   one that reached a backend is never sent twice.
+5. The body is relayed piece by piece as it arrives (``ntonix.gateway.bodies.UpstreamBody``),
+   recorded for the cache and published to followers on the way. Its ``close()`` always
+   releases the backend connection: back to the pool only when the response was read to its end.
+
+While the handler waits on the backend, ``disconnect.watch`` notices a client that left and
+kills the handler greenlet, so the ``finally`` blocks close the backend connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import xxhash
+
+from ntonix.cache.coalescer import Follower, Leader
+from ntonix.core.cache_entry import CachedResponse, replayable_headers
+from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, credential_keys, credentials, request_cache_policy
+from ntonix.core.headers import forward_environ_headers, forward_response_headers, header_value
+from ntonix.core.record import RequestRecord
+from ntonix.errors import (
+    BadRequest,
+    NoHealthyBackend,
+    NtonixError,
+    PayloadTooLarge,
+    RequestTimeout,
+    UpstreamUnavailable,
+    status_line,
+)
+from ntonix.gateway.bodies import Body, FollowerBody, UpstreamBody
+from ntonix.server import disconnect
+from ntonix.upstream import transport
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from ntonix.core.registry import Backend
+    from ntonix.gateway.runtime import Runtime
+
+log = logging.getLogger("ntonix.proxy")
+
+
+
+
+def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float) -> bytes:
+    """The whole request body, within ``limit`` bytes (413); 408 when the client leaves more
+    than ``timeout_s`` between two pieces of it (nginx's ``client_body_timeout``).
+
+    The limit is the client socket's own timeout for the reads, which costs nothing unless a
+    read has to wait (a ``gevent.Timeout`` per request showed in the profile).
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(timeout_s)
+    try:
+        return _read_body(environ, limit)
+    except TimeoutError:
+        environ["ntonix.must_close"] = True  # what is left of the body must not be parsed
+        raise RequestTimeout(f"request body not received: {timeout_s:g}s without data") from None
+    finally:
+        if sock is not None:
+            sock.settimeout(None)
+
+
+def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH")
+    if length:
+        n = int(length)
+        if n > limit:
+            environ["ntonix.must_close"] = True  # the unread body must not be parsed as a request
+            raise PayloadTooLarge(f"request body of {n} bytes is over the limit of {limit} bytes")
+        return stream.read(n) if n else b""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        data: bytes = stream.read(limit + 1)
+        if len(data) > limit:
+            environ["ntonix.must_close"] = True
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        return data
+    return b""
+
+
+# Every byte maps to "0" (a digit) or " ": a run of 19 digits is then a plain substring search.
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_NUMBER = b"0" * 19
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("request body must be a JSON object, got an empty body")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if _LONG_NUMBER in body.translate(_DIGITS):
+        # orjson reads integers beyond 64 bits as floats, where 2**64 and 2**64 + 1 are one
+        # number: two different requests would share a cache key. The standard library keeps
+        # them exact (orjson has checked the text already; ~1 ns per byte to look).
+        try:
+            parsed = json.loads(body.decode("utf-8"))
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
+    if not isinstance(parsed, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def origin_form(target: str) -> str:
+    """The request target for an origin server: path and query only (RFC 9112 §3.2.1).
+
+    A client may send the absolute form (``GET http://other.host/x``); passed on as it is, the
+    backend must take its host from it instead of from our ``Host`` (§3.2.2).
+    """
+    start = target.find("://")
+    if start < 0:
+        return target  # "*" (OPTIONS), or nothing we can rewrite
+    rest = target[start + 3:]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    tail = rest[cut:]
+    return tail if tail.startswith("/") else "/" + tail
+
+
+class Proxy:
+    def __init__(self, runtime: Runtime, done: Callable[[RequestRecord], None]) -> None:
+        self.rt = runtime
+        self._done = done
+        self._credential_keys = credential_keys(runtime.config.cache.partition_headers)
+
+    # ------------------------------------------------------------------ entry
+    def handle(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord) -> Any:
+        rt = self.rt
+        cfg = rt.config
+        method = rec.method
+        path = rec.path
+        body = read_body(environ, cfg.proxy.max_body_bytes, cfg.server.body_timeout_s)
+        cacheable = method == "POST" and path in CACHEABLE_PATHS
+        key: str | None = None
+        serve_ok = store_ok = stream = False
+        if cacheable:
+            parsed = parse_json_body(body)
+            stream = parsed.get("stream") is True
+            if rt.cache is not None and rt.cache.enabled:
+                serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))
+                key = cache_key(path, parsed, credentials(environ, self._credential_keys))
+        rec.cache = "MISS" if serve_ok else "BYPASS"
+        leader: Leader | None = None
+        if key is not None and serve_ok and rt.cache is not None:
+            # Hits and misses are counted by telemetry from each answer's X-Cache (lock-free,
+            # all workers): no write to the shared store per lookup.
+            entry = rt.cache.lookup(key, count=False)
+            # Two rounds: followers whose leader failed before answering regroup behind a new
+            # leader (one of them) instead of all going to the backend at once.
+            for _ in range(2 if entry is None and rt.coalescer is not None else 0):
+                assert rt.coalescer is not None
+                role = rt.coalescer.join(key)
+                if isinstance(role, Follower):
+                    followed = self._follow(role, environ, start_response, rec, body, stream)
+                    if followed is not None:
+                        return followed
+                    entry = rt.cache.lookup(key, count=False)
+                    if entry is not None:
+                        break
+                    continue
+                leader = role
+                # A previous leader may have stored and finished between our miss and join.
+                entry = rt.cache.lookup(key, count=False)
+                if entry is not None:
+                    leader.finish(False)
+                    leader = None
+                break
+            if entry is not None:
+                return self._replay(entry, start_response, rec)
+        try:
+            if key is not None:
+                # The cached answer must suit every client: ask the backend for identity encoding.
+                environ.pop("HTTP_ACCEPT_ENCODING", None)
+            return self._forward(environ, start_response, rec, body, key if store_ok else None, stream, leader)
+        except BaseException:
+            if leader is not None:
+                leader.finish(False)
+            raise
+
+    # ------------------------------------------------------------------ cache paths
+    def _replay(self, entry: CachedResponse, start_response: StartResponse, rec: RequestRecord) -> Body:
+        rec.cache = "HIT"
+        rec.status = entry.status
+        rec.streamed = entry.streamed
+        headers = list(entry.headers)
+        headers += [("Content-Length", str(len(entry.body))), ("X-Request-ID", rec.request_id), ("X-Cache", "HIT")]
+        start_response(status_line(entry.status), headers)
+        rec.bytes_sent = len(entry.body)
+        return Body([entry.body], lambda: self._done(rec))
+
+    def _follow(self, follower: Follower, environ: WSGIEnvironment, start_response: StartResponse,
+                rec: RequestRecord, body: bytes, stream: bool) -> Iterator[bytes] | None:
+        timeout = self.rt.config.proxy.read_timeout_s
+        watch = disconnect.watch(environ.get("gunicorn.socket"))
+        try:
+            head = follower.wait_head(timeout)
+        except BaseException:
+            follower.close()
+            if watch is not None:
+                watch.cancel()
+            raise
+        if head is None:  # the leader failed before answering: go to a backend ourselves
+            follower.close()
+            if watch is not None:
+                watch.cancel()
+            return None
+        status, headers = head
+        rec.cache = "HIT"
+        rec.status = status
+        out = [*headers, ("X-Request-ID", rec.request_id), ("X-Cache", "HIT")]
+        start_response(status_line(status), out)
+        sized = header_value(headers, "content-length") is not None
+        return FollowerBody(follower, environ, rec, timeout, watch, self._done, flush_head=not sized,
+                            resume=lambda sent, digest: self._resume(environ, rec, body, stream, sent, digest))
+
+    def _resume(self, environ: WSGIEnvironment, rec: RequestRecord, body: bytes, stream: bool, sent: int,
+                digest: bytes) -> Iterator[bytes]:
+        """The rest of a coalesced answer whose leader stopped publishing after ``sent`` bytes
+        reached our client (e.g. its journal write failed: disk full): the same request from a
+        backend of our own, passed on from byte ``sent`` if its first ``sent`` bytes are the
+        ones already sent (``digest``); else :class:`UpstreamUnavailable` (the client is cut).
+        Nothing is stored or published; the backend call is accounted as any other."""
+        status: list[str] = []
+
+        def capture(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            status.append(line)
+
+        environ.pop("HTTP_ACCEPT_ENCODING", None)  # as the leader asked: identity
+        sub = RequestRecord(rec.method, rec.path, rec.request_id, rec.client)
+        upstream = self._forward(environ, capture, sub, body, None, stream, None, done=lambda _: None)
+        try:
+            if status[:1] != ["200 OK"]:
+                raise UpstreamUnavailable(f"coalesced answer broke off; the backend asked again answered {status}")
+            seen = xxhash.xxh3_128()
+            skipped = 0
+            for chunk in upstream:
+                if skipped < sent:
+                    head = chunk[: sent - skipped]
+                    seen.update(head)
+                    skipped += len(head)
+                    chunk = chunk[len(head):]
+                    if skipped == sent and seen.digest() != digest:
+                        raise UpstreamUnavailable("coalesced answer broke off; the backend's new answer differs")
+                if chunk:
+                    yield chunk
+            if skipped < sent:
+                raise UpstreamUnavailable("coalesced answer broke off; the backend's new answer is shorter")
+        finally:
+            upstream.close()
+
+    # ------------------------------------------------------------------ backend path
+    def _forward(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord, body: bytes,
+                 store_key: str | None, stream: bool, leader: Leader | None,
+                 done: Callable[[RequestRecord], None] | None = None) -> Any:
+        rt = self.rt
+        cfg = rt.config
+        scheme = environ.get("wsgi.url_scheme", "http")
+        base_headers, real_ip = forward_environ_headers(
+            environ, remote_addr=environ.get("REMOTE_ADDR", ""), scheme=scheme,
+            request_id=rec.request_id, trusted=rt.trusted_proxies)
+        rec.client = real_ip
+        target = environ.get("RAW_URI") or rec.path
+        if target[:1] != "/":
+            target = origin_form(target)
+        tried: list[str] = []
+        last_error: Exception | None = None
+        watch = disconnect.watch(environ.get("gunicorn.socket"))
+        try:
+            for _ in range(cfg.proxy.retries + 1):
+                backend = rt.registry.pick(tried)
+                if backend is None:
+                    break
+                tried.append(backend.address)
+                allowed, change = backend.breaker.acquire()
+                rt.log_change(backend, "breaker", change)
+                if not allowed:
+                    continue
+                backend.in_flight += 1
+                started = time.perf_counter()
+                try:
+                    resp = transport.send(backend.pool, rec.method, target,
+                                          [*base_headers, ("Host", backend.address)], body, cfg.proxy.read_timeout_s)
+                except transport.Unanswered as exc:
+                    # Closed or reset before any response byte. If the backend now refuses new
+                    # connections it died with our request: nothing was answered and nothing
+                    # will be, so another backend may take it. A live backend that hung up on
+                    # us is not sent the request twice.
+                    backend.in_flight -= 1
+                    rt.backend_failed(backend, exc.message)
+                    if not transport.refuses_connections(backend.config.host, backend.config.port,
+                                                         min(0.5, cfg.proxy.connect_timeout_s)):
+                        rec.backend, rec.backend_ok = backend.address, False
+                        raise
+                    log.warning("backend.died_with_request", extra={
+                        "backend": backend.address, "reason": exc.message, "request_id": rec.request_id})
+                    last_error = exc
+                    continue
+                except transport.SendFailed as exc:
+                    backend.in_flight -= 1
+                    rt.backend_failed(backend, str(exc))
+                    log.warning("backend.send_failed", extra={"backend": backend.address, "reason": str(exc),
+                                                               "request_id": rec.request_id})
+                    last_error = exc
+                    continue
+                except NtonixError as exc:
+                    backend.in_flight -= 1
+                    rt.backend_failed(backend, exc.message)
+                    rec.backend = backend.address
+                    rec.backend_ok = False
+                    raise
+                except BaseException:
+                    backend.in_flight -= 1
+                    backend.breaker.release()
+                    raise
+                return self._relay(resp, backend, started, environ, start_response, rec, store_key, stream,
+                                   leader, watch, done or self._done)
+        except BaseException:
+            if watch is not None:
+                watch.cancel()
+            raise
+        if watch is not None:
+            watch.cancel()
+        if last_error is None:
+            raise NoHealthyBackend("no healthy backend is available", retry_after=max(1, int(cfg.health.interval_s)))
+        raise UpstreamUnavailable(f"no backend could be reached ({len(tried)} tried); last error: {last_error}")
+
+    def _relay(self, resp: Any, backend: Backend, started: float, environ: WSGIEnvironment,
+               start_response: StartResponse, rec: RequestRecord, store_key: str | None, stream: bool,
+               leader: Leader | None, watch: disconnect.Watch | None,
+               done: Callable[[RequestRecord], None]) -> UpstreamBody:
+        status = resp.status_code
+        rec.status = status
+        rec.backend = backend.address
+        rec.backend_latency_ms = (time.perf_counter() - started) * 1000.0
+        raw_headers = transport.response_headers(resp)
+        headers = forward_response_headers(raw_headers, rec.request_id)
+        headers.append(("X-Cache", rec.cache))
+        if status != 200 or "no-store" in (header_value(raw_headers, "cache-control") or "").lower():
+            store_key = None
+        if leader is not None:
+            leader.publish_head(status, tuple(h for h in headers if h[0] not in ("X-Request-ID", "X-Cache")))
+        start_response(status_line(status), headers)
+        replay = replayable_headers(raw_headers) if store_key is not None else ()
+        return UpstreamBody(self.rt, resp, backend, environ, rec, store_key, replay, stream, leader, watch,
+                            done)
+
+

@@ -1,0 +1,109 @@
+"""gunicorn's configuration and server hooks, shared by both entry points (runs in the master).
+
+``configure()`` loads and validates our configuration (exit 2 with one line on stderr when
+invalid), publishes it for the workers and returns gunicorn's settings; gunicorn.conf.py
+calls it, so importing this module does nothing. The hooks replace the master's stock HUP
+handling (which would restart every worker and block the master while old ones drain) by an
+in-place reload: validate, publish, signal the workers. See docs/adr/0004.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from typing import Any, NoReturn
+
+from ntonix.config import Config, ConfigError, handover, load_config
+from ntonix.server.settings import gunicorn_settings
+from ntonix.server.tls import build_server_context
+from ntonix.telemetry import procstat
+
+
+def _load() -> Config:
+    cfg = load_config(handover.cli_layer())
+    if cfg.server.ssl_port:
+        build_server_context(cfg.ssl)  # a certificate that does not load is a config error
+    return cfg
+
+
+def _fail(exc: ConfigError) -> NoReturn:
+    sys.stderr.write(f"ntonix: invalid configuration: {exc}\n")
+    sys.stderr.flush()
+    os._exit(2)  # before any worker exists; no traceback, nothing else on stderr
+
+
+_config: Config | None = None
+
+
+def configure() -> dict[str, Any]:
+    """Load, validate and publish the configuration; gunicorn's settings derived from it."""
+    global _config
+    try:
+        _config = _load()
+    except ConfigError as exc:
+        _fail(exc)
+    handover.publish(_config)
+    procstat.stamp_master()  # uptime and memory of the whole gateway (ntonix.telemetry.procstat)
+    # Before anything imports prometheus_client (docs/adr/0006): workers use its multiprocess mode.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(handover.run_dir(), "metrics"))
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], mode=0o700, exist_ok=True)
+    return gunicorn_settings(_config)
+
+
+def on_starting(server: Any) -> None:
+    from ntonix.telemetry.prometheus import wipe  # imports prometheus_client: only now that its directory is set
+
+    wipe(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # figures of an earlier run must not count
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from ntonix.telemetry.prometheus import mark_process_dead
+
+    mark_process_dead(worker.pid)  # its live gauges go; its counters stay in the sums
+
+
+def when_ready(server: Any) -> None:
+    server.handle_hup = lambda: reload_in_place(server)
+
+
+def reload_in_place(arbiter: Any) -> None:
+    """kill -HUP: re-read file and environment; apply without restarting workers."""
+    global _config
+    try:
+        cfg = _load()
+    except ConfigError as exc:
+        arbiter.log.error("config.reload_rejected: %s (the running configuration stays)", exc)
+        return
+    old = _config
+    assert old is not None  # configure() ran when gunicorn read its configuration
+    _config = cfg
+    handover.publish(cfg)
+    arbiter.log.setup(arbiter.cfg)  # the master's own log lines follow the new logging settings
+    if (cfg.server.host, cfg.server.port, cfg.server.ssl_port) != (old.server.host, old.server.port,
+                                                                     old.server.ssl_port):
+        arbiter.log.warning("config.reload: listener changes (server.host/port/ssl_port) need a restart")
+    arbiter.log.info("config.reload: %d backends, telling %d workers", len(cfg.backends), len(arbiter.WORKERS))
+    for pid in list(arbiter.WORKERS):
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            pass
+    if cfg.server.threads != arbiter.num_workers:
+        arbiter.num_workers = cfg.server.threads
+        arbiter.manage_workers()
+
+
+def run_gunicorn() -> None:
+    """``python -m ntonix``: gunicorn's master with gunicorn.conf.py, wherever we run from."""
+    from gunicorn.app.wsgiapp import WSGIApplication
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "gunicorn.conf.py")
+    sys.argv = ["ntonix", "-c", conf, "ntonix.wsgi:application"]
+    WSGIApplication("%(prog)s [OPTIONS]").run()
+
+
+def on_exit(server: Any) -> None:
+    shutil.rmtree(handover.run_dir(), ignore_errors=True)

@@ -1,0 +1,88 @@
+"""One write for a response's headers and its first body bytes (gunicorn patch, worker only).
+
+gunicorn's ``Response`` sends the status line and headers in one ``sendall`` and each body
+piece in another, so a small proxied answer costs two syscalls and two loopback wake-ups
+where one does. Here the headers wait and leave with the first body bytes (or at
+``close()`` when there are none). An empty write still flushes them at once, so a
+streaming app can send headers early with ``yield b""`` (docs/notes/stack.md §2).
+
+Small writes use ``send`` instead of ``sendall``: gevent's ``sendall`` asks the kernel for
+SO_SNDBUF on every call; ``send`` of a few KiB on a writable socket completes in one call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gunicorn import util
+from gunicorn.http.wsgi import Response
+
+from ntonix.upstream.transport import send_all
+
+
+def _send_headers(self: Any) -> None:
+    if self.headers_sent:
+        return
+    tosend = self.default_headers()
+    tosend.extend([f"{k}: {v}\r\n" for k, v in self.headers])
+    self._ntonix_head = ("".join(tosend) + "\r\n").encode("latin-1")
+    self.headers_sent = True
+
+
+def _flush_head(self: Any, data: bytes = b"") -> None:
+    head = getattr(self, "_ntonix_head", None)
+    if head is not None:
+        self._ntonix_head = None
+        data = head + data
+    if data:
+        send_all(self.sock, data)
+
+
+def _emit_body(self: Any, data: bytes) -> None:
+    if self.chunked:
+        data = b"%X\r\n%b\r\n" % (len(data), data)
+    _flush_head(self, data)
+
+
+_original_write = Response.write
+
+
+def _write(self: Any, arg: bytes) -> None:
+    if not arg:
+        self.send_headers()
+        _flush_head(self)  # ``yield b""``: headers now
+        return
+    _original_write(self, arg)
+
+
+def _close(self: Any) -> None:
+    if not self.headers_sent:
+        self.send_headers()
+    _flush_head(self, b"0\r\n\r\n" if self.chunked else b"")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date(timestamp: float | None = None) -> str:
+    """gunicorn formats the Date header with email.utils on every response; once a second will do."""
+    global _date_cache
+    if timestamp is not None:
+        return str(_original_http_date(timestamp))
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, str(_original_http_date(now)))
+    return _date_cache[1]
+
+
+_original_http_date = util.http_date
+
+
+def install() -> None:
+    """Patch gunicorn's Response in this (worker) process."""
+    util.http_date = http_date
+    Response.send_headers = _send_headers
+    Response._emit_body = _emit_body
+    Response.write = _write
+    Response.close = _close

@@ -1,0 +1,232 @@
+"""Our gunicorn worker: gevent, HTTPS beside HTTP, JSON errors, in-place reload, quick drain.
+
+Theory of operation (docs/adr/0002-tls-listener.md, 0004-reload-and-shutdown.md)
+--------------------------------------------------------------------------------
+* gunicorn applies its TLS settings to every bind (docs/notes/stack.md §1), so this worker builds
+  the ``SSLContext`` itself (``ntonix.server.tls``) and gives it only to the listener on
+  ``server.ssl_port``. The handshake happens in the connection's greenlet under
+  ``ssl.handshake_timeout_s``; a failed one is logged in one line and touches nothing else.
+* Requests that came over TLS get ``wsgi.url_scheme = https``.
+* gunicorn answers malformed HTTP with an HTML page; we answer the same statuses as JSON in
+  the OpenAI error shape.
+* SIGHUP (sent by the master after it validated a new configuration) rebuilds the backend
+  list, logging and certificates in place: no worker restarts, nothing in flight is touched.
+* SIGTERM: stop accepting, close idle keep-alive connections at once (gunicorn's gevent
+  worker would wait for them, #3227), let in-flight requests and streams finish, and exit as
+  soon as the last one has, or at ``server.graceful_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import signal
+import socket as _stdsocket
+import ssl
+import time
+from functools import partial
+from typing import Any
+
+import gevent
+import gevent.select
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn import util
+from gunicorn.workers.ggevent import GeventWorker
+
+from ntonix.config import ConfigError, handover
+from ntonix.core.headers import new_request_id
+from ntonix.errors import error_body, status_line
+from ntonix.server import response
+from ntonix.server.tls import build_server_context
+from ntonix.telemetry.logs import setup_logging
+from ntonix.upstream.prober import Prober
+
+log = logging.getLogger("ntonix.worker")
+
+
+def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    line = status_line(status_int, reason)  # gunicorn passes "Bad Request" with its 501
+    kind = "invalid_request_error" if status_int < 500 else "server_error"
+    body = error_body(mesg or line.partition(" ")[2], kind, status_int)
+    # Every response carries X-Request-ID (INTERFACE.md); the request was unreadable, so a new one.
+    head = (f"HTTP/1.1 {line}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-ID: {new_request_id()}\r\n\r\n").encode("latin-1")
+    util.write_nonblock(sock, head + body)
+
+
+def _patch_gunicorn() -> None:
+    """Our error bodies and response writing, in the worker process only (not at import)."""
+    # gunicorn's handle_error calls util.write_error for malformed requests (400/413/431/...).
+    util.write_error = _write_json_error
+    response.install()
+
+
+class NtonixWorker(GeventWorker):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._conns: dict[Any, bool] = {}  # client socket -> a request is in progress
+        self._tls_ports: set[int] = set()
+        self._tls_servers: list[StreamServer] = []
+        self._prober: Prober | None = None
+
+    def init_process(self) -> None:
+        _patch_gunicorn()
+        super().init_process()  # monkey-patches, then runs until the worker exits
+
+    # ------------------------------------------------------------------ signals
+    def init_signals(self) -> None:
+        super().init_signals()
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, sig: int, frame: Any) -> None:
+        gevent.spawn(self.reload)
+
+    def reload(self) -> None:
+        try:
+            cfg = handover.current()
+            setup_logging(cfg.logging)
+            if self._tls_servers and cfg.server.ssl_port:
+                try:  # the master checked them, but the files may have changed since
+                    ctx = build_server_context(cfg.ssl)
+                except ConfigError as exc:  # the old certificates keep serving; backends still reload
+                    log.error("tls.reload_failed", extra={"error": str(exc)})
+                else:
+                    for server in self._tls_servers:
+                        server.wrap_socket = ctx.wrap_socket
+                        if self.alive and not server.started:  # tls.context_failed at boot
+                            server.start()
+            self.wsgi.rt.reload(cfg)
+        except Exception:  # noqa: BLE001 - a bad reload must never take the worker down
+            log.exception("config.reload_failed")
+
+    # ------------------------------------------------------------------ serving
+    def run(self) -> None:
+        cfg = self.wsgi.rt.config
+        # Everything built so far lives as long as the worker: keep it out of the collector's
+        # sight, and collect the young generation less often (each request allocates a few
+        # hundred objects; default thresholds ran a collection every ~3 requests).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
+        if cfg.server.ssl_port:
+            self._tls_ports = {cfg.server.ssl_port}
+        servers: list[StreamServer] = []
+        for s in self.sockets:
+            s.setblocking(1)
+            pool = Pool(self.worker_connections)
+            handler = partial(self.handle, s)
+            port = s.getsockname()[1]
+            ready = True
+            if port in self._tls_ports:
+                try:  # the master checked the files, but they may have changed since (no HUP yet)
+                    ctx = build_server_context(cfg.ssl)
+                except ConfigError as exc:
+                    # Accept no TLS connections in this worker (the others still do) until a HUP
+                    # brings files that load; crashing would only make gunicorn respawn us in a loop.
+                    log.error("tls.context_failed", extra={"error": str(exc)})
+                    ctx, ready = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), False
+                server = StreamServer(s, handle=handler, spawn=pool, ssl_context=ctx, server_side=True,
+                                      do_handshake_on_connect=False)
+                self._tls_servers.append(server)
+            else:
+                server = StreamServer(s, handle=handler, spawn=pool)
+            if self.cfg.workers > 1:
+                server.max_accept = 1
+            if ready:
+                server.start()
+            servers.append(server)
+        rt = self.wsgi.rt
+        self._prober = Prober(rt.registry, lambda: rt.config.health, rt.probe_result)
+        self._prober.start()
+
+        while self.alive:
+            self.notify()
+            self.wsgi.rt.telemetry.tick()  # this worker's RSS for /metrics, every few seconds
+            gevent.sleep(0.2)
+        self._drain(servers)
+
+    def _drain(self, servers: list[StreamServer]) -> None:
+        for server in servers:
+            server.close()
+        if self._prober is not None:
+            self._prober.stop()
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < deadline:
+            self._close_idle()
+            if all(server.pool.free_count() == server.pool.size for server in servers):
+                return
+            self.notify()
+            gevent.sleep(0.05)
+        log.warning("worker.graceful_timeout", extra={"pid": self.pid, "open_connections": len(self._conns)})
+        for server in servers:
+            server.stop(timeout=1)
+
+    def _close_idle(self) -> None:
+        """Shut down keep-alive connections that wait for a next request that is not coming."""
+        for client, busy in list(self._conns.items()):
+            if busy:
+                continue
+            try:
+                fd = client.fileno()
+                if fd < 0:
+                    continue
+                readable, _, _ = gevent.select.select([client], [], [], 0)
+                if readable:
+                    continue  # a request is arriving: let it be served
+                # An OS-level shutdown; gevent's own would log an EBADF traceback (docs/notes/stack.md §1).
+                dup = _stdsocket.socket(fileno=__import__("os").dup(fd))
+                try:
+                    dup.shutdown(_stdsocket.SHUT_RDWR)
+                finally:
+                    dup.close()
+            except OSError:
+                pass
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self._conns[client] = False
+        telemetry = self.wsgi.rt.telemetry
+        telemetry.connection_opened()
+        try:
+            if isinstance(client, ssl.SSLSocket) and not self._handshake(client, addr):
+                return
+            super().handle(listener, client, addr)
+        finally:
+            self._conns.pop(client, None)
+            telemetry.connection_closed()
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: Any) -> None:
+        self.wsgi.rt.telemetry.protocol_error()  # answered by gunicorn, never reached the app's counters
+        super().handle_error(req, client, addr, exc)
+
+    def _handshake(self, client: Any, addr: Any) -> bool:
+        timeout = self.wsgi.rt.config.ssl.handshake_timeout_s
+        try:
+            with gevent.Timeout(timeout):
+                client.do_handshake()
+            return True
+        except gevent.Timeout:
+            reason = f"no handshake within {timeout:g}s"
+        except ssl.SSLError as exc:
+            reason = exc.reason or str(exc)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        log.info("tls.handshake_failed", extra={"client": addr[0] if addr else "", "reason": reason})
+        util.close(client)
+        return False
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+        if isinstance(listener_name, tuple) and listener_name[1] in self._tls_ports:
+            req.scheme = "https"
+        self._conns[sock] = True
+        try:
+            result: bool = super().handle_request(listener_name, req, sock, addr)
+        finally:
+            self._conns[sock] = False
+        if not self.alive:
+            raise StopIteration  # shutting down: no more keep-alive on this connection
+        # gunicorn's keep-alive loop parses a pipelined or already-arrived next request without
+        # yielding, so under saturation a few busy connections are served back to back while
+        # others wait seconds. One yield per request puts this connection at the back of the queue.
+        gevent.sleep(0)
+        return result

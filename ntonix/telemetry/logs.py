@@ -1,0 +1,181 @@
+"""Logging: one JSON object per line (python-json-logger + orjson) or plain text, for us and gunicorn.
+
+Every line carries ``timestamp`` (UTC, ms), ``level``, ``component`` (the logger's name),
+``pid``, ``message`` (a stable event name such as ``request.done``) and the call's
+``extra={...}`` context. ``logging.format = "text"`` gives
+``2026-01-02T03:04:05.678Z INFO ntonix.access request.done method=GET status=200 ...``.
+
+``setup_logging`` configures the ``ntonix`` loggers (the access log ``ntonix.access``
+included: it follows ``logging.level`` and is switched off by ``logging.access_log = false``),
+gunicorn's error log and the root logger (third-party libraries) in a worker, again on
+every reload. ``ntonix.server.glogger.GunicornLogger`` (gunicorn's ``logger_class``) does the same for the
+master's own lines and keeps gunicorn's built-in statsd (``<prefix>.gunicorn.*``) when
+``metrics.statsd_host`` is set.
+
+Output goes to stderr, or with ``logging.file`` to that file, rotated at
+``logging.max_bytes`` keeping ``logging.backup_count`` old files. The master and every
+worker append to the same file, so rotation is coordinated (``SharedRotatingFileHandler``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import logging.handlers
+import os
+import sys
+import time
+from typing import Any
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.orjson import OrjsonFormatter
+
+from ntonix.config import LoggingConfig
+
+# LogRecord attributes that are not context (extra=...) of a call.
+_RESERVED = frozenset(RESERVED_ATTRS) | {"message", "asctime"}
+_MARK = "_ntonix"  # set on handlers we installed, so a reconfiguration replaces only ours
+
+
+def _timestamp(created: float) -> str:
+    seconds, ms = divmod(round(created * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+class JsonFormatter(OrjsonFormatter):
+    """``{"timestamp", "level", "component", "pid", "message", ...context}``, one line."""
+
+    def __init__(self) -> None:
+        super().__init__(reserved_attrs=sorted(_RESERVED))
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_data["timestamp"] = _timestamp(record.created)
+        log_data["level"] = record.levelname.lower()
+        log_data["component"] = record.name
+        log_data["pid"] = record.process
+        log_data["message"] = record.message
+        log_data.update(message_dict)
+        skip = self._skip_fields  # the context: whatever the call passed as extra={...}
+        log_data.update((k, v) for k, v in record.__dict__.items() if k not in skip and k[:1] != "_")
+
+
+class TextFormatter(logging.Formatter):
+    """``<timestamp> LEVEL component message key=value ...`` for people reading a terminal."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - stdlib name
+        return _timestamp(record.created)
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        extra = [(k, v) for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")]
+        return base + "".join(f" {k}={v}" for k, v in extra if v is not None)
+
+
+def make_formatter(fmt: str) -> logging.Formatter:
+    if fmt == "json":
+        return JsonFormatter()
+    return TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+class SharedRotatingFileHandler(logging.handlers.WatchedFileHandler):
+    """Append to ``path``; rotate at ``max_bytes`` — safe with several processes writing.
+
+    Each process appends (``O_APPEND``: whole lines, never interleaved). At most every
+    ``check_every_s`` a process looks at the file: if another process rotated it, it reopens
+    the new one (until then its lines still land in the rotated file, nothing is lost); if it
+    reached ``max_bytes``, it rotates it under an ``flock`` on ``<path>.lock``, after checking
+    that nobody else did already. So a file may grow past ``max_bytes`` by what is written in
+    ``check_every_s``. ``max_bytes = 0`` never rotates; ``backup_count = 0`` rotates by
+    emptying the file in place.
+    """
+
+    def __init__(self, path: str, max_bytes: int, backup_count: int, check_every_s: float = 0.25) -> None:
+        super().__init__(path, mode="a", encoding="utf-8")
+        self.max_bytes = max_bytes
+        self.backup_count = backup_count
+        self.check_every_s = check_every_s
+        self._checked_at = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self.check_every_s:
+            logging.FileHandler.emit(self, record)  # the stat per line of WatchedFileHandler, skipped
+            return
+        self._checked_at = now
+        super().emit(record)  # reopens first if the file was rotated by another process
+        stream = self.stream
+        if self.max_bytes > 0 and stream is not None:
+            try:
+                if os.fstat(stream.fileno()).st_size >= self.max_bytes:
+                    self._rotate()
+            except OSError:
+                self.handleError(record)
+
+    def _rotate(self) -> None:
+        path = self.baseFilename
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                try:
+                    st: os.stat_result | None = os.stat(path)
+                except FileNotFoundError:
+                    st = None
+                # Only the file this handler wrote to, and only if nobody rotated it meanwhile.
+                if st is not None and (st.st_dev, st.st_ino) == (self.dev, self.ino) and st.st_size >= self.max_bytes:
+                    if self.backup_count > 0:
+                        for i in range(self.backup_count - 1, 0, -1):
+                            if os.path.exists(f"{path}.{i}"):
+                                os.replace(f"{path}.{i}", f"{path}.{i + 1}")
+                        os.replace(path, f"{path}.1")
+                    else:
+                        os.truncate(path, 0)  # every writer appends (O_APPEND): they go on at 0
+                self.reopenIfNeeded()  # under the lock: the new file exists before the next rotation
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def make_handler(cfg: LoggingConfig) -> logging.Handler:
+    handler: logging.Handler
+    if cfg.file:
+        handler = SharedRotatingFileHandler(cfg.file, cfg.max_bytes, cfg.backup_count)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(make_formatter(cfg.format))
+    setattr(handler, _MARK, True)
+    return handler
+
+
+def level_of(cfg: LoggingConfig) -> int:
+    return int(getattr(logging, cfg.level.upper()))
+
+
+def _replace_handlers(logger: logging.Logger, handler: logging.Handler, only_ours: bool) -> None:
+    for old in list(logger.handlers):
+        if only_ours and not getattr(old, _MARK, False):
+            continue
+        logger.removeHandler(old)
+        if getattr(old, _MARK, False):
+            old.close()
+    logger.addHandler(handler)
+
+
+def setup_logging(cfg: LoggingConfig, *, root: bool = True) -> None:
+    """(Re)configure our loggers, gunicorn's error log and (``root``) third-party loggers."""
+    # Neither format shows the caller's file/line or the thread: skip computing them for every
+    # record (the logging HOWTO's "Optimization" section). Tracebacks are unaffected.
+    logging._srcfile = None
+    logging.logThreads = False
+    level = level_of(cfg)
+    handler = make_handler(cfg)
+    for name in ("ntonix", "gunicorn.error"):
+        logger = logging.getLogger(name)
+        _replace_handlers(logger, handler, only_ours=False)
+        logger.setLevel(level)
+        logger.propagate = False
+    if root:
+        root_logger = logging.getLogger()
+        _replace_handlers(root_logger, handler, only_ours=True)
+        root_logger.setLevel(level)
+    access = logging.getLogger("ntonix.access")
+    access.disabled = not cfg.access_log
+    access.setLevel(logging.NOTSET)  # follows "ntonix": at warning and above there are no access lines

@@ -1,0 +1,167 @@
+"""Telemetry of one worker: counters per request, the /metrics figures, access log, statsd.
+
+The app calls ``started()`` when a request arrives and ``finished(rec)`` exactly once when it
+ends (``RequestRecord.finish`` guards that); the proxy reports each backend attempt through
+``backend_result``; the worker reports connections (``connection_opened``/``_closed``),
+requests its HTTP layer answered itself (``protocol_error``) and calls ``tick()`` from its
+main loop. ``snapshot``/``prometheus`` render ``/metrics`` for the whole gateway.
+
+What counts (docs/adr/0006-cross-worker-metrics.md):
+
+* ``requests_total`` counts every HTTP request the gateway's application received, its own
+  endpoints (``/health``, ``/metrics``, ``/cache/stats``) included, on arrival — so it equals
+  the number of access-log lines, and a ``/metrics`` answer includes the request asking.
+* ``cache_hits``/``cache_misses`` count requests by their ``X-Cache`` answer (a coalesced
+  follower is a HIT); ``/cache/stats`` counts lookups in the shared store instead.
+* backend ``requests`` are attempts (a retry on another backend is one more), ``errors`` the
+  attempts that failed, the latency is time to the response headers of good answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ntonix.config import Config
+from ntonix.core.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class, value
+from ntonix.core.record import RequestRecord
+from ntonix.telemetry import procstat
+from ntonix.telemetry.prometheus import Metrics, extra_families, multiprocess_dir, prometheus_text
+from ntonix.telemetry.statsd import StatsdSink
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+
+access_log = logging.getLogger("ntonix.access")
+log = logging.getLogger("ntonix.metrics")
+
+RSS_EVERY_S = 5.0
+
+
+class Telemetry:
+    def __init__(self, config: Config, *, metrics_dir: str | None = None, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.metrics = Metrics(metrics_dir if metrics_dir is not None else multiprocess_dir())
+        self.statsd = StatsdSink(config.metrics)
+        self._clock = clock
+        self._monotonic = monotonic
+        self._started_at = procstat.started_at()
+        self._master = procstat.master_pid()
+        self._rss_at = -RSS_EVERY_S
+        m = self.metrics
+        # Hot-path shortcuts (attribute lookups add up at thousands of requests per second).
+        self._requests_inc = m.requests.inc
+        self._active = m.requests_active
+        self._connections = m.connections_active
+        for backend in config.backends:
+            m.backend(backend.address)  # every configured backend shows in /metrics from the start
+        self.tick()
+
+    def __repr__(self) -> str:
+        mode = f"multiprocess dir={self.metrics.directory}" if self.metrics.multiprocess else "single-process"
+        return f"<Telemetry {mode} statsd={'on' if self.statsd.enabled else 'off'}>"
+
+    # ------------------------------------------------------------------ request path
+    def started(self) -> None:
+        self._requests_inc()
+        self._active.inc()
+
+    def finished(self, rec: RequestRecord) -> None:
+        m = self.metrics
+        self._active.dec()
+        m.status(status_class(rec.status)).inc()
+        m.request_duration.observe(rec.latency_ms / 1000.0)
+        cache = rec.cache
+        if cache == "HIT":
+            m.cache_hits.inc()
+        elif cache == "MISS":
+            m.cache_misses.inc()
+        elif cache == "BYPASS":
+            m.cache_bypasses.inc()
+        streamed_ttft = rec.ttft_ms if rec.streamed else None
+        if streamed_ttft is not None:
+            m.stream_ttft.observe(streamed_ttft / 1000.0)
+        if rec.backend and rec.backend_ok is None:
+            m.backend(rec.backend).requests.inc()  # sent, but no verdict (the client left first)
+        if self.statsd.enabled:
+            self.statsd.request(rec)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("request.done", extra={
+                "method": rec.method, "path": rec.path, "status": rec.status,
+                "latency_ms": round(rec.latency_ms, 3),
+                "ttft_ms": None if streamed_ttft is None else round(streamed_ttft, 3),
+                "cache": rec.cache or None, "backend": rec.backend or None, "bytes_sent": rec.bytes_sent,
+                "client": rec.client, "request_id": rec.request_id, "error": rec.error or None})
+
+    def backend_result(self, address: str, ok: bool, latency_ms: float | None) -> None:
+        """One backend attempt settled: a good answer (with time to headers) or a failure."""
+        b = self.metrics.backend(address)
+        b.requests.inc()
+        if not ok:
+            b.errors.inc()
+        elif latency_ms is not None:
+            b.latency.observe(latency_ms / 1000.0)
+
+    # ------------------------------------------------------------------ worker events
+    def connection_opened(self) -> None:
+        self._connections.inc()
+
+    def connection_closed(self) -> None:
+        self._connections.dec()
+
+    def protocol_error(self) -> None:
+        """A connection the HTTP layer answered itself (malformed request, or a crash → 500)."""
+        self.metrics.protocol_errors.inc()
+
+    def tick(self) -> None:
+        """From the worker's main loop: refresh this worker's RSS every ``RSS_EVERY_S``."""
+        now = self._monotonic()
+        if now - self._rss_at >= RSS_EVERY_S:
+            self._rss_at = now
+            self.metrics.worker_rss.set(procstat.rss_bytes())
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self.statsd.configure(config.metrics)
+        for backend in config.backends:
+            self.metrics.backend(backend.address)
+
+    # ------------------------------------------------------------------ /metrics
+    def _collect(self, backends: Sequence[tuple[str, str]]) -> tuple[list[Metric], dict[Any, float], Extras]:
+        started = time.perf_counter()
+        self._rss_at = self._monotonic()
+        self.metrics.worker_rss.set(procstat.rss_bytes())
+        families = self.metrics.collect()
+        samples = flatten(families)
+        extras = Extras(
+            uptime_s=max(0.0, self._clock() - self._started_at),
+            master_rss_bytes=procstat.rss_bytes(self._master) if self._master else 0,
+            backends=list(backends),
+            worker_pid=os.getpid())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("metrics.collected", extra={"files": self.metrics.file_count(), "families": len(families),
+                                                  "ms": round((time.perf_counter() - started) * 1000.0, 3)})
+        return families, samples, extras
+
+    def cache_counts(self) -> tuple[int, int]:
+        """(hits, misses) of the whole gateway, counted from each answer's X-Cache."""
+        samples = flatten(self.metrics.collect())
+        return int(value(samples, "ntonix_cache_hits_total")), int(value(samples, "ntonix_cache_misses_total"))
+
+    def snapshot(self, backends: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        """``GET /metrics``: the JSON figures of the whole gateway; ``backends`` are this worker's
+        (address, state) pairs."""
+        _, samples, extras = self._collect(backends)
+        return figures(samples, extras)
+
+    def prometheus(self, backends: Sequence[tuple[str, str]]) -> bytes:
+        """``GET /metrics?format=prometheus``: the same figures as Prometheus text."""
+        families, samples, extras = self._collect(backends)
+        computed = extra_families(extras, memory_rss_bytes(samples, extras.master_rss_bytes),
+                                  count_samples(samples, "ntonix_worker_rss_bytes"))
+        return prometheus_text([*families, *computed])

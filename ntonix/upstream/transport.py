@@ -1,0 +1,326 @@
+"""The one I/O edge towards backends: keep-alive pools and HTTP/1.1 exchanges.
+
+Theory of operation
+-------------------
+Each backend gets a ``Pool`` per worker process. ``pool.size`` idle connections are kept warm;
+under load the pool grows up to ``pool.max_size`` connections; idle connections beyond
+``size`` are closed after ``pool.idle_timeout_s``. A connection goes back to the pool only
+when its response was read to the end and the backend allows keep-alive (geventhttpclient's
+``should_close``); anything else is closed.
+
+geventhttpclient (llhttp) parses the response. We write the request ourselves in one
+``sendall`` and read the body with ``read_some``, which hands over whatever bytes have arrived
+instead of waiting for a 4 KiB block (``resp.read(n)`` buffered whole SSE streams, see
+docs/notes/stack.md §3). That uses the response's ``_body_buffer``/``_sock``: geventhttpclient is pinned.
+
+Failures are translated here, in one place, into three outcomes the proxy acts on:
+``SendFailed`` (the request never reached the backend: safe to try another one),
+``UpstreamTimeout`` and ``UpstreamBroken``/``UpstreamUnavailable``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gevent
+import gevent.lock
+import gevent.select
+import gevent.socket
+from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError, HTTPSocketPoolResponse
+
+from ntonix.errors import UpstreamTimeout, UpstreamUnavailable
+
+BLOCK = 64 * 1024
+FRESH_S = 1.0  # an idle socket younger than this is reused without a liveness check
+# llhttp sets no limit on a response head and geventhttpclient keeps every header it parses:
+# without one a backend could make us buffer (and relay) megabytes of headers.
+MAX_HEAD_BYTES = 64 * 1024
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class SendFailed(Exception):
+    """The request did not reach the backend (refused, reset, pool full): try another one."""
+
+
+class Unanswered(UpstreamUnavailable):
+    """The connection closed or reset after the request was sent, before any response byte."""
+
+
+class UpstreamBroken(UpstreamUnavailable):
+    """The backend closed or broke the connection in the middle of a response body."""
+
+
+class HeadTooLarge(HTTPParseError):
+    """The backend's status line and headers went past ``MAX_HEAD_BYTES``."""
+
+
+class BoundedResponse(HTTPSocketPoolResponse):
+    """geventhttpclient's pool response with a bounded head: the head must end within
+    ``MAX_HEAD_BYTES`` (give or take one ``recv``) and by ``head_deadline`` (a
+    ``time.monotonic`` value). The socket timeout only bounds
+    each ``recv``, so a backend trickling header bytes would otherwise hold a request forever.
+    The checks run only until the final head is in; ``_read_headers`` releases the socket
+    (closed: the message is incomplete) when they raise."""
+
+    def __init__(self, sock: Any, pool: Any, *, method: str, block_size: int, head_deadline: float) -> None:
+        self._head_left: int | None = MAX_HEAD_BYTES
+        self._head_deadline = head_deadline
+        super().__init__(sock, pool, method=method, block_size=block_size)
+        self._head_left = None  # the head is in: body bytes are not counted
+
+    def feed(self, data: str | bytes) -> None:
+        super().feed(data)
+        left = self._head_left
+        if left is None or (self.headers_complete and self.get_code() >= 200):
+            return
+        left -= len(data)
+        self._head_left = left
+        if left < 0:
+            raise HeadTooLarge(f"response headers over {MAX_HEAD_BYTES} bytes")
+        if time.monotonic() > self._head_deadline:
+            raise TimeoutError("response head not complete in time")
+
+
+class Pool:
+    """Keep-alive connections to one backend, for one worker process (greenlet-safe)."""
+
+    def __init__(self, host: str, port: int, *, size: int, max_size: int, idle_timeout_s: float,
+                 connect_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.host, self.port = host, port
+        self.size, self.max_size = size, max_size
+        self.idle_timeout_s = idle_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._clock = clock
+        self._idle: list[tuple[Any, float]] = []  # (socket, idle since), most recent last
+        self._slots = gevent.lock.BoundedSemaphore(max_size)
+        self.active = 0
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.host}:{self.port} active={self.active} idle={len(self._idle)} max={self.max_size}>"
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def acquire(self) -> tuple[Any, bool]:
+        """A connected socket and whether it is a reused one."""
+        if self.closed:
+            raise SendFailed("backend removed")
+        if not self._slots.acquire(timeout=self.connect_timeout_s):
+            raise SendFailed(f"all {self.max_size} connections to the backend are busy")
+        self.active += 1
+        try:
+            self._expire()
+            while self._idle:
+                sock, since = self._idle.pop()
+                # Recently used sockets skip the peek: the keep-alive race is handled by send().
+                if self._clock() - since < FRESH_S or _alive(sock):
+                    return sock, True
+                _close(sock)
+            return self._connect(), False
+        except BaseException:
+            self.active -= 1
+            self._slots.release()
+            raise
+
+    def _connect(self) -> Any:
+        try:
+            sock = gevent.socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
+        except TimeoutError as exc:
+            raise SendFailed(f"connect timed out after {self.connect_timeout_s:g}s") from exc
+        except OSError as exc:
+            raise SendFailed(f"connect failed: {exc.strerror or exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _expire(self) -> None:
+        """Close idle connections beyond ``size`` that waited longer than the idle timeout."""
+        if len(self._idle) <= self.size:
+            return
+        limit = self._clock() - self.idle_timeout_s
+        while len(self._idle) > self.size and self._idle[0][1] < limit:
+            _close(self._idle.pop(0)[0])
+
+    # The two methods geventhttpclient's pool response calls when the body is done.
+    def return_socket(self, sock: Any) -> None:
+        self.active -= 1
+        self._slots.release()
+        if self.closed or len(self._idle) >= self.max_size:
+            _close(sock)
+        else:
+            sock.settimeout(None)
+            self._idle.append((sock, self._clock()))
+
+    def release_socket(self, sock: Any) -> None:
+        self.active -= 1
+        self._slots.release()
+        _close(sock)
+
+    def close(self) -> None:
+        """No new requests; idle connections closed now, busy ones when they finish."""
+        self.closed = True
+        while self._idle:
+            _close(self._idle.pop()[0])
+
+
+def send_all(sock: Any, data: bytes) -> None:
+    """``sendall`` without gevent's per-call getsockopt (SO_SNDBUF) for the one-shot case."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
+def _alive(sock: Any) -> bool:
+    """An idle keep-alive socket must have nothing to read: a byte or EOF means FIN or garbage.
+
+    One non-blocking peek on the underlying socket (gevent keeps it non-blocking), instead of
+    a gevent ``select`` that sets up watchers.
+    """
+    try:
+        sock._sock.recv(1, _PEEK)
+    except BlockingIOError:
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def encode_request(method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        lines.append(f"Content-Length: {len(body)}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + body if body else head
+
+
+def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes,
+         read_timeout_s: float) -> HTTPSocketPoolResponse:
+    """Send one request and return once the response headers are in.
+
+    A reused keep-alive connection that turns out closed before any response byte arrived is
+    retried once on a fresh connection: the backend closed it while idle (the keep-alive race
+    of docs/notes/stack.md §3), so it never processed the request.
+    """
+    data = encode_request(method, target, headers, body)
+    for attempt in (0, 1):
+        sock, reused = pool.acquire()
+        try:
+            sock.settimeout(read_timeout_s)
+            send_all(sock, data)
+        except OSError as exc:
+            pool.release_socket(sock)
+            if reused and attempt == 0:
+                continue
+            raise SendFailed(f"sending the request failed: {exc.strerror or exc}") from exc
+        try:
+            return BoundedResponse(sock, pool, method=method, block_size=BLOCK,
+                                   head_deadline=time.monotonic() + read_timeout_s)
+        except HTTPConnectionClosed as exc:
+            if reused and attempt == 0:
+                continue
+            raise Unanswered("backend closed the connection without answering") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"backend sent no response headers within {read_timeout_s:g}s") from exc
+        except HTTPParseError as exc:
+            raise UpstreamUnavailable(f"backend sent an invalid HTTP response: {exc}") from exc
+        except ConnectionError as exc:
+            raise Unanswered(f"backend connection failed before answering: {exc.strerror or exc}") from exc
+        except OSError as exc:
+            raise UpstreamUnavailable(f"backend connection failed: {exc.strerror or exc}") from exc
+    raise UpstreamUnavailable("backend closed the connection without answering")  # pragma: no cover
+
+
+def refuses_connections(host: str, port: int, timeout_s: float, settle_s: float = 0.15) -> bool:
+    """True when the backend refuses (or cannot take) a new connection: it is down.
+
+    A server being killed may still complete a handshake from its dying listen queue and
+    reset it a moment later, so a connection that succeeds is watched for ``settle_s``:
+    a reset or EOF in that time counts as down too. (Only on the rare path after a backend
+    hung up without answering.)
+    """
+    try:
+        sock = gevent.socket.create_connection((host, port), timeout=timeout_s)
+    except OSError:
+        return True
+    try:
+        sock.settimeout(settle_s)
+        return bool(sock.recv(1) == b"")
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    finally:
+        _close(sock)
+
+
+def read_some(resp: HTTPSocketPoolResponse) -> bytes:
+    """The body bytes that have arrived (waiting for at least one); b"" at the clean end."""
+    buf = resp._body_buffer
+    try:
+        while not buf:
+            if resp.message_complete:
+                return b""
+            sock = resp._sock
+            if sock is None:
+                raise UpstreamBroken("backend connection closed in the middle of the response")
+            data = sock.recv(BLOCK)
+            resp.feed(data)
+            if not data and not resp.message_complete:
+                raise UpstreamBroken("backend closed the connection in the middle of the response")
+    except TimeoutError as exc:
+        resp.release()
+        raise UpstreamTimeout("backend went silent in the middle of the response") from exc
+    except HTTPParseError as exc:
+        resp.release()
+        raise UpstreamBroken(f"backend sent an invalid response body: {exc}") from exc
+    except OSError as exc:
+        resp.release()
+        raise UpstreamBroken(f"backend connection failed mid-response: {exc.strerror or exc}") from exc
+    out = bytes(buf)
+    del buf[:]
+    return out
+
+
+def body_ready(resp: HTTPSocketPoolResponse) -> bool:
+    """Whether ``read_some`` would answer without waiting (body bytes buffered, or the end)."""
+    return bool(resp._body_buffer) or bool(resp.message_complete)
+
+
+def response_headers(resp: HTTPSocketPoolResponse) -> list[tuple[str, str]]:
+    return [(str(name), str(value)) for name, value in resp.items()]
+
+
+def probe(host: str, port: int, path: str, timeout_s: float) -> tuple[bool, str]:
+    """One active health check on a fresh connection: (good, reason)."""
+    try:
+        with gevent.Timeout(timeout_s, TimeoutError):
+            sock = gevent.socket.create_connection((host, port), timeout=timeout_s)
+            try:
+                sock.sendall(encode_request("GET", path, [("Host", f"{host}:{port}"), ("Connection", "close"),
+                                                          ("User-Agent", "ntonix-health")], b""))
+                from geventhttpclient.response import HTTPSocketResponse
+
+                resp = HTTPSocketResponse(sock, method="GET")
+                code = resp.status_code
+                resp.release()
+            finally:
+                _close(sock)
+    except TimeoutError:
+        return False, f"probe timed out after {timeout_s:g}s"
+    except (OSError, HTTPParseError, HTTPConnectionClosed) as exc:
+        return False, f"probe failed: {exc}"
+    if code == 200:
+        return True, "probe ok"
+    return False, f"probe answered {code}"

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from ntonix.cache import ResponseCache, build_cache
+from ntonix.cache.memory import MemoryLRU
+from ntonix.cache.remote import RedisStore
+from ntonix.cache.shared import LmdbStore
+from ntonix.core.cache_entry import CachedResponse
+from tests.fakes import FakeClock
+from tests.live.servers import RedisServer
+
+STATS_KEYS = {"enabled", "entries", "size_bytes", "max_size_bytes", "hits", "misses", "hit_rate", "evictions"}
+T0 = 1_700_000_000.0
+
+
+
+
+class Clocks:
+    """One fake time for every tier: monotonic for L1, wall clock for L2 and the facade."""
+
+    def __init__(self) -> None:
+        self.mono = FakeClock(500.0)
+        self.wall = FakeClock(T0)
+
+    def advance(self, seconds: float) -> None:
+        self.mono.advance(seconds)
+        self.wall.advance(seconds)
+
+
+def entry(body: bytes = b'{"ok":1}', status: int = 200, created: float = T0) -> CachedResponse:
+    return CachedResponse(status, (("Content-Type", "application/json"),), body, created, False)
+
+
+def worker(path: Path, clocks: Clocks, ttl: float = 60, max_bytes: int = 1_000_000,
+           remote: RedisStore | None = None) -> ResponseCache:
+    """One worker process's view: its own L1, the host's L2."""
+    return ResponseCache(
+        MemoryLRU(max_bytes // 4, ttl, clock=clocks.mono),
+        LmdbStore(str(path), max_bytes, ttl, clock=clocks.wall),
+        remote,
+        True,
+        clock=clocks.wall,
+    )
+
+
+@pytest.fixture
+def clocks() -> Clocks:
+    return Clocks()
+
+
+def test_disabled_cache_does_nothing(tmp_path: Path) -> None:
+    cache = build_cache(False, 1000, 60, str(tmp_path), None)
+    cache.store("k", entry())
+    assert cache.lookup("k") is None
+    assert cache.stats() == {"enabled": False, "entries": 0, "size_bytes": 0, "max_size_bytes": 1000,
+                             "hits": 0, "misses": 0, "hit_rate": 0.0, "evictions": 0}
+    assert not (tmp_path / "store").exists()
+
+
+def test_stats_have_exactly_the_interface_keys(tmp_path: Path, clocks: Clocks) -> None:
+    cache = worker(tmp_path, clocks)
+    assert set(cache.stats()) == STATS_KEYS
+    cache.store("k", entry())
+    assert cache.lookup("k") == entry()
+    assert cache.lookup("nope") is None
+    assert cache.stats() == {"enabled": True, "entries": 1, "size_bytes": len(entry().encode()),
+                             "max_size_bytes": 1_000_000, "hits": 1, "misses": 1, "hit_rate": 0.5, "evictions": 0}
+
+
+def test_only_status_200_is_stored(tmp_path: Path, clocks: Clocks) -> None:
+    cache = worker(tmp_path, clocks)
+    for status in (201, 204, 400, 429, 500, 502):
+        cache.store(f"k{status}", entry(status=status))
+        assert cache.lookup(f"k{status}") is None
+    assert cache.stats()["entries"] == 0
+
+
+def test_a_hit_is_a_hit_whichever_worker_serves_it(tmp_path: Path, clocks: Clocks) -> None:
+    a, b = worker(tmp_path, clocks), worker(tmp_path, clocks)
+    a.store("k", entry())
+    assert b.lookup("k") == entry()  # from L2, promoted into b's L1
+    assert b.memory is not None and "k" in b.memory
+    assert b.lookup("k") == entry()  # from L1
+    assert a.lookup("missing") is None
+    stats = a.stats()
+    assert (stats["hits"], stats["misses"]) == (2, 1)
+    assert stats == b.stats()
+
+
+def test_purge_in_one_worker_clears_every_workers_l1(tmp_path: Path, clocks: Clocks) -> None:
+    a, b = worker(tmp_path, clocks), worker(tmp_path, clocks)
+    a.store("k", entry())
+    assert b.lookup("k") is not None  # now in b's L1 too
+    assert a.purge() == 1
+    assert b.lookup("k") is None
+    assert a.lookup("k") is None
+    assert a.stats()["entries"] == 0
+    b.store("k", entry())
+    assert a.lookup("k") is not None
+
+
+def test_ttl_counts_from_created_in_every_tier(tmp_path: Path, clocks: Clocks) -> None:
+    a, b = worker(tmp_path, clocks, ttl=60), worker(tmp_path, clocks, ttl=60)
+    a.store("k", entry(created=T0))
+    clocks.advance(50)
+    assert b.lookup("k") is not None  # promoted into b's L1 with 10 s to live, not 60
+    clocks.advance(9.9)
+    assert a.lookup("k") is not None and b.lookup("k") is not None
+    clocks.advance(0.2)
+    assert a.lookup("k") is None and b.lookup("k") is None
+    assert a.stats()["entries"] == 0
+
+
+def test_l1_hits_keep_the_l2_entry_recently_used(tmp_path: Path, clocks: Clocks) -> None:
+    size = len(entry(b"x" * 100).encode())
+    cache = worker(tmp_path, clocks, ttl=1e6, max_bytes=2 * size + 10)
+    assert cache.memory is not None
+    cache.memory.max_bytes = 10 * size
+    cache.store("hot", entry(b"x" * 100))
+    clocks.advance(2)
+    cache.store("cold", entry(b"x" * 100))
+    clocks.advance(2)
+    assert cache.lookup("hot") is not None  # an L1 hit, reported to L2 as a touch
+    cache.store("new", entry(b"x" * 100))
+    assert cache.shared is not None
+    assert cache.shared.get("hot", touch=False) is not None
+    assert cache.shared.get("cold", touch=False) is None
+    assert cache.stats()["evictions"] == 1
+
+
+def test_an_entry_l2_evicted_is_not_served_from_any_worker_l1(tmp_path: Path, clocks: Clocks) -> None:
+    size = len(entry(b"x" * 100).encode())
+    a = worker(tmp_path, clocks, ttl=1e6, max_bytes=3 * size + 10)
+    b = worker(tmp_path, clocks, ttl=1e6, max_bytes=3 * size + 10)
+    for cache in (a, b):
+        assert cache.memory is not None
+        cache.memory.max_bytes = 10 * size  # every L1 could keep them all
+    for k in "ABC":
+        a.store(k, entry(b"x" * 100))
+    assert b.lookup("B") is not None  # now in b's L1 too
+    assert a.lookup("A") is not None and a.lookup("C") is not None  # B is the least recently used
+    a.store("D", entry(b"x" * 100))
+    assert [k for k in "ABCD" if b.lookup(k) is not None] == ["A", "C", "D"]
+    assert b.memory is not None and "B" not in b.memory
+
+
+def test_a_broken_shared_store_degrades_to_misses(tmp_path: Path, clocks: Clocks,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    cache = ResponseCache(MemoryLRU(10_000, 60, clock=clocks.mono),
+                          LmdbStore(str(tmp_path / "file"), 10_000, 60, clock=clocks.wall), None, True,
+                          clock=clocks.wall)
+    with caplog.at_level(logging.WARNING, logger="ntonix.cache"):
+        cache.store("k", entry())
+        assert cache.lookup("k") == entry()  # L1 still works
+        assert cache.lookup("x") is None
+        stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 1, 1)  # this worker's view
+    assert [r.message for r in caplog.records] == ["cache.store_failed"]  # once, not per call
+
+
+def test_memory_only_cache_counts_locally(clocks: Clocks) -> None:
+    cache = ResponseCache(MemoryLRU(10_000, 60, clock=clocks.mono), None, None, True, clock=clocks.wall)
+    cache.store("k", entry())
+    assert cache.lookup("k") is not None and cache.lookup("j") is None
+    stats = cache.stats()
+    assert (stats["entries"], stats["hits"], stats["misses"], stats["max_size_bytes"]) == (1, 1, 1, 10_000)
+    assert cache.purge() == 1 and cache.lookup("k") is None
+
+
+def test_build_cache_layout(tmp_path: Path) -> None:
+    cache = build_cache(True, 64 * 1024 * 1024, 60, str(tmp_path), None)
+    assert cache.memory is not None and cache.memory.max_bytes == 16 * 1024 * 1024
+    assert cache.shared is not None and cache.shared.path == str(tmp_path / "store")
+    assert cache.remote is None
+    assert "memory+lmdb" in repr(cache)
+    cache.store("k", entry(created=time.time()))
+    assert cache.lookup("k") is not None
+    small = build_cache(True, 1000, 60, str(tmp_path / "b"), "redis://127.0.0.1:1/0", memory_max_bytes=0)
+    assert small.memory is None and small.remote is not None
+
+
+@pytest.mark.redis
+def test_redis_tier_is_shared_by_gateways_and_promoted(tmp_path: Path, clocks: Clocks,
+                                                       clean_redis: RedisServer) -> None:
+    clocks.wall.now = time.time()
+    gw1 = worker(tmp_path / "gw1", clocks, remote=RedisStore(clean_redis.url, 60))
+    gw2 = worker(tmp_path / "gw2", clocks, remote=RedisStore(clean_redis.url, 60))
+    e = entry(created=clocks.wall.now)
+    gw1.store("k", e)
+    assert gw2.lookup("k") == e  # from Redis, into gw2's L2 and L1
+    assert gw2.shared is not None and gw2.shared.get("k") == e
+    assert gw2.stats()["hits"] == 1 and gw1.stats()["hits"] == 0
+
+
+def test_lookup_without_counting_then_record(tmp_path: Path, clocks: Clocks) -> None:
+    cache = worker(tmp_path, clocks)
+    assert cache.lookup("k", count=False) is None
+    cache.record("k", True)  # e.g. answered by a coalesced leader: the client saw a HIT
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"]) == (1, 0)

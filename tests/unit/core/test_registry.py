@@ -1,0 +1,70 @@
+"""The registry of backends (ntonix.core.registry): eligibility, picking, reload and draining."""
+
+from __future__ import annotations
+
+from ntonix.config.model import BackendConfig, CircuitBreakerConfig, HealthConfig
+from ntonix.core.registry import Registry
+from tests.fakes import FakeClock
+
+HEALTH = HealthConfig(unhealthy_threshold=2, healthy_threshold=1)
+BREAKER = CircuitBreakerConfig(failure_threshold=2, cooldown_s=10.0)
+
+
+def registry(*specs: tuple[int, int], clock: FakeClock | None = None) -> Registry:
+    backends = [BackendConfig("10.0.0.1", port, weight) for port, weight in specs]
+    return Registry(backends, HEALTH, BREAKER, clock=clock or FakeClock())
+
+
+def test_pick_is_weighted_round_robin_over_eligible_backends() -> None:
+    reg = registry((1, 2), (2, 1))
+    picked = [b.address for b in (reg.pick() for _ in range(6)) if b is not None]
+    assert picked == ["10.0.0.1:1", "10.0.0.1:2", "10.0.0.1:1"] * 2
+
+
+def test_pick_excludes_tried_backends_and_returns_none_when_none_left() -> None:
+    reg = registry((1, 1), (2, 1))
+    first = reg.pick()
+    assert first is not None
+    second = reg.pick(exclude={first.address})
+    assert second is not None and second.address != first.address
+    assert reg.pick(exclude={first.address, second.address}) is None
+
+
+def test_an_open_breaker_takes_a_backend_out_until_its_cooldown() -> None:
+    clock = FakeClock()
+    reg = registry((1, 1), (2, 1), clock=clock)
+    a = reg.backends["10.0.0.1:1"]
+    a.breaker.record_failure("x")
+    assert a.breaker.record_failure("x") is not None  # tripped: the caller logs this transition
+    assert (a.state, reg.healthy_count()) == ("open", 1)
+    assert [reg.pick().address for _ in range(3)] == ["10.0.0.1:2"] * 3  # type: ignore[union-attr]
+    clock.advance(10.0)
+    assert a.eligible  # half-open: one trial request may go
+    assert "breaker=" in repr(a) and "10.0.0.1:1" in repr(a)
+
+
+def test_failed_probes_make_a_backend_unhealthy() -> None:
+    reg = registry((1, 1))
+    b = reg.backends["10.0.0.1:1"]
+    assert b.health.record_probe(False, "refused") is None
+    assert b.health.record_probe(False, "refused") is not None
+    assert (b.state, reg.healthy_count(), reg.pick()) == ("unhealthy", 0, None)
+
+
+def test_reload_keeps_state_adds_new_and_drains_removed() -> None:
+    reg = registry((1, 1), (2, 1))
+    kept = reg.backends["10.0.0.1:1"]
+    kept.breaker.record_failure("x")
+    gone = reg.backends["10.0.0.1:2"]
+    gone.in_flight = 1
+    added, removed, changes = reg.reload([BackendConfig("10.0.0.1", 1, 5), BackendConfig("10.0.0.1", 3, 1)],
+                                         HEALTH, BREAKER)
+    assert [b.address for b in added] == ["10.0.0.1:3"]
+    assert removed == [gone] and gone.state == "draining" and not gone.eligible
+    assert [(c.backend, c.kind) for c in changes] == [("10.0.0.1:2", "health")]
+    assert reg.backends["10.0.0.1:1"] is kept and kept.config.weight == 5
+    assert sorted(b.address for b in reg.all()) == ["10.0.0.1:1", "10.0.0.1:2", "10.0.0.1:3"]
+    assert reg.finished_draining() == []  # a request still in flight
+    gone.in_flight = 0
+    assert reg.finished_draining() == [gone]
+    assert reg.draining == []

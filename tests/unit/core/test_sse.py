@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ntonix.core.sse import EventSplitter, StreamRecorder, is_done_event
+
+LF_STREAM = b'data: {"a":1}\n\ndata: {"b":2}\nid: 7\n\n: keep-alive\n\ndata: [DONE]\n\n'
+CRLF_STREAM = LF_STREAM.replace(b"\n", b"\r\n")
+CR_STREAM = LF_STREAM.replace(b"\n", b"\r")
+MIXED_STREAM = b"data: a\r\n\r\ndata: b\n\ndata: c\r\rdata: d\r\n\ndata: e\n\r\n"
+
+
+def split_all(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
+    s = EventSplitter()
+    events = [e for c in chunks for e in s.feed(c)]
+    return events + s.flush(), s.pending
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(points), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+# --- EventSplitter ---------------------------------------------------------------------------
+
+
+def test_lf_framing() -> None:
+    events, pending = split_all([LF_STREAM])
+    assert events == [b'data: {"a":1}\n\n', b'data: {"b":2}\nid: 7\n\n', b": keep-alive\n\n", b"data: [DONE]\n\n"]
+    assert pending == b""
+
+
+def test_crlf_framing() -> None:
+    s = EventSplitter()
+    assert s.feed(CRLF_STREAM) == [
+        b'data: {"a":1}\r\n\r\n',
+        b'data: {"b":2}\r\nid: 7\r\n\r\n',
+        b": keep-alive\r\n\r\n",
+        b"data: [DONE]\r\n\r\n",
+    ]
+    assert s.pending == b""
+
+
+def test_cr_framing_holds_the_last_cr_until_the_next_byte() -> None:
+    s = EventSplitter()
+    events = s.feed(CR_STREAM)
+    assert events == [b'data: {"a":1}\r\r', b'data: {"b":2}\rid: 7\r\r', b": keep-alive\r\r"]
+    assert s.pending == b"data: [DONE]\r\r"
+    assert s.flush() == [b"data: [DONE]\r\r"]
+    assert s.pending == b""
+
+
+def test_cr_event_released_by_next_byte() -> None:
+    s = EventSplitter()
+    assert s.feed(b"data: x\r\r") == []
+    assert s.feed(b"d") == [b"data: x\r\r"]
+    assert s.pending == b"d"
+
+
+def test_mixed_line_endings() -> None:
+    events, _ = split_all([MIXED_STREAM])
+    assert events == [b"data: a\r\n\r\n", b"data: b\n\n", b"data: c\r\r", b"data: d\r\n\n", b"data: e\n\r\n"]
+
+
+def test_split_inside_crlf_pair() -> None:
+    s = EventSplitter()
+    assert s.feed(b"data: x\r") == []
+    assert s.feed(b"\n\r") == []
+    assert s.feed(b"\n") == [b"data: x\r\n\r\n"]
+    assert s.pending == b""
+
+
+def test_incomplete_event_stays_pending() -> None:
+    s = EventSplitter()
+    assert s.feed(b"data: one\n\ndata: tw") == [b"data: one\n\n"]
+    assert s.pending == b"data: tw"
+    assert s.feed(b"o\n") == []
+    assert s.pending == b"data: two\n"
+    assert s.flush() == []
+    assert s.pending == b"data: two\n"
+
+
+def test_extra_blank_lines_are_empty_events() -> None:
+    assert split_all([b"data: a\n\n\n\r\n"])[0] == [b"data: a\n\n", b"\n", b"\r\n"]
+
+
+def test_empty_feed() -> None:
+    s = EventSplitter()
+    assert s.feed(b"") == []
+    assert s.pending == b""
+
+
+@pytest.mark.parametrize("stream", [LF_STREAM, CRLF_STREAM, CR_STREAM, MIXED_STREAM])
+def test_every_single_split_point_and_byte_by_byte(stream: bytes) -> None:
+    whole, _ = split_all([stream])
+    assert b"".join(whole) == stream
+    for i in range(len(stream) + 1):
+        assert split_all([stream[:i], stream[i:]]) == (whole, b"")
+    assert split_all([stream[i : i + 1] for i in range(len(stream))]) == (whole, b"")
+
+
+_line = st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"") or b"x")
+_eol = st.sampled_from([b"\n", b"\r\n", b"\r"])
+_event = st.builds(
+    lambda lines, ends, last: b"".join(line + end for line, end in zip(lines, ends, strict=False)) + last,
+    st.lists(_line, min_size=0, max_size=4),
+    st.lists(_eol, min_size=4, max_size=4),
+    _eol,
+)
+
+
+@given(
+    events=st.lists(_event, max_size=6),
+    tail=st.binary(max_size=10),
+    data=st.data(),
+)
+def test_reassembly_is_byte_identical_under_any_split(events: list[bytes], tail: bytes, data: st.DataObject) -> None:
+    stream = b"".join(events) + tail
+    points = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    s = EventSplitter()
+    out = [e for chunk in cut(stream, points) for e in s.feed(chunk)]
+    assert b"".join(out) + s.pending == stream
+    out += s.flush()
+    assert b"".join(out) + s.pending == stream
+    assert out == split_all([stream])[0]  # the same events however the stream was cut
+
+
+@given(st.binary(max_size=40), st.data())
+def test_arbitrary_bytes_never_lost(stream: bytes, data: st.DataObject) -> None:
+    points = data.draw(st.lists(st.integers(0, len(stream)), max_size=6))
+    s = EventSplitter()
+    out = [e for chunk in cut(stream, points) for e in s.feed(chunk)]
+    assert b"".join(out) + s.pending == stream
+
+
+# --- is_done_event ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b"data: [DONE]\n\n",
+        b"data:[DONE]\n\n",
+        b"data: [DONE]\r\n\r\n",
+        b"data: [DONE]\r\r",
+        b"event: end\ndata: [DONE]\n\n",
+        b": comment\r\ndata: [DONE]\r\n\r\n",
+        b"data: [DONE]",
+    ],
+)
+def test_done_event(event: bytes) -> None:
+    assert is_done_event(event)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'data: {"choices": []}\n\n',
+        b"data:  [DONE]\n\n",
+        b"data: [DONE] \n\n",
+        b"data: [done]\n\n",
+        b"data: [DONE]\ndata: more\n\n",
+        b": data: [DONE]\n\n",
+        b"event: [DONE]\n\n",
+        b"\n",
+        b"",
+    ],
+)
+def test_not_done_event(event: bytes) -> None:
+    assert not is_done_event(event)
+
+
+# --- StreamRecorder --------------------------------------------------------------------------
+
+
+def record(chunks: list[bytes]) -> StreamRecorder:
+    r = StreamRecorder()
+    for c in chunks:
+        r.feed(c)
+    return r
+
+
+@pytest.mark.parametrize("stream", [LF_STREAM, CRLF_STREAM, CR_STREAM])
+def test_recorder_complete_stream(stream: bytes) -> None:
+    for i in range(len(stream) + 1):
+        r = record([stream[:i], stream[i:]])
+        assert r.done
+        assert r.body == stream
+        assert r.size == len(stream)
+
+
+@pytest.mark.parametrize("stream", [LF_STREAM, CRLF_STREAM, CR_STREAM])
+def test_recorder_stream_cut_before_done_is_not_done(stream: bytes) -> None:
+    done_at = stream.index(b"data: [DONE]")
+    for i in range(done_at + len(b"data: [DONE]") + 1):
+        r = record([stream[:i]])
+        assert not r.done, i
+        assert r.body == stream[:i]
+
+
+def test_recorder_done_needs_the_terminating_blank_line() -> None:
+    assert not record([b"data: x\n\ndata: [DONE]"]).done
+    assert not record([b"data: x\n\ndata: [DONE]\n"]).done
+    assert record([b"data: x\r\n\r\ndata: [DONE]\r\n\r"]).done  # that CR ends it, LF or not
+    assert record([b"data: x\n\ndata: [DONE]\n\n"]).done
+
+
+def test_recorder_tolerates_trailing_whitespace() -> None:
+    assert record([b"data: [DONE]\n\n", b"\n", b"  \r\n", b"\t"]).done
+    assert record([b"data: [DONE]\r\n\r\n\r\n"]).done
+
+
+def test_recorder_data_after_done_is_not_a_clean_end() -> None:
+    r = record([b"data: [DONE]\n\n", b'data: {"x": 1}\n\n'])
+    assert not r.done
+    r.feed(b"data: [DONE]\n\n")
+    assert r.done
+
+
+def test_recorder_empty() -> None:
+    r = StreamRecorder()
+    assert not r.done
+    assert r.body == b""
+    assert r.size == 0
