@@ -37,6 +37,9 @@ class LeaderLocks:
 
     def _fds(self) -> tuple[int, int]:
         if self._pid != Process.pid:
+            if not hasattr(fcntl, "F_OFD_SETLK"):
+                # Not Linux: no coalescing (the coalescer treats this like an unusable journal).
+                raise OSError(errno.ENOTSUP, "open file description locks (Linux 3.15+) are not available")
             # A forked child opens descriptors of its own: locks taken through the parent's
             # open file description would be shared with it.
             self._hold_fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
