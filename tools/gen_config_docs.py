@@ -93,6 +93,13 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("cache", "redis_url"): "`redis://[:password@]host:port/db`, `rediss://...` (TLS) or `unix:///path`: the "
                             "L3 tier, shared by every gateway using it. Empty = no Redis. An unreachable Redis "
                             "means misses, never errors.",
+    ("cache", "partition_headers"): "Request headers that partition the cache, on top of the built-in "
+                                    "`Authorization`, `Proxy-Authorization`, `X-Api-Key`, `Api-Key`, `Cookie`, "
+                                    "`OpenAI-Organization`, `OpenAI-Project` (e.g. `X-Tenant`). A list, or "
+                                    "comma-separated in the environment. Values are hashed, never kept.",
+    ("cache", "max_entry_bytes"): "Largest answer the cache records (4 MiB): a larger one is relayed unchanged "
+                                  "but neither held in memory nor stored, and the coalescing journal keeps "
+                                  "no more than this per flight beyond what attached followers still need.",
     ("cache", "purge_token"): "Bearer token for `POST /cache/purge`. Empty: purging over HTTP is disabled (403).",
     ("ssl", "cert_file"): "PEM certificate (chain) of the HTTPS listener.",
     ("ssl", "key_file"): "PEM private key of `ssl.cert_file`.",
@@ -160,7 +167,7 @@ RELOAD: dict[tuple[str, str], str] = {
     ("circuit_breaker", "failure_threshold"): HUP,
     ("circuit_breaker", "cooldown_s"): HUP,
     **{("cache", k): RESTART for k in ("enabled", "max_size_mb", "ttl_seconds", "memory_max_mb", "dir",
-                                        "redis_url")},
+                                        "redis_url", "partition_headers", "max_entry_bytes")},
     ("cache", "purge_token"): HUP,
     **{("ssl", k): HUP for k in ("cert_file", "key_file", "sni", "handshake_timeout_s", "ciphers")},
     ("logging", "level"): HUP,
