@@ -45,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds between two tokens")
     p.add_argument("--tokens", type=int, default=_env("TOKENS", "8"),
                    help="tokens per answer when the request has no max_tokens")
+    p.add_argument("--models", default=_env("MODELS"),
+                   help="comma-separated model ids it serves and lists on GET /v1/models "
+                        "(default: no list, any model)")
     p.add_argument("--workers", type=int, default=_env("WORKERS", "1"))
     p.add_argument("--graceful-timeout", type=int, default=_env("GRACEFUL_TIMEOUT", "5"),
                    help="seconds in-flight requests may finish on SIGTERM")
@@ -63,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Imported in the worker, after gevent has monkey-patched the standard library.
         from mock_llm.app import create_app
 
-        return create_app(args.name, ttft=args.ttft, token_delay=args.token_delay, tokens=args.tokens)
+        models = tuple(m for m in args.models.split(",") if m) if args.models else None
+        return create_app(args.name, ttft=args.ttft, token_delay=args.token_delay, tokens=args.tokens,
+                          models=models)
 
     options: dict[str, Any] = {
         "bind": [f"{host}:{args.port}"],

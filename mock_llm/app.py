@@ -16,6 +16,13 @@ A client that goes away shows up as ``GeneratorExit`` at the pending ``yield`` (
 write fails, then it closes the response iterable).
 
 Per-request behaviour is steered with ``X-Mock-*`` request headers (see ``_Plan``).
+
+Models: started with ``--models a,b`` the instance lists them on ``GET /v1/models`` and answers
+404 ``model_not_found`` for any other ``model``; without it, ``GET /v1/models`` answers 404 (an
+instance with no list, which a gateway takes as serving any model) and any ``model`` is served.
+Usage: ``usage`` in JSON answers, and in a last stream chunk when the request asks for
+``stream_options.include_usage``; ``X-Mock-Cached-Tokens: N`` reports N of the prompt tokens as
+cached (``prompt_tokens_details.cached_tokens``).
 """
 
 from __future__ import annotations
@@ -121,9 +128,10 @@ def _json_body() -> dict[str, Any]:
 class MockLLM:
     """The state and the views of one mock instance."""
 
-    def __init__(self, name: str, settings: Settings) -> None:
+    def __init__(self, name: str, settings: Settings, models: tuple[str, ...] | None = None) -> None:
         self.name = name
         self.settings = settings
+        self.model_ids = models  # None: no list (serves any model)
         self.stats = Stats()
         self._ids = 0  # never reset, so ids stay unique for the life of the process
 
@@ -211,17 +219,37 @@ class MockLLM:
     def completions(self) -> Response:
         return self._complete(chat=False)
 
+    def _check_model(self, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if self.model_ids is not None and isinstance(model, str) and model not in self.model_ids:
+            raise MockError(404, f"The model `{model}` does not exist on {self.name}")
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}
+        cached = _header("X-Mock-Cached-Tokens", int, None)
+        if cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt_tokens)}
+        return usage
+
     def _complete(self, chat: bool) -> Response:
         plan = self._plan()
         body = _json_body()
+        self._check_model(body)
         prompt = body.get("messages") if chat else body.get("prompt")
         tokens = self.tokens_for(prompt, self._count(plan, body))
         model = body.get("model", "mock-model")
         rid = self._next_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
+        prompt_tokens = len(json.dumps(prompt).split())
         if body.get("stream") is True:
             events = [self._chunk(chat, rid, created, model, i, tok, last=i == len(tokens) - 1)
                       for i, tok in enumerate(tokens)]
+            options = body.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage") is True:
+                events.append({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                               "created": created, "model": model, "choices": [],
+                               "usage": self._usage(prompt_tokens, len(tokens))})
             # The generator runs after the view returned, outside the request context.
             sock = request.environ.get("gunicorn.socket")
             return Response(self._stream(events, plan, sock), mimetype="text/event-stream",
@@ -232,12 +260,10 @@ class MockLLM:
         choice: dict[str, Any] = (
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
             if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"})
-        prompt_tokens = len(json.dumps(prompt).split())
         return self._json({
             "id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                      "total_tokens": prompt_tokens + len(tokens)},
+            "usage": self._usage(prompt_tokens, len(tokens)),
             "mock_instance": self.name,
         })
 
@@ -282,6 +308,7 @@ class MockLLM:
     def embeddings(self) -> Response:
         plan = self._plan()
         body = _json_body()
+        self._check_model(body)
         inputs = body.get("input")
         if isinstance(inputs, str) or not isinstance(inputs, list):
             inputs = [inputs]
@@ -294,8 +321,10 @@ class MockLLM:
                            "mock_instance": self.name})
 
     def models(self) -> Response:
+        if self.model_ids is None:
+            raise MockError(404, f"{self.name} has no model list (started without --models): it serves any model")
         return self._json({"object": "list", "data": [
-            {"id": "mock-model", "object": "model", "created": 0, "owned_by": "ntonix-mock"}]})
+            {"id": m, "object": "model", "created": 0, "owned_by": "ntonix-mock"} for m in self.model_ids]})
 
     # -- health, control, test helpers ----------------------------------------------------
 
@@ -394,9 +423,10 @@ def _drop(sock: socket.socket | None) -> None:
         pass  # the client is already gone
 
 
-def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: int = 8) -> Flask:
+def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: int = 8,
+               models: tuple[str, ...] | None = None) -> Flask:
     """The Flask app of one mock instance called ``name`` (see the module docstring)."""
-    mock = MockLLM(name, Settings(ttft=ttft, token_delay=token_delay, tokens=tokens))
+    mock = MockLLM(name, Settings(ttft=ttft, token_delay=token_delay, tokens=tokens), models)
     app = Flask("mock_llm")
     app.extensions["mock_llm"] = mock
     app.before_request(mock.before)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ntonix.config import Config
 from ntonix.core.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class, value
 from ntonix.core.record import RequestRecord
+from ntonix.core.usage import Usage
 from ntonix.telemetry import procstat
 from ntonix.telemetry.prometheus import Metrics, extra_families, multiprocess_dir, prometheus_text
 from ntonix.telemetry.statsd import StatsdSink
@@ -40,6 +41,7 @@ access_log = logging.getLogger("ntonix.access")
 log = logging.getLogger("ntonix.metrics")
 
 RSS_EVERY_S = 5.0
+UNKNOWN_MODEL = "unknown"  # the model label of a request that named none
 
 
 class Telemetry:
@@ -88,6 +90,7 @@ class Telemetry:
             m.stream_ttft.observe(streamed_ttft / 1000.0)
         if rec.backend and rec.backend_ok is None:
             m.backend(rec.backend).requests.inc()  # sent, but no verdict (the client left first)
+        usage = rec.usage
         if self.statsd.enabled:
             self.statsd.request(rec)
         if access_log.isEnabledFor(logging.INFO):
@@ -96,7 +99,29 @@ class Telemetry:
                 "latency_ms": round(rec.latency_ms, 3),
                 "ttft_ms": None if streamed_ttft is None else round(streamed_ttft, 3),
                 "cache": rec.cache or None, "backend": rec.backend or None, "bytes_sent": rec.bytes_sent,
-                "client": rec.client, "request_id": rec.request_id, "error": rec.error or None})
+                "client": rec.client, "request_id": rec.request_id, "error": rec.error or None,
+                "model": rec.model or None,
+                "prompt_tokens": None if usage is None else usage.prompt,
+                "completion_tokens": None if usage is None else usage.completion,
+                "cached_tokens": None if usage is None else usage.cached_prompt})
+
+    def tokens(self, model: str, backend: str, usage: Usage) -> None:
+        """A backend's answer reported ``usage`` (``ntonix_tokens_total``)."""
+        counter = self.metrics.tokens
+        model = model or UNKNOWN_MODEL
+        for kind, n in (("prompt", usage.prompt), ("completion", usage.completion),
+                        ("cached_prompt", usage.cached_prompt)):
+            if n:
+                counter.labels(model, backend, kind).inc(n)
+
+    def tokens_saved(self, model: str, usage: Usage) -> None:
+        """An answer served from the gateway's cache: tokens no backend had to process."""
+        counter = self.metrics.cache_tokens_saved
+        model = model or UNKNOWN_MODEL
+        for kind, n in (("prompt", usage.prompt), ("completion", usage.completion),
+                        ("cached_prompt", usage.cached_prompt)):
+            if n:
+                counter.labels(model, kind).inc(n)
 
     def backend_result(self, address: str, ok: bool, latency_ms: float | None) -> None:
         """One backend attempt settled: a good answer (with time to headers) or a failure."""
@@ -132,7 +157,8 @@ class Telemetry:
             self.metrics.backend(backend.address)
 
     # ------------------------------------------------------------------ /metrics
-    def _collect(self, backends: Sequence[tuple[str, str]]) -> tuple[list[Metric], dict[Any, float], Extras]:
+    def _collect(self, backends: Sequence[tuple[str, str]],
+                 load: Mapping[str, tuple[int, int]]) -> tuple[list[Metric], dict[Any, float], Extras]:
         started = time.perf_counter()
         self._rss_at = self._monotonic()
         self.metrics.worker_rss.set(procstat.rss_bytes())
@@ -142,7 +168,8 @@ class Telemetry:
             uptime_s=max(0.0, self._clock() - self._started_at),
             master_rss_bytes=procstat.rss_bytes(self._master) if self._master else 0,
             backends=list(backends),
-            worker_pid=os.getpid())
+            worker_pid=os.getpid(),
+            load=load)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("metrics.collected", extra={"files": self.metrics.file_count(), "families": len(families),
                                                   "ms": round((time.perf_counter() - started) * 1000.0, 3)})
@@ -153,15 +180,17 @@ class Telemetry:
         samples = flatten(self.metrics.collect())
         return int(value(samples, "ntonix_cache_hits_total")), int(value(samples, "ntonix_cache_misses_total"))
 
-    def snapshot(self, backends: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    def snapshot(self, backends: Sequence[tuple[str, str]],
+                 load: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
         """``GET /metrics``: the JSON figures of the whole gateway; ``backends`` are this worker's
-        (address, state) pairs."""
-        _, samples, extras = self._collect(backends)
+        (address, state) pairs, ``load`` the host's (in flight, queued) per backend address."""
+        _, samples, extras = self._collect(backends, load or {})
         return figures(samples, extras)
 
-    def prometheus(self, backends: Sequence[tuple[str, str]]) -> bytes:
+    def prometheus(self, backends: Sequence[tuple[str, str]],
+                   load: Mapping[str, tuple[int, int]] | None = None) -> bytes:
         """``GET /metrics?format=prometheus``: the same figures as Prometheus text."""
-        families, samples, extras = self._collect(backends)
+        families, samples, extras = self._collect(backends, load or {})
         computed = extra_families(extras, memory_rss_bytes(samples, extras.master_rss_bytes),
                                   count_samples(samples, "ntonix_worker_rss_bytes"))
         return prometheus_text([*families, *computed])

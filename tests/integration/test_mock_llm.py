@@ -52,7 +52,7 @@ class Mock:
 def mock() -> Iterator[Mock]:
     port = free_port()
     proc = Proc([sys.executable, "-m", "mock_llm", "--port", str(port), "--name", "m1",
-                 "--tokens", "5"], name="mock-llm")
+                 "--tokens", "5", "--models", "mock-model"], name="mock-llm")
     try:
         wait_http_up(f"http://127.0.0.1:{port}/health", proc)
         yield Mock(port, proc)

@@ -342,8 +342,10 @@ PACKAGE_MAY_IMPORT = {
     "cache": {"cache", "core", "errors"},
     "upstream": {"upstream", "core", "errors", "config"},
     "telemetry": {"telemetry", "core", "errors", "config"},
+    "routing": {"routing", "core", "errors", "config.model"},
     "server": {"server", "core", "errors", "config", "upstream", "telemetry"},
-    "gateway": {"gateway", "core", "errors", "config", "cache", "upstream", "telemetry", "server.disconnect"},
+    "gateway": {"gateway", "core", "errors", "config", "cache", "upstream", "telemetry", "routing",
+                "server.disconnect"},
 }
 
 
