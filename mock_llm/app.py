@@ -64,6 +64,7 @@ class Stats:
     requests: int = 0
     by_path: dict[str, int] = field(default_factory=dict)
     health_checks: int = 0
+    model_lists: int = 0  # a gateway's model discovery (GET /v1/models from User-Agent ntonix-models)
     streams_started: int = 0
     streams_completed: int = 0
     streams_aborted: int = 0  # the client went away mid-stream
@@ -145,6 +146,10 @@ class MockLLM:
     def before(self) -> Response | None:
         path = request.path
         if path in _CONTROL_PATHS:
+            return None
+        if path == "/v1/models" and request.headers.get("User-Agent") == "ntonix-models":
+            # Counted apart like health checks, so a test's request counts are the clients' only.
+            self.stats.model_lists += 1
             return None
         self.stats.by_path[path] = self.stats.by_path.get(path, 0) + 1
         self.stats.last_request = {
