@@ -52,7 +52,7 @@ class Mock:
 def mock() -> Iterator[Mock]:
     port = free_port()
     proc = Proc([sys.executable, "-m", "mock_llm", "--port", str(port), "--name", "m1",
-                 "--tokens", "5", "--models", "mock-model"], name="mock-llm")
+                 "--tokens", "5", "--models", "mock-model,gpt-test"], name="mock-llm")
     try:
         wait_http_up(f"http://127.0.0.1:{port}/health", proc)
         yield Mock(port, proc)
@@ -159,7 +159,7 @@ def test_completions_embeddings_models(mock: Mock) -> None:
     assert [d["embedding"] for d in single] == [vectors[0]]
 
     models = get_json(mock.url("/v1/models"))
-    assert [m["id"] for m in models["data"]] == ["mock-model"]
+    assert [m["id"] for m in models["data"]] == ["mock-model", "gpt-test"]
 
 
 def test_invalid_json_is_an_openai_error(mock: Mock) -> None:
