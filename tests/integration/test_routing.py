@@ -176,7 +176,7 @@ def test_queue_timeout_is_503_with_retry_after(gateway: GatewayFactory, mock_bac
         waited = time.monotonic() - started
         assert status == 503, body
         assert int(headers["retry-after"]) >= 1
-        assert json.loads(body)["error"]["type"] == "upstream_error"
+        assert json.loads(body)["error"]["code"] == "backends_busy"
         assert 0.25 <= waited < 2.5
         assert slow.result(timeout=20)[0] == 200
     assert gw.request("POST", "/v1/chat/completions", chat("m", "after"))[0] == 200
