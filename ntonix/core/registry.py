@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ntonix.config.model import BackendConfig, CircuitBreakerConfig, HealthConfig
@@ -35,10 +35,12 @@ class Backend:
     # The models it serves (``ntonix.core.models``): configured, learnt from its GET /v1/models,
     # or None = any model (not known yet, or it has no such list).
     models: ModelList | None = None
+    # host:port, fixed for the backend's life (a reload keeps a backend by its address); kept
+    # as a plain attribute because routing reads it several times per request.
+    address: str = field(init=False)
 
-    @property
-    def address(self) -> str:
-        return self.config.address
+    def __post_init__(self) -> None:
+        self.address = self.config.address
 
     # What routing needs of a backend (``ntonix.routing.select.Target``).
     @property

@@ -150,14 +150,21 @@ class Router:
 
     def round_robin(self, backends: Sequence[Peer]) -> str | None:
         """``round_robin`` without limits (the request flow's fast path): the next routable backend."""
-        routable = [b for b in backends if b.routable]
-        if len(routable) <= 1:
-            return routable[0].address if routable else None
         peers = self._peers
-        if any(peers.get(b.address) != b.weight for b in backends):
-            peers.update((b.address, b.weight) for b in backends)
+        routable = set()
+        joined = False
+        for b in backends:
+            address = b.address
+            if peers.get(address) != b.weight:
+                peers[address] = b.weight
+                joined = True
+            if b.routable:
+                routable.add(address)
+        if joined:  # a new backend (or weight) joins the rotation; the others keep their place
             self._rr.update(list(peers.items()))
-        return self._rr.pick({b.address for b in routable})
+        if len(routable) <= 1:
+            return next(iter(routable)) if routable else None
+        return self._rr.pick(routable)
 
     def _round_robin(self, candidates: Sequence[Candidate], eligible: list[Candidate]) -> Candidate:
         if any(self._peers.get(c.address) != c.weight for c in candidates):

@@ -60,9 +60,25 @@ def _count(mapping: Mapping[str, object], *names: str) -> int:
 
 
 def usage_from_json(body: bytes) -> Usage | None:
-    """The usage of a JSON answer body; None when it is not JSON or has none."""
-    if b'"usage"' not in body:
+    """The usage of a JSON answer body; None when it is not JSON or has none.
+
+    Only the ``usage`` object is parsed when it is where servers put it: last, with at most one
+    nested object (``prompt_tokens_details``). A key ``"usage"`` cannot occur inside a JSON
+    string (its quotes would be escaped). Anything else: the whole answer is parsed.
+    """
+    at = body.rfind(b'"usage"')
+    if at < 0:
         return None
+    start = body.find(b"{", at)
+    end = body.find(b"}", start)
+    inner = body.find(b"{", start + 1)
+    if 0 <= inner < end:
+        end = body.find(b"}", end + 1)
+    if start >= 0 and end >= 0 and body[at + 7:start].strip(b" \t\r\n") == b":":
+        try:
+            return usage_of({"usage": orjson.loads(body[start:end + 1])})
+        except orjson.JSONDecodeError:
+            pass
     try:
         return usage_of(orjson.loads(body))
     except orjson.JSONDecodeError:

@@ -89,14 +89,11 @@ class Selector:
     def acquire(self, targets: Sequence[Routable], blocks: Sequence[int] = (),
                 exclude: Container[str] = ()) -> Lease:
         """A place on the chosen backend; raises ``NoHealthyBackend`` or ``BackendsBusy`` (both 503)."""
+        if self.router.policy == "round_robin":
+            lease = self._round_robin(targets, exclude)
+            if lease is not None:
+                return lease
         targets = [t for t in targets if t.address not in exclude]
-        if self.router.policy == "round_robin" and not any(t.max_in_flight for t in targets):
-            # The default, on every request: no counts to read, no limit to check.
-            address = self.router.round_robin(targets)
-            if address is None:
-                raise NoHealthyBackend("no healthy backend available", retry_after=self.retry_after_s)
-            self.load.begin(address)
-            return Lease(self.load, address, 0, False)
         use_prefix = self.router.policy == "prefix" and bool(blocks) and self.index is not None
         matched: dict[str, int] = {}
         if use_prefix and self.index is not None:
@@ -113,6 +110,18 @@ class Selector:
             if self.load.begin(decision.address, limit):
                 return self._granted(decision.address, blocks, matched, use_prefix, waited=False)
         return self._wait(targets, blocks, matched, use_prefix)
+
+    def _round_robin(self, targets: Sequence[Routable], exclude: Container[str]) -> Lease | None:
+        """The default policy without limits, on every request: no counts read, no lock taken.
+        None when a target has a ``max_in_flight`` (the counted path then decides)."""
+        for t in targets:
+            if t.max_in_flight:
+                return None
+        address = self.router.round_robin([t for t in targets if t.address not in exclude] if exclude else targets)
+        if address is None:
+            raise NoHealthyBackend("no healthy backend available", retry_after=self.retry_after_s)
+        self.load.begin(address)
+        return Lease(self.load, address, 0, False)
 
     def _candidate(self, t: Routable, matched: dict[str, int], newcomer: bool) -> Candidate:
         in_flight = (self.load.load_for_newcomer(t.address, t.max_in_flight) if newcomer

@@ -26,7 +26,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ntonix.config import Config
-from ntonix.core.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class, value
+from ntonix.core.figures import (
+    TOKEN_KINDS,
+    Extras,
+    count_samples,
+    figures,
+    flatten,
+    memory_rss_bytes,
+    status_class,
+    value,
+)
 from ntonix.core.record import RequestRecord
 from ntonix.core.usage import Usage
 from ntonix.telemetry import procstat
@@ -42,6 +51,18 @@ log = logging.getLogger("ntonix.metrics")
 
 RSS_EVERY_S = 5.0
 UNKNOWN_MODEL = "unknown"  # the model label of a request that named none
+OTHER_MODELS = "other"  # the model label once MAX_MODEL_LABELS models were seen by a worker
+MAX_MODEL_LABELS = 200
+
+
+def _count_usage(children: tuple[Any, ...], usage: Usage) -> None:
+    prompt, completion, cached = children
+    if usage.prompt:
+        prompt.inc(usage.prompt)
+    if usage.completion:
+        completion.inc(usage.completion)
+    if usage.cached_prompt:
+        cached.inc(usage.cached_prompt)
 
 
 class Telemetry:
@@ -62,6 +83,9 @@ class Telemetry:
         self._connections = m.connections_active
         for backend in config.backends:
             m.backend(backend.address)  # every configured backend shows in /metrics from the start
+        self._token_children: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._saved_children: dict[str, tuple[Any, ...]] = {}
+        self._models: set[str] = set()
         self.tick()
 
     def __repr__(self) -> str:
@@ -107,21 +131,31 @@ class Telemetry:
 
     def tokens(self, model: str, backend: str, usage: Usage) -> None:
         """A backend's answer reported ``usage`` (``ntonix_tokens_total``)."""
-        counter = self.metrics.tokens
-        model = model or UNKNOWN_MODEL
-        for kind, n in (("prompt", usage.prompt), ("completion", usage.completion),
-                        ("cached_prompt", usage.cached_prompt)):
-            if n:
-                counter.labels(model, backend, kind).inc(n)
+        key = (self._model_label(model), backend)
+        children = self._token_children.get(key)
+        if children is None:
+            counter = self.metrics.tokens
+            children = self._token_children[key] = tuple(counter.labels(*key, kind) for kind in TOKEN_KINDS)
+        _count_usage(children, usage)
 
     def tokens_saved(self, model: str, usage: Usage) -> None:
         """An answer served from the gateway's cache: tokens no backend had to process."""
-        counter = self.metrics.cache_tokens_saved
-        model = model or UNKNOWN_MODEL
-        for kind, n in (("prompt", usage.prompt), ("completion", usage.completion),
-                        ("cached_prompt", usage.cached_prompt)):
-            if n:
-                counter.labels(model, kind).inc(n)
+        label = self._model_label(model)
+        children = self._saved_children.get(label)
+        if children is None:
+            counter = self.metrics.cache_tokens_saved
+            children = self._saved_children[label] = tuple(counter.labels(label, kind) for kind in TOKEN_KINDS)
+        _count_usage(children, usage)
+
+    def _model_label(self, model: str) -> str:
+        # The model comes from the client: with a backend that serves any model, a client could
+        # otherwise make a new series per request. Past MAX_MODEL_LABELS, the rest count together.
+        if not model:
+            return UNKNOWN_MODEL
+        if model in self._models or len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model
+        return OTHER_MODELS
 
     def backend_result(self, address: str, ok: bool, latency_ms: float | None) -> None:
         """One backend attempt settled: a good answer (with time to headers) or a failure."""

@@ -45,6 +45,7 @@ class Prober:
         self._greenlet: gevent.Greenlet[..., None] | None = None
         self._models_at = -MODELS_EVERY_S
         self._wake = gevent.event.Event()
+        self._discovery: gevent.Greenlet[..., None] | None = None
 
     def start(self) -> None:
         if self._greenlet is None:
@@ -54,6 +55,9 @@ class Prober:
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
             self._greenlet = None
+        if self._discovery is not None:
+            self._discovery.kill(block=False)
+            self._discovery = None
 
     def probe_all(self) -> None:
         cfg = self._health()
@@ -74,6 +78,12 @@ class Prober:
         group.join(timeout=MODELS_TIMEOUT_S + 1.0)
         group.kill(block=False)
 
+    def _discover_round(self) -> None:
+        try:
+            self.discover_all()
+        except Exception:  # noqa: BLE001 - a failed round must not end discovery
+            log.exception("models.round_failed")
+
     def discover_soon(self) -> None:
         """After a reload: discover at once (new backends, lists no longer configured)."""
         self._models_at = -MODELS_EVERY_S
@@ -93,12 +103,11 @@ class Prober:
         while True:
             cfg = self._health()
             now = time.monotonic()
-            if now - self._models_at >= MODELS_EVERY_S:
+            if now - self._models_at >= MODELS_EVERY_S and (self._discovery is None or self._discovery.dead):
                 self._models_at = now
-                try:
-                    self.discover_all()
-                except Exception:  # noqa: BLE001 - a failed round must not end discovery
-                    log.exception("models.round_failed")
+                # Beside the health round, not before it: a backend slow to list its models
+                # must not delay the health checks.
+                self._discovery = gevent.spawn(self._discover_round)
             if cfg.enabled:
                 try:
                     self.probe_all()

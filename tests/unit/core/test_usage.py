@@ -120,3 +120,17 @@ def test_usage_tap_reads_json_at_the_end_and_streams_as_they_go() -> None:
     assert big.finish() is None
     assert usage_of_body(b'data: {"usage": {"prompt_tokens": 9, "completion_tokens": 1}}\n\n', True) == Usage(9, 1, 0)
     assert usage_of_body(b'{"usage": {"input_tokens": 2, "output_tokens": 8}}', False) == Usage(2, 8, 0)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"id": 1, "usage": {"prompt_tokens": 4, "prompt_tokens_details": {"cached_tokens": 3}, '
+     b'"completion_tokens": 2}}', Usage(4, 2, 3)),
+    (b'{"usage" :\n {"prompt_tokens": 4}}', Usage(4, 0, 0)),
+    # a later "usage" key that is not the answer's: the whole answer is read
+    (b'{"usage": {"prompt_tokens": 1}, "tool": {"usage": 5}}', Usage(1, 0, 0)),
+    (b'{"usage": null, "extra": {"prompt_tokens": 9}}', None),
+    (b'{"text": "say \\"usage\\": {\\"prompt_tokens\\": 9}"}', None),  # inside a string: not a key
+    (b'{"usage": {"prompt_tokens": 1', None),  # cut short: not JSON
+])
+def test_usage_from_json_reads_the_usage_object_alone_or_falls_back(body: bytes, expected: Usage | None) -> None:
+    assert usage_from_json(body) == expected
