@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="log every request to stderr")
     p.add_argument("--models", default=_env("MODELS", ""),
                    help="comma-separated model ids served (listed by /v1/models; others get 404 "
-                        "model_not_found); default: any model, /v1/models lists mock-model")
+                        "model_not_found); default: any model, and GET /v1/models answers 404 (no list)")
     inf = p.add_argument_group(
         "inference-server mode", "--inference: a KV prefix cache, prefill time per uncached token, a limited number "
         "of running requests with a FIFO queue, decode time per output token (--token-delay), cached_tokens in "

@@ -16,6 +16,13 @@ A client that goes away shows up as ``GeneratorExit`` at the pending ``yield`` (
 write fails, then it closes the response iterable).
 
 Per-request behaviour is steered with ``X-Mock-*`` request headers (see ``_Plan``).
+
+Models: started with ``--models a,b`` the instance lists them on ``GET /v1/models`` and answers
+404 ``model_not_found`` for any other ``model``; without it, ``GET /v1/models`` answers 404 (an
+instance with no list, which a gateway takes as serving any model) and any ``model`` is served.
+Usage: ``usage`` in JSON answers, and in a last stream chunk when the request asks for
+``stream_options.include_usage``; ``X-Mock-Cached-Tokens: N`` reports N of the prompt tokens as
+cached (``prompt_tokens_details.cached_tokens``).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class Stats:
     requests: int = 0
     by_path: dict[str, int] = field(default_factory=dict)
     health_checks: int = 0
+    model_lists: int = 0  # a gateway's model discovery (GET /v1/models from User-Agent ntonix-models)
     streams_started: int = 0
     streams_completed: int = 0
     streams_aborted: int = 0  # the client went away mid-stream
@@ -131,7 +139,7 @@ class MockLLM:
     def __init__(self, name: str, settings: Settings, models: tuple[str, ...] = ()) -> None:
         self.name = name
         self.settings = settings
-        self.models = models  # () serves any model and lists "mock-model"
+        self.models = models  # (): no list (GET /v1/models answers 404), serves any model
         self.reset_hooks: list[Callable[[], None]] = []
         self.stats = Stats()
         self._ids = 0  # never reset, so ids stay unique for the life of the process
@@ -146,6 +154,10 @@ class MockLLM:
     def before(self) -> Response | None:
         path = request.path
         if path in _CONTROL_PATHS:
+            return None
+        if path == "/v1/models" and request.headers.get("User-Agent") == "ntonix-models":
+            # Counted apart like health checks, so a test's request counts are the clients' only.
+            self.stats.model_lists += 1
             return None
         self.stats.by_path[path] = self.stats.by_path.get(path, 0) + 1
         self.stats.last_request = {
@@ -205,9 +217,10 @@ class MockLLM:
         return [f"{tag} tok0" if i == 0 else f" tok{i}" for i in range(count)]
 
     def check_model(self, body: dict[str, Any]) -> Any:
-        """The body's model, as sent; ``MockError`` 404 ``model_not_found`` when a list is set without it."""
+        """The body's model, as sent; ``MockError`` 404 ``model_not_found`` when a list is set without it
+        (a request that names no model is served)."""
         model = body.get("model", "mock-model")
-        if self.models and model not in self.models:
+        if self.models and "model" in body and model not in self.models:
             self.stats.wrong_model += 1
             raise MockError(404, f"{self.name}: the model {model!r} does not exist (serving: "
                                  f"{', '.join(self.models)})", code="model_not_found")
@@ -229,6 +242,14 @@ class MockLLM:
     def completions(self) -> Response:
         return self._complete(chat=False)
 
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}
+        cached = _header("X-Mock-Cached-Tokens", int, None)
+        if cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt_tokens)}
+        return usage
+
     def _complete(self, chat: bool) -> Response:
         plan = self._plan()
         body = json_body()
@@ -237,9 +258,15 @@ class MockLLM:
         tokens = self.tokens_for(prompt, self._count(plan, body))
         rid = self._next_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
+        prompt_tokens = len(json.dumps(prompt).split())
         if body.get("stream") is True:
             events = [self._chunk(chat, rid, created, model, i, tok, last=i == len(tokens) - 1)
                       for i, tok in enumerate(tokens)]
+            options = body.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage") is True:
+                events.append({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                               "created": created, "model": model, "choices": [],
+                               "usage": self._usage(prompt_tokens, len(tokens))})
             # The generator runs after the view returned, outside the request context.
             sock = request.environ.get("gunicorn.socket")
             return Response(self._stream(events, plan, sock), mimetype="text/event-stream",
@@ -250,12 +277,10 @@ class MockLLM:
         choice: dict[str, Any] = (
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
             if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"})
-        prompt_tokens = len(json.dumps(prompt).split())
         return self._json({
             "id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                      "total_tokens": prompt_tokens + len(tokens)},
+            "usage": self._usage(prompt_tokens, len(tokens)),
             "mock_instance": self.name,
         })
 
@@ -300,6 +325,7 @@ class MockLLM:
     def embeddings(self) -> Response:
         plan = self._plan()
         body = json_body()
+        self.check_model(body)
         inputs = body.get("input")
         if isinstance(inputs, str) or not isinstance(inputs, list):
             inputs = [inputs]
@@ -312,9 +338,10 @@ class MockLLM:
                            "mock_instance": self.name})
 
     def models_view(self) -> Response:
+        if not self.models:
+            raise MockError(404, f"{self.name} has no model list (started without --models): it serves any model")
         return self._json({"object": "list", "data": [
-            {"id": model, "object": "model", "created": 0, "owned_by": "ntonix-mock"}
-            for model in self.models or ("mock-model",)]})
+            {"id": model, "object": "model", "created": 0, "owned_by": "ntonix-mock"} for model in self.models]})
 
     # -- health, control, test helpers ----------------------------------------------------
 
@@ -419,7 +446,8 @@ def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: i
                models: Sequence[str] = (), inference: InferenceConfig | None = None) -> Flask:
     """The Flask app of one mock instance called ``name`` (see the module docstring).
 
-    ``models``: the ids it serves (others get 404 ``model_not_found``); empty serves any.
+    ``models``: the ids it serves (others get 404 ``model_not_found``); empty serves any
+    (and ``GET /v1/models`` answers 404: no list).
     ``inference``: act like an inference server with a KV prefix cache (mock_llm/inference.py).
     """
     mock = MockLLM(name, Settings(ttft=ttft, token_delay=token_delay, tokens=tokens), tuple(models))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 Labels = tuple[tuple[str, str], ...]
@@ -157,11 +157,37 @@ class Extras:
     master_rss_bytes: int
     backends: Sequence[tuple[str, str]]  # (address, state) from the answering worker's registry
     worker_pid: int
+    load: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # address -> (in flight, queued), host-wide
 
 
 def memory_rss_bytes(samples: Samples, master_rss_bytes: int) -> int:
     """The gateway's resident memory: every live worker's last reading plus the master's."""
     return int(total(samples, "ntonix_worker_rss_bytes")) + master_rss_bytes
+
+
+TOKEN_KINDS = ("prompt", "completion", "cached_prompt")
+
+
+def token_figures(samples: Samples, name: str, by: str | None) -> dict[str, Any]:
+    """Token counts: totals per kind, then ``by_model`` (and ``by_<by>``, e.g. ``by_backend``)."""
+    out: dict[str, Any] = dict.fromkeys(TOKEN_KINDS, 0)
+    groups: dict[str, dict[str, dict[str, int]]] = {"by_model": {}}
+    if by is not None:
+        groups[f"by_{by}"] = {}
+    for (sample_name, labels), v in samples.items():
+        if sample_name != name:
+            continue
+        got = dict(labels)
+        kind = got.get("kind", "")
+        if kind not in out:
+            continue
+        out[kind] += int(v)
+        for group, label in (("by_model", "model"), (f"by_{by}", by)):
+            if label is not None and group in groups:
+                per = groups[group].setdefault(got.get(label, ""), dict.fromkeys(TOKEN_KINDS, 0))
+                per[kind] += int(v)
+    out.update(groups)
+    return out
 
 
 def figures(samples: Samples, extras: Extras) -> dict[str, Any]:
@@ -179,6 +205,8 @@ def figures(samples: Samples, extras: Extras) -> dict[str, Any]:
             "latency_avg_ms": _ms(lat.avg) or 0.0,
             "latency_p50_ms": _ms(lat.quantile(0.5)),
             "latency_p99_ms": _ms(lat.quantile(0.99)),
+            "in_flight": extras.load.get(address, (0, 0))[0],
+            "queued": extras.load.get(address, (0, 0))[1],
         })
     responses = {cls: 0 for cls in STATUS_CLASSES}
     for cls, n in by_label(samples, "ntonix_responses_total", "status_class").items():
@@ -198,5 +226,7 @@ def figures(samples: Samples, extras: Extras) -> dict[str, Any]:
         "latency_ms": timing_figures(histogram(samples, "ntonix_request_duration_seconds")),
         "stream_ttft_ms": timing_figures(histogram(samples, "ntonix_stream_ttft_seconds")),
         "workers": count_samples(samples, "ntonix_worker_rss_bytes"),
+        "tokens": token_figures(samples, "ntonix_tokens_total", "backend"),
+        "cache_tokens_saved": token_figures(samples, "ntonix_cache_tokens_saved_total", None),
         "worker_pid": extras.worker_pid,
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ntonix.core.usage import Usage
+
 
 @dataclass(slots=True)
 class RequestRecord:
@@ -21,6 +23,8 @@ class RequestRecord:
     ttft_ms: float | None = None  # streams: time to the first body byte sent
     bytes_sent: int = 0
     streamed: bool = False
+    model: str = ""  # the JSON ``model`` the request asked for
+    usage: Usage | None = None  # tokens of the answer (a HIT's: what the cache saved the backends)
     error: str = ""
     latency_ms: float = 0.0
     finished: bool = False

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ntonix.config.model import BackendConfig, CircuitBreakerConfig, HealthConfig
 from ntonix.core.balancer import SmoothWeightedRoundRobin
 from ntonix.core.breaker import BreakerState, CircuitBreaker
 from ntonix.core.health import HealthState, HealthTracker
+from ntonix.core.models import ModelList, configured
 from ntonix.core.transitions import Transition
 
 
@@ -31,10 +32,28 @@ class Backend:
     pool: Any = None  # the transport's pool, attached by the I/O layer
     in_flight: int = 0
     removed: bool = False
+    # The models it serves (``ntonix.core.models``): configured, learnt from its GET /v1/models,
+    # or None = any model (not known yet, or it has no such list).
+    models: ModelList | None = None
+    # host:port, fixed for the backend's life (a reload keeps a backend by its address); kept
+    # as a plain attribute because routing reads it several times per request.
+    address: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.address = self.config.address
+
+    # What routing needs of a backend (``ntonix.routing.select.Target``).
+    @property
+    def weight(self) -> int:
+        return self.config.weight
 
     @property
-    def address(self) -> str:
-        return self.config.address
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight
+
+    @property
+    def routable(self) -> bool:
+        return self.eligible
 
     @property
     def eligible(self) -> bool:
@@ -82,6 +101,7 @@ class Registry:
             health=HealthTracker(self._health_cfg.unhealthy_threshold, self._health_cfg.healthy_threshold),
             breaker=CircuitBreaker(self._breaker_cfg.failure_threshold, self._breaker_cfg.cooldown_s,
                                    clock=self._clock),
+            models=configured(cfg.models) if cfg.models is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -93,6 +113,16 @@ class Registry:
             return None
         name = self._balancer.pick(eligible)
         return self.backends[name] if name is not None else None
+
+    def serving(self, model: str | None) -> list[Backend]:
+        """The configured backends (routable or not) that take a request for ``model``."""
+        if model is None:
+            return list(self.backends.values())
+        return [b for b in self.backends.values() if b.models is None or model in b.models]
+
+    def learning(self) -> list[Backend]:
+        """Backends whose model list comes from their ``GET /v1/models``."""
+        return [b for b in self.backends.values() if b.config.models is None]
 
     def healthy_count(self) -> int:
         return sum(1 for b in self.backends.values() if b.eligible)
@@ -122,6 +152,10 @@ class Registry:
                 self.backends[address] = new = self._new(cfg)
                 added.append(new)
             elif current.config != cfg:
+                if cfg.models is not None:
+                    current.models = configured(cfg.models)
+                elif current.config.models is not None:
+                    current.models = None  # to be learnt: any model until its list is known
                 current.config = cfg
         self._balancer.update([(c.address, c.weight) for c in configs])
         return added, removed, changes

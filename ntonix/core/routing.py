@@ -38,12 +38,24 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from ntonix.core.balancer import SmoothWeightedRoundRobin
 
-__all__ = ["POLICIES", "Candidate", "Decision", "Outcome", "PrefixSettings", "Router"]
+__all__ = ["POLICIES", "Candidate", "Decision", "Outcome", "Peer", "PrefixSettings", "Router"]
 
 POLICIES = ("round_robin", "least_requests", "prefix")
+
+
+class Peer(Protocol):
+    """A backend as the round-robin fast path reads it (a ``Candidate`` is one)."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def routable(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +147,24 @@ class Router:
 
     def __repr__(self) -> str:
         return f"<Router {self.policy} peers={len(self._peers)} {self.prefix}>"
+
+    def round_robin(self, backends: Sequence[Peer]) -> str | None:
+        """``round_robin`` without limits (the request flow's fast path): the next routable backend."""
+        peers = self._peers
+        routable = set()
+        joined = False
+        for b in backends:
+            address = b.address
+            if peers.get(address) != b.weight:
+                peers[address] = b.weight
+                joined = True
+            if b.routable:
+                routable.add(address)
+        if joined:  # a new backend (or weight) joins the rotation; the others keep their place
+            self._rr.update(list(peers.items()))
+        if len(routable) <= 1:
+            return next(iter(routable)) if routable else None
+        return self._rr.pick(routable)
 
     def _round_robin(self, candidates: Sequence[Candidate], eligible: list[Candidate]) -> Candidate:
         if any(self._peers.get(c.address) != c.weight for c in candidates):

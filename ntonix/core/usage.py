@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import orjson
 
-__all__ = ["Usage", "UsageScanner", "usage_from_json", "usage_of"]
+__all__ = ["Usage", "UsageScanner", "UsageTap", "usage_from_json", "usage_of", "usage_of_body"]
 
 _MAX_LINE = 1 << 20  # a line longer than this is not kept whole (and holds no usage worth the memory)
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
@@ -60,9 +60,25 @@ def _count(mapping: Mapping[str, object], *names: str) -> int:
 
 
 def usage_from_json(body: bytes) -> Usage | None:
-    """The usage of a JSON answer body; None when it is not JSON or has none."""
-    if b'"usage"' not in body:
+    """The usage of a JSON answer body; None when it is not JSON or has none.
+
+    Only the ``usage`` object is parsed when it is where servers put it: last, with at most one
+    nested object (``prompt_tokens_details``). A key ``"usage"`` cannot occur inside a JSON
+    string (its quotes would be escaped). Anything else: the whole answer is parsed.
+    """
+    at = body.rfind(b'"usage"')
+    if at < 0:
         return None
+    start = body.find(b"{", at)
+    end = body.find(b"}", start)
+    inner = body.find(b"{", start + 1)
+    if 0 <= inner < end:
+        end = body.find(b"}", end + 1)
+    if start >= 0 and end >= 0 and body[at + 7:start].strip(b" \t\r\n") == b":":
+        try:
+            return usage_of({"usage": orjson.loads(body[start:end + 1])})
+        except orjson.JSONDecodeError:
+            pass
     try:
         return usage_of(orjson.loads(body))
     except orjson.JSONDecodeError:
@@ -117,3 +133,43 @@ class UsageScanner:
                     continue
                 if found is not None:
                     self.usage = found
+
+
+_MAX_JSON = 1 << 20  # a JSON answer longer than this is not kept for its usage (nor parsed)
+
+
+class UsageTap:
+    """The usage of one answer as it is relayed: an SSE stream is scanned chunk by chunk; a
+    JSON answer is kept (up to ``_MAX_JSON`` bytes) and read once at its end."""
+
+    __slots__ = ("_chunks", "_scanner", "_size")
+
+    def __init__(self, stream: bool) -> None:
+        self._scanner: UsageScanner | None = UsageScanner() if stream else None
+        self._chunks: list[bytes] | None = None if stream else []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self._scanner is not None:
+            self._scanner.feed(chunk)
+        elif self._chunks is not None:
+            self._size += len(chunk)
+            if self._size > _MAX_JSON:
+                self._chunks = None
+            else:
+                self._chunks.append(chunk)
+
+    def finish(self) -> Usage | None:
+        """The usage of the whole answer (call once, after its last chunk)."""
+        if self._scanner is not None:
+            return self._scanner.finish()
+        if not self._chunks:
+            return None
+        return usage_from_json(self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks))
+
+
+def usage_of_body(body: bytes, streamed: bool) -> Usage | None:
+    """The usage of a whole answer (a cached one, replayed)."""
+    tap = UsageTap(streamed)
+    tap.feed(body)
+    return tap.finish()

@@ -3,8 +3,9 @@
 ``UpstreamBody`` relays a backend's body piece by piece as it arrives (never whole), records
 it for the cache and publishes it to coalesced followers on the way. Its ``close()`` — called
 by gunicorn when the body ended, broke off or the client left — releases the backend
-connection (back to the pool only when read to its end), gives the breaker its verdict,
-stores a clean answer, ends the coalesced flight and reports the request, exactly once.
+connection (back to the pool only when read to its end), gives the routing place back, gives
+the breaker its verdict, counts the answer's tokens, stores a clean answer, ends the coalesced
+flight and reports the request, exactly once.
 A body that breaks after its headers went out cuts the client connection
 (``StreamAborted``), so the client sees a broken chunked body, never a clean end.
 """
@@ -24,6 +25,7 @@ from ntonix.cache.coalescer import Follower, Leader, LeaderFailed
 from ntonix.core.cache_entry import CachedResponse
 from ntonix.core.record import RequestRecord
 from ntonix.core.sse import StreamRecorder
+from ntonix.core.usage import Usage, UsageTap
 from ntonix.errors import NtonixError
 from ntonix.server import disconnect
 from ntonix.upstream import transport
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
     from ntonix.core.registry import Backend
     from ntonix.gateway.runtime import Runtime
+    from ntonix.routing.select import Lease
 
 log = logging.getLogger("ntonix.proxy")
 
@@ -70,8 +73,10 @@ class UpstreamBody:
 
     def __init__(self, rt: Runtime, resp: Any, backend: Backend, environ: WSGIEnvironment, rec: RequestRecord,
                  store_key: str | None, replay_headers: tuple[tuple[str, str], ...], stream: bool,
-                 leader: Leader | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None]) -> None:
+                 leader: Leader | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
+                 lease: Lease | None = None, usage: UsageTap | None = None) -> None:
         self.rt, self.resp, self.backend, self.environ, self.rec = rt, resp, backend, environ, rec
+        self.lease, self.usage = lease, usage
         self.store_key, self.replay_headers, self.leader, self.watch = store_key, replay_headers, leader, watch
         self._done = done
         self.recorder: StreamRecorder | None = StreamRecorder() if (store_key is not None and stream) else None
@@ -134,6 +139,8 @@ class UpstreamBody:
                 self.chunks.append(chunk)
         if self.leader is not None:
             self.leader.publish_chunk(chunk)
+        if self.usage is not None:
+            self.usage.feed(chunk)
 
     def close(self) -> None:
         if self.watch is not None:
@@ -166,8 +173,15 @@ class UpstreamBody:
         rt, backend, rec = self.rt, self.backend, self.rec
         self.resp.release()  # back to the pool only if read to its end
         backend.in_flight -= 1
+        if self.lease is not None:
+            self.lease.release()
         rec.streamed = self.recorder is not None or self.stream
         if self.ended:
+            if self.usage is not None:
+                usage = self.usage.finish()
+                if usage is not None:
+                    rec.usage = usage
+                    rt.telemetry.tokens(rec.model, backend.address, usage)
             self._settle_ok()
         elif self.failed:
             rt.backend_failed(backend, self.failed)
@@ -214,7 +228,8 @@ class FollowerBody:
     def __init__(self, follower: Follower, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
                  watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
                  flush_head: bool = False,
-                 resume: Callable[[int, bytes], Iterator[bytes]] | None = None) -> None:
+                 resume: Callable[[int, bytes], Iterator[bytes]] | None = None,
+                 saved: Callable[[str, Usage], None] | None = None) -> None:
         self.follower, self.environ, self.rec, self.watch, self._done = follower, environ, rec, watch, done
         self._chunks: Iterator[bytes] = follower.chunks(timeout)
         self._flush_head = flush_head  # an unsized (streamed) answer: headers go out at once
@@ -222,6 +237,10 @@ class FollowerBody:
         self._resumed: Iterator[bytes] | None = None
         self._sent = xxhash.xxh3_128()
         rec.streamed = flush_head
+        # The tokens this answer saved the backends (a coalesced follower is a HIT).
+        self._saved = saved
+        self._usage: UsageTap | None = UsageTap(flush_head) if saved is not None else None
+        self._ended = False
 
     def __iter__(self) -> FollowerBody:
         return self
@@ -232,6 +251,9 @@ class FollowerBody:
             return b""
         try:
             chunk = next(self._chunks)
+        except StopIteration:
+            self._ended = True
+            raise
         except LeaderFailed as exc:
             chunk = self._take_over(str(exc))
         except NtonixError as exc:  # the resumed answer failed
@@ -242,6 +264,8 @@ class FollowerBody:
         rec.bytes_sent += len(chunk)
         if self._resume is not None:
             self._sent.update(chunk)
+        if self._usage is not None:
+            self._usage.feed(chunk)
         return chunk
 
     def _take_over(self, why: str) -> bytes:
@@ -270,5 +294,10 @@ class FollowerBody:
             close = getattr(self._resumed, "close", None)
             if close is not None:
                 close()  # releases the backend connection of a resumed answer
+        if self._ended and self._usage is not None and self._saved is not None:
+            usage = self._usage.finish()
+            if usage is not None:
+                self.rec.usage = usage
+                self._saved(self.rec.model, usage)
         if not self.rec.finished:
             self._done(self.rec)

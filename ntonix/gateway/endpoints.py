@@ -102,9 +102,11 @@ class Gateway:
         query = environ.get("QUERY_STRING", "")
         accept = environ.get("HTTP_ACCEPT", "")
         backends = self.rt.backend_states()
+        load = self.rt.backend_load()
         if "format=prometheus" in query or ("text/plain" in accept and "format=json" not in query):
-            return status_line(200), "text/plain; version=0.0.4; charset=utf-8", self.rt.telemetry.prometheus(backends)
-        return status_line(200), "application/json", orjson.dumps(self.rt.telemetry.snapshot(backends))
+            return (status_line(200), "text/plain; version=0.0.4; charset=utf-8",
+                    self.rt.telemetry.prometheus(backends, load))
+        return status_line(200), "application/json", orjson.dumps(self.rt.telemetry.snapshot(backends, load))
 
     def _cache_stats(self, environ: WSGIEnvironment) -> tuple[str, str, bytes]:
         self._allowed(environ)

@@ -7,9 +7,12 @@ Theory of operation
 3. A miss joins the coalescer: the first of identical requests in flight (on any worker of
    this host) is the leader and goes to a backend; the others follow the leader's answer as
    it streams (``X-Cache: HIT``). A follower whose leader failed goes to a backend itself.
-4. Backend choice: smooth weighted round-robin over eligible backends. A request that could
-   not be sent (``SendFailed``) is tried on the next backend, up to ``proxy.retries`` more;
-   one that reached a backend is never sent twice.
+4. Backend choice (``ntonix.routing.select``, docs/routing.md): among the eligible backends
+   that serve the request's ``model`` (none serves it → 404), by ``routing.policy``, holding a
+   host-wide place under ``max_in_flight`` (queued first come, first served; → 503 when the
+   wait is over). A request that could not be sent (``SendFailed``) is tried on the next
+   backend, up to ``proxy.retries`` more; one that reached a backend is never sent twice.
+   The place (``Lease``) is given back exactly once, when the answer settles.
 5. The body is relayed piece by piece as it arrives (``ntonix.gateway.bodies.UpstreamBody``),
    recorded for the cache and published to followers on the way. Its ``close()`` always
    releases the backend connection: back to the pool only when the response was read to its end.
@@ -33,8 +36,11 @@ from ntonix.cache.coalescer import Follower, Leader
 from ntonix.core.cache_entry import CachedResponse, replayable_headers
 from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, credential_keys, credentials, request_cache_policy
 from ntonix.core.headers import forward_environ_headers, forward_response_headers, header_value
+from ntonix.core.models import models_answer, request_model
 from ntonix.core.record import RequestRecord
+from ntonix.core.usage import UsageTap, usage_of_body
 from ntonix.errors import (
+    BackendsBusy,
     BadRequest,
     NoHealthyBackend,
     NtonixError,
@@ -52,6 +58,7 @@ if TYPE_CHECKING:
 
     from ntonix.core.registry import Backend
     from ntonix.gateway.runtime import Runtime
+    from ntonix.routing.select import Lease
 
 log = logging.getLogger("ntonix.proxy")
 
@@ -149,11 +156,17 @@ class Proxy:
         method = rec.method
         path = rec.path
         body = read_body(environ, cfg.proxy.max_body_bytes, cfg.server.body_timeout_s)
+        if method == "GET" and path == "/v1/models":
+            known = rt.known_models()
+            if known is not None:  # else forwarded, like any other request
+                return self._answer(models_answer(known), start_response, rec)
         cacheable = method == "POST" and path in CACHEABLE_PATHS
         key: str | None = None
         serve_ok = store_ok = stream = False
+        parsed: dict[str, Any] | None = None
         if cacheable:
             parsed = parse_json_body(body)
+            rec.model = request_model(parsed) or ""
             stream = parsed.get("stream") is True
             if rt.cache is not None and rt.cache.enabled:
                 serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))
@@ -190,17 +203,30 @@ class Proxy:
             if key is not None:
                 # The cached answer must suit every client: ask the backend for identity encoding.
                 environ.pop("HTTP_ACCEPT_ENCODING", None)
-            return self._forward(environ, start_response, rec, body, key if store_ok else None, stream, leader)
+            return self._forward(environ, start_response, rec, body, key if store_ok else None, stream, leader,
+                                 parsed=parsed)
         except BaseException:
             if leader is not None:
                 leader.finish(False)
             raise
+
+    def _answer(self, body: bytes, start_response: StartResponse, rec: RequestRecord) -> Body:
+        """An answer of the gateway's own on a proxied path (``GET /v1/models``)."""
+        rec.status = 200
+        rec.bytes_sent = len(body)
+        start_response(status_line(200), [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                          ("X-Request-ID", rec.request_id)])
+        return Body([body], lambda: self._done(rec))
 
     # ------------------------------------------------------------------ cache paths
     def _replay(self, entry: CachedResponse, start_response: StartResponse, rec: RequestRecord) -> Body:
         rec.cache = "HIT"
         rec.status = entry.status
         rec.streamed = entry.streamed
+        usage = usage_of_body(entry.body, entry.streamed)
+        if usage is not None:
+            rec.usage = usage
+            self.rt.telemetry.tokens_saved(rec.model, usage)
         headers = list(entry.headers)
         headers += [("Content-Length", str(len(entry.body))), ("X-Request-ID", rec.request_id), ("X-Cache", "HIT")]
         start_response(status_line(entry.status), headers)
@@ -230,6 +256,7 @@ class Proxy:
         start_response(status_line(status), out)
         sized = header_value(headers, "content-length") is not None
         return FollowerBody(follower, environ, rec, timeout, watch, self._done, flush_head=not sized,
+                            saved=self.rt.telemetry.tokens_saved,
                             resume=lambda sent, digest: self._resume(environ, rec, body, stream, sent, digest))
 
     def _resume(self, environ: WSGIEnvironment, rec: RequestRecord, body: bytes, stream: bool, sent: int,
@@ -246,6 +273,7 @@ class Proxy:
 
         environ.pop("HTTP_ACCEPT_ENCODING", None)  # as the leader asked: identity
         sub = RequestRecord(rec.method, rec.path, rec.request_id, rec.client)
+        sub.model = rec.model
         upstream = self._forward(environ, capture, sub, body, None, stream, None, done=lambda _: None)
         try:
             if status[:1] != ["200 OK"]:
@@ -270,9 +298,13 @@ class Proxy:
     # ------------------------------------------------------------------ backend path
     def _forward(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord, body: bytes,
                  store_key: str | None, stream: bool, leader: Leader | None,
-                 done: Callable[[RequestRecord], None] | None = None) -> Any:
+                 done: Callable[[RequestRecord], None] | None = None,
+                 parsed: dict[str, Any] | None = None) -> Any:
         rt = self.rt
         cfg = rt.config
+        backends = rt.serving(rec.model or None)  # 404 when no backend serves the model
+        selector = rt.routing.selector
+        blocks = rt.routing.blocks(parsed, environ.get("HTTP_AUTHORIZATION") or "") if parsed is not None else []
         scheme = environ.get("wsgi.url_scheme", "http")
         base_headers, real_ip = forward_environ_headers(
             environ, remote_addr=environ.get("REMOTE_ADDR", ""), scheme=scheme,
@@ -286,13 +318,20 @@ class Proxy:
         watch = disconnect.watch(environ.get("gunicorn.socket"))
         try:
             for _ in range(cfg.proxy.retries + 1):
-                backend = rt.registry.pick(tried)
-                if backend is None:
+                try:
+                    lease = selector.acquire(backends, blocks, exclude=tried)
+                except BackendsBusy:
+                    raise
+                except NoHealthyBackend:
+                    if not tried:
+                        raise  # backends serve the model, but none is routable: 503 + Retry-After
                     break
+                backend = next(b for b in backends if b.address == lease.address)
                 tried.append(backend.address)
                 allowed, change = backend.breaker.acquire()
                 rt.log_change(backend, "breaker", change)
                 if not allowed:
+                    lease.release()
                     continue
                 backend.in_flight += 1
                 started = time.perf_counter()
@@ -305,6 +344,7 @@ class Proxy:
                     # will be, so another backend may take it. A live backend that hung up on
                     # us is not sent the request twice.
                     backend.in_flight -= 1
+                    lease.release()
                     rt.backend_failed(backend, exc.message)
                     if not transport.refuses_connections(backend.config.host, backend.config.port,
                                                          min(0.5, cfg.proxy.connect_timeout_s)):
@@ -316,6 +356,7 @@ class Proxy:
                     continue
                 except transport.SendFailed as exc:
                     backend.in_flight -= 1
+                    lease.release()
                     rt.backend_failed(backend, str(exc))
                     log.warning("backend.send_failed", extra={"backend": backend.address, "reason": str(exc),
                                                                "request_id": rec.request_id})
@@ -323,16 +364,22 @@ class Proxy:
                     continue
                 except NtonixError as exc:
                     backend.in_flight -= 1
+                    lease.release()
                     rt.backend_failed(backend, exc.message)
                     rec.backend = backend.address
                     rec.backend_ok = False
                     raise
                 except BaseException:
                     backend.in_flight -= 1
+                    lease.release()
                     backend.breaker.release()
                     raise
-                return self._relay(resp, backend, started, environ, start_response, rec, store_key, stream,
-                                   leader, watch, done or self._done)
+                try:
+                    return self._relay(resp, backend, started, environ, start_response, rec, store_key, stream,
+                                       leader, watch, done or self._done, lease)
+                except BaseException:
+                    lease.release()  # no body took it over (UpstreamBody releases it once)
+                    raise
         except BaseException:
             if watch is not None:
                 watch.cancel()
@@ -346,7 +393,7 @@ class Proxy:
     def _relay(self, resp: Any, backend: Backend, started: float, environ: WSGIEnvironment,
                start_response: StartResponse, rec: RequestRecord, store_key: str | None, stream: bool,
                leader: Leader | None, watch: disconnect.Watch | None,
-               done: Callable[[RequestRecord], None]) -> UpstreamBody:
+               done: Callable[[RequestRecord], None], lease: Lease | None = None) -> UpstreamBody:
         status = resp.status_code
         rec.status = status
         rec.backend = backend.address
@@ -360,7 +407,10 @@ class Proxy:
             leader.publish_head(status, tuple(h for h in headers if h[0] not in ("X-Request-ID", "X-Cache")))
         start_response(status_line(status), headers)
         replay = replayable_headers(raw_headers) if store_key is not None else ()
+        tap = None
+        if status == 200 and rec.path in CACHEABLE_PATHS and not header_value(raw_headers, "content-encoding"):
+            tap = UsageTap("text/event-stream" in (header_value(raw_headers, "content-type") or ""))
         return UpstreamBody(self.rt, resp, backend, environ, rec, store_key, replay, stream, leader, watch,
-                            done)
+                            done, lease=lease, usage=tap)
 
 

@@ -1,8 +1,9 @@
 """What a request needs at run time, swapped in place on reload: config, backends, cache, telemetry.
 
-``Runtime`` owns the registry of backends and their pools, the cache tiers, the coalescer and
-the trusted networks, and turns backend outcomes into breaker and health verdicts (logging the
-transitions the pure state machines return).
+``Runtime`` owns the registry of backends and their pools, the routing state (policy, host-wide
+in-flight counts, prefix index), the cache tiers, the coalescer and the trusted networks, and
+turns backend outcomes into breaker and health verdicts (logging the transitions the pure state
+machines return).
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ from ntonix.config import Config
 from ntonix.config.handover import run_dir
 from ntonix.core.headers import parse_networks
 from ntonix.core.health import HealthState
+from ntonix.core.models import ModelList, model_not_found, next_models, union_models
 from ntonix.core.registry import Backend, Registry
 from ntonix.core.transitions import Transition
+from ntonix.routing.state import RoutingState
 from ntonix.telemetry.recorder import Telemetry
 from ntonix.upstream import transport
 
 log = logging.getLogger("ntonix.gateway")
+
+REAP_EVERY_S = 5.0  # how often a worker frees the routing slots of dead workers
+
+
+def _sleep(seconds: float) -> None:
+    # Looked up at each call: in a worker, gevent has patched time.sleep by then (a queued
+    # request must yield to the hub, not block it).
+    time.sleep(seconds)
 
 
 class Runtime:
@@ -46,6 +57,8 @@ class Runtime:
             Coalescer(cache_dir, stale_after_s=max(10.0, config.proxy.read_timeout_s),
                       max_bytes=config.cache.max_entry_bytes)
             if config.cache.enabled else None)
+        self.routing = RoutingState(config, run_dir(), sleep=_sleep)
+        self._reaped_at = time.monotonic()
         self.started = time.time()
 
     def _attach_pool(self, backend: Backend) -> None:
@@ -57,6 +70,41 @@ class Runtime:
     def backend_states(self) -> list[tuple[str, str]]:
         """(address, state) of every backend, draining ones included, for ``/metrics``."""
         return [(b.address, b.state) for b in self.registry.all()]
+
+    # ------------------------------------------------------------------ models and routing
+    def serving(self, model: str | None) -> list[Backend]:
+        """The backends that serve ``model`` (routable or not); ``ModelNotFound`` (404) when none does."""
+        backends = self.registry.serving(model)
+        if not backends and model is not None and self.registry.backends:
+            raise model_not_found(model)
+        return backends
+
+    def known_models(self) -> ModelList | None:
+        """The union of the routable backends' known lists; None while none is known."""
+        return union_models(b.models for b in self.registry.backends.values() if b.eligible)
+
+    def models_result(self, backend: Backend, answer: tuple[int, bytes] | None) -> None:
+        """One discovery attempt (``GET /v1/models``): (status, body), or None when unreachable."""
+        if backend.config.models is not None or backend.removed:
+            return  # configured meanwhile (HUP), or gone
+        models = next_models(backend.models, answer)
+        if (None if models is None else list(models)) != (None if backend.models is None else list(backend.models)):
+            log.info("backend.models_changed", extra={
+                "backend": backend.address, "models": None if models is None else list(models)})
+        backend.models = models
+
+    def backend_load(self) -> dict[str, tuple[int, int]]:
+        """``{address: (in flight, queued)}`` over all workers of the host, for ``/metrics``."""
+        return self.routing.selector.load.snapshot()
+
+    def tick(self) -> None:
+        """From the worker's main loop: free the routing slots of workers that died."""
+        now = time.monotonic()
+        if now - self._reaped_at >= REAP_EVERY_S:
+            self._reaped_at = now
+            reaped = self.routing.selector.load.reap()
+            if reaped:
+                log.info("routing.slots_reaped", extra={"slots": reaped})
 
     # ------------------------------------------------------------------ outcomes
     def log_change(self, backend: Backend, kind: str, change: Transition[Any] | None) -> None:
@@ -96,6 +144,7 @@ class Runtime:
             self.log_change(backend, change.kind, change.transition)
         self.trusted_proxies = parse_networks(config.proxy.trusted_proxies)
         self.metrics_allow = parse_networks(config.metrics.allow)
+        self.routing.apply(config)
         log.info("config.reloaded", extra={
             "backends": [b.address for b in self.registry.backends.values()],
             "added": [b.address for b in added], "removed": [b.address for b in removed]})

@@ -21,15 +21,29 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Container, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ntonix.core.routing import Candidate, Outcome, Router
 from ntonix.errors import BackendsBusy, NoHealthyBackend
 from ntonix.routing.index import PrefixIndex
 from ntonix.routing.load import HostLoad
 
-__all__ = ["Lease", "Selector", "Target"]
+__all__ = ["Lease", "Routable", "Selector", "Target"]
 
 _RACES = 3  # choices retried after losing the last place to another worker
+
+
+class Routable(Protocol):
+    """What the selector reads of a backend (``Target``, or the registry's ``Backend`` itself)."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def max_in_flight(self) -> int: ...
+    @property
+    def routable(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +86,13 @@ class Selector:
         self.queue_timeout_s = queue_timeout_s
         self.retry_after_s = retry_after_s
 
-    def acquire(self, targets: Sequence[Target], blocks: Sequence[int] = (),
+    def acquire(self, targets: Sequence[Routable], blocks: Sequence[int] = (),
                 exclude: Container[str] = ()) -> Lease:
         """A place on the chosen backend; raises ``NoHealthyBackend`` or ``BackendsBusy`` (both 503)."""
+        if self.router.policy == "round_robin":
+            lease = self._round_robin(targets, exclude)
+            if lease is not None:
+                return lease
         targets = [t for t in targets if t.address not in exclude]
         use_prefix = self.router.policy == "prefix" and bool(blocks) and self.index is not None
         matched: dict[str, int] = {}
@@ -93,12 +111,24 @@ class Selector:
                 return self._granted(decision.address, blocks, matched, use_prefix, waited=False)
         return self._wait(targets, blocks, matched, use_prefix)
 
-    def _candidate(self, t: Target, matched: dict[str, int], newcomer: bool) -> Candidate:
+    def _round_robin(self, targets: Sequence[Routable], exclude: Container[str]) -> Lease | None:
+        """The default policy without limits, on every request: no counts read, no lock taken.
+        None when a target has a ``max_in_flight`` (the counted path then decides)."""
+        for t in targets:
+            if t.max_in_flight:
+                return None
+        address = self.router.round_robin([t for t in targets if t.address not in exclude] if exclude else targets)
+        if address is None:
+            raise NoHealthyBackend("no healthy backend available", retry_after=self.retry_after_s)
+        self.load.begin(address)
+        return Lease(self.load, address, 0, False)
+
+    def _candidate(self, t: Routable, matched: dict[str, int], newcomer: bool) -> Candidate:
         in_flight = (self.load.load_for_newcomer(t.address, t.max_in_flight) if newcomer
                      else self.load.in_flight(t.address))
         return Candidate(t.address, t.weight, in_flight, t.max_in_flight, matched.get(t.address, 0), t.routable)
 
-    def _wait(self, targets: Sequence[Target], blocks: Sequence[int], matched: dict[str, int],
+    def _wait(self, targets: Sequence[Routable], blocks: Sequence[int], matched: dict[str, int],
               use_prefix: bool) -> Lease:
         routable = {t.address: t for t in targets if t.routable}
 

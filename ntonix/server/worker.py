@@ -119,6 +119,8 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
                         if self.alive and not server.started:  # tls.context_failed at boot
                             server.start()
             self.wsgi.rt.reload(cfg)
+            if self._prober is not None:
+                self._prober.discover_soon()  # new backends, or lists no longer configured
         except Exception:  # noqa: BLE001 - a bad reload must never take the worker down
             log.exception("config.reload_failed")
 
@@ -160,12 +162,13 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
                 server.start()
             servers.append(server)
         rt = self.wsgi.rt
-        self._prober = Prober(rt.registry, lambda: rt.config.health, rt.probe_result)
+        self._prober = Prober(rt.registry, lambda: rt.config.health, rt.probe_result, rt.models_result)
         self._prober.start()
 
         while self.alive:
             self.notify()
             self.wsgi.rt.telemetry.tick()  # this worker's RSS for /metrics, every few seconds
+            self.wsgi.rt.tick()  # free the routing slots of dead workers, every few seconds
             gevent.sleep(0.2)
         self._drain(servers)
         ACCESS.flush()

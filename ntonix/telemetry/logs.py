@@ -226,7 +226,12 @@ class AccessLog:
                "message": "request.done", "method": rec.method, "path": rec.path, "status": rec.status,
                "latency_ms": round(rec.latency_ms, 3), "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
                "cache": rec.cache or None, "backend": rec.backend or None, "bytes_sent": rec.bytes_sent,
-               "client": rec.client, "request_id": rec.request_id, "error": rec.error or None}
+               "client": rec.client, "request_id": rec.request_id, "error": rec.error or None,
+               "model": rec.model or None}
+        usage = rec.usage
+        obj["prompt_tokens"] = None if usage is None else usage.prompt
+        obj["completion_tokens"] = None if usage is None else usage.completion
+        obj["cached_tokens"] = None if usage is None else usage.cached_prompt
         if self._json:
             line = orjson.dumps(obj)
         else:  # the text formatter's shape: the five fixed fields, then key=value for the rest

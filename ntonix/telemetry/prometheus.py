@@ -178,6 +178,12 @@ class Metrics:
         self.backend_latency = Histogram(
             "ntonix_backend_latency_seconds", "Time to a backend's response headers (good answers)",
             ["backend"], registry=reg, buckets=LATENCY_BUCKETS)
+        self.tokens = Counter(
+            "ntonix_tokens", "Tokens of backend answers (their usage), by kind: prompt (all, cached "
+            "included), completion, cached_prompt", ["model", "backend", "kind"], registry=reg)
+        self.cache_tokens_saved = Counter(
+            "ntonix_cache_tokens_saved", "Tokens of answers served from the gateway's cache (X-Cache: HIT), "
+            "which no backend had to process", ["model", "kind"], registry=reg)
         self._status = {cls: self.responses.labels(cls) for cls in (*STATUS_CLASSES, OTHER_STATUS)}
         self._backends: dict[str, _BackendMetrics] = {}
 
@@ -230,7 +236,14 @@ def extra_families(extras: Extras, memory_rss_bytes: int, workers: int) -> list[
     for address, current in extras.backends:
         for name in (*BACKEND_STATES, *(() if current in BACKEND_STATES else (current,))):
             state.add_metric([address, name], 1.0 if name == current else 0.0)
-    return [uptime, memory, count, state]
+    in_flight = GaugeMetricFamily("ntonix_backend_in_flight", "Requests in flight to each backend from this "
+                                  "host, all workers", labels=["backend"])
+    queued = GaugeMetricFamily("ntonix_backend_queued", "Requests of this host waiting for a place on each "
+                               "backend (max_in_flight)", labels=["backend"])
+    for address, (flying, waiting) in extras.load.items():
+        in_flight.add_metric([address], float(flying))
+        queued.add_metric([address], float(waiting))
+    return [uptime, memory, count, state, in_flight, queued]
 
 
 class _Families:

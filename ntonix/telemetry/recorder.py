@@ -22,12 +22,22 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ntonix.config import Config
-from ntonix.core.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class, value
+from ntonix.core.figures import (
+    TOKEN_KINDS,
+    Extras,
+    count_samples,
+    figures,
+    flatten,
+    memory_rss_bytes,
+    status_class,
+    value,
+)
 from ntonix.core.record import RequestRecord
+from ntonix.core.usage import Usage
 from ntonix.telemetry import procstat
 from ntonix.telemetry.logs import ACCESS
 from ntonix.telemetry.prometheus import Metrics, extra_families, multiprocess_dir, prometheus_text
@@ -40,6 +50,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("ntonix.metrics")
 
 RSS_EVERY_S = 5.0
+UNKNOWN_MODEL = "unknown"  # the model label of a request that named none
+OTHER_MODELS = "other"  # the model label once MAX_MODEL_LABELS models were seen by a worker
+MAX_MODEL_LABELS = 200
+
+
+def _count_usage(children: tuple[Any, ...], usage: Usage) -> None:
+    prompt, completion, cached = children
+    if usage.prompt:
+        prompt.inc(usage.prompt)
+    if usage.completion:
+        completion.inc(usage.completion)
+    if usage.cached_prompt:
+        cached.inc(usage.cached_prompt)
 
 
 class Telemetry:
@@ -60,6 +83,9 @@ class Telemetry:
         self._connections = m.connections_active
         for backend in config.backends:
             m.backend(backend.address)  # every configured backend shows in /metrics from the start
+        self._token_children: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._saved_children: dict[str, tuple[Any, ...]] = {}
+        self._models: set[str] = set()
         self.tick()
 
     def __repr__(self) -> str:
@@ -92,6 +118,34 @@ class Telemetry:
             self.statsd.request(rec)
         if ACCESS.enabled:
             ACCESS.request(rec, streamed_ttft)
+
+    def tokens(self, model: str, backend: str, usage: Usage) -> None:
+        """A backend's answer reported ``usage`` (``ntonix_tokens_total``)."""
+        key = (self._model_label(model), backend)
+        children = self._token_children.get(key)
+        if children is None:
+            counter = self.metrics.tokens
+            children = self._token_children[key] = tuple(counter.labels(*key, kind) for kind in TOKEN_KINDS)
+        _count_usage(children, usage)
+
+    def tokens_saved(self, model: str, usage: Usage) -> None:
+        """An answer served from the gateway's cache: tokens no backend had to process."""
+        label = self._model_label(model)
+        children = self._saved_children.get(label)
+        if children is None:
+            counter = self.metrics.cache_tokens_saved
+            children = self._saved_children[label] = tuple(counter.labels(label, kind) for kind in TOKEN_KINDS)
+        _count_usage(children, usage)
+
+    def _model_label(self, model: str) -> str:
+        # The model comes from the client: with a backend that serves any model, a client could
+        # otherwise make a new series per request. Past MAX_MODEL_LABELS, the rest count together.
+        if not model:
+            return UNKNOWN_MODEL
+        if model in self._models or len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model
+        return OTHER_MODELS
 
     def backend_result(self, address: str, ok: bool, latency_ms: float | None) -> None:
         """One backend attempt settled: a good answer (with time to headers) or a failure."""
@@ -129,7 +183,8 @@ class Telemetry:
             self.metrics.backend(backend.address)
 
     # ------------------------------------------------------------------ /metrics
-    def _collect(self, backends: Sequence[tuple[str, str]]) -> tuple[list[Metric], dict[Any, float], Extras]:
+    def _collect(self, backends: Sequence[tuple[str, str]],
+                 load: Mapping[str, tuple[int, int]]) -> tuple[list[Metric], dict[Any, float], Extras]:
         started = time.perf_counter()
         self._rss_at = self._monotonic()
         self.metrics.worker_rss.set(procstat.rss_bytes())
@@ -139,7 +194,8 @@ class Telemetry:
             uptime_s=max(0.0, self._clock() - self._started_at),
             master_rss_bytes=procstat.rss_bytes(self._master) if self._master else 0,
             backends=list(backends),
-            worker_pid=os.getpid())
+            worker_pid=os.getpid(),
+            load=load)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("metrics.collected", extra={"files": self.metrics.file_count(), "families": len(families),
                                                   "ms": round((time.perf_counter() - started) * 1000.0, 3)})
@@ -150,15 +206,17 @@ class Telemetry:
         samples = flatten(self.metrics.collect())
         return int(value(samples, "ntonix_cache_hits_total")), int(value(samples, "ntonix_cache_misses_total"))
 
-    def snapshot(self, backends: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    def snapshot(self, backends: Sequence[tuple[str, str]],
+                 load: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
         """``GET /metrics``: the JSON figures of the whole gateway; ``backends`` are this worker's
-        (address, state) pairs."""
-        _, samples, extras = self._collect(backends)
+        (address, state) pairs, ``load`` the host's (in flight, queued) per backend address."""
+        _, samples, extras = self._collect(backends, load or {})
         return figures(samples, extras)
 
-    def prometheus(self, backends: Sequence[tuple[str, str]]) -> bytes:
+    def prometheus(self, backends: Sequence[tuple[str, str]],
+                   load: Mapping[str, tuple[int, int]] | None = None) -> bytes:
         """``GET /metrics?format=prometheus``: the same figures as Prometheus text."""
-        families, samples, extras = self._collect(backends)
+        families, samples, extras = self._collect(backends, load or {})
         computed = extra_families(extras, memory_rss_bytes(samples, extras.master_rss_bytes),
                                   count_samples(samples, "ntonix_worker_rss_bytes"))
         return prometheus_text([*families, *computed])

@@ -85,4 +85,14 @@ class StatsdSink:
             pipe.timing(self._backend(rec.backend), rec.backend_latency_ms)
         if rec.streamed and rec.ttft_ms is not None:
             pipe.timing("stream.ttft", rec.ttft_ms)
+        usage = rec.usage
+        if usage is not None:
+            # tokens.<model>.<backend>.<kind>, or cache.tokens_saved.<model>.<kind> for a HIT
+            model = statsd_safe(rec.model or "unknown")
+            base = (f"cache.tokens_saved.{model}" if rec.cache == "HIT"
+                    else f"tokens.{model}.{statsd_safe(rec.backend or 'none')}")
+            for kind, n in (("prompt", usage.prompt), ("completion", usage.completion),
+                            ("cached_prompt", usage.cached_prompt)):
+                if n:
+                    pipe.incr(f"{base}.{kind}", n)
         pipe.send()

@@ -366,3 +366,31 @@ def probe(host: str, port: int, path: str, timeout_s: float) -> tuple[bool, str]
     if code == 200:
         return True, "probe ok"
     return False, f"probe answered {code}"
+
+
+MAX_MODELS_BYTES = 1 << 20  # a model list longer than this is not one we take
+
+
+def fetch_models(host: str, port: int, timeout_s: float) -> tuple[int, bytes] | None:
+    """``GET /v1/models`` on a fresh connection, without any client's credentials:
+    (status, body), or None when the backend could not be reached or gave no answer."""
+    try:
+        with gevent.Timeout(timeout_s, TimeoutError):
+            sock = gevent.socket.create_connection((host, port), timeout=timeout_s)
+            try:
+                sock.sendall(encode_request("GET", "/v1/models", [
+                    ("Host", f"{host}:{port}"), ("Connection", "close"), ("Accept", "application/json"),
+                    ("User-Agent", "ntonix-models")], b""))
+                from geventhttpclient.response import HTTPSocketResponse
+
+                resp = HTTPSocketResponse(sock, method="GET")
+                code = resp.status_code
+                body = resp.read(MAX_MODELS_BYTES + 1) if code == 200 else b""
+                resp.release()
+            finally:
+                _close(sock)
+    except (TimeoutError, OSError, HTTPParseError, HTTPConnectionClosed):
+        return None
+    if len(body) > MAX_MODELS_BYTES:
+        return code, b""  # not a list we take: serves any model
+    return code, bytes(body)

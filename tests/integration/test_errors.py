@@ -324,8 +324,11 @@ class Misbehaving:
             with conn:
                 conn.settimeout(2)
                 try:
-                    if not conn.recv(65536):
+                    data = conn.recv(65536)
+                    if not data:
                         continue
+                    if data.startswith(b"GET /v1/models "):
+                        continue  # the gateway's model discovery: no list here, not a client's request
                     self.requests += 1
                     conn.sendall(self.reply)
                 except OSError:

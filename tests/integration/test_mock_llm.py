@@ -52,7 +52,7 @@ class Mock:
 def mock() -> Iterator[Mock]:
     port = free_port()
     proc = Proc([sys.executable, "-m", "mock_llm", "--port", str(port), "--name", "m1",
-                 "--tokens", "5"], name="mock-llm")
+                 "--tokens", "5", "--models", "mock-model,gpt-test"], name="mock-llm")
     try:
         wait_http_up(f"http://127.0.0.1:{port}/health", proc)
         yield Mock(port, proc)
@@ -159,7 +159,7 @@ def test_completions_embeddings_models(mock: Mock) -> None:
     assert [d["embedding"] for d in single] == [vectors[0]]
 
     models = get_json(mock.url("/v1/models"))
-    assert [m["id"] for m in models["data"]] == ["mock-model"]
+    assert [m["id"] for m in models["data"]] == ["mock-model", "gpt-test"]
 
 
 def test_invalid_json_is_an_openai_error(mock: Mock) -> None:
@@ -346,3 +346,21 @@ def test_cli_from_environment_and_sigterm() -> None:
         assert proc.wait(timeout=10) == 0
     finally:
         proc.stop()
+
+
+def test_models_list_and_usage_options(mock: Mock) -> None:
+    status, _, body = mock.post("/v1/chat/completions", {**CHAT, "model": "not-listed"})
+    assert status == 404 and "not-listed" in json.loads(body)["error"]["message"]
+    doc = json.loads(mock.post("/v1/chat/completions", {**CHAT, "max_tokens": 3}, {"X-Mock-Cached-Tokens": "2"})[2])
+    assert doc["usage"]["completion_tokens"] == 3
+    assert doc["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
+    _, _, raw = mock.post("/v1/chat/completions", {**CHAT, "max_tokens": 2, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+    events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 2
+    before = mock.stats()["requests"]
+    http("GET", mock.url("/v1/models"), headers={"User-Agent": "ntonix-models"})  # a gateway's discovery
+    stats = mock.stats()
+    assert stats["requests"] == before and stats["model_lists"] >= 1

@@ -152,7 +152,7 @@ def three_workers(gateway: GatewayFactory, backend: Any) -> Iterator[Gateway]:
 def test_every_output_line_is_json_and_each_request_has_an_access_line(gateway: GatewayFactory,
                                                                        backend: Any) -> None:
     gw = gateway([backend], workers=2)
-    plain = gw.request("GET", "/v1/models")
+    plain = gw.request("GET", "/echo/plain")
     miss = gw.request("POST", "/v1/chat/completions", CHAT)
     hit = gw.request("POST", "/v1/chat/completions", CHAT)
     stream = gw.request("POST", "/v1/chat/completions", {**CHAT, "stream": True})
@@ -165,7 +165,7 @@ def test_every_output_line_is_json_and_each_request_has_an_access_line(gateway: 
         assert line["level"] == "info" and line["message"] == "request.done"
         assert line["client"] == "127.0.0.1" and line["latency_ms"] > 0
         assert line["timestamp"].endswith("Z")
-    assert (lines["plain"]["method"], lines["plain"]["path"], lines["plain"]["status"]) == ("GET", "/v1/models", 200)
+    assert (lines["plain"]["method"], lines["plain"]["path"], lines["plain"]["status"]) == ("GET", "/echo/plain", 200)
     assert lines["plain"]["bytes_sent"] == len(plain[2])
     assert [lines[n]["cache"] for n in ("plain", "miss", "hit", "stream")] == ["BYPASS", "MISS", "HIT", "MISS"]
     assert lines["miss"]["backend"] == backend.address and lines["hit"]["backend"] is None
@@ -179,14 +179,14 @@ def test_every_output_line_is_json_and_each_request_has_an_access_line(gateway: 
 
 def test_text_format(gateway: GatewayFactory, backend: Any) -> None:
     gw = gateway([backend], config={"logging": {"format": "text"}})
-    status, headers, _ = gw.request("GET", "/v1/models")
+    status, headers, _ = gw.request("GET", "/echo/text")
     rid = headers["x-request-id"]
 
     def line() -> str | None:
         return next((ln for ln in gw.output().splitlines() if f"request_id={rid}" in ln), None)
 
     text = wait_until(line, timeout=10, what="text access line")
-    assert " INFO ntonix.access request.done method=GET path=/v1/models status=200 " in text
+    assert " INFO ntonix.access request.done method=GET path=/echo/text status=200 " in text
     assert f"backend={backend.address}" in text and "cache=BYPASS" in text
     assert not text.lstrip().startswith("{")
 
@@ -201,10 +201,10 @@ def test_log_level_debug_from_the_command_line(gateway: GatewayFactory, backend:
 def test_log_level_warning_from_the_environment(gateway: GatewayFactory, backend: Any) -> None:
     gw = gateway([backend], env={"NTONIX_LOG_LEVEL": "warning"})
     for _ in range(5):
-        assert gw.request("GET", "/v1/models")[0] == 200
+        assert gw.request("GET", "/echo/w")[0] == 200
     gw.metrics()
     backend.stop()  # a warning-level event: the backend fails its health checks, then the breaker
-    gw.request("GET", "/v1/models")
+    gw.request("GET", "/echo/w")
 
     def warnings() -> list[dict[str, Any]]:
         return [d for d in json_lines(gw) if d["level"] == "warning"]
@@ -223,7 +223,7 @@ def test_log_file_with_rotation(gateway: GatewayFactory, backend: Any, tmp_path:
     # A process looks at the file size at most every 0.25 s (logs.SharedRotatingFileHandler):
     # bursts of 30 requests with pauses between them make every worker look several times.
     for _ in range(8):
-        assert fire(gw, [("GET", "/v1/models", None)] * 30) == [200] * 30
+        assert fire(gw, [("GET", "/echo/m", None)] * 30) == [200] * 30
         time.sleep(0.3)
     wait_until(lambda: (log_file.parent / "ntonix.log.2").exists(), timeout=10, what="two rotations")
     names = sorted(p.name for p in log_file.parent.iterdir())
@@ -246,7 +246,7 @@ def test_300_requests_count_exactly_300_whichever_worker_answers(three_workers: 
     asker = Asker(gw)
     asker.ask("json")
     asker.ask("prometheus")
-    mix = [("GET", "/v1/models", None)] * 240 + [("GET", "/health", None)] * 30 + \
+    mix = [("GET", "/echo/m", None)] * 240 + [("GET", "/health", None)] * 30 + \
           [("POST", "/v1/embeddings", {"model": "e", "input": f"text {i}"}) for i in range(30)]
     assert fire(gw, mix) == [200] * 300
     asker.add(300)
@@ -295,7 +295,7 @@ def test_prometheus_text_parses_and_shows_the_json_figures(three_workers: Gatewa
 def test_figures_survive_reload_shrink_and_a_killed_worker(three_workers: Gateway, backend: Any) -> None:
     gw = three_workers
     asker = Asker(gw)
-    assert fire(gw, [("GET", "/v1/models", None)] * 60) == [200] * 60
+    assert fire(gw, [("GET", "/echo/m", None)] * 60) == [200] * 60
     first = asker.ask()
     assert first["requests_total"] >= 61
 
@@ -307,7 +307,7 @@ def test_figures_survive_reload_shrink_and_a_killed_worker(three_workers: Gatewa
     assert worker_pids(gw) == pids
     for _ in range(6):
         asker.ask()
-    assert fire(gw, [("GET", "/v1/models", None)] * 30) == [200] * 30
+    assert fire(gw, [("GET", "/echo/m", None)] * 30) == [200] * 30
     asker.add(30)
     asker.ask()
 
@@ -328,7 +328,7 @@ def test_figures_survive_reload_shrink_and_a_killed_worker(three_workers: Gatewa
     assert after["uptime_s"] >= before["uptime_s"]  # the gateway's uptime, not the new worker's
     assert after["requests_active"] == 1  # this request; the dead worker's gauges were dropped
     assert after["backends"][0]["requests"] == 90
-    assert fire(gw, [("GET", "/v1/models", None)] * 20) == [200] * 20
+    assert fire(gw, [("GET", "/echo/m", None)] * 20) == [200] * 20
     asker.add(20)
     final = asker.until(lambda s: s["backends"][0]["requests"] == 110, "the last 20 counted")
     assert final["responses"]["2xx"] >= 110
@@ -383,7 +383,7 @@ def test_statsd_packets_for_a_request_a_cache_hit_and_a_stream(gateway: GatewayF
     port = udp_listener.getsockname()[1]
     gw = gateway([backend], workers=2, config={"metrics": {"statsd_host": "127.0.0.1", "statsd_port": port,
                                                            "statsd_prefix": "gw"}})
-    assert gw.request("GET", "/v1/models")[0] == 200
+    assert gw.request("GET", "/echo/w")[0] == 200
     assert gw.request("POST", "/v1/chat/completions", CHAT)[1]["x-cache"] == "MISS"
     assert gw.request("POST", "/v1/chat/completions", CHAT)[1]["x-cache"] == "HIT"
     assert gw.request("POST", "/v1/chat/completions", {**CHAT, "stream": True})[0] == 200

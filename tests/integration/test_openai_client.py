@@ -24,7 +24,7 @@ LIMIT = 200_000
 
 @pytest.fixture(scope="module")
 def mock(mock_backend_module: MockBackendFactory) -> MockBackend:
-    return mock_backend_module("o")
+    return mock_backend_module("o", extra_args=("--models", "mock-model"))
 
 
 @pytest.fixture(scope="module")

@@ -357,10 +357,10 @@ def test_x_forwarded_proto(gw: Gateway, ca: trustme.CA) -> None:
 def test_http_port_serves_alongside(gw: Gateway, ca: trustme.CA,
                                     pool: concurrent.futures.ThreadPoolExecutor) -> None:
     def plain() -> int:
-        return gw.request("GET", "/v1/models")[0]
+        return gw.request("GET", "/echo/plain")[0]
 
     def secure() -> int:
-        return gw.request("GET", "/v1/models", https=True)[0]
+        return gw.request("GET", "/echo/secure", https=True)[0]
 
     futures = [pool.submit(fn) for _ in range(6) for fn in (plain, secure)]
     assert [f.result(timeout=10) for f in futures] == [200] * 12

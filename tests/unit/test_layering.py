@@ -343,11 +343,12 @@ PACKAGE_MAY_IMPORT = {
     "config": {"config", "errors"},
     "cache": {"cache", "core", "errors"},
     "cluster": {"cluster", "cache", "core", "errors"},
-    "routing": {"routing", "core", "errors", "config"},
     "upstream": {"upstream", "core", "errors", "config"},
     "telemetry": {"telemetry", "core", "errors", "config"},
+    "routing": {"routing", "core", "errors", "config.model"},
     "server": {"server", "core", "errors", "config", "upstream", "telemetry"},
-    "gateway": {"gateway", "core", "errors", "config", "cache", "upstream", "telemetry", "server.disconnect"},
+    "gateway": {"gateway", "core", "errors", "config", "cache", "upstream", "telemetry", "routing",
+                "server.disconnect"},
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ntonix.config.model import BackendConfig, CircuitBreakerConfig, HealthConfig
+from ntonix.core.models import configured
 from ntonix.core.registry import Registry
 from tests.fakes import FakeClock
 
@@ -68,3 +69,20 @@ def test_reload_keeps_state_adds_new_and_drains_removed() -> None:
     gone.in_flight = 0
     assert reg.finished_draining() == [gone]
     assert reg.draining == []
+
+
+def test_serving_filters_by_model_and_reload_keeps_or_resets_lists() -> None:
+    cfgs = [BackendConfig("10.0.0.1", 1, 1, ("m1",)), BackendConfig("10.0.0.1", 2, 1, None)]
+    reg = Registry(cfgs, HEALTH, BREAKER, clock=FakeClock())
+    listed, learning = reg.backends["10.0.0.1:1"], reg.backends["10.0.0.1:2"]
+    assert reg.learning() == [learning]
+    assert reg.serving("m1") == [listed, learning]  # a backend with no known list serves any model
+    learning.models = configured(["m2"])
+    assert reg.serving("m2") == [learning]
+    assert reg.serving("m3") == []
+    assert reg.serving(None) == [listed, learning]
+    # HUP: a configured list replaces a learnt one; a list no longer configured is learnt again.
+    reg.reload([BackendConfig("10.0.0.1", 1, 1, None), BackendConfig("10.0.0.1", 2, 1, ("m4",))], HEALTH, BREAKER)
+    assert listed.models is None and reg.learning() == [listed]
+    assert learning.models is not None and list(learning.models) == ["m4"]
+    assert (listed.weight, listed.max_in_flight, listed.routable) == (1, 0, True)

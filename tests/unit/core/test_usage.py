@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from ntonix.core.usage import Usage, UsageScanner, usage_from_json, usage_of
+from ntonix.core.usage import Usage, UsageScanner, UsageTap, usage_from_json, usage_of, usage_of_body
 
 USAGE = {"prompt_tokens": 1400, "completion_tokens": 12, "total_tokens": 1412,
          "prompt_tokens_details": {"cached_tokens": 1392}}
@@ -102,3 +102,35 @@ def test_over_long_line_is_dropped_and_scanning_resumes() -> None:
     assert scanner.usage is None
     scanner.feed(chunk(usage=USAGE))
     assert scanner.finish() == Usage(1400, 12, 1392)
+
+
+def test_usage_tap_reads_json_at_the_end_and_streams_as_they_go() -> None:
+    tap = UsageTap(stream=False)
+    for piece in (b'{"id": "x", "usage": {"prompt_tokens": 7, ', b'"completion_tokens": 3, ',
+                  b'"prompt_tokens_details": {"cached_tokens": 5}}}'):
+        tap.feed(piece)
+    assert tap.finish() == Usage(7, 3, 5)
+    stream = UsageTap(stream=True)
+    stream.feed(b'data: {"choices": [], "usage": null}\n\ndata: {"choices": [], "usa')
+    stream.feed(b'ge": {"prompt_tokens": 4, "completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+    assert stream.finish() == Usage(4, 2, 0)
+    assert UsageTap(stream=False).finish() is None
+    big = UsageTap(stream=False)
+    big.feed(b" " * (1 << 20) + b'{"usage": {"prompt_tokens": 1}}')  # over the limit: not kept
+    assert big.finish() is None
+    assert usage_of_body(b'data: {"usage": {"prompt_tokens": 9, "completion_tokens": 1}}\n\n', True) == Usage(9, 1, 0)
+    assert usage_of_body(b'{"usage": {"input_tokens": 2, "output_tokens": 8}}', False) == Usage(2, 8, 0)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"id": 1, "usage": {"prompt_tokens": 4, "prompt_tokens_details": {"cached_tokens": 3}, '
+     b'"completion_tokens": 2}}', Usage(4, 2, 3)),
+    (b'{"usage" :\n {"prompt_tokens": 4}}', Usage(4, 0, 0)),
+    # a later "usage" key that is not the answer's: the whole answer is read
+    (b'{"usage": {"prompt_tokens": 1}, "tool": {"usage": 5}}', Usage(1, 0, 0)),
+    (b'{"usage": null, "extra": {"prompt_tokens": 9}}', None),
+    (b'{"text": "say \\"usage\\": {\\"prompt_tokens\\": 9}"}', None),  # inside a string: not a key
+    (b'{"usage": {"prompt_tokens": 1', None),  # cut short: not JSON
+])
+def test_usage_from_json_reads_the_usage_object_alone_or_falls_back(body: bytes, expected: Usage | None) -> None:
+    assert usage_from_json(body) == expected

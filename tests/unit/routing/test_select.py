@@ -106,3 +106,29 @@ def test_weights_and_limits_reach_the_policy(tmp_path: Path, clock: FakeClock) -
     targets = [Target(A, weight=3), Target(B, weight=1)]
     got = [sel.acquire(targets).address for _ in range(8)]
     assert got.count(A) == 6 and got.count(B) == 2  # in flight stays 3:1
+
+
+def test_round_robin_fast_path_counts_places_and_skips_unroutable(tmp_path: Path, clock: FakeClock) -> None:
+    sel = selector(tmp_path, clock, policy="round_robin")
+    targets = [Target(A, weight=2), Target(B), Target(C, routable=False)]
+    leases = [sel.acquire(targets) for _ in range(6)]
+    assert [lease.address for lease in leases] == [A, B, A] * 2
+    assert (sel.load.in_flight(A), sel.load.in_flight(B), sel.load.in_flight(C)) == (4, 2, 0)
+    for lease in leases:
+        lease.release()
+        lease.release()  # once only
+    assert sel.load.in_flight(A) == sel.load.in_flight(B) == 0
+    assert sel.acquire(targets, exclude={A}).address == B
+    with pytest.raises(NoHealthyBackend):
+        sel.acquire(targets, exclude={A, B})
+
+
+def test_round_robin_with_a_limit_takes_the_counted_path(tmp_path: Path, clock: FakeClock) -> None:
+    sel = selector(tmp_path, clock, policy="round_robin", timeout=0.05)
+    targets = [Target(A, max_in_flight=1), Target(B, max_in_flight=1)]
+    first, second = sel.acquire(targets), sel.acquire(targets)
+    assert {first.address, second.address} == {A, B}
+    with pytest.raises(BackendsBusy):
+        sel.acquire(targets)
+    first.release()
+    assert sel.acquire(targets).address == first.address

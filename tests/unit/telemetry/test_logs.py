@@ -311,7 +311,8 @@ def test_access_json_line_is_what_the_logging_formatter_writes() -> None:
     (line,) = out.lines
     fields = {"method": "POST", "path": "/v1/chat/completions", "status": 200, "latency_ms": 1.235, "ttft_ms": None,
               "cache": "MISS", "backend": "b:1", "bytes_sent": 42, "client": "10.0.0.9", "request_id": "rid-1",
-              "error": "client_gone"}
+              "error": "client_gone", "model": None, "prompt_tokens": None, "completion_tokens": None,
+              "cached_tokens": None}
     assert line == JsonFormatter().format(_record(process=access._pid, **fields))
 
 

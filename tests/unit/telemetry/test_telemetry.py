@@ -113,6 +113,11 @@ SAMPLES: dict[Any, float] = {
     ("ntonix_backend_requests_total", L({"backend": "a:1"})): 200.0,
     ("ntonix_backend_errors_total", L({"backend": "a:1"})): 3.0,
     ("ntonix_backend_requests_total", L({"backend": "gone:9"})): 50.0,
+    ("ntonix_tokens_total", L({"model": "m1", "backend": "a:1", "kind": "prompt"})): 100.0,
+    ("ntonix_tokens_total", L({"model": "m1", "backend": "a:1", "kind": "cached_prompt"})): 60.0,
+    ("ntonix_tokens_total", L({"model": "m2", "backend": "b:2", "kind": "prompt"})): 10.0,
+    ("ntonix_tokens_total", L({"model": "m2", "backend": "b:2", "kind": "completion"})): 5.0,
+    ("ntonix_cache_tokens_saved_total", L({"model": "m1", "kind": "completion"})): 7.0,
     **_hist("ntonix_backend_latency_seconds", {"backend": "a:1"},
             [("0.001", 0.0), ("0.005", 100.0), ("0.01", 197.0), ("+Inf", 197.0)], 0.985),
     **_hist("ntonix_request_duration_seconds", {}, [("0.01", 300.0), ("+Inf", 300.0)], 1.5),
@@ -122,17 +127,26 @@ SAMPLES: dict[Any, float] = {
 
 def test_figures_have_the_interface_keys_and_sums() -> None:
     out = figures.figures(SAMPLES, Extras(uptime_s=12.3456, master_rss_bytes=500,
-                                          backends=[("a:1", "healthy"), ("b:2", "open")], worker_pid=12))
+                                          backends=[("a:1", "healthy"), ("b:2", "open")], worker_pid=12,
+                                          load={"a:1": (3, 1)}))
     assert {k: out[k] for k in ("requests_total", "requests_active", "cache_hits", "cache_misses",
                                 "connections_active", "uptime_s", "memory_rss_bytes")} == {
         "requests_total": 301, "requests_active": 1, "cache_hits": 7, "cache_misses": 5,
         "connections_active": 3, "uptime_s": 12.346, "memory_rss_bytes": 3500}
     a, b = out["backends"]
     assert a == {"address": "a:1", "state": "healthy", "requests": 200, "errors": 3, "latency_avg_ms": 5.0,
-                 "latency_p50_ms": 4.94, "latency_p99_ms": 9.898}
+                 "latency_p50_ms": 4.94, "latency_p99_ms": 9.898, "in_flight": 3, "queued": 1}
     # A backend without traffic yet; one that left the configuration is not listed.
     assert b == {"address": "b:2", "state": "open", "requests": 0, "errors": 0, "latency_avg_ms": 0.0,
-                 "latency_p50_ms": None, "latency_p99_ms": None}
+                 "latency_p50_ms": None, "latency_p99_ms": None, "in_flight": 0, "queued": 0}
+    assert out["tokens"] == {
+        "prompt": 110, "completion": 5, "cached_prompt": 60,
+        "by_model": {"m1": {"prompt": 100, "completion": 0, "cached_prompt": 60},
+                     "m2": {"prompt": 10, "completion": 5, "cached_prompt": 0}},
+        "by_backend": {"a:1": {"prompt": 100, "completion": 0, "cached_prompt": 60},
+                       "b:2": {"prompt": 10, "completion": 5, "cached_prompt": 0}}}
+    assert out["cache_tokens_saved"] == {"prompt": 0, "completion": 7, "cached_prompt": 0,
+                                         "by_model": {"m1": {"prompt": 0, "completion": 7, "cached_prompt": 0}}}
     assert out["responses"] == {"1xx": 0, "2xx": 297, "3xx": 0, "4xx": 0, "5xx": 3}
     assert out["latency_ms"] == {"count": 300, "avg": 5.0, "p50": 5.0, "p99": 9.9}
     assert out["stream_ttft_ms"] == {"count": 0, "avg": 0.0, "p50": None, "p99": None}
