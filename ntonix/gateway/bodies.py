@@ -25,7 +25,6 @@ from ntonix.core.record import RequestRecord
 from ntonix.core.sse import StreamRecorder
 from ntonix.errors import NtonixError
 from ntonix.server import disconnect
-from ntonix.upstream import transport
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -93,12 +92,12 @@ class UpstreamBody:
             raise StopIteration
         if not self._head_flushed:
             self._head_flushed = True
-            if not transport.body_ready(self.resp):
+            if not self.rt.transport.body_ready(self.resp):
                 # gunicorn sends the headers with the first write: send them now, not with the
                 # first token (a stream's headers come long before its first event).
                 return b""
         try:
-            chunk = transport.read_some(self.resp)
+            chunk = self.rt.transport.read_some(self.resp)
         except NtonixError as exc:
             self.failed = exc.message
             self.rec.error = exc.message
@@ -149,7 +148,7 @@ class UpstreamBody:
     def _finish_for_followers(self) -> None:
         try:
             while True:
-                chunk = transport.read_some(self.resp)
+                chunk = self.rt.transport.read_some(self.resp)
                 if not chunk:
                     self.ended = True
                     break

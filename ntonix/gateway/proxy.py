@@ -44,7 +44,7 @@ from ntonix.errors import (
 )
 from ntonix.gateway.bodies import Body, FollowerBody, UpstreamBody
 from ntonix.server import disconnect
-from ntonix.upstream import transport
+from ntonix.upstream import SendFailed, Unanswered
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -258,16 +258,16 @@ class Proxy:
                 backend.in_flight += 1
                 started = time.perf_counter()
                 try:
-                    resp = transport.send(backend.pool, rec.method, target,
+                    resp = rt.transport.send(backend.pool, rec.method, target,
                                           [*base_headers, ("Host", backend.address)], body, cfg.proxy.read_timeout_s)
-                except transport.Unanswered as exc:
+                except Unanswered as exc:
                     # Closed or reset before any response byte. If the backend now refuses new
                     # connections it died with our request: nothing was answered and nothing
                     # will be, so another backend may take it. A live backend that hung up on
                     # us is not sent the request twice.
                     backend.in_flight -= 1
                     rt.backend_failed(backend, exc.message)
-                    if not transport.refuses_connections(backend.config.host, backend.config.port,
+                    if not rt.transport.refuses_connections(backend.config.host, backend.config.port,
                                                          min(0.5, cfg.proxy.connect_timeout_s)):
                         rec.backend, rec.backend_ok = backend.address, False
                         raise
@@ -275,7 +275,7 @@ class Proxy:
                         "backend": backend.address, "reason": exc.message, "request_id": rec.request_id})
                     last_error = exc
                     continue
-                except transport.SendFailed as exc:
+                except SendFailed as exc:
                     backend.in_flight -= 1
                     rt.backend_failed(backend, str(exc))
                     log.warning("backend.send_failed", extra={"backend": backend.address, "reason": str(exc),
@@ -311,7 +311,7 @@ class Proxy:
         rec.status = status
         rec.backend = backend.address
         rec.backend_latency_ms = (time.perf_counter() - started) * 1000.0
-        raw_headers = transport.response_headers(resp)
+        raw_headers = self.rt.transport.response_headers(resp)
         headers = forward_response_headers(raw_headers, rec.request_id)
         headers.append(("X-Cache", rec.cache))
         if status != 200 or "no-store" in (header_value(raw_headers, "cache-control") or "").lower():

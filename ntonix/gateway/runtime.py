@@ -1,8 +1,10 @@
 """What a request needs at run time, swapped in place on reload: config, backends, cache, telemetry.
 
 ``Runtime`` owns the registry of backends and their pools, the cache tiers, the coalescer and
-the trusted networks, and turns backend outcomes into breaker and health verdicts (logging the
-transitions the pure state machines return).
+the trusted networks, holds the ``Transport`` to the backends (given by the composition root:
+the real one in a worker, ``ntonix.upstream.fake.ScriptedTransport`` in unit tests), and turns
+backend outcomes into breaker and health verdicts (logging the transitions the pure state
+machines return).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ntonix.core.health import HealthState
 from ntonix.core.registry import Backend, Registry
 from ntonix.core.transitions import Transition
 from ntonix.telemetry.recorder import Telemetry
-from ntonix.upstream import transport
+from ntonix.upstream import Transport
 
 log = logging.getLogger("ntonix.gateway")
 
@@ -29,9 +31,10 @@ log = logging.getLogger("ntonix.gateway")
 class Runtime:
     """Everything a request needs, swapped in place on reload."""
 
-    def __init__(self, config: Config, telemetry: Telemetry) -> None:
+    def __init__(self, config: Config, telemetry: Telemetry, transport: Transport) -> None:
         self.config = config
         self.telemetry = telemetry
+        self.transport = transport
         self.registry = Registry(config.backends, config.health, config.circuit_breaker)
         for backend in self.registry.all():
             self._attach_pool(backend)
@@ -49,7 +52,7 @@ class Runtime:
 
     def _attach_pool(self, backend: Backend) -> None:
         cfg = self.config
-        backend.pool = transport.Pool(
+        backend.pool = self.transport.pool(
             backend.config.host, backend.config.port, size=cfg.pool.size, max_size=cfg.pool.max_size,
             idle_timeout_s=cfg.pool.idle_timeout_s, connect_timeout_s=cfg.proxy.connect_timeout_s)
 
