@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ntonix.cache import ResponseCache, build_cache
@@ -31,11 +32,13 @@ log = logging.getLogger("ntonix.gateway")
 class Runtime:
     """Everything a request needs, swapped in place on reload."""
 
-    def __init__(self, config: Config, telemetry: Telemetry, transport: Transport) -> None:
+    def __init__(self, config: Config, telemetry: Telemetry, transport: Transport,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: the breakers' (tests pass a fake one)."""
         self.config = config
         self.telemetry = telemetry
         self.transport = transport
-        self.registry = Registry(config.backends, config.health, config.circuit_breaker)
+        self.registry = Registry(config.backends, config.health, config.circuit_breaker, clock=clock)
         for backend in self.registry.all():
             self._attach_pool(backend)
         self.trusted_proxies = parse_networks(config.proxy.trusted_proxies)
