@@ -67,6 +67,8 @@ class Body:
 class UpstreamBody:
     """The backend's body, relayed piece by piece; ``close`` settles everything once."""
 
+    closed = False  # close() was called: a second call must not settle again
+
     def __init__(self, rt: Runtime, resp: Any, backend: Backend, environ: WSGIEnvironment, rec: RequestRecord,
                  store_key: str | None, replay_headers: tuple[tuple[str, str], ...], stream: bool,
                  leader: Leader | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None]) -> None:
@@ -133,6 +135,9 @@ class UpstreamBody:
             self.leader.publish_chunk(chunk)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.watch is not None:
             self.watch.cancel()
         if not self.ended and not self.failed and self.leader is not None and self.leader.has_followers:

@@ -107,6 +107,9 @@ class Flow:
             "backends": [{"host": b.rpartition(":")[0], "port": int(b.rpartition(":")[2])} for b in backends],
             "cache": {"enabled": cache, "dir": str(tmp_path / "cache")},
             "health": {"enabled": False},
+            # A test that leaves a flight open makes the next identical request follow it until
+            # this timeout: short, so such a mistake fails fast instead of hanging.
+            "proxy": {"read_timeout_s": 2},
         }
         for name, values in sections.items():
             raw[name] = {**raw.get(name, {}), **values}
