@@ -64,13 +64,31 @@ class ClientSocket:
         raise OSError("not a real socket")
 
 
-class Answer:
-    """What the WSGI app answered: status, headers and the body iterable, read on demand."""
+class HostResponse:
+    """The host's side of ``start_response``. gunicorn's is a bound method of its Response,
+    which can force the connection to close after this answer (``force_close``)."""
 
-    def __init__(self, status: str, headers: list[tuple[str, str]], body: Iterable[bytes]) -> None:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[tuple[str, str]]]] = []
+        self.forced = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: object = None) -> None:
+        self.calls.append((status, headers))
+
+    def force_close(self) -> None:
+        self.forced = True
+
+
+class Answer:
+    """What the WSGI app answered: status, headers and the body iterable, read on demand;
+    ``forced``: the connection is to close after it."""
+
+    def __init__(self, host: HostResponse, body: Iterable[bytes]) -> None:
+        assert len(host.calls) == 1, "start_response must be called once, before the body"
+        status, self.headers = host.calls[0]
         self.status_line = status
         self.status = int(status.split()[0])
-        self.headers = headers
+        self.forced = host.forced
         self.body = body
         self._it: Iterator[bytes] = iter(body)
         self.closed = False
@@ -101,11 +119,14 @@ class Answer:
 class Flow:
     """A gateway of one worker over scripted backends, with a fake breaker clock."""
 
-    def __init__(self, tmp_path: Path, *backends: str, cache: bool = False, **sections: dict[str, Any]) -> None:
+    def __init__(self, tmp_path: Path, *backends: str, cache: bool | dict[str, Any] = False,
+                 **sections: dict[str, Any]) -> None:
+        """``cache``: on or off, or its settings (then on); ``sections``: more settings by section."""
         raw: dict[str, Any] = {
             "server": {"ssl_port": 0},
             "backends": [{"host": b.rpartition(":")[0], "port": int(b.rpartition(":")[2])} for b in backends],
-            "cache": {"enabled": cache, "dir": str(tmp_path / "cache")},
+            "cache": {"enabled": bool(cache), "dir": str(tmp_path / "cache"),
+                      **(cache if isinstance(cache, dict) else {})},
             "health": {"enabled": False},
             # A test that leaves a flight open makes the next identical request follow it until
             # this timeout: short, so such a mistake fails fast instead of hanging.
@@ -146,11 +167,5 @@ class Flow:
         return self.call(self.environ(method, path, body, headers, sock))
 
     def call(self, environ: dict[str, Any]) -> Answer:
-        seen: list[tuple[str, list[tuple[str, str]]]] = []
-
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> None:
-            seen.append((status, headers))
-
-        body = self.app(environ, start_response)  # type: ignore[arg-type]
-        assert len(seen) == 1, "start_response must be called once, before the body"
-        return Answer(seen[0][0], seen[0][1], body)
+        host = HostResponse()
+        return Answer(host, self.app(environ, host.start_response))  # type: ignore[arg-type]

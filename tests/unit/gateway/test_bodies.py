@@ -49,6 +49,10 @@ def test_a_stream_cut_mid_way_aborts_the_client_and_is_not_cached(tmp_path: Path
     with pytest.raises(StreamAborted):
         answer.next()
     assert sock.shut  # the client sees a broken body, never a clean end
+    # ... and the flight ended before that: a request sent at once does not follow it.
+    role = Coalescer(str(tmp_path / "cache"), stale_after_s=30).join(key_of(chat(stream=True)))
+    assert isinstance(role, Leader)
+    role.finish(False)
     answer.close()
     resp = flow.transport.exchanges[0].response
     assert resp is not None and resp.released == "closed"  # discarded, never back in the pool

@@ -124,7 +124,7 @@ def test_a_breakers_trial_request(tmp_path: Path, trial: Reply, after: BreakerSt
     assert flow.request().status == 503  # still cooling down
     flow.clock.advance(0.1)
     answer = flow.request()  # the one trial request
-    assert answer.status == trial.status if not trial.fail else answer.status == 502
+    assert answer.status == (502 if trial.fail else trial.status)
     answer.read()
     assert breaker.state is after
     assert len(flow.transport.exchanges) == 3
