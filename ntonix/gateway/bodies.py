@@ -146,7 +146,7 @@ class UpstreamBody:
             self.rec.error = "client closed the connection; answer finished for coalesced followers"
             if not self.rec.finished:
                 self._done(self.rec)
-            gevent.spawn(self._finish_for_followers)
+            self.rt.background.spawn(self._finish_for_followers)
             return
         self._settle()
 

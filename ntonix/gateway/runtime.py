@@ -25,6 +25,7 @@ from ntonix.core.registry import Backend, Registry
 from ntonix.core.transitions import Transition
 from ntonix.telemetry.recorder import Telemetry
 from ntonix.upstream import Transport
+from ntonix.upstream.background import Background
 
 log = logging.getLogger("ntonix.gateway")
 
@@ -38,6 +39,7 @@ class Runtime:
         self.config = config
         self.telemetry = telemetry
         self.transport = transport
+        self.background = Background()  # greenlets no connection holds; the worker joins them at drain
         self.registry = Registry(config.backends, config.health, config.circuit_breaker, clock=clock)
         for backend in self.registry.all():
             self._attach_pool(backend)

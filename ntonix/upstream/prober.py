@@ -1,4 +1,4 @@
-"""Background greenlets of a worker: active health checks (the only module that owns any).
+"""Background greenlets of a worker: active health checks (the request side's are in ``background.py``).
 
 Every worker probes every backend each ``health.interval_s`` (with a little jitter so the
 workers do not probe in lock-step), on fresh connections outside the request pools, so

@@ -243,8 +243,9 @@ OWNERS = {
     "pythonjsonlogger": ("ntonix/telemetry/",),
     "gunicorn": ("ntonix/server/",),
     # gevent: the hub is everywhere, but greenlets and watchers belong to the edges. bodies.py
-    # spawns the greenlet that finishes a coalesced answer for followers, and the coalescer's
-    # default sleep is gevent's (injected, tests pass their own); both are to move to upstream/.
+    # only subclasses GreenletExit (StreamAborted, which gunicorn's worker swallows; its
+    # background greenlet is spawned by upstream/background.py), and the coalescer's default
+    # sleep is gevent's (injected, tests pass their own).
     "gevent": ("ntonix/upstream/", "ntonix/server/", "ntonix/gateway/bodies.py", "ntonix/cache/coalescer.py"),
 }
 
