@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from ntonix.core.registry import Backend
+    from ntonix.gateway.host import Host
     from ntonix.gateway.runtime import Runtime
 
 log = logging.getLogger("ntonix.proxy")
@@ -57,24 +58,18 @@ log = logging.getLogger("ntonix.proxy")
 
 
 
-def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float) -> bytes:
+def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float, host: Host) -> bytes:
     """The whole request body, within ``limit`` bytes (413); 408 when the client leaves more
-    than ``timeout_s`` between two pieces of it (nginx's ``client_body_timeout``).
-
-    The limit is the client socket's own timeout for the reads, which costs nothing unless a
-    read has to wait (a ``gevent.Timeout`` per request showed in the profile).
+    than ``timeout_s`` between two pieces of it (nginx's ``client_body_timeout``). Both errors
+    close the connection after the answer (``closes_connection``): the body is left unread.
     """
-    sock = environ.get("gunicorn.socket")
-    if sock is not None:
-        sock.settimeout(timeout_s)
+    host.read_timeout(environ, timeout_s)
     try:
         return _read_body(environ, limit)
     except TimeoutError:
-        environ["ntonix.must_close"] = True  # what is left of the body must not be parsed
         raise RequestTimeout(f"request body not received: {timeout_s:g}s without data") from None
     finally:
-        if sock is not None:
-            sock.settimeout(None)
+        host.read_timeout(environ, None)
 
 
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
@@ -83,13 +78,11 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
     if length:
         n = int(length)
         if n > limit:
-            environ["ntonix.must_close"] = True  # the unread body must not be parsed as a request
             raise PayloadTooLarge(f"request body of {n} bytes is over the limit of {limit} bytes")
         return stream.read(n) if n else b""
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         data: bytes = stream.read(limit + 1)
         if len(data) > limit:
-            environ["ntonix.must_close"] = True
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
         return data
     return b""
@@ -136,9 +129,10 @@ def origin_form(target: str) -> str:
 
 
 class Proxy:
-    def __init__(self, runtime: Runtime, done: Callable[[RequestRecord], None]) -> None:
+    def __init__(self, runtime: Runtime, done: Callable[[RequestRecord], None], host: Host) -> None:
         self.rt = runtime
         self._done = done
+        self.host = host
 
     # ------------------------------------------------------------------ entry
     def handle(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord) -> Any:
@@ -146,7 +140,7 @@ class Proxy:
         cfg = rt.config
         method = rec.method
         path = rec.path
-        body = read_body(environ, cfg.proxy.max_body_bytes, cfg.server.body_timeout_s)
+        body = read_body(environ, cfg.proxy.max_body_bytes, cfg.server.body_timeout_s, self.host)
         cacheable = method == "POST" and path in CACHEABLE_PATHS
         key: str | None = None
         serve_ok = store_ok = stream = False

@@ -22,6 +22,7 @@ from ntonix.core.record import RequestRecord
 from ntonix.core.registry import Backend
 from ntonix.gateway.endpoints import Gateway
 from ntonix.gateway.runtime import Runtime
+from ntonix.server.host import GunicornHost
 from ntonix.telemetry.recorder import Telemetry
 from ntonix.upstream.fake import ScriptedTransport
 from tests.fakes import FakeClock
@@ -139,7 +140,7 @@ class Flow:
         self.transport = ScriptedTransport()
         self.telemetry = RecordingTelemetry(self.config)
         self.runtime = Runtime(self.config, self.telemetry, self.transport, clock=self.clock)
-        self.app = Gateway(self.runtime)
+        self.app = Gateway(self.runtime, GunicornHost())
 
     def backend(self, address: str) -> Backend:
         return self.runtime.registry.backends[address]

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from ntonix.core.breaker import BreakerState
+from ntonix.gateway.endpoints import Gateway
 from ntonix.upstream.fake import Reply
-from tests.unit.gateway.flow import B1, B2, ClientSocket, Flow, chat
+from tests.unit.gateway.flow import B1, B2, Answer, ClientSocket, Flow, HostResponse, chat
 
 
 def test_health_counts_the_eligible_backends(tmp_path: Path) -> None:
@@ -131,3 +132,13 @@ def test_other_methods_and_paths_are_proxied(tmp_path: Path, method: str, path: 
     assert flow.request(method, path, b"").read() == b"ok"
     assert [(e.method, e.target) for e in flow.transport.exchanges] == [(method, path)]
 
+
+
+def test_under_a_plain_wsgi_server_nothing_is_asked_of_the_host(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, proxy={"max_body_bytes": 10})
+    plain = Gateway(flow.runtime)  # no host given: PlainHost
+    sock = ClientSocket()
+    host = HostResponse()
+    answer = Answer(host, plain(flow.environ(body=chat(), sock=sock), host.start_response))  # type: ignore[arg-type]
+    assert (answer.status, answer.forced, sock.timeouts) == (413, False, [])
+    answer.read()
