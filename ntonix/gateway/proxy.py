@@ -63,13 +63,10 @@ def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float, host: Host
     than ``timeout_s`` between two pieces of it (nginx's ``client_body_timeout``). Both errors
     close the connection after the answer (``closes_connection``): the body is left unread.
     """
-    host.read_timeout(environ, timeout_s)
     try:
-        return _read_body(environ, limit)
+        return host.read_body(environ, timeout_s, _read_body, limit)
     except TimeoutError:
         raise RequestTimeout(f"request body not received: {timeout_s:g}s without data") from None
-    finally:
-        host.read_timeout(environ, None)
 
 
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
