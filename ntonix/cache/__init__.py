@@ -8,9 +8,11 @@
 
 ``lookup`` reads L1, then L2, then L3, and copies a lower-tier hit into the tiers above it
 with its remaining lifetime (TTL counts from the answer's ``created``, in every tier).
-``store`` writes every tier. ``purge`` empties L2 (and L3) and bumps L2's purge
-*generation*; each worker compares it on every lookup (one ~1 µs read) and drops its L1
-when it changed, so no worker serves an entry purged by another.
+``store`` writes every tier. L2 decides what is evicted for the whole host (exact LRU, see
+``ntonix.cache.shared``): an L1 hit is reported to L2 (a ~1 µs read; a write only when the entry
+was not the most recently used already) and dropped when L2 no longer holds it. ``purge``
+empties L2 (and L3) and bumps L2's purge *generation*; each worker compares it on every
+lookup (one ~1 µs read) and drops its L1 when it changed, so no worker serves an entry purged by another.
 
 A failing L2 (disk full, permissions) degrades to a miss with one warning per minute; it
 never fails a request.
@@ -24,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ntonix.cache.lmdb_env import StoreError
+from ntonix.cache.lmdb_env import StoreError, explain
 from ntonix.cache.memory import MemoryLRU
 from ntonix.cache.remote import RedisStore
 from ntonix.cache.shared import LmdbStore
@@ -72,8 +74,12 @@ class ResponseCache:
         self._check_generation()
         memory, shared, remote = self.memory, self.shared, self.remote
         entry = memory.get(key) if memory is not None else None
-        if entry is not None and shared is not None:
-            self._l2(lambda s: s.touch(key), None)  # keep the shared LRU order honest
+        if entry is not None and shared is not None and self._l2(lambda s: s.touch(key), True) is False:
+            # L2 is the host's LRU: an entry it evicted is gone for every worker, whatever
+            # L1 still holds (the touch keeps L2's order exact: INTERFACE.md "Cache").
+            assert memory is not None
+            memory.delete(key)
+            entry = None
         if entry is None and shared is not None:
             entry = self._l2(lambda s: s.get(key, touch=not count), None)
             if entry is not None and memory is not None:
@@ -173,7 +179,8 @@ class ResponseCache:
             now = time.monotonic()
             if now - self._warned_at >= _WARN_EVERY_S:
                 self._warned_at = now
-                log.warning("cache.store_failed", extra={"path": self.shared.path, "error": str(exc)})
+                path = self.shared.path
+                log.warning("cache.store_failed", extra={"path": path, "error": explain(exc, path)})
             return default
 
     def __repr__(self) -> str:

@@ -10,6 +10,8 @@ reach a backend once, whichever workers they landed on. An LMDB environment (its
 * ``flights``:  token -> (leader pid, heartbeat, followers, records published, state, key)
 * ``journal``:  token + sequence number -> record; record 0 is the head (status, headers),
   the others are the body's chunks in order
+* ``readers``:  token + follower id -> (pid, next record to read): what each follower still
+  needs, so that a capped flight (below) can drop what every follower has read
 
 ``join(key)`` is one write transaction: if the key has a live running flight, register as
 a follower (``followers += 1``) and get a :class:`Follower`; otherwise (none, finished, or
@@ -25,10 +27,23 @@ the same transaction as it reads the follower count, so a follower can never mis
 Followers poll (every ``poll_interval_s``, sleeping with gevent) and read records they have
 not seen; the flight and its journal are deleted by whoever leaves last, leader or follower.
 
+Bounded (issue #12): the leader keeps in memory only records no follower has been sent,
+and at most ``max_bytes`` of body (``cache.max_entry_bytes``). Past that the flight is
+*capped*: its key leaves ``inflight`` (a later request could not be given the start any
+more, so it starts a flight of its own); with no follower the flight simply ends (the
+leader's client is served as usual); with followers, the leader goes on journaling each
+chunk as it comes, followers note their progress in ``readers`` after each batch they read,
+and the leader deletes every record all of them have read. Memory and journal stay bounded
+by ``max_bytes`` plus what the slowest attached follower has not read yet.
+
 Staleness: the leader refreshes its heartbeat at most once a second, but only while it
 publishes, so ``stale_after_s`` must exceed the longest silence of a live backend (the
-proxy's read timeout); a dead leader is noticed at once through its pid. Transactions never
-span a sleep or a ``yield``: records are copied out first.
+proxy's read timeout). A dead leader, and a live one that stopped publishing (a failed
+write: disk full), is noticed at once through its liveness lock (``ntonix.cache.flight_lock``),
+which needs no write: a leader that cannot write cannot mark its flight failed either.
+Followers test it whenever they find nothing new, ``join`` before following, so nobody
+joins a flight that cannot be written. Transactions never span a sleep or a ``yield``:
+records are copied out first.
 """
 
 from __future__ import annotations
@@ -38,12 +53,14 @@ import os
 import secrets
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
-from ntonix.cache.lmdb_env import MiB, Process, StoreError, open_env, translated
+from ntonix.cache.flight_lock import LeaderLocks
+from ntonix.cache.lmdb_env import MiB, Process, StoreError, explain, open_env, translated
 from ntonix.core.cache_entry import Headers
 
 if TYPE_CHECKING:
@@ -55,8 +72,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("ntonix.cache")
 
 _RECORD = struct.Struct(">IdIIB")  # pid, heartbeat (wall clock), followers, published, state
+_READER = struct.Struct(">II")  # follower's pid, next record it reads
+_FOLLOWERS_AT = struct.calcsize(">Id")  # where the follower count sits in a flight record
+_COUNT = struct.Struct(">I")
 RUNNING, DONE, FAILED = 0, 1, 2
+_CAPPED = 0x10  # flag in the state byte: past max_bytes, records are dropped once read
+_LAG_BYTES = 2 * MiB  # a capped flight's leader waits while a follower is further behind
+_READ_BYTES = 512 * 1024  # what a follower copies out of the journal at once (at least a record)
 _HEARTBEAT_S = 1.0
+_WARN_EVERY_S = 60.0
 
 
 class LeaderFailed(Exception):
@@ -70,14 +94,17 @@ class _Flight(NamedTuple):
     published: int
     state: int
     key: bytes
+    capped: bool = False
 
     def pack(self) -> bytes:
-        return _RECORD.pack(self.pid, self.heartbeat, self.followers, self.published, self.state) + self.key
+        state = self.state | (_CAPPED if self.capped else 0)
+        return _RECORD.pack(self.pid, self.heartbeat, self.followers, self.published, state) + self.key
 
     @classmethod
     def unpack(cls, raw: bytes) -> _Flight:
         pid, heartbeat, followers, published, state = _RECORD.unpack_from(raw)
-        return cls(pid, heartbeat, followers, published, state, raw[_RECORD.size :])
+        return cls(pid, heartbeat, followers, published, state & ~_CAPPED, raw[_RECORD.size :],
+                   bool(state & _CAPPED))
 
 
 class _Handles(NamedTuple):
@@ -85,6 +112,8 @@ class _Handles(NamedTuple):
     inflight: _Database
     flights: _Database
     journal: _Database
+    readers: _Database
+    locks: LeaderLocks
 
 
 def pid_alive(pid: int) -> bool:
@@ -108,30 +137,40 @@ class Coalescer:
 
     def __init__(self, directory: str, poll_interval_s: float = 0.005, stale_after_s: float = 120.0, *,
                  sleep: Callable[[float], None] = _gevent_sleep, clock: Callable[[], float] = time.time,
-                 is_alive: Callable[[int], bool] = pid_alive, map_size: int = 1024 * MiB) -> None:
+                 is_alive: Callable[[int], bool] = pid_alive, map_size: int = 1024 * MiB,
+                 max_bytes: int = 4 * MiB) -> None:
         self.path = os.path.join(directory, "inflight")
         self.poll_interval_s, self.stale_after_s = poll_interval_s, stale_after_s
         self.sleep, self.clock, self.is_alive = sleep, clock, is_alive
         self.map_size = map_size
+        self.max_bytes = max_bytes
         self._pid = -1
         self._handles: _Handles | None = None
         self._swept_at = 0.0
+        self._warned: dict[str, float] = {}
 
     def handles(self) -> _Handles:
         if self._handles is None or self._pid != Process.pid:
-            env = open_env(self.path, self.map_size, max_dbs=4)
-            dbs = [env.open_db(name) for name in (b"inflight", b"flights", b"journal")]
-            self._handles, self._pid = _Handles(env, *dbs), Process.pid
+            env = open_env(self.path, self.map_size, max_dbs=6)
+            inflight, flights, journal, readers = (env.open_db(name)
+                                                   for name in (b"inflight", b"flights", b"journal", b"readers"))
+            locks = LeaderLocks(os.path.join(self.path, "leaders.lock"))
+            locks.held(b"\0" * 8)  # opens the lock file now: a failure means no coalescing
+            self._handles = _Handles(env, inflight, flights, journal, readers, locks)
+            self._pid = Process.pid
         return self._handles
 
-    def stale(self, flight: _Flight, now: float) -> bool:
+    def stale(self, token: bytes, flight: _Flight, now: float) -> bool:
+        """Is the flight's leader gone, silent too long, or no longer publishing?"""
         # A live leader beats at most once a second, so allow that much on top.
-        return now - flight.heartbeat > self.stale_after_s + _HEARTBEAT_S or not self.is_alive(flight.pid)
+        return (now - flight.heartbeat > self.stale_after_s + _HEARTBEAT_S or not self.is_alive(flight.pid)
+                or not self.handles().locks.held(token))
 
     def join(self, key: str) -> Leader | Follower:
         """Follow the live flight for ``key``, or lead a new one (one write transaction)."""
         k = key.encode()
         now = self.clock()
+        mine: bytes | None = None
         try:
             if now - self._swept_at > self.stale_after_s:
                 self._swept_at = now
@@ -143,18 +182,37 @@ class Coalescer:
                     raw = txn.get(token, db=h.flights) if token is not None else None
                     if token is not None and raw is not None:
                         flight = _Flight.unpack(raw)
-                        if flight.state == RUNNING and not self.stale(flight, now):
+                        if flight.state == RUNNING and not self.stale(token, flight, now):
                             txn.put(token, flight._replace(followers=flight.followers + 1).pack(), db=h.flights)
-                            return Follower(self, token)
+                            fid = secrets.token_bytes(4)
+                            txn.put(token + fid, _READER.pack(Process.pid, 0), db=h.readers)
+                            return Follower(self, token, fid)
                         if flight.state == RUNNING:  # its leader is gone: stop its followers
                             settle(h, txn, token, flight._replace(state=FAILED))
-                    token = secrets.token_bytes(8)
-                    txn.put(k, token, db=h.inflight)
-                    txn.put(token, _Flight(os.getpid(), now, 0, 0, RUNNING, k).pack(), db=h.flights)
-                    return Leader(self, key, token)
-        except StoreError as exc:
-            log.warning("coalesce.unavailable", extra={"path": self.path, "error": str(exc)})
+                    # The lock is held before the flight is visible (nobody reads it before we
+                    # commit), so a running flight without its lock is always a dead one.
+                    mine = secrets.token_bytes(8)
+                    if not h.locks.hold(mine):
+                        mine = None
+                        return Leader(self, key, None)
+                    txn.put(k, mine, db=h.inflight)
+                    txn.put(mine, _Flight(os.getpid(), now, 0, 0, RUNNING, k).pack(), db=h.flights)
+            return Leader(self, key, mine)
+        except BaseException as exc:
+            if mine is not None and self._handles is not None:
+                self._handles.locks.release(mine)
+            if not isinstance(exc, StoreError):
+                raise
+            self.warn("coalesce.unavailable", exc)
             return Leader(self, key, None)  # nobody can follow: the request just goes alone
+
+    def warn(self, event: str, exc: StoreError) -> None:
+        """Log a journal failure, each kind at most once a minute per process (a full disk
+        fails every request: one line per request would flood the log)."""
+        now = time.monotonic()
+        if now - self._warned.get(event, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            self._warned[event] = now
+            log.warning(event, extra={"path": self.path, "error": explain(exc, self.path)})
 
     def sweep(self) -> int:
         """Remove flights nobody will finish or read any more; returns how many."""
@@ -168,7 +226,7 @@ class Coalescer:
                     if flight.state != RUNNING and now - flight.heartbeat > self.stale_after_s:
                         drop(h, txn, token, flight.key)  # its followers died without closing
                         removed += 1
-                    elif flight.state == RUNNING and self.stale(flight, now):
+                    elif flight.state == RUNNING and self.stale(token, flight, now):
                         removed += settle(h, txn, token, flight._replace(state=FAILED))
         return removed
 
@@ -195,6 +253,10 @@ def drop(h: _Handles, txn: Txn, token: bytes, key: bytes) -> None:
         txn.delete(key, db=h.inflight)
     txn.delete(token, db=h.flights)
     clear_journal(h, txn, token)
+    with txn.cursor(db=h.readers) as cur:
+        if cur.set_range(token):
+            while cur.key()[:8] == token and cur.delete():
+                pass
 
 
 def clear_journal(h: _Handles, txn: Txn, token: bytes) -> None:
@@ -202,6 +264,26 @@ def clear_journal(h: _Handles, txn: Txn, token: bytes) -> None:
         if cur.set_range(token):
             while cur.key()[:8] == token and cur.delete():
                 pass
+
+
+def least_needed(c: Coalescer, h: _Handles, txn: Txn, token: bytes, default: int) -> int:
+    """The first record some live follower of ``token`` has not read (``default`` if none);
+    followers whose process is gone are forgotten."""
+    low = default
+    gone = []
+    with txn.cursor(db=h.readers) as cur:
+        if cur.set_range(token):
+            for rkey, raw in cur:
+                if rkey[:8] != token:
+                    break
+                pid, nxt = _READER.unpack(raw)
+                if c.is_alive(pid):
+                    low = min(low, nxt)
+                else:
+                    gone.append(rkey)
+    for rkey in gone:
+        txn.delete(rkey, db=h.readers)
+    return low
 
 
 def _seq(token: bytes, n: int) -> bytes:
@@ -212,14 +294,20 @@ class Leader:
     """The request that goes to the backend and publishes its answer to any followers.
 
     Journal failures never reach the leader's own client: the leader then stops publishing
-    (its followers see the flight fail or go stale and fetch the answer themselves).
+    and lets go of its liveness lock, so its followers notice within a poll and fetch the
+    answer themselves.
     """
 
     def __init__(self, coalescer: Coalescer, key: str, token: bytes | None) -> None:
         self._c = coalescer
         self.key, self.token = key, token
-        self._records: list[bytes] = []
-        self._published = 0
+        self._pending: list[bytes] = []  # records not in the journal yet
+        self._published = 0  # records in the journal (the first pending one's number)
+        self._trimmed = 0  # journal records below this were read by every follower and dropped
+        self._kept: deque[int] = deque()  # sizes of journal records from _trimmed on (capped)
+        self._kept_bytes = 0
+        self._bytes = 0  # body bytes taken so far
+        self._capped = False
         self._journaling = False
         self._has_head = False
         self._beat = coalescer.clock()
@@ -236,7 +324,7 @@ class Leader:
             raise ValueError("publish_head: the head is already published")
         self._has_head = True
         if not self.finished:
-            self._records.append(orjson.dumps([status, headers]))
+            self._pending.append(orjson.dumps([status, headers]))
             if status != 200:
                 self._detach()
             self._sync(None)
@@ -245,15 +333,15 @@ class Leader:
         if not self._has_head:
             raise ValueError("publish_chunk: publish_head first")
         if data and not self.finished:
-            self._records.append(bytes(data))
+            self._pending.append(bytes(data))
+            self._bytes += len(data)
             self._sync(None)
 
     def finish(self, ok: bool) -> None:
         """End the flight (idempotent): ``ok`` means the answer is complete."""
         if not self.finished:
-            self._sync(DONE if ok and self._records else FAILED)
-            self.finished = True
-            self._records = []
+            self._sync(DONE if ok and (self._published or self._pending) else FAILED)
+            self._end()
 
     def close(self) -> None:
         """Mark the flight failed unless :meth:`finish` was called."""
@@ -265,41 +353,112 @@ class Leader:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.finish(False)
 
+    def _end(self) -> None:
+        """Publish nothing more; let followers know at once (the lock) and free the memory."""
+        self.finished = True
+        self._pending = []
+        if self.token is not None and self._c._handles is not None:
+            self._c._handles.locks.release(self.token)
+
     def _sync(self, end: int | None) -> None:
-        """Publish what followers have not seen (if there are any), beat, or end (``end``)."""
+        """Publish what followers have not seen (if there are any), beat, cap, or end (``end``)."""
         if self.finished or self.token is None:
             return
-        now = self._c.clock()
+        c = self._c
+        now = c.clock()
+        over = self._bytes > c.max_bytes and not self._capped
         try:
             with translated():
-                h = self._c.handles()
-                if not self._journaling and end is None:
-                    with h.env.begin() as txn:  # the cheap common case: one read
+                h = c.handles()
+                if not self._journaling and end is None and not over:
+                    with h.env.begin() as txn:  # the cheap common case: one read, per chunk
                         raw = txn.get(self.token, db=h.flights)
-                    self._journaling = raw is not None and _Flight.unpack(raw).followers > 0
+                    self._journaling = raw is not None and _COUNT.unpack_from(raw, _FOLLOWERS_AT)[0] > 0
                     if raw is None or (not self._journaling and now - self._beat < _HEARTBEAT_S):
-                        self.finished = raw is None  # taken over as stale: nobody follows us
+                        if raw is None:  # taken over as stale: nobody follows us
+                            self._end()
                         return
                 with h.env.begin(write=True) as txn:
                     raw = txn.get(self.token, db=h.flights)
                     if raw is None or _Flight.unpack(raw).state != RUNNING:
-                        self.finished = True
+                        self._end()
                         return
                     flight = _Flight.unpack(raw)._replace(heartbeat=now)
                     self._journaling = flight.followers > 0
+                    if over:
+                        self._cap(h, txn)
+                        flight = flight._replace(capped=True)
+                        if not self._journaling and end is None:
+                            end = FAILED  # nobody follows and nobody can join: nothing to publish
                     if self._journaling and end != FAILED:
-                        for n in range(self._published, len(self._records)):
-                            txn.put(_seq(self.token, n), self._records[n], db=h.journal)
-                        self._published = len(self._records)
+                        self._write(h, txn)
                         flight = flight._replace(published=self._published)
+                    elif self._capped and end is None:
+                        end = FAILED  # every follower left a capped flight: nobody can join it
                     settle(h, txn, self.token, flight if end is None else flight._replace(state=end))
                 self._beat = now
+                if end is not None:
+                    self._end()
+                elif self._kept_bytes > _LAG_BYTES:
+                    self._wait_for_followers()
         except StoreError as exc:
-            log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": str(exc)})
-            self.finished = True
-            self._records = []
+            self._c.warn("coalesce.publish_failed", exc)
+            self._end()
             if end is None:
                 self._abandon()
+
+    def _cap(self, h: _Handles, txn: Txn) -> None:
+        """Past ``max_bytes``: no new follower may join (it would need records we drop)."""
+        assert self.token is not None
+        self._capped = True
+        k = self.key.encode()
+        if txn.get(k, db=h.inflight) == self.token:
+            txn.delete(k, db=h.inflight)
+
+    def _write(self, h: _Handles, txn: Txn) -> None:
+        """Journal the pending records; on a capped flight drop what every follower has read."""
+        assert self.token is not None
+        for record in self._pending:
+            txn.put(_seq(self.token, self._published), record, db=h.journal)
+            self._published += 1
+            if self._capped:
+                self._kept.append(len(record))
+                self._kept_bytes += len(record)
+        self._pending = []
+        if self._capped:
+            self._trim(h, txn)
+
+    def _trim(self, h: _Handles, txn: Txn) -> None:
+        assert self.token is not None
+        low = least_needed(self._c, h, txn, self.token, self._published)
+        for n in range(self._trimmed, low):
+            txn.delete(_seq(self.token, n), db=h.journal)
+            if self._kept:
+                self._kept_bytes -= self._kept.popleft()
+        self._trimmed = max(self._trimmed, low)
+
+    def _wait_for_followers(self) -> None:
+        """Backpressure on a capped flight: while some follower is more than ``_LAG_BYTES``
+        behind, wait for it (polling, a read each time), so that the journal, and the pages
+        of it that followers map, stay small; the slowest follower paces the flight, as any
+        fan-out. One that does not move for ``stale_after_s / 2`` ends the flight."""
+        assert self.token is not None
+        c = self._c
+        waited_from = c.clock()
+        while self._kept_bytes > _LAG_BYTES and not self.finished:
+            c.sleep(c.poll_interval_s)
+            with translated():
+                h = c.handles()
+                with h.env.begin(write=True) as txn:
+                    self._trim(h, txn)
+                    raw = txn.get(self.token, db=h.flights)
+                    if raw is not None:  # a beat, so that nobody takes us for stale meanwhile
+                        txn.put(self.token, _Flight.unpack(raw)._replace(heartbeat=c.clock()).pack(),
+                                db=h.flights)
+            if c.clock() - waited_from > c.stale_after_s / 2:
+                log.warning("coalesce.followers_too_slow", extra={"path": c.path, "key": self.key})
+                self._sync(FAILED)
+                self._end()
 
     def _detach(self) -> None:
         """Take the key off the in-flight index, so that requests arriving from now on start a
@@ -315,10 +474,11 @@ class Leader:
                     if txn.get(k, db=h.inflight) == self.token:
                         txn.delete(k, db=h.inflight)
         except StoreError as exc:
-            log.warning("coalesce.publish_failed", extra={"path": self._c.path, "error": str(exc)})
+            self._c.warn("coalesce.publish_failed", exc)
 
     def _abandon(self) -> None:
-        """Best effort after a failed write (e.g. a full map): fail the flight, free its journal."""
+        """Best effort after a failed write (e.g. a full disk): fail the flight, free its journal.
+        Followers do not depend on it: the released lock already told them."""
         assert self.token is not None
         try:
             with translated():
@@ -329,19 +489,20 @@ class Leader:
                         settle(h, txn, self.token, _Flight.unpack(raw)._replace(state=FAILED))
                         clear_journal(h, txn, self.token)
         except StoreError:
-            pass  # followers notice the silence (timeout) or the sweep cleans up
+            pass  # the followers and the sweep clean up
 
     def __repr__(self) -> str:
         state = "finished" if self.finished else ("journaling" if self._journaling else "running")
-        return f"<Leader {self.key} {state} records={len(self._records)} published={self._published}>"
+        return (f"<Leader {self.key} {state}{' capped' if self._capped else ''} pending={len(self._pending)} "
+                f"published={self._published} bytes={self._bytes}>")
 
 
 class Follower:
     """A request waiting for an identical one in flight; reads the leader's journal."""
 
-    def __init__(self, coalescer: Coalescer, token: bytes) -> None:
+    def __init__(self, coalescer: Coalescer, token: bytes, fid: bytes = b"") -> None:
         self._c = coalescer
-        self.token = token
+        self.token, self.fid = token, fid
         self._next = 0
         self.closed = False
 
@@ -372,6 +533,7 @@ class Follower:
             with translated():
                 h = self._c.handles()
                 with h.env.begin(write=True) as txn:
+                    txn.delete(self.token + self.fid, db=h.readers)
                     raw = txn.get(self.token, db=h.flights)
                     if raw is not None:
                         flight = _Flight.unpack(raw)
@@ -385,9 +547,19 @@ class Follower:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.close()
 
+    def _progress(self, h: _Handles) -> None:
+        """Tell a capped flight's leader which records we no longer need (best effort: if it
+        cannot be written, the leader just keeps them longer)."""
+        try:
+            with translated(), h.env.begin(write=True) as txn:
+                txn.put(self.token + self.fid, _READER.pack(Process.pid, self._next), db=h.readers)
+        except StoreError:
+            pass
+
     def _records(self, start: int, batch: int, timeout_s: float) -> Iterator[bytes]:
         c = self._c
         last_data = c.clock()
+        suspect = False
         while True:
             try:
                 with translated():
@@ -396,9 +568,19 @@ class Follower:
                         raw = txn.get(self.token, db=h.flights)
                         flight = _Flight.unpack(raw) if raw is not None else None
                         end = min(flight.published, start + batch) if flight is not None else start
-                        records = [txn.get(_seq(self.token, n), b"", db=h.journal) for n in range(start, end)]
+                        records = []
+                        size = 0
+                        for n in range(start, end):
+                            record = txn.get(_seq(self.token, n), b"", db=h.journal)
+                            records.append(record)
+                            size += len(record)
+                            if size >= _READ_BYTES:
+                                break
+                    if records and flight is not None and flight.capped:
+                        self._next = start + len(records)
+                        self._progress(h)
             except StoreError as exc:
-                raise LeaderFailed(f"coalescing journal failed: {exc}") from None
+                raise LeaderFailed(f"coalescing journal failed: {explain(exc, c.path)}") from None
             if flight is None or flight.state == FAILED:
                 raise LeaderFailed("the leader's request failed")
             if records:
@@ -409,8 +591,14 @@ class Follower:
             if flight.state == DONE:
                 return
             now = c.clock()
-            if c.stale(flight, now):
-                raise LeaderFailed("the leader's process is gone")
+            if c.stale(self.token, flight, now):
+                if not suspect:
+                    # A leader lets go of its lock just after committing its last records and
+                    # DONE: read once more before calling it gone.
+                    suspect = True
+                    continue
+                raise LeaderFailed("the leader's process is gone or stopped publishing")
+            suspect = False
             if now - last_data > timeout_s:
                 raise LeaderFailed(f"nothing from the leader for {timeout_s:g}s")
             c.sleep(c.poll_interval_s)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
@@ -86,6 +87,32 @@ _TRANSLATED = _Translated()
 
 def translated() -> _Translated:
     return _TRANSLATED
+
+
+_NEARLY_FULL = MiB  # less than this free: a failed write is put down to a full file system
+
+
+def explain(error: BaseException, path: str, statvfs: Callable[[str], Any] = os.statvfs) -> str:
+    """``error``'s message, naming its real cause. LMDB reports a write that the file system
+    cut short for want of space as ``EIO``, "Input/output error" (seen on a full tmpfs, issue
+    #12); when the file system under ``path`` is (nearly) full, that is what it was."""
+    text = str(error)
+    if "No space left" in text:
+        return text
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        st = statvfs(probe or ".")
+    except OSError:
+        return text
+    free = st.f_bavail * st.f_frsize
+    if free >= _NEARLY_FULL:
+        return text
+    where = f"({free} bytes free on the file system of {path})"
+    if "Input/output error" in text:
+        return text.replace("Input/output error", f"No space left on device {where}")
+    return f"{text}: No space left on device {where}"
 
 
 class Process:

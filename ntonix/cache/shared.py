@@ -13,8 +13,13 @@ four sub-databases:
   ``generation`` the per-worker L1 caches watch: bumped by a purge and when a stored answer is
   replaced by a newer one, so no worker keeps serving the replaced answer from its L1)
 
-LRU is approximate: a hit refreshes the access time only when the stored one is older than
-``touch_interval_s``, so a hot key costs one write per second, not one per hit. Every write
+LRU is exact (issue #12): the entry evicted is always the one whose last use is oldest,
+however close together two uses were. The access stamps in ``lru`` are strictly increasing
+(a new stamp is ``max(now µs, newest stamp + 1)``), so their order is the order of use even
+within one microsecond or under a clock step. A hit writes only when its entry is not the
+most recently used one already, i.e. when something else was stored or used after it: the
+check is a read of ``lru``'s last row in the read transaction the hit opens anyway, so a key
+read again and again with nothing in between costs no write at all. Every write
 transaction that stores also removes a few entries whose *access* time is past the TTL
 (their creation is older still), then evicts from the front until the bytes fit.
 
@@ -59,10 +64,9 @@ class LmdbStore:
     """Byte-bounded, TTL-bounded LRU store shared by all processes that open ``path``."""
 
     def __init__(self, path: str, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.time, *,
-                 map_size: int | None = None, touch_interval_s: float = 1.0) -> None:
+                 map_size: int | None = None) -> None:
         self.path, self.max_bytes, self.ttl_s = path, max_bytes, ttl_s
         self.map_size = map_size if map_size is not None else 2 * max_bytes + 64 * MiB
-        self.touch_interval_s = touch_interval_s
         self._clock = clock
         self._pid = -1
         self._handles: _Handles | None = None
@@ -88,9 +92,10 @@ class LmdbStore:
             with h.env.begin() as txn:
                 raw_meta = txn.get(k, db=h.meta)
                 raw = txn.get(k, db=h.data) if raw_meta is not None else None
+                newest = touch and raw_meta is not None and _is_newest(h, txn, k, raw_meta)
             if raw_meta is None or raw is None:
                 return None
-            access_us, created, _ = _META.unpack(raw_meta)
+            created = _META.unpack(raw_meta)[1]
             now = self._clock()
             entry: CachedResponse | None = None
             if created + self.ttl_s > now:
@@ -102,25 +107,27 @@ class LmdbStore:
                 with h.env.begin(write=True) as txn:
                     if txn.get(k, db=h.meta) == raw_meta:
                         self._remove(h, txn, k, raw_meta, counter=b"expired")
-            elif touch and now * 1e6 - access_us >= self.touch_interval_s * 1e6:
+            elif touch and not newest:
                 with h.env.begin(write=True) as txn:
                     self._touch(h, txn, k, now)
             return entry
 
-    def touch(self, key: str) -> None:
+    def touch(self, key: str) -> bool:
         """Note a use of ``key`` served from a worker's memory tier, so the shared LRU order sees
-        it: one read, and a write at most once per ``touch_interval_s`` per entry."""
+        it: one read, and a write only when ``key`` is not the most recently used entry already.
+        False when the entry is no longer here (evicted, purged): the caller must not serve it."""
         k = _k(key)
         with translated():
             h = self._open()
             with h.env.begin() as txn:
                 raw_meta = txn.get(k, db=h.meta)
-            if raw_meta is None:
-                return
-            now = self._clock()
-            if now * 1e6 - _META.unpack(raw_meta)[0] >= self.touch_interval_s * 1e6:
+                if raw_meta is None:
+                    return False
+                newest = _is_newest(h, txn, k, raw_meta)
+            if not newest:
                 with h.env.begin(write=True) as txn:
-                    self._touch(h, txn, k, now)
+                    self._touch(h, txn, k, self._clock())
+            return True
 
     def generation(self) -> int:
         """The purge generation: changes whenever :meth:`purge` ran in any process."""
@@ -208,7 +215,7 @@ class LmdbStore:
                     # A new answer replaces an old one (e.g. after ``no-cache``): other workers'
                     # L1 copies of the old one must go, as after a purge.
                     add_counter(txn, h.stats, b"generation", 1)
-            access_us = int(now * 1e6)
+            access_us = _next_stamp(h, txn, now)
             txn.put(k, raw, db=h.data)
             txn.put(k, _META.pack(access_us, created, len(raw)), db=h.meta)
             txn.put(access_us.to_bytes(8, "big") + k, b"", db=h.lru)
@@ -258,9 +265,9 @@ class LmdbStore:
         if raw_meta is None:
             return
         access_us, created, size = _META.unpack(raw_meta)
-        new_us = int(now * 1e6)
-        if new_us - access_us < self.touch_interval_s * 1e6:
+        if _is_newest(h, txn, k, raw_meta):
             return
+        new_us = _next_stamp(h, txn, now)
         txn.delete(access_us.to_bytes(8, "big") + k, db=h.lru)
         txn.put(new_us.to_bytes(8, "big") + k, b"", db=h.lru)
         txn.put(k, _META.pack(new_us, created, size), db=h.meta)
@@ -279,6 +286,22 @@ class LmdbStore:
     def __repr__(self) -> str:
         opened = "open" if self._pid == Process.pid else "not open in this process"
         return f"<LmdbStore {self.path} {opened} max={self.max_bytes}B ttl={self.ttl_s}s>"
+
+
+def _is_newest(h: _Handles, txn: Txn, k: bytes, raw_meta: bytes) -> bool:
+    """Is ``k`` (whose meta is ``raw_meta``) the most recently used entry?"""
+    with txn.cursor(db=h.lru) as cur:
+        return bool(cur.last()) and cur.key() == _META.unpack(raw_meta)[0].to_bytes(8, "big") + k
+
+
+def _next_stamp(h: _Handles, txn: Txn, now: float) -> int:
+    """An access stamp newer than every stamp in ``lru``: the clock's µs, or one more than the
+    newest when the clock has not moved on (same µs, or stepped back)."""
+    stamp = int(now * 1e6)
+    with txn.cursor(db=h.lru) as cur:
+        if cur.last():
+            stamp = max(stamp, int.from_bytes(cur.key()[:8], "big") + 1)
+    return stamp
 
 
 def _k(key: str) -> bytes:

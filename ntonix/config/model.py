@@ -99,6 +99,8 @@ class CacheConfig:
     dir: str = ""
     redis_url: str = ""
     purge_token: str = ""
+    partition_headers: tuple[str, ...] = ()
+    max_entry_bytes: int = 4 * 1024 * 1024
 
 
 ROUTING_POLICIES = ("round_robin", "least_requests", "prefix")

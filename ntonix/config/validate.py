@@ -252,6 +252,10 @@ def _validate(cfg: Config) -> None:
     _at_least("cache.max_size_mb", c.max_size_mb, 0)
     _at_least("cache.ttl_seconds", c.ttl_seconds, 0)
     _at_least("cache.memory_max_mb", c.memory_max_mb, 0)
+    _at_least("cache.max_entry_bytes", c.max_entry_bytes, 1)
+    for i, name in enumerate(c.partition_headers):
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^`|~-]+", name):
+            raise ConfigError(f"cache.partition_headers[{i}]: must be a header name, got {name!r}")
     if c.redis_url and not re.match(r"^(redis|rediss|unix)://", c.redis_url):
         raise ConfigError(f"cache.redis_url: must start with redis://, rediss:// or unix://, got {c.redis_url!r}")
     lg = cfg.logging

@@ -2,9 +2,12 @@
 
 A key is the hex xxh3_128 of three length-framed parts:
 
-1. the partition: blake2b-128 of the ``Authorization`` header (``b""`` when absent), so that
-   one credential never receives another's cached answer and no credential is ever kept in a
-   recoverable form;
+1. the partition: blake2b-128 of the request's credentials (``b""`` when it has none), so
+   that one credential never receives another's cached answer and no credential is ever kept
+   in a recoverable form. The credentials are the values of every header in
+   :data:`CREDENTIAL_HEADERS` (plus the operator's ``cache.partition_headers``) that is present
+   and not empty, each framed with its name and length, so that a request without any
+   credential is a partition of its own and ``X-Api-Key: a`` differs from ``Api-Key: a``;
 2. the request path;
 3. the canonical JSON of the parsed body: ``orjson`` with ``OPT_SORT_KEYS`` (which sorts the
    keys of nested objects too) and no whitespace, so key order and formatting do not matter
@@ -20,20 +23,51 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 import xxhash
 
 CACHEABLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
+# Headers that carry a credential in OpenAI-compatible APIs and the gateways in front of them:
+# bearer tokens (OpenAI, vLLM, llama.cpp), X-Api-Key (Anthropic-style clients, LiteLLM),
+# Api-Key (Azure OpenAI), session cookies, and the organisation/project selectors that change
+# what an OpenAI key may see (docs/cache.md, "Partitioning").
+CREDENTIAL_HEADERS = (
+    "Authorization", "Proxy-Authorization", "X-Api-Key", "Api-Key", "Cookie",
+    "OpenAI-Organization", "OpenAI-Project",
+)
 
-def cache_key(path: str, body: object, authorization: str | None, *, variant: str = "") -> str:
+
+def credential_keys(extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """The WSGI ``environ`` names of :data:`CREDENTIAL_HEADERS` and ``extra``, each once, in a
+    fixed order (computed once at start-up; :func:`credentials` reads them per request)."""
+    out: list[str] = []
+    for name in (*CREDENTIAL_HEADERS, *extra):
+        key = "HTTP_" + name.strip().upper().replace("-", "_")
+        if key not in out:
+            out.append(key)
+    return tuple(out)
+
+
+def credentials(environ: Mapping[str, Any], keys: tuple[str, ...]) -> str | None:
+    """The request's credential material for :func:`cache_key`: every non-empty header among
+    ``keys``, framed as ``<len>:<name><len>:<value>``; ``None`` when there is none."""
+    parts = [f"{len(k)}:{k}{len(v)}:{v}" for k in keys if (v := environ.get(k))]
+    return "".join(parts) if parts else None
+
+
+def cache_key(path: str, body: object, credential: str | None, *, variant: str = "") -> str:
     """The cache key (32 hex digits) of a cacheable request.
 
-    ``body`` is the parsed JSON body. ``variant`` lets the caller fold in anything else the
-    answer depends on (for example a normalised ``Accept-Encoding``); ``""`` adds nothing.
+    ``body`` is the parsed JSON body; ``credential`` what :func:`credentials` found (or any
+    other string naming the partition; ``None`` and ``""`` are the partition without one).
+    ``variant`` lets the caller fold in anything else the answer depends on (for example a
+    normalised ``Accept-Encoding``); ``""`` adds nothing.
     """
-    partition = hashlib.blake2b((authorization or "").encode("utf-8", "surrogateescape"), digest_size=16)
+    partition = hashlib.blake2b((credential or "").encode("utf-8", "surrogateescape"), digest_size=16)
     h = xxhash.xxh3_128()
     h.update(partition.digest())
     for part in (path.encode("utf-8", "surrogateescape"), variant.encode("utf-8", "surrogateescape")):

@@ -15,9 +15,10 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import gevent
+import xxhash
 
 from ntonix.cache.coalescer import Follower, Leader, LeaderFailed
 from ntonix.core.cache_entry import CachedResponse
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from ntonix.gateway.runtime import Runtime
 
 log = logging.getLogger("ntonix.proxy")
-MAX_RECORD_BYTES = 32 * 1024 * 1024
 
 class StreamAborted(gevent.GreenletExit):  # type: ignore[misc]
     """The answer broke off after its headers went out; the client connection was cut."""
@@ -78,6 +78,7 @@ class UpstreamBody:
         self.recorder: StreamRecorder | None = StreamRecorder() if (store_key is not None and stream) else None
         self.chunks: list[bytes] | None = [] if (store_key is not None and not stream) else None
         self.recorded = 0
+        self.max_record = rt.config.cache.max_entry_bytes
         self.stream = stream
         self.ended = False  # the backend's body ended cleanly
         self.failed: str = ""
@@ -125,7 +126,8 @@ class UpstreamBody:
         """Record a piece for the cache and publish it to coalesced followers."""
         if self.store_key is not None:
             self.recorded += len(chunk)
-            if self.recorded > MAX_RECORD_BYTES:
+            if self.recorded > self.max_record:
+                # cache.max_entry_bytes: relayed as usual, never stored, and not held meanwhile.
                 self.store_key, self.recorder, self.chunks = None, None, None
             elif self.recorder is not None:
                 self.recorder.feed(chunk)
@@ -207,14 +209,22 @@ class UpstreamBody:
 
 
 class FollowerBody:
-    """A coalesced request's answer, read from the leader's journal as it grows."""
+    """A coalesced request's answer, read from the leader's journal as it grows.
+
+    If the leader stops publishing after some of the answer went out, ``resume(sent, digest)``
+    (the proxy's) fetches the rest from a backend, checking that its first ``sent`` bytes hash
+    to ``digest`` (xxh3-128 of what was sent); only when that fails is the client cut."""
 
     def __init__(self, follower: Follower, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
                  watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
-                 flush_head: bool = False) -> None:
+                 flush_head: bool = False,
+                 resume: Callable[[int, bytes], Iterator[bytes]] | None = None) -> None:
         self.follower, self.environ, self.rec, self.watch, self._done = follower, environ, rec, watch, done
-        self._chunks = follower.chunks(timeout)
+        self._chunks: Iterator[bytes] = follower.chunks(timeout)
         self._flush_head = flush_head  # an unsized (streamed) answer: headers go out at once
+        self._resume = resume
+        self._resumed: Iterator[bytes] | None = None
+        self._sent = xxhash.xxh3_128()
         rec.streamed = flush_head
 
     def __iter__(self) -> FollowerBody:
@@ -227,18 +237,42 @@ class FollowerBody:
         try:
             chunk = next(self._chunks)
         except LeaderFailed as exc:
-            self.rec.error = f"coalesced answer broke off: {exc}"
-            abort_client(self.environ)
-            raise StreamAborted(str(exc)) from None
+            chunk = self._take_over(str(exc))
+        except NtonixError as exc:  # the resumed answer failed
+            self._cut(exc.message)
         rec = self.rec
         if rec.ttft_ms is None:
             rec.ttft_ms = (time.perf_counter() - rec.started) * 1000.0
         rec.bytes_sent += len(chunk)
+        if self._resume is not None:
+            self._sent.update(chunk)
         return chunk
+
+    def _take_over(self, why: str) -> bytes:
+        """The leader stopped publishing: go on from a backend of our own (once), or cut."""
+        if self._resume is None or self._resumed is not None:
+            self._cut(why)
+        log.warning("coalesce.follower_resumed", extra={"reason": why, "request_id": self.rec.request_id,
+                                                        "bytes_sent": self.rec.bytes_sent})
+        self.follower.close()
+        self._resumed = self._chunks = self._resume(self.rec.bytes_sent, self._sent.digest())
+        try:
+            return next(self._chunks)
+        except NtonixError as exc:
+            self._cut(exc.message)
+
+    def _cut(self, why: str) -> NoReturn:
+        self.rec.error = f"coalesced answer broke off: {why}"
+        abort_client(self.environ)
+        raise StreamAborted(why) from None
 
     def close(self) -> None:
         if self.watch is not None:
             self.watch.cancel()
         self.follower.close()
+        if self._resumed is not None:
+            close = getattr(self._resumed, "close", None)
+            if close is not None:
+                close()  # releases the backend connection of a resumed answer
         if not self.rec.finished:
             self._done(self.rec)

@@ -27,10 +27,11 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import xxhash
 
 from ntonix.cache.coalescer import Follower, Leader
 from ntonix.core.cache_entry import CachedResponse, replayable_headers
-from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, request_cache_policy
+from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, credential_keys, credentials, request_cache_policy
 from ntonix.core.headers import forward_environ_headers, forward_response_headers, header_value
 from ntonix.core.record import RequestRecord
 from ntonix.errors import (
@@ -130,6 +131,7 @@ class Proxy:
         self.rt = runtime
         self._done = done
         self.host = host
+        self._credential_keys = credential_keys(runtime.config.cache.partition_headers)
 
     # ------------------------------------------------------------------ entry
     def handle(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord) -> Any:
@@ -146,7 +148,7 @@ class Proxy:
             stream = parsed.get("stream") is True
             if rt.cache is not None and rt.cache.enabled:
                 serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))
-                key = cache_key(path, parsed, environ.get("HTTP_AUTHORIZATION"))
+                key = cache_key(path, parsed, credentials(environ, self._credential_keys))
         rec.cache = "MISS" if serve_ok else "BYPASS"
         leader: Leader | None = None
         if key is not None and serve_ok and rt.cache is not None:
@@ -159,7 +161,7 @@ class Proxy:
                 assert rt.coalescer is not None
                 role = rt.coalescer.join(key)
                 if isinstance(role, Follower):
-                    followed = self._follow(role, environ, start_response, rec)
+                    followed = self._follow(role, environ, start_response, rec, body, stream)
                     if followed is not None:
                         return followed
                     entry = rt.cache.lookup(key, count=False)
@@ -197,7 +199,7 @@ class Proxy:
         return Body([entry.body], lambda: self._done(rec))
 
     def _follow(self, follower: Follower, environ: WSGIEnvironment, start_response: StartResponse,
-                rec: RequestRecord) -> Iterator[bytes] | None:
+                rec: RequestRecord, body: bytes, stream: bool) -> Iterator[bytes] | None:
         timeout = self.rt.config.proxy.read_timeout_s
         watch = disconnect.watch(environ.get("gunicorn.socket"))
         try:
@@ -218,11 +220,48 @@ class Proxy:
         out = [*headers, ("X-Request-ID", rec.request_id), ("X-Cache", "HIT")]
         start_response(status_line(status), out)
         sized = header_value(headers, "content-length") is not None
-        return FollowerBody(follower, environ, rec, timeout, watch, self._done, flush_head=not sized)
+        return FollowerBody(follower, environ, rec, timeout, watch, self._done, flush_head=not sized,
+                            resume=lambda sent, digest: self._resume(environ, rec, body, stream, sent, digest))
+
+    def _resume(self, environ: WSGIEnvironment, rec: RequestRecord, body: bytes, stream: bool, sent: int,
+                digest: bytes) -> Iterator[bytes]:
+        """The rest of a coalesced answer whose leader stopped publishing after ``sent`` bytes
+        reached our client (e.g. its journal write failed: disk full): the same request from a
+        backend of our own, passed on from byte ``sent`` if its first ``sent`` bytes are the
+        ones already sent (``digest``); else :class:`UpstreamUnavailable` (the client is cut).
+        Nothing is stored or published; the backend call is accounted as any other."""
+        status: list[str] = []
+
+        def capture(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            status.append(line)
+
+        environ.pop("HTTP_ACCEPT_ENCODING", None)  # as the leader asked: identity
+        sub = RequestRecord(rec.method, rec.path, rec.request_id, rec.client)
+        upstream = self._forward(environ, capture, sub, body, None, stream, None, done=lambda _: None)
+        try:
+            if status[:1] != ["200 OK"]:
+                raise UpstreamUnavailable(f"coalesced answer broke off; the backend asked again answered {status}")
+            seen = xxhash.xxh3_128()
+            skipped = 0
+            for chunk in upstream:
+                if skipped < sent:
+                    head = chunk[: sent - skipped]
+                    seen.update(head)
+                    skipped += len(head)
+                    chunk = chunk[len(head):]
+                    if skipped == sent and seen.digest() != digest:
+                        raise UpstreamUnavailable("coalesced answer broke off; the backend's new answer differs")
+                if chunk:
+                    yield chunk
+            if skipped < sent:
+                raise UpstreamUnavailable("coalesced answer broke off; the backend's new answer is shorter")
+        finally:
+            upstream.close()
 
     # ------------------------------------------------------------------ backend path
     def _forward(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord, body: bytes,
-                 store_key: str | None, stream: bool, leader: Leader | None) -> Any:
+                 store_key: str | None, stream: bool, leader: Leader | None,
+                 done: Callable[[RequestRecord], None] | None = None) -> Any:
         rt = self.rt
         cfg = rt.config
         scheme = environ.get("wsgi.url_scheme", "http")
@@ -284,7 +323,7 @@ class Proxy:
                     backend.breaker.release()
                     raise
                 return self._relay(resp, backend, started, environ, start_response, rec, store_key, stream,
-                                   leader, watch)
+                                   leader, watch, done or self._done)
         except BaseException:
             if watch is not None:
                 watch.cancel()
@@ -297,7 +336,8 @@ class Proxy:
 
     def _relay(self, resp: Any, backend: Backend, started: float, environ: WSGIEnvironment,
                start_response: StartResponse, rec: RequestRecord, store_key: str | None, stream: bool,
-               leader: Leader | None, watch: disconnect.Watch | None) -> UpstreamBody:
+               leader: Leader | None, watch: disconnect.Watch | None,
+               done: Callable[[RequestRecord], None]) -> UpstreamBody:
         status = resp.status_code
         rec.status = status
         rec.backend = backend.address
@@ -312,6 +352,6 @@ class Proxy:
         start_response(status_line(status), headers)
         replay = replayable_headers(raw_headers) if store_key is not None else ()
         return UpstreamBody(self.rt, resp, backend, environ, rec, store_key, replay, stream, leader, watch,
-                            self._done)
+                            done)
 
 

@@ -51,7 +51,8 @@ class Runtime:
             ttl_s=config.cache.ttl_seconds, directory=cache_dir, redis_url=config.cache.redis_url or None,
             memory_max_bytes=int(min(config.cache.memory_max_mb, config.cache.max_size_mb / 4) * 1024 * 1024))
         self.coalescer: Coalescer | None = (
-            Coalescer(cache_dir, stale_after_s=max(10.0, config.proxy.read_timeout_s))
+            Coalescer(cache_dir, stale_after_s=max(10.0, config.proxy.read_timeout_s),
+                      max_bytes=config.cache.max_entry_bytes)
             if config.cache.enabled else None)
         self.started = time.time()
 

@@ -39,7 +39,7 @@ from ntonix.core.headers import new_request_id
 from ntonix.errors import error_body, status_line
 from ntonix.server import response
 from ntonix.server.tls import build_server_context
-from ntonix.telemetry.logs import setup_logging
+from ntonix.telemetry.logs import ACCESS, setup_logging
 from ntonix.upstream.prober import Prober
 
 log = logging.getLogger("ntonix.worker")
@@ -62,7 +62,29 @@ def _patch_gunicorn() -> None:
     response.install()
 
 
+class FrozenConfig:
+    """gunicorn's ``Config`` with every setting read once.
+
+    gunicorn reads about 25 settings per request (``cfg.keepalive``, ``cfg.is_ssl``, the
+    parser's limits, the hooks...) and each read goes through ``Config.__getattr__`` (a dict
+    lookup and a method call: 1–2 % of a worker's samples). A worker's settings never change
+    after the fork (a HUP to the master starts new workers for gunicorn's own settings; NTONIX's
+    reload does not touch them), so the values can be plain attributes. Anything else (methods,
+    other properties) is the real configuration's.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.__dict__["_cfg"] = cfg
+        for name in (*cfg.settings, "is_ssl", "sendfile"):
+            self.__dict__[name] = getattr(cfg, name)  # properties such as worker_class included
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_cfg"], name)
+
+
 class NtonixWorker(GeventWorker):  # type: ignore[misc]
+    cfg: Any  # gunicorn's Config, a FrozenConfig once run() starts
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._conns: dict[Any, bool] = {}  # client socket -> a request is in progress
@@ -102,6 +124,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ serving
     def run(self) -> None:
+        self.cfg = FrozenConfig(self.cfg)
         cfg = self.wsgi.rt.config
         # Everything built so far lives as long as the worker: keep it out of the collector's
         # sight, and collect the young generation less often (each request allocates a few
@@ -145,6 +168,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             self.wsgi.rt.telemetry.tick()  # this worker's RSS for /metrics, every few seconds
             gevent.sleep(0.2)
         self._drain(servers)
+        ACCESS.flush()
 
     def _drain(self, servers: list[StreamServer]) -> None:
         for server in servers:

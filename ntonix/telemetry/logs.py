@@ -15,22 +15,38 @@ master's own lines and keeps gunicorn's built-in statsd (``<prefix>.gunicorn.*``
 Output goes to stderr, or with ``logging.file`` to that file, rotated at
 ``logging.max_bytes`` keeping ``logging.backup_count`` old files. The master and every
 worker append to the same file, so rotation is coordinated (``SharedRotatingFileHandler``).
+
+The access log (one ``request.done`` line per request) does not go through ``logging`` on the
+request path: ``ACCESS`` builds the line itself (orjson, the same fields and order as the
+formatter) and buffers it, as nginx's ``access_log ... buffer= flush=`` does. The worker
+flushes it from its main loop every ``FLUSH_EVERY_S`` (``flush_if_due``), and at once when
+``FLUSH_BYTES`` are waiting, on HUP (before the new destination is set up), when it stops
+and at exit. A hard kill of a worker (SIGKILL, the kernel's OOM killer, a crash of the
+interpreter itself) loses at most the lines of the last ``FLUSH_EVERY_S``: never more than
+``FLUSH_BYTES``. See docs/configuration.md ("Logging").
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 import time
-from typing import Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 from ntonix.config import LoggingConfig
+
+if TYPE_CHECKING:
+    from ntonix.core.record import RequestRecord
 
 # LogRecord attributes that are not context (extra=...) of a call.
 _RESERVED = frozenset(RESERVED_ATTRS) | {"message", "asctime"}
@@ -159,6 +175,119 @@ def _replace_handlers(logger: logging.Logger, handler: logging.Handler, only_our
     logger.addHandler(handler)
 
 
+FLUSH_EVERY_S = 0.2  # the worker's main loop ticks this often (ntonix/server/worker.py)
+FLUSH_BYTES = 64 * 1024
+PIPE_BUF = 4096  # a write to a pipe up to this size is never interleaved with another process's
+
+
+class AccessLog:
+    """The buffered access log of this process (module singleton ``ACCESS``)."""
+
+    def __init__(self, clock: Any = time.time, monotonic: Any = time.monotonic) -> None:
+        self.enabled = False
+        self._json = True
+        self._handler: logging.Handler | None = None
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._clock, self._monotonic = clock, monotonic
+        self._flushed_at = monotonic()
+        self._second = -1
+        self._stamp = ""
+        self._pid = os.getpid()
+
+    def configure(self, cfg: LoggingConfig, handler: logging.Handler | None) -> None:
+        """Flush to the old destination, then write to ``handler`` (None: access log off)."""
+        self.flush()
+        old, self._handler = self._handler, handler
+        if old is not None and old is not handler:
+            old.close()
+        self.enabled = handler is not None and cfg.access_log and level_of(cfg) <= logging.INFO
+        self._json = cfg.format == "json"
+        self._pid = os.getpid()
+
+    def after_fork(self) -> None:
+        """In a new worker: lines buffered before the fork belong to the parent."""
+        self._lines.clear()
+        self._size = 0
+        self._pid = os.getpid()
+
+    def _timestamp(self, now: float) -> str:
+        """As ``_timestamp``, with strftime once a second rather than once a line."""
+        second, ms = divmod(round(now * 1000), 1000)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{ms:03d}Z"
+
+    def request(self, rec: RequestRecord, ttft_ms: float | None) -> None:
+        """Buffer the ``request.done`` line of a finished request."""
+        ts = self._timestamp(self._clock())
+        obj = {"timestamp": ts, "level": "info", "component": "ntonix.access", "pid": self._pid,
+               "message": "request.done", "method": rec.method, "path": rec.path, "status": rec.status,
+               "latency_ms": round(rec.latency_ms, 3), "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
+               "cache": rec.cache or None, "backend": rec.backend or None, "bytes_sent": rec.bytes_sent,
+               "client": rec.client, "request_id": rec.request_id, "error": rec.error or None}
+        if self._json:
+            line = orjson.dumps(obj)
+        else:  # the text formatter's shape: the five fixed fields, then key=value for the rest
+            line = (f"{ts} INFO ntonix.access request.done"
+                    + "".join(f" {k}={v}" for k, v in islice(obj.items(), 5, None) if v is not None)).encode()
+        self._lines.append(line)
+        self._size += len(line) + 1
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        """From the worker's main loop."""
+        if self._lines and self._monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every buffered line: whole lines per write, at most PIPE_BUF bytes per write to a
+        pipe or terminal (so workers sharing stderr never interleave), FLUSH_BYTES to a file."""
+        self._flushed_at = self._monotonic()
+        lines, handler = self._lines, self._handler
+        if not lines or handler is None:
+            return
+        self._lines, self._size = [], 0
+        limit = FLUSH_BYTES if _regular_file(handler) else PIPE_BUF
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) + 1 > limit:
+                _write(handler, chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line) + 1
+        _write(handler, chunk)
+
+
+def _regular_file(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    try:
+        return stream is not None and stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _write(handler: logging.Handler, chunk: list[bytes]) -> None:
+    """One write of whole lines through ``handler`` (its own rotation and error handling)."""
+    record = logging.LogRecord("ntonix.access", logging.INFO, "", 0, b"\n".join(chunk).decode(), None, None)
+    handler.handle(record)
+
+
+ACCESS = AccessLog()
+os.register_at_fork(after_in_child=ACCESS.after_fork)
+atexit.register(ACCESS.flush)
+
+
+def make_access_handler(cfg: LoggingConfig) -> logging.Handler:
+    """The access log's own handler: same destination as the others, lines written as built."""
+    handler = make_handler(cfg)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
 def setup_logging(cfg: LoggingConfig, *, root: bool = True) -> None:
     """(Re)configure our loggers, gunicorn's error log and (``root``) third-party loggers."""
     # Neither format shows the caller's file/line or the thread: skip computing them for every
@@ -179,3 +308,6 @@ def setup_logging(cfg: LoggingConfig, *, root: bool = True) -> None:
     access = logging.getLogger("ntonix.access")
     access.disabled = not cfg.access_log
     access.setLevel(logging.NOTSET)  # follows "ntonix": at warning and above there are no access lines
+    on = cfg.access_log and level <= logging.INFO
+    ACCESS.configure(cfg, make_access_handler(cfg) if on else None)
+

@@ -29,6 +29,7 @@ from ntonix.config import Config
 from ntonix.core.figures import Extras, count_samples, figures, flatten, memory_rss_bytes, status_class, value
 from ntonix.core.record import RequestRecord
 from ntonix.telemetry import procstat
+from ntonix.telemetry.logs import ACCESS
 from ntonix.telemetry.prometheus import Metrics, extra_families, multiprocess_dir, prometheus_text
 from ntonix.telemetry.statsd import StatsdSink
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 
-access_log = logging.getLogger("ntonix.access")
 log = logging.getLogger("ntonix.metrics")
 
 RSS_EVERY_S = 5.0
@@ -90,13 +90,8 @@ class Telemetry:
             m.backend(rec.backend).requests.inc()  # sent, but no verdict (the client left first)
         if self.statsd.enabled:
             self.statsd.request(rec)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("request.done", extra={
-                "method": rec.method, "path": rec.path, "status": rec.status,
-                "latency_ms": round(rec.latency_ms, 3),
-                "ttft_ms": None if streamed_ttft is None else round(streamed_ttft, 3),
-                "cache": rec.cache or None, "backend": rec.backend or None, "bytes_sent": rec.bytes_sent,
-                "client": rec.client, "request_id": rec.request_id, "error": rec.error or None})
+        if ACCESS.enabled:
+            ACCESS.request(rec, streamed_ttft)
 
     def backend_result(self, address: str, ok: bool, latency_ms: float | None) -> None:
         """One backend attempt settled: a good answer (with time to headers) or a failure."""
@@ -119,7 +114,9 @@ class Telemetry:
         self.metrics.protocol_errors.inc()
 
     def tick(self) -> None:
-        """From the worker's main loop: refresh this worker's RSS every ``RSS_EVERY_S``."""
+        """From the worker's main loop: write the buffered access log lines, and refresh this
+        worker's RSS every ``RSS_EVERY_S``."""
+        ACCESS.flush_if_due()
         now = self._monotonic()
         if now - self._rss_at >= RSS_EVERY_S:
             self._rss_at = now

@@ -214,7 +214,7 @@ def _alive(sock: Any) -> bool:
     an error or hang-up a reset.
 
     One ``poll`` with a zero timeout on the underlying socket, instead of a gevent ``select``
-    that sets up watchers: about 1 µs (``scripts/bench_pool.py``), 0.4 µs less than a
+    that sets up watchers: about 1 µs (``tools/bench/pool.py``), 0.4 µs less than a
     non-blocking ``recv(MSG_PEEK)`` and its BlockingIOError.
     """
     try:

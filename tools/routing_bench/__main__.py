@@ -24,6 +24,7 @@ import datetime  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -45,7 +46,7 @@ TARGETS = ("direct", "nginx", "ntonix", "reference", "user_hash")
 POLICIES = ("round_robin", "least_requests", "prefix")
 
 
-def _csv(cast: type) -> object:
+def _csv(cast: Callable[[str], object]) -> Callable[[str], list[object]]:
     def parse(text: str) -> list[object]:
         return [cast(x.strip()) for x in text.split(",") if x.strip()]
     return parse

@@ -106,11 +106,13 @@ def _ratio(value: float, base: float | None) -> str:
 def table(rows: Sequence[Row], baseline: Row | None) -> str:
     """A Markdown table; ratios against ``baseline`` (round-robin)."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    base_prefill = baseline.prefill_tokens if baseline else None
+    base_ttft = baseline.ttft_p99 if baseline else None
     for r in rows:
         cells = (
-            r.label, f"{r.prefill_tokens:,}", _ratio(r.prefill_tokens, baseline and baseline.prefill_tokens),
+            r.label, f"{r.prefill_tokens:,}", _ratio(r.prefill_tokens, base_prefill),
             f"{r.cached_ratio:.0%}" if not math.isnan(r.cached_ratio) else "-",
-            _ms(r.ttft_p50), _ms(r.ttft_p99), _ratio(r.ttft_p99, baseline and baseline.ttft_p99), _ms(r.e2e_p99),
+            _ms(r.ttft_p50), _ms(r.ttft_p99), _ratio(r.ttft_p99, base_ttft), _ms(r.e2e_p99),
             "/".join(str(n) for n in r.per_backend), f"{r.skew:.2f}", str(r.wrong_model), str(r.failures),
             f"{r.seconds:.1f} s",
         )

@@ -133,6 +133,22 @@ def test_l1_hits_keep_the_l2_entry_recently_used(tmp_path: Path, clocks: Clocks)
     assert cache.stats()["evictions"] == 1
 
 
+def test_an_entry_l2_evicted_is_not_served_from_any_worker_l1(tmp_path: Path, clocks: Clocks) -> None:
+    size = len(entry(b"x" * 100).encode())
+    a = worker(tmp_path, clocks, ttl=1e6, max_bytes=3 * size + 10)
+    b = worker(tmp_path, clocks, ttl=1e6, max_bytes=3 * size + 10)
+    for cache in (a, b):
+        assert cache.memory is not None
+        cache.memory.max_bytes = 10 * size  # every L1 could keep them all
+    for k in "ABC":
+        a.store(k, entry(b"x" * 100))
+    assert b.lookup("B") is not None  # now in b's L1 too
+    assert a.lookup("A") is not None and a.lookup("C") is not None  # B is the least recently used
+    a.store("D", entry(b"x" * 100))
+    assert [k for k in "ABCD" if b.lookup(k) is not None] == ["A", "C", "D"]
+    assert b.memory is not None and "B" not in b.memory
+
+
 def test_a_broken_shared_store_degrades_to_misses(tmp_path: Path, clocks: Clocks,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "file").write_text("not a directory")

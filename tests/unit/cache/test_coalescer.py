@@ -397,3 +397,128 @@ def test_unusable_directory_gives_a_detached_leader(tmp_path: Path, clock: FakeC
     leader.publish_head(200, HEAD)  # all no-ops: the request simply goes alone
     leader.publish_chunk(b"x")
     leader.finish(True)
+
+
+# ----------------------------------------------------------------------------- bounds (issue #12)
+
+
+def journal_rows(c: Coalescer) -> int:
+    return rows(c)[2]
+
+
+def test_past_max_bytes_alone_the_flight_ends_and_nothing_is_kept(tmp_path: Path, clock: FakeClock,
+                                                                   script: Script) -> None:
+    a, b = pair(tmp_path, clock, script, max_bytes=1000)
+    leader = lead(a)
+    leader.publish_head(200, HEAD)
+    for _ in range(9):
+        leader.publish_chunk(b"x" * 100)
+    assert not leader.finished and len(leader._pending) == 10  # a follower may still join
+    leader.publish_chunk(b"x" * 200)  # 1100 bytes: past the bound
+    assert leader.finished and leader._pending == []
+    assert rows(a) == (0, 0, 0)
+    for _ in range(1000):
+        leader.publish_chunk(b"x" * 100)  # relayed by the proxy, kept by nobody
+    assert leader._pending == [] and rows(a) == (0, 0, 0)
+    assert isinstance(b.join("k"), Leader)  # a later request does not join an answer it cannot get whole
+    leader.finish(True)
+
+
+def test_past_max_bytes_followers_get_everything_and_the_journal_stays_bounded(
+        tmp_path: Path, clock: FakeClock, script: Script) -> None:
+    a, b = pair(tmp_path, clock, script, max_bytes=1000)
+    leader = lead(a)
+    leader.publish_head(200, HEAD)
+    leader.publish_chunk(b"start")
+    followers = [follow(b), follow(b)]
+    leader.publish_chunk(b"then")  # journals everything so far, now that someone follows
+    streams = []
+    for f in followers:
+        assert f.wait_head(5) == (200, HEAD)
+        streams.append(f.chunks(5))
+    got: list[list[bytes]] = [[], []]
+    sent = [b"start", b"then"]
+    most = 0
+    for i in range(300):  # 30 KB through a 1000-byte bound
+        chunk = b"%04d" % i + b"y" * 96
+        leader.publish_chunk(chunk)
+        sent.append(chunk)
+        for n, stream in enumerate(streams):
+            while len(got[n]) < len(sent):
+                got[n].append(next(stream))
+        if i >= 10:  # past the bound (before it, up to max_bytes is kept for late joiners)
+            most = max(most, journal_rows(a))
+        assert leader._pending == []  # nothing kept in memory once journaled
+    assert most <= 3, most  # only what a follower has not read yet (head, the chunk, one in between)
+    assert isinstance(a.join("k"), Leader)  # capped: a new request starts its own flight
+    leader.finish(True)
+    for n, stream in enumerate(streams):
+        assert list(stream) == []
+        assert got[n] == sent
+    for f in followers:
+        f.close()
+
+
+def test_a_slow_follower_holds_back_only_what_it_has_not_read(tmp_path: Path, clock: FakeClock,
+                                                              script: Script) -> None:
+    a, b = pair(tmp_path, clock, script, max_bytes=10)
+    leader = lead(a)
+    leader.publish_head(200, HEAD)
+    fast, slow = follow(b), follow(b)
+    leader.publish_chunk(b"go")
+    assert fast.wait_head(5) and slow.wait_head(5)
+    fast_stream, slow_stream = fast.chunks(5), slow.chunks(5)
+    assert next(fast_stream) == next(slow_stream) == b"go"
+    for i in range(50):
+        leader.publish_chunk(b"%02d" % i * 10)
+        assert next(fast_stream) == b"%02d" % i * 10
+    assert journal_rows(a) >= 50  # the slow one has read nothing yet
+    assert [next(slow_stream) for _ in range(50)] == [b"%02d" % i * 10 for i in range(50)]
+    leader.publish_chunk(b"end")
+    assert next(fast_stream) == next(slow_stream) == b"end"
+    leader.publish_chunk(b"more")  # the next write drops what both have read
+    assert journal_rows(a) <= 2
+    leader.finish(True)
+    fast.close()
+    slow.close()
+
+
+def test_a_leader_that_cannot_write_is_noticed_without_any_write(tmp_path: Path, clock: FakeClock,
+                                                                  script: Script) -> None:
+    """A full disk: the failed publish cannot be followed by a write marking the flight failed
+    (here ``_abandon`` does nothing, as its write would fail too); the follower notices within
+    a poll through the leader's lock, and a new request leads a flight of its own."""
+    a, b = pair(tmp_path, clock, script, map_size=256 * 1024)
+    leader = lead(a)
+    leader._abandon = lambda: None  # type: ignore[method-assign]
+    follower = follow(b)
+    leader.publish_head(200, HEAD)
+    assert follower.wait_head(1) == (200, HEAD)
+    chunks = follower.chunks(60)
+    leader.publish_chunk(b"x" * 1024 * 1024)  # does not fit: the publish fails
+    assert leader.finished
+    sleeps = script.sleeps
+    with pytest.raises(LeaderFailed, match="stopped publishing"):
+        next(chunks)
+    assert script.sleeps - sleeps <= 1  # noticed at the first poll, not after read_timeout_s
+    c = b.join("k")
+    assert isinstance(c, Leader)  # nobody joins the dead flight
+    c.finish(False)
+    follower.close()
+
+
+def test_explain_names_a_full_file_system(tmp_path: Path) -> None:
+    from ntonix.cache.lmdb_env import StoreError, explain
+
+    class Full:
+        f_bavail, f_frsize = 3, 4096
+
+    class Roomy:
+        f_bavail, f_frsize = 10**6, 4096
+
+    err = StoreError("lmdb: mdb_txn_commit: Input/output error")
+    assert explain(err, str(tmp_path), statvfs=lambda p: Full()) == (
+        f"lmdb: mdb_txn_commit: No space left on device (12288 bytes free on the file system of {tmp_path})")
+    assert explain(err, str(tmp_path), statvfs=lambda p: Roomy()) == str(err)
+    other = StoreError("lmdb: MDB_MAP_FULL")
+    assert "No space left on device" in explain(other, str(tmp_path / "missing" / "x"), statvfs=lambda p: Full())

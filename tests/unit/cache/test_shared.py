@@ -97,8 +97,7 @@ def test_lru_order_with_touch_on_hit(tmp_path: Path, clock: FakeClock) -> None:
     s = store_at(tmp_path, clock, max_bytes=3 * size, ttl=1e9)
     for k in "abc":
         s.put(k, entry(100))
-        clock.advance(2)
-    assert s.get("a") is not None  # refreshed: older than the 1 s touch interval
+    assert s.get("a") is not None  # same microsecond as the puts: the order still counts
     s.put("d", entry(100))
     assert [k for k in "abcd" if s.get(k, touch=False)] == ["a", "c", "d"]
 
@@ -108,23 +107,37 @@ def test_touch_from_a_memory_hit_keeps_the_shared_lru_order(tmp_path: Path, cloc
     s = store_at(tmp_path, clock, max_bytes=3 * size, ttl=1e9)
     for k in "abc":
         s.put(k, entry(100))
-        clock.advance(2)
-    s.touch("a")  # served from a worker's memory tier: no read of the entry itself
-    s.touch("missing")  # nothing to do
+    assert s.touch("a") is True  # served from a worker's memory tier: no read of the entry itself
+    assert s.touch("missing") is False  # gone: the caller must not serve its copy
     s.put("d", entry(100))
     assert [k for k in "abcd" if s.get(k, touch=False)] == ["a", "c", "d"]
+    assert s.touch("b") is False
 
 
-def test_touch_is_skipped_within_the_interval(tmp_path: Path, clock: FakeClock) -> None:
+def test_a_clock_stepped_back_does_not_reorder(tmp_path: Path, clock: FakeClock) -> None:
     size = len(entry(100).encode())
-    s = store_at(tmp_path, clock, max_bytes=2 * size, ttl=1e9, touch_interval_s=5)
+    s = store_at(tmp_path, clock, max_bytes=3 * size, ttl=1e9)
     s.put("a", entry(100))
-    clock.advance(1)
+    clock.advance(-5)
     s.put("b", entry(100))
-    clock.advance(1)
-    assert s.get("a") is not None  # 2 s < 5 s: not refreshed, so still the oldest
     s.put("c", entry(100))
-    assert s.get("a", touch=False) is None and s.get("b", touch=False) is not None
+    assert s.get("a") is not None and s.get("b") is not None  # b now newest, then a; c oldest
+    s.put("d", entry(100))
+    assert [k for k in "abcd" if s.get(k, touch=False)] == ["a", "b", "d"]
+
+
+def test_a_hit_writes_only_when_something_else_was_used_after_it(tmp_path: Path, clock: FakeClock) -> None:
+    s = store_at(tmp_path, clock, ttl=1e9)
+    s.put("a", entry(100))
+    s.put("b", entry(100))
+    pages = s._open().env.info()["last_txnid"]
+    assert s.get("b") is not None and s.touch("b")  # b is the most recent: no write
+    assert s._open().env.info()["last_txnid"] == pages
+    assert s.get("a") is not None  # b was stored after a: one write
+    assert s._open().env.info()["last_txnid"] == pages + 1
+    for _ in range(100):
+        assert s.get("a") is not None and s.touch("a")
+    assert s._open().env.info()["last_txnid"] == pages + 1
 
 
 def test_record_lookup_counts_and_touches(tmp_path: Path, clock: FakeClock) -> None:

@@ -333,6 +333,9 @@ def test_absolute_paths_stay(tmp_path: Path) -> None:
     ({"cache": {"enabled": "yes"}}, "cache.enabled", "must be a boolean"),
     ({"cache": {"max_size_mb": "big"}}, "cache.max_size_mb", "must be a number"),
     ({"cache": {"redis_url": "http://x"}}, "cache.redis_url", "redis://"),
+    ({"cache": {"max_entry_bytes": 0}}, "cache.max_entry_bytes", ">= 1"),
+    ({"cache": {"partition_headers": ["X Tenant"]}}, "cache.partition_headers[0]", "header name"),
+    ({"cache": {"partition_headers": "X-Tenant"}}, "cache.partition_headers", "list of strings"),
     ({"proxy": {"read_timeout_s": 0}}, "proxy.read_timeout_s", ">="),
     ({"proxy": {"retries": -1}}, "proxy.retries", ">= 0"),
     ({"proxy": {"max_body_bytes": -5}}, "proxy.max_body_bytes", ">= 0"),
@@ -462,3 +465,13 @@ def test_logging_file_in_a_missing_or_unwritable_folder_is_a_config_error(tmp_pa
     with pytest.raises(ConfigError, match=r"^logging\.file: folder does not exist"):
         build_config({**base, "logging": {"file": str(tmp_path / "nope" / "gw.log")}})
     assert build_config({**base, "logging": {"file": str(tmp_path / "gw.log")}}).logging.file
+
+
+def test_cache_partition_headers_and_entry_bound_from_file_and_environment(tmp_path: Path) -> None:
+    cfg = load(tmp_path)
+    assert (cfg.cache.partition_headers, cfg.cache.max_entry_bytes) == ((), 4 * 1024 * 1024)
+    cfg = load(tmp_path, {**PLAIN, "cache": {"partition_headers": ["X-Tenant"], "max_entry_bytes": 1000}})
+    assert (cfg.cache.partition_headers, cfg.cache.max_entry_bytes) == (("X-Tenant",), 1000)
+    cfg = load(tmp_path, env={"NTONIX_CACHE_PARTITION_HEADERS": "X-Tenant, X-User",
+                              "NTONIX_CACHE_MAX_ENTRY_BYTES": "2048"})
+    assert (cfg.cache.partition_headers, cfg.cache.max_entry_bytes) == (("X-Tenant", "X-User"), 2048)

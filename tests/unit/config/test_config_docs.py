@@ -1,6 +1,6 @@
 """docs/configuration.md is generated from the configuration model and cannot drift from it.
 
-``scripts/gen_config_docs.py`` renders every key of ``ntonix.config`` (type, default,
+``tools/gen_config_docs.py`` renders every key of ``ntonix.config`` (type, default,
 environment variable, flag) with a description and a reload rule kept in the script. These
 tests fail when a key has no description, when the committed file differs from what the script
 generates now, or when a documented flag is not what ``python -m ntonix`` accepts.
@@ -8,8 +8,6 @@ generates now, or when a documented flag is not what ``python -m ntonix`` accept
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,18 +15,14 @@ import pytest
 
 from ntonix import config as model
 from ntonix.__main__ import parser
+from tools import gen_config_docs
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
 def gen() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "scripts" / "gen_config_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gen_config_docs", module)
-    spec.loader.exec_module(module)
-    return module
+    return gen_config_docs
 
 
 def test_every_key_has_a_description_and_a_reload_rule(gen: ModuleType) -> None:

@@ -7,7 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ntonix.core.cache_entry import CachedResponse, DecodeError, replayable_headers
-from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, canonical_json, request_cache_policy
+from ntonix.core.cache_key import (
+    CACHEABLE_PATHS,
+    cache_key,
+    canonical_json,
+    credential_keys,
+    credentials,
+    request_cache_policy,
+)
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}
@@ -163,3 +170,45 @@ def test_replayable_headers() -> None:
         ("Cache-Control", "private"),
         ("OpenAI-Model", "m"),
     )
+
+
+# ----------------------------------------------------------------------------- credentials
+
+KEYS = credential_keys()
+
+
+def test_every_credential_header_partitions_and_none_is_its_own_partition() -> None:
+    names = ["Authorization", "Proxy-Authorization", "X-Api-Key", "Api-Key", "Cookie",
+             "OpenAI-Organization", "OpenAI-Project"]
+    environs: list[dict[str, str]] = [{}]
+    for name in names:
+        env_name = "HTTP_" + name.upper().replace("-", "_")
+        environs += [{env_name: "a"}, {env_name: "b"}]
+    keys = [cache_key(CHAT, BODY, credentials(env, KEYS)) for env in environs]
+    assert len(set(keys)) == len(environs)  # every header, every value, and none: all distinct
+    assert credentials({}, KEYS) is None
+    assert credentials({"HTTP_X_API_KEY": ""}, KEYS) is None  # an empty header is no credential
+    assert cache_key(CHAT, BODY, credentials({"HTTP_COOKIE": "a"}, KEYS)) == keys[9]
+
+
+def test_credentials_are_framed_so_that_values_cannot_be_shifted_between_headers() -> None:
+    one = credentials({"HTTP_AUTHORIZATION": "x", "HTTP_X_API_KEY": "yz"}, KEYS)
+    other = credentials({"HTTP_AUTHORIZATION": "xy", "HTTP_X_API_KEY": "z"}, KEYS)
+    assert one != other
+    assert cache_key(CHAT, BODY, one) != cache_key(CHAT, BODY, other)
+
+
+def test_configured_partition_headers_are_added_once_in_a_fixed_order() -> None:
+    keys = credential_keys(["X-Tenant", "authorization", " x-tenant "])
+    assert keys[: len(KEYS)] == KEYS
+    assert keys[len(KEYS):] == ("HTTP_X_TENANT",)
+    assert credentials({"HTTP_X_TENANT": "t1"}, KEYS) is None
+    a = cache_key(CHAT, BODY, credentials({"HTTP_X_TENANT": "t1"}, keys))
+    b = cache_key(CHAT, BODY, credentials({"HTTP_X_TENANT": "t2"}, keys))
+    assert a != b != cache_key(CHAT, BODY, None)
+
+
+def test_no_credential_value_is_recoverable_from_the_key() -> None:
+    secret = "sk-secret-value-0123456789"
+    key = cache_key(CHAT, BODY, credentials({"HTTP_X_API_KEY": secret}, KEYS))
+    assert secret not in key and len(key) == 32

@@ -1,18 +1,22 @@
-"""ntonix.gateway.bodies through a ScriptedTransport: relaying, recording for the cache, a
-stream cut mid-way, a client that leaves, and ``close()`` settling everything exactly once."""
+"""ntonix.gateway.bodies: through a ScriptedTransport, relaying, recording for the cache, a
+stream cut mid-way, a client that leaves, and ``close()`` settling everything exactly once; and
+a follower's body whose leader stops publishing midway going on from a resumed answer."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+import xxhash
 
-from ntonix.cache.coalescer import Coalescer, Follower, Leader
+from ntonix.cache.coalescer import Coalescer, Follower, Leader, LeaderFailed
 from ntonix.core.breaker import BreakerState
 from ntonix.core.cache_key import cache_key
-from ntonix.gateway import bodies
-from ntonix.gateway.bodies import StreamAborted
+from ntonix.core.record import RequestRecord
+from ntonix.errors import UpstreamUnavailable
+from ntonix.gateway.bodies import FollowerBody, StreamAborted
 from ntonix.upstream.fake import Reply
 from tests.unit.gateway.flow import B1, B2, CHAT, ClientSocket, Flow, chat
 
@@ -145,10 +149,8 @@ def test_an_error_answer_is_relayed_but_neither_cached_nor_a_success(tmp_path: P
     assert flow.request().header("X-Cache") == "MISS"
 
 
-def test_an_answer_too_large_to_record_is_relayed_but_not_cached(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bodies, "MAX_RECORD_BYTES", 4)
-    flow = Flow(tmp_path, B1, cache=True)
+def test_an_answer_too_large_to_record_is_relayed_but_not_cached(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache={"max_entry_bytes": 4})
     flow.transport.script(B1, Reply(200, chunks=[b"abc", b"def"]), Reply(200, chunks=[b"{}"]))
     assert flow.request().read() == b"abcdef"
     assert flow.request().header("X-Cache") == "MISS"
@@ -188,3 +190,63 @@ def test_a_leader_whose_client_left_finishes_the_answer_for_its_followers(tmp_pa
     hit = flow.request(body=chat(stream=True))
     assert (hit.header("X-Cache"), hit.read()) == ("HIT", b"".join(EVENTS))
     assert len(flow.telemetry.records) == 2
+
+
+# ---------------------------------------------------------------------- a follower resuming from a backend
+
+
+class FakeFollower:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+        self.closed = 0
+
+    def chunks(self, timeout_s: float) -> Iterator[bytes]:
+        yield from self._chunks
+        raise LeaderFailed("the leader's process is gone or stopped publishing")
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def body_of(follower: FakeFollower, resume: object) -> tuple[FollowerBody, list[RequestRecord]]:
+    done: list[RequestRecord] = []
+    rec = RequestRecord("POST", "/v1/chat/completions", "rid", "127.0.0.1")
+    return FollowerBody(follower, {}, rec, 5.0, None, done.append, resume=resume), done  # type: ignore[arg-type]
+
+
+def test_the_rest_comes_from_the_resumed_answer_with_what_was_sent_checked() -> None:
+    follower = FakeFollower([b"data: 1\n\n", b"data: 2\n\n"])
+    asked: list[tuple[int, bytes]] = []
+
+    def resume(sent: int, digest: bytes) -> Iterator[bytes]:
+        asked.append((sent, digest))
+        yield from [b"data: 3\n\n", b"data: [DONE]\n\n"]
+
+    body, done = body_of(follower, resume)
+    assert b"".join(body) == b"data: 1\n\ndata: 2\n\ndata: 3\n\ndata: [DONE]\n\n"
+    assert asked == [(18, xxhash.xxh3_128(b"data: 1\n\ndata: 2\n\n").digest())]
+    assert follower.closed == 1  # left the dead flight at once
+    body.close()
+    assert len(done) == 1 and done[0].bytes_sent == 41 and done[0].error == ""
+
+
+def test_a_resumed_answer_that_differs_cuts_the_client() -> None:
+    def resume(sent: int, digest: bytes) -> Iterator[bytes]:
+        raise UpstreamUnavailable("coalesced answer broke off; the backend's new answer differs")
+        yield b""  # pragma: no cover - makes this a generator
+
+    body, done = body_of(FakeFollower([b"a"]), resume)
+    assert next(body) == b"a"
+    with pytest.raises(StreamAborted):
+        next(body)
+    body.close()
+    assert "differs" in done[0].error
+
+
+def test_without_resume_the_client_is_cut() -> None:
+    body, done = body_of(FakeFollower([b"a"]), None)
+    assert next(body) == b"a"
+    with pytest.raises(StreamAborted):
+        next(body)
+    body.close()
+    assert "stopped publishing" in done[0].error

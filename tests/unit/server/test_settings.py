@@ -57,3 +57,19 @@ def test_log_level_and_safe_defaults() -> None:
 
 def test_pure_function_of_the_config() -> None:
     assert gunicorn_settings(config(port=1234)) == gunicorn_settings(config(port=1234))
+
+
+def test_frozen_gunicorn_config_reads_what_the_config_reads() -> None:
+    from gunicorn.config import Config as GConfig
+
+    from ntonix.server.worker import FrozenConfig
+
+    cfg = GConfig()
+    cfg.set("keepalive", 7)
+    cfg.set("certfile", "x.crt")
+    frozen = FrozenConfig(cfg)
+    for name in cfg.settings:
+        assert getattr(frozen, name) == getattr(cfg, name), name
+    assert frozen.keepalive == 7 and frozen.is_ssl == cfg.is_ssl == "x.crt" and frozen.sendfile == cfg.sendfile
+    assert "keepalive" in vars(frozen)  # a plain attribute: no __getattr__ per request
+    assert frozen.worker_class_str == cfg.worker_class_str  # everything else is the real config's

@@ -17,8 +17,14 @@ import pytest
 from gunicorn.config import Config as GunicornConfig
 
 from ntonix.config import Config, LoggingConfig, handover
+from ntonix.core.record import RequestRecord
 from ntonix.server.glogger import GunicornLogger
 from ntonix.telemetry.logs import (
+    ACCESS,
+    FLUSH_BYTES,
+    FLUSH_EVERY_S,
+    PIPE_BUF,
+    AccessLog,
     JsonFormatter,
     SharedRotatingFileHandler,
     TextFormatter,
@@ -255,3 +261,123 @@ def test_gunicorn_statsd_sends_and_stays_quiet_when_the_daemon_is_down(
     for _ in range(5):  # nobody listens any more: ECONNREFUSED on every other send
         lg.access(resp, None, {}, timedelta(milliseconds=3))
     assert [line["message"] for line in _lines(path)] == ["Booting worker with pid: 42", "Worker timeout"]
+
+
+# ----------------------------------------------------------------------------- buffered access log
+
+
+class _Writes(logging.Handler):
+    """Every write the access log makes, as the text handed to the handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.writes.append(record.getMessage())
+
+    @property
+    def lines(self) -> list[str]:
+        return [ln for w in self.writes for ln in w.split("\n")]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _access(fmt: str = "json", **cfg: object) -> tuple[AccessLog, _Writes, _Clock]:
+    mono = _Clock()
+    access = AccessLog(clock=lambda: 1767323045.678, monotonic=mono)
+    out = _Writes()
+    access.configure(LoggingConfig(format=fmt, **cfg), out)  # type: ignore[arg-type]
+    return access, out, mono
+
+
+def _done(i: int = 1, **kw: object) -> RequestRecord:
+    rec = RequestRecord("POST", "/v1/chat/completions", f"rid-{i}", "10.0.0.9", status=200, cache="MISS",
+                        backend="b:1", bytes_sent=42, **kw)  # type: ignore[arg-type]
+    rec.latency_ms = 1.23456
+    return rec
+
+
+def test_access_json_line_is_what_the_logging_formatter_writes() -> None:
+    access, out, _ = _access()
+    access.request(_done(error="client_gone"), ttft_ms=None)
+    access.flush()
+    (line,) = out.lines
+    fields = {"method": "POST", "path": "/v1/chat/completions", "status": 200, "latency_ms": 1.235, "ttft_ms": None,
+              "cache": "MISS", "backend": "b:1", "bytes_sent": 42, "client": "10.0.0.9", "request_id": "rid-1",
+              "error": "client_gone"}
+    assert line == JsonFormatter().format(_record(process=access._pid, **fields))
+
+
+def test_access_text_line_is_what_the_text_formatter_writes() -> None:
+    access, out, _ = _access("text")
+    access.request(_done(), ttft_ms=3.5)
+    access.flush()
+    expected = make_formatter("text").format(_record(method="POST", path="/v1/chat/completions", status=200,
+                                                     latency_ms=1.235, ttft_ms=3.5, cache="MISS", backend="b:1",
+                                                     bytes_sent=42, client="10.0.0.9", request_id="rid-1"))
+    assert out.lines == [expected]
+
+
+def test_access_lines_wait_for_the_flush_interval_or_the_buffer_size() -> None:
+    access, out, mono = _access()
+    access.request(_done(1), None)
+    access.flush_if_due()
+    assert out.writes == []  # less than FLUSH_EVERY_S since the last flush
+    mono.now += FLUSH_EVERY_S
+    access.flush_if_due()
+    assert [json.loads(ln)["request_id"] for ln in out.lines] == ["rid-1"]
+    n = 0
+    while not out.writes[1:]:  # no clock movement: only the size bound writes
+        n += 1
+        access.request(_done(n), None)
+    assert len(out.lines) == 1 + n and sum(len(ln) + 1 for ln in out.lines[1:]) >= FLUSH_BYTES
+
+
+def test_access_writes_to_a_pipe_are_whole_lines_within_pipe_buf(tmp_path: Path) -> None:
+    access, out, _ = _access()
+    for i in range(200):
+        access.request(_done(i), None)
+    access.flush()  # the _Writes handler has no regular file: writes are bounded for a pipe
+    assert len(out.writes) > 1
+    assert all(len(w.encode()) + 1 <= PIPE_BUF for w in out.writes)
+    assert [json.loads(ln)["request_id"] for ln in out.lines] == [f"rid-{i}" for i in range(200)]
+
+
+def test_access_lines_go_to_the_old_destination_on_reconfiguration_and_none_when_off(tmp_path: Path) -> None:
+    access, old, _ = _access()
+    access.request(_done(1), None)
+    new = _Writes()
+    access.configure(LoggingConfig(), new)  # HUP: what was buffered is written where it was headed
+    assert [json.loads(ln)["request_id"] for ln in old.lines] == ["rid-1"] and new.writes == []
+    access.configure(LoggingConfig(access_log=False), None)
+    assert not access.enabled
+    access.configure(LoggingConfig(level="warning"), _Writes())
+    assert not access.enabled  # at warning and above there are no access lines
+
+
+def test_access_lines_buffered_before_a_fork_stay_with_the_parent() -> None:
+    access, out, _ = _access()
+    access.request(_done(1), None)
+    access.after_fork()
+    access.flush()
+    assert out.writes == []
+
+
+def test_setup_logging_sends_access_lines_to_the_log_file(tmp_path: Path, restore_loggers: None) -> None:
+    path = tmp_path / "gw.log"
+    setup_logging(LoggingConfig(file=str(path)))
+    try:
+        assert ACCESS.enabled
+        ACCESS.request(_done(7), None)
+        ACCESS.flush()
+        line = json.loads(path.read_text().splitlines()[-1])
+        assert (line["message"], line["request_id"]) == ("request.done", "rid-7")
+    finally:
+        ACCESS.configure(LoggingConfig(), None)

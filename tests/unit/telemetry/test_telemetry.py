@@ -7,6 +7,7 @@ in tests/integration/test_observability.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -15,10 +16,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ntonix.config import BackendConfig, Config, MetricsConfig
+from ntonix.config import BackendConfig, Config, LoggingConfig, MetricsConfig
 from ntonix.core import figures
 from ntonix.core.figures import Extras, Histogram, histogram_quantile, statsd_safe, status_class
 from ntonix.core.record import RequestRecord
+from ntonix.telemetry.logs import ACCESS
 from ntonix.telemetry.recorder import Telemetry
 from ntonix.telemetry.statsd import StatsdSink
 
@@ -247,13 +249,28 @@ def test_prometheus_text_parses_and_matches_the_json(telemetry: Telemetry) -> No
             "ntonix_stream_ttft_seconds", "ntonix_connections_active"} <= set(fams)
 
 
-def test_access_line_fields(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="ntonix.access"):
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines += record.getMessage().split("\n")
+
+
+def test_access_line_fields(telemetry: Telemetry) -> None:
+    out = _Lines()
+    ACCESS.configure(LoggingConfig(), out)
+    try:
         telemetry.finished(_rec(streamed=True, ttft_ms=7.25, cache="MISS"))
-    (record,) = [r for r in caplog.records if r.name == "ntonix.access"]
-    assert record.getMessage() == "request.done"
-    got = {k: getattr(record, k) for k in ("method", "path", "status", "latency_ms", "ttft_ms", "cache", "backend",
-                                           "bytes_sent", "client", "request_id")}
+        ACCESS.flush()
+    finally:
+        ACCESS.configure(LoggingConfig(), None)
+    (line,) = out.lines
+    record = json.loads(line)
+    assert record["message"] == "request.done" and record["component"] == "ntonix.access"
+    got = {k: record[k] for k in ("method", "path", "status", "latency_ms", "ttft_ms", "cache", "backend",
+                                  "bytes_sent", "client", "request_id")}
     assert got == {"method": "POST", "path": "/v1/chat/completions", "status": 200, "latency_ms": 12.5,
                    "ttft_ms": 7.25, "cache": "MISS", "backend": "a:1", "bytes_sent": 10, "client": "10.0.0.9",
                    "request_id": "rid-1"}
@@ -323,3 +340,18 @@ def test_statsd_unresolvable_host_is_reported_once_and_switched_off(caplog: pyte
         sink.request(_rec())
     assert len(calls) == 1 and not sink.enabled
     assert [r.getMessage() for r in caplog.records] == ["statsd.disabled"]
+
+
+def test_metric_values_take_no_greenlet_lock_under_gevent(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import gevent.thread
+
+    from ntonix.telemetry import prometheus as metrics
+
+    real = metrics._value_lock()
+    assert real.acquire(blocking=False) and not real.acquire(blocking=False)  # without gevent: a real lock
+    monkeypatch.setattr(threading, "Lock", gevent.thread.allocate_lock)  # what monkey-patching installs
+    with metrics._value_lock():  # updates never yield: nothing to exclude between greenlets
+        pass
+    assert isinstance(metrics._value_lock(), metrics._NoLock)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SSE load for scripts/bench: C concurrent streams, TTFT and byte-for-byte checks.
 
-    python scripts/bench_sse_client.py --port 8080 --streams 1000 --seconds 4 [--ramp 1]
+    python -m tools.bench.sse_client --port 8080 --streams 1000 --seconds 4 [--ramp 1]
 
 ``--streams`` slots each hold one keep-alive connection and run one chat-completion stream
 after another (a unique prompt each time) until ``--seconds`` have passed after the ramp. Slot
@@ -25,32 +25,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import socket
 import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_backend import EVENTS, sse_body  # noqa: E402
+from tools.bench.backend import EVENTS, sse_body
+from tools.stats import percentile
 
 
 class StreamError(Exception):
     pass
 
 
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, math.ceil(p / 100.0 * len(s)) - 1))  # nearest rank
-    return s[k]
-
-
 def dechunk(raw: bytes) -> bytes | None:
     """The body of a complete chunked encoding (no trailers), or None when it is not complete."""
-    parts = []
+    parts: list[bytes] = []
     pos = 0
     while True:
         j = raw.find(b"\r\n", pos)
@@ -113,7 +104,7 @@ class Conn(asyncio.BufferedProtocol):
         return self._rview
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._rbuf[:nbytes])
+        self.data_received(self._rview[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         if self.fut is None or self.fut.done():
@@ -180,6 +171,7 @@ async def run(hosts: list[tuple[str, int]], path: str, streams: int, seconds: fl
             try:
                 if conn is None or conn.lost:
                     _, conn = await asyncio.wait_for(loop.create_connection(Conn, host, port), timeout)
+                assert conn is not None
                 ttft, got, keep = await asyncio.wait_for(conn.start(request), timeout)
             except (TimeoutError, OSError, StreamError, ValueError) as exc:
                 counts["errors"] += 1
@@ -197,7 +189,7 @@ async def run(hosts: list[tuple[str, int]], path: str, streams: int, seconds: fl
                 counts["mismatched"] += 1
                 if not first_error:
                     first_error.append(f"mismatch: got {len(got)} bytes, {got[:120]!r}")
-            if not keep and conn.transport is not None:
+            if not keep and conn is not None and conn.transport is not None:
                 conn.transport.close()
                 conn = None
         if conn is not None and conn.transport is not None:

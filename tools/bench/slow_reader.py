@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A client that reads a large streamed answer slower than it is produced (scripts/bench, scenario 5).
 
-    python scripts/bench_slow_reader.py --port 8080 [--mb 200] [--block 65536] [--every 0.002]
+    python -m tools.bench.slow_reader --port 8080 [--mb 200] [--block 65536] [--every 0.002]
 
 GETs ``/big?mb=N`` and takes ``--block`` bytes off the socket every ``--every`` seconds
 (64 KiB / 2 ms = 32 MiB/s; the bench backend writes as fast as the socket takes it), so a proxy

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A fast OpenAI-like backend for scripts/bench: raw HTTP/1.1 keep-alive, no framework.
 
-    python scripts/bench_backend.py --port 9001 [--delay 1.0]
+    python -m tools.bench.backend --port 9001 [--delay 1.0]
 
 Answers, as cheaply as Python allows (the bench measures the proxy in front, not this):
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The floor for scripts/bench: a minimal WSGI app on the gateway's own gunicorn settings.
 
-    python scripts/bench_minimal_app.py --port 9100 [--workers 1] [--worker-connections 4096]
+    python -m tools.bench.floor_app --port 9100 [--workers 1] [--worker-connections 4096]
 
 The gunicorn settings come from ``ntonix.server.settings`` for a configuration with the same
 ``server`` section as the gateway under test (bind, workers, worker_connections, keepalive,
@@ -14,14 +14,10 @@ gateway costs above this app is what NTONIX's own code costs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_backend import JSON_BODY  # noqa: E402
+from tools.bench.backend import JSON_BODY
 
 _HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(JSON_BODY)))]
 

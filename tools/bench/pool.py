@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """CPU cost of one pool reuse: acquire + return of an idle keep-alive socket (issue 13).
 
-    python scripts/bench_pool.py                          # this checkout
-    python scripts/bench_pool.py --against ../other-tree  # and another checkout's ntonix/upstream/transport.py
+    python -m tools.bench.pool                          # this checkout
+    python -m tools.bench.pool --against ../other-tree  # and another checkout's transport module
 
 In one process, on one loopback connection to a gevent listener: ``--rounds`` rounds of ``--cycles``
 cycles each, the checkouts alternating round by round; prints the median CPU µs per cycle.
@@ -20,17 +20,17 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import gevent
+import gevent.server
 
-import gevent  # noqa: E402
-import gevent.server  # noqa: E402
-
-from ntonix.upstream import transport  # noqa: E402
+from ntonix.upstream import transport
 
 
 def load(tree: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("other_transport", tree / "ntonix" / "transport.py")
+    path = tree / "ntonix" / "upstream" / "transport.py"
+    if not path.exists():  # a checkout from before the package layout
+        path = tree / "ntonix" / "transport.py"
+    spec = importlib.util.spec_from_file_location("other_transport", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -58,7 +58,12 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=200_000)
     args = ap.parse_args()
     held: list[object] = []
-    server = gevent.server.StreamServer(("127.0.0.1", 0), lambda s, _a: held.append(s) or gevent.sleep(3600))
+
+    def hold(sock: object, _address: object) -> None:  # keep the connection open, say nothing
+        held.append(sock)
+        gevent.sleep(3600)
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), hold)
     server.start()
     targets: list[tuple[str, ModuleType]] = [("this", transport)]
     if args.against:

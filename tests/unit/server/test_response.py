@@ -1,0 +1,44 @@
+"""The worker's gunicorn patches that need no socket: one ``wsgi.errors`` per worker."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from gunicorn import util
+from gunicorn.config import Config as GConfig
+from gunicorn.http import wsgi
+from gunicorn.http.wsgi import Response, base_environ
+
+from ntonix.server import response as gresponse
+
+
+def test_wsgi_errors_is_made_once_per_configuration_and_still_reaches_the_error_log() -> None:
+    cfg = GConfig()
+    cfg.set("errorlog", "/dev/null")  # not "-": the streams are the error log's handlers'
+    a, b = gresponse.errors_wrapper(cfg), gresponse.errors_wrapper(cfg)
+    assert a is b
+    assert gresponse.errors_wrapper(GConfig()) is not a
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    errorlog = logging.getLogger("gunicorn.error")
+    errorlog.addHandler(handler)  # added after the wrapper was made: found when written to
+    try:
+        assert a.write("app said: oops\n") == len("app said: oops\n")
+    finally:
+        errorlog.removeHandler(handler)
+    assert out.getvalue() == "app said: oops\n"
+
+
+def test_install_makes_gunicorn_use_the_shared_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    # install() patches gunicorn for the whole process, as in a worker (ntonix/server/worker.py):
+    # let monkeypatch put back everything it replaces once this test is done.
+    for name in ("send_headers", "_emit_body", "write", "close"):
+        monkeypatch.setattr(Response, name, getattr(Response, name))
+    monkeypatch.setattr(util, "http_date", util.http_date)
+    monkeypatch.setattr(wsgi, "WSGIErrorsWrapper", wsgi.WSGIErrorsWrapper)
+    gresponse.install()
+    cfg = GConfig()
+    first, second = base_environ(cfg)["wsgi.errors"], base_environ(cfg)["wsgi.errors"]
+    assert first is second and isinstance(first, gresponse.SharedErrors)
