@@ -17,6 +17,9 @@ class NtonixError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    # The connection must close after this answer: the request's body was left unread, and what
+    # is left of it must not be parsed as the next request.
+    closes_connection = False
 
     def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -39,11 +42,17 @@ class ModelNotFound(NtonixError):
 
 
 class RequestTimeout(NtonixError):
+    """The client stopped sending its body."""
+
     status, type, code = 408, "invalid_request_error", "request_timeout"
+    closes_connection = True
 
 
 class PayloadTooLarge(NtonixError):
+    """The body is over the limit; it is not read."""
+
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+    closes_connection = True
 
 
 class UpstreamUnavailable(NtonixError):

@@ -1,4 +1,5 @@
-"""Fakes for unit tests: plain objects that stand in for the clock (and, later, the transport).
+"""Fakes for unit tests: plain objects that stand in for the clock. (The transport's fake is
+``ntonix.upstream.fake.ScriptedTransport``, beside the Protocol it implements.)
 
 Fakes over mocks (STYLE.md practice 14): each behaves like the real thing in the few ways
 the code under test relies on, and can be read in a minute.

@@ -28,7 +28,6 @@ from ntonix.core.sse import StreamRecorder
 from ntonix.core.usage import Usage, UsageTap
 from ntonix.errors import NtonixError
 from ntonix.server import disconnect
-from ntonix.upstream import transport
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -71,6 +70,8 @@ class Body:
 class UpstreamBody:
     """The backend's body, relayed piece by piece; ``close`` settles everything once."""
 
+    closed = False  # close() was called: a second call must not settle again
+
     def __init__(self, rt: Runtime, resp: Any, backend: Backend, environ: WSGIEnvironment, rec: RequestRecord,
                  store_key: str | None, replay_headers: tuple[tuple[str, str], ...], stream: bool,
                  leader: Leader | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
@@ -99,12 +100,12 @@ class UpstreamBody:
             raise StopIteration
         if not self._head_flushed:
             self._head_flushed = True
-            if not transport.body_ready(self.resp):
+            if not self.rt.transport.body_ready(self.resp):
                 # gunicorn sends the headers with the first write: send them now, not with the
                 # first token (a stream's headers come long before its first event).
                 return b""
         try:
-            chunk = transport.read_some(self.resp)
+            chunk = self.rt.transport.read_some(self.resp)
         except NtonixError as exc:
             self.failed = exc.message
             self.rec.error = exc.message
@@ -143,6 +144,9 @@ class UpstreamBody:
             self.usage.feed(chunk)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.watch is not None:
             self.watch.cancel()
         if not self.ended and not self.failed and self.leader is not None and self.leader.has_followers:
@@ -151,14 +155,14 @@ class UpstreamBody:
             self.rec.error = "client closed the connection; answer finished for coalesced followers"
             if not self.rec.finished:
                 self._done(self.rec)
-            gevent.spawn(self._finish_for_followers)
+            self.rt.background.spawn(self._finish_for_followers)
             return
         self._settle()
 
     def _finish_for_followers(self) -> None:
         try:
             while True:
-                chunk = transport.read_some(self.resp)
+                chunk = self.rt.transport.read_some(self.resp)
                 if not chunk:
                     self.ended = True
                     break

@@ -17,6 +17,7 @@ from ntonix.core.headers import in_networks, request_id_from
 from ntonix.core.record import RequestRecord
 from ntonix.errors import Forbidden, NtonixError, render_error, status_line
 from ntonix.gateway.bodies import Body
+from ntonix.gateway.host import Host, PlainHost
 from ntonix.gateway.proxy import Proxy
 
 if TYPE_CHECKING:
@@ -32,9 +33,11 @@ log = logging.getLogger("ntonix.gateway")
 class Gateway:
     """The WSGI application: the gateway's own endpoints, everything else proxied."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, host: Host | None = None) -> None:
+        """``host``: what the server hosting us can do (``ntonix.gateway.host``)."""
         self.rt = runtime
-        self.proxy = Proxy(runtime, self._finished)
+        self.host: Host = host if host is not None else PlainHost()
+        self.proxy = Proxy(runtime, self._finished, self.host)
 
     def _finished(self, rec: RequestRecord) -> None:
         if rec.finish():
@@ -57,12 +60,8 @@ class Gateway:
             headers.append(("X-Request-ID", rid))
             if rec.cache or not self._is_own(method, path):
                 headers.append(("X-Cache", rec.cache or "BYPASS"))
-            if environ.get("ntonix.must_close"):
-                # An unread request body follows: close the connection after this answer.
-                # gunicorn's start_response is bound to its Response, which can force that.
-                force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
-                if force_close is not None:
-                    force_close()
+            if err.closes_connection:  # an unread request body follows
+                self.host.close_after(start_response)
             rec.status = err.status
             rec.error = err.message
             rec.bytes_sent = len(body)

@@ -51,12 +51,13 @@ from ntonix.errors import (
 )
 from ntonix.gateway.bodies import Body, FollowerBody, UpstreamBody
 from ntonix.server import disconnect
-from ntonix.upstream import transport
+from ntonix.upstream import SendFailed, Unanswered
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from ntonix.core.registry import Backend
+    from ntonix.gateway.host import Host
     from ntonix.gateway.runtime import Runtime
     from ntonix.routing.select import Lease
 
@@ -65,24 +66,15 @@ log = logging.getLogger("ntonix.proxy")
 
 
 
-def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float) -> bytes:
+def read_body(environ: WSGIEnvironment, limit: int, timeout_s: float, host: Host) -> bytes:
     """The whole request body, within ``limit`` bytes (413); 408 when the client leaves more
-    than ``timeout_s`` between two pieces of it (nginx's ``client_body_timeout``).
-
-    The limit is the client socket's own timeout for the reads, which costs nothing unless a
-    read has to wait (a ``gevent.Timeout`` per request showed in the profile).
+    than ``timeout_s`` between two pieces of it (nginx's ``client_body_timeout``). Both errors
+    close the connection after the answer (``closes_connection``): the body is left unread.
     """
-    sock = environ.get("gunicorn.socket")
-    if sock is not None:
-        sock.settimeout(timeout_s)
     try:
-        return _read_body(environ, limit)
+        return host.read_body(environ, timeout_s, _read_body, limit)
     except TimeoutError:
-        environ["ntonix.must_close"] = True  # what is left of the body must not be parsed
         raise RequestTimeout(f"request body not received: {timeout_s:g}s without data") from None
-    finally:
-        if sock is not None:
-            sock.settimeout(None)
 
 
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
@@ -91,13 +83,11 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
     if length:
         n = int(length)
         if n > limit:
-            environ["ntonix.must_close"] = True  # the unread body must not be parsed as a request
             raise PayloadTooLarge(f"request body of {n} bytes is over the limit of {limit} bytes")
         return stream.read(n) if n else b""
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         data: bytes = stream.read(limit + 1)
         if len(data) > limit:
-            environ["ntonix.must_close"] = True
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
         return data
     return b""
@@ -144,9 +134,10 @@ def origin_form(target: str) -> str:
 
 
 class Proxy:
-    def __init__(self, runtime: Runtime, done: Callable[[RequestRecord], None]) -> None:
+    def __init__(self, runtime: Runtime, done: Callable[[RequestRecord], None], host: Host) -> None:
         self.rt = runtime
         self._done = done
+        self.host = host
         self._credential_keys = credential_keys(runtime.config.cache.partition_headers)
 
     # ------------------------------------------------------------------ entry
@@ -155,7 +146,7 @@ class Proxy:
         cfg = rt.config
         method = rec.method
         path = rec.path
-        body = read_body(environ, cfg.proxy.max_body_bytes, cfg.server.body_timeout_s)
+        body = read_body(environ, cfg.proxy.max_body_bytes, cfg.server.body_timeout_s, self.host)
         if method == "GET" and path == "/v1/models":
             known = rt.known_models()
             if known is not None:  # else forwarded, like any other request
@@ -336,9 +327,9 @@ class Proxy:
                 backend.in_flight += 1
                 started = time.perf_counter()
                 try:
-                    resp = transport.send(backend.pool, rec.method, target,
+                    resp = rt.transport.send(backend.pool, rec.method, target,
                                           [*base_headers, ("Host", backend.address)], body, cfg.proxy.read_timeout_s)
-                except transport.Unanswered as exc:
+                except Unanswered as exc:
                     # Closed or reset before any response byte. If the backend now refuses new
                     # connections it died with our request: nothing was answered and nothing
                     # will be, so another backend may take it. A live backend that hung up on
@@ -346,7 +337,7 @@ class Proxy:
                     backend.in_flight -= 1
                     lease.release()
                     rt.backend_failed(backend, exc.message)
-                    if not transport.refuses_connections(backend.config.host, backend.config.port,
+                    if not rt.transport.refuses_connections(backend.config.host, backend.config.port,
                                                          min(0.5, cfg.proxy.connect_timeout_s)):
                         rec.backend, rec.backend_ok = backend.address, False
                         raise
@@ -354,7 +345,7 @@ class Proxy:
                         "backend": backend.address, "reason": exc.message, "request_id": rec.request_id})
                     last_error = exc
                     continue
-                except transport.SendFailed as exc:
+                except SendFailed as exc:
                     backend.in_flight -= 1
                     lease.release()
                     rt.backend_failed(backend, str(exc))
@@ -398,7 +389,7 @@ class Proxy:
         rec.status = status
         rec.backend = backend.address
         rec.backend_latency_ms = (time.perf_counter() - started) * 1000.0
-        raw_headers = transport.response_headers(resp)
+        raw_headers = self.rt.transport.response_headers(resp)
         headers = forward_response_headers(raw_headers, rec.request_id)
         headers.append(("X-Cache", rec.cache))
         if status != 200 or "no-store" in (header_value(raw_headers, "cache-control") or "").lower():

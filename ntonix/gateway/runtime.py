@@ -1,8 +1,10 @@
 """What a request needs at run time, swapped in place on reload: config, backends, cache, telemetry.
 
 ``Runtime`` owns the registry of backends and their pools, the routing state (policy, host-wide
-in-flight counts, prefix index), the cache tiers, the coalescer and the trusted networks, and
-turns backend outcomes into breaker and health verdicts (logging the transitions the pure state
+in-flight counts, prefix index), the cache tiers, the coalescer and the trusted networks, holds
+the ``Transport`` to the backends (given by the composition root: the real one in a worker,
+``ntonix.upstream.fake.ScriptedTransport`` in unit tests), and turns
+backend outcomes into breaker and health verdicts (logging the transitions the pure state
 machines return).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ntonix.cache import ResponseCache, build_cache
@@ -24,7 +27,8 @@ from ntonix.core.registry import Backend, Registry
 from ntonix.core.transitions import Transition
 from ntonix.routing.state import RoutingState
 from ntonix.telemetry.recorder import Telemetry
-from ntonix.upstream import transport
+from ntonix.upstream import Transport
+from ntonix.upstream.background import Background
 
 log = logging.getLogger("ntonix.gateway")
 
@@ -40,10 +44,14 @@ def _sleep(seconds: float) -> None:
 class Runtime:
     """Everything a request needs, swapped in place on reload."""
 
-    def __init__(self, config: Config, telemetry: Telemetry) -> None:
+    def __init__(self, config: Config, telemetry: Telemetry, transport: Transport,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: the breakers' (tests pass a fake one)."""
         self.config = config
         self.telemetry = telemetry
-        self.registry = Registry(config.backends, config.health, config.circuit_breaker)
+        self.transport = transport
+        self.background = Background()  # greenlets no connection holds; the worker joins them at drain
+        self.registry = Registry(config.backends, config.health, config.circuit_breaker, clock=clock)
         for backend in self.registry.all():
             self._attach_pool(backend)
         self.trusted_proxies = parse_networks(config.proxy.trusted_proxies)
@@ -63,7 +71,7 @@ class Runtime:
 
     def _attach_pool(self, backend: Backend) -> None:
         cfg = self.config
-        backend.pool = transport.Pool(
+        backend.pool = self.transport.pool(
             backend.config.host, backend.config.port, size=cfg.pool.size, max_size=cfg.pool.max_size,
             idle_timeout_s=cfg.pool.idle_timeout_s, connect_timeout_s=cfg.proxy.connect_timeout_s)
 

@@ -102,7 +102,7 @@ class Selector:
             candidates = [self._candidate(t, matched, newcomer=True) for t in targets]
             decision = self.router.choose(candidates)
             if decision.outcome is Outcome.NONE:
-                raise NoHealthyBackend("no healthy backend available", retry_after=self.retry_after_s)
+                raise NoHealthyBackend("no healthy backend is available", retry_after=self.retry_after_s)
             if decision.outcome is Outcome.AT_LIMIT:
                 break
             assert decision.address is not None
@@ -119,7 +119,7 @@ class Selector:
                 return None
         address = self.router.round_robin([t for t in targets if t.address not in exclude] if exclude else targets)
         if address is None:
-            raise NoHealthyBackend("no healthy backend available", retry_after=self.retry_after_s)
+            raise NoHealthyBackend("no healthy backend is available", retry_after=self.retry_after_s)
         self.load.begin(address)
         return Lease(self.load, address, 0, False)
 

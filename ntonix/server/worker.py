@@ -181,7 +181,8 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while time.monotonic() < deadline:
             self._close_idle()
-            if all(server.pool.free_count() == server.pool.size for server in servers):
+            # Connections, and answers a leader finishes for coalesced followers in the background.
+            if all(server.pool.free_count() == server.pool.size for server in servers) and not self.wsgi.rt.background:
                 return
             self.notify()
             gevent.sleep(0.05)

@@ -1,2 +1,8 @@
-"""Talking to backends: the keep-alive transport (the only geventhttpclient user) and the health prober.
+"""Talking to backends: the ``Transport`` seam the request flow is given (``base``), its real
+geventhttpclient implementation (``transport``, the only geventhttpclient user), a scripted one
+for tests (``fake``) and the health prober.
 """
+
+from ntonix.upstream.base import SendFailed, Transport, Unanswered, UpstreamBroken, UpstreamResponse
+
+__all__ = ["SendFailed", "Transport", "Unanswered", "UpstreamBroken", "UpstreamResponse"]

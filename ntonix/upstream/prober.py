@@ -1,5 +1,5 @@
-"""Background greenlets of a worker: active health checks and model discovery (the only module
-that owns any).
+"""Background greenlets of a worker: active health checks and model discovery (the request
+side's are in ``background.py``).
 
 Every worker probes every backend each ``health.interval_s`` (with a little jitter so the
 workers do not probe in lock-step), on fresh connections outside the request pools, so

@@ -24,7 +24,9 @@ docs/notes/stack.md §3). That uses the response's ``_body_buffer``/``_sock``: g
 
 Failures are translated here, in one place, into three outcomes the proxy acts on:
 ``SendFailed`` (the request never reached the backend: safe to try another one),
-``UpstreamTimeout`` and ``UpstreamBroken``/``UpstreamUnavailable``.
+``UpstreamTimeout`` and ``UpstreamBroken``/``UpstreamUnavailable`` (``ntonix.upstream.base``).
+The flow reaches these functions through ``GeventTransport``, the ``Transport`` of
+``ntonix.upstream.base`` that the composition root hands it.
 """
 
 from __future__ import annotations
@@ -43,23 +45,14 @@ from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError, HTTP
 
 from ntonix.core.keepalive import ConnState
 from ntonix.errors import UpstreamTimeout, UpstreamUnavailable
+from ntonix.upstream.base import SendFailed, Unanswered, UpstreamBroken
+
+__all__ = ["GeventTransport", "Pool", "SendFailed", "Unanswered", "UpstreamBroken", "probe"]
 
 BLOCK = 64 * 1024
 # llhttp sets no limit on a response head and geventhttpclient keeps every header it parses:
 # without one a backend could make us buffer (and relay) megabytes of headers.
 MAX_HEAD_BYTES = 64 * 1024
-
-
-class SendFailed(Exception):
-    """The request did not reach the backend (refused, reset, pool full): try another one."""
-
-
-class Unanswered(UpstreamUnavailable):
-    """The connection closed or reset after the request was sent, before any response byte."""
-
-
-class UpstreamBroken(UpstreamUnavailable):
-    """The backend closed or broke the connection in the middle of a response body."""
 
 
 class HeadTooLarge(HTTPParseError):
@@ -394,3 +387,20 @@ def fetch_models(host: str, port: int, timeout_s: float) -> tuple[int, bytes] | 
     if len(body) > MAX_MODELS_BYTES:
         return code, b""  # not a list we take: serves any model
     return code, bytes(body)
+
+
+class GeventTransport:
+    """The real ``ntonix.upstream.base.Transport``: this module's functions, bound once as
+    instance attributes, so a call through the seam costs what a call of the module function
+    did (one attribute lookup), and the module stays the one place that talks to backends."""
+
+    def __init__(self) -> None:
+        self.pool = Pool
+        self.send = send
+        self.read_some = read_some
+        self.body_ready = body_ready
+        self.response_headers = response_headers
+        self.refuses_connections = refuses_connections
+
+    def __repr__(self) -> str:
+        return "<GeventTransport>"

@@ -11,6 +11,7 @@ from ntonix.errors import (
     NoHealthyBackend,
     NtonixError,
     PayloadTooLarge,
+    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
@@ -48,6 +49,12 @@ def test_client_errors_are_invalid_request_errors() -> None:
         assert cls.type == "invalid_request_error"
     for cls in (UpstreamUnavailable, NoHealthyBackend, UpstreamTimeout):
         assert cls.type != "invalid_request_error"
+
+
+def test_only_errors_raised_before_the_body_was_read_close_the_connection() -> None:
+    assert RequestTimeout("x").closes_connection and PayloadTooLarge("x").closes_connection
+    for cls in (BadRequest, UpstreamUnavailable, NoHealthyBackend, UpstreamTimeout, NtonixError):
+        assert not cls.closes_connection
 
 
 def test_retry_after_header() -> None:

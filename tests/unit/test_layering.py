@@ -5,6 +5,8 @@
    xxhash; those and the other pure modules reach no network, process or thread module.
 2. Only the entry point ``ntonix/wsgi.py`` imports the composition root ``ntonix.app``.
 3. Each I/O library is imported by one package only (gevent by a short, explained list).
+4. The request flow (``ntonix/gateway/``) and the transport seam's Protocol and fake reach no
+   geventhttpclient: the flow gets its ``Transport`` from the composition root.
 
 Imports under ``if TYPE_CHECKING:`` count everywhere. A module named below that does not exist
 fails the check, so a rename cannot silently drop a module from it. Importing any module has no
@@ -241,8 +243,9 @@ OWNERS = {
     "pythonjsonlogger": ("ntonix/telemetry/",),
     "gunicorn": ("ntonix/server/",),
     # gevent: the hub is everywhere, but greenlets and watchers belong to the edges. bodies.py
-    # spawns the greenlet that finishes a coalesced answer for followers, and the coalescer's
-    # default sleep is gevent's (injected, tests pass their own); both are to move to upstream/.
+    # only subclasses GreenletExit (StreamAborted, which gunicorn's worker swallows; its
+    # background greenlet is spawned by upstream/background.py), and the coalescer's default
+    # sleep is gevent's (injected, tests pass their own).
     "gevent": ("ntonix/upstream/", "ntonix/server/", "ntonix/gateway/bodies.py", "ntonix/cache/coalescer.py"),
 }
 
@@ -256,6 +259,27 @@ def test_each_io_library_is_imported_by_its_package_only() -> None:
             if owners is not None and not rel.startswith(owners):
                 problems.append(f"{rel} line {line}: import {name} (belongs to {', '.join(owners)})")
     assert not problems, "\n  ".join(["I/O libraries outside their package:", *problems])
+
+
+# The transport seam (ntonix/upstream/base.py): the request flow is handed a Transport and must
+# not reach geventhttpclient, even through another module, so it runs over the scripted fake in
+# unit tests; the Protocol and the fake must not reach it either.
+SEAM_SIDE = ("ntonix/gateway/", "ntonix/upstream/__init__.py", "ntonix/upstream/base.py", "ntonix/upstream/fake.py")
+
+
+def seam_side_files() -> list[Path]:
+    return [p for p in python_files() if p.relative_to(ROOT).as_posix().startswith(SEAM_SIDE)]
+
+
+@pytest.mark.parametrize("path", seam_side_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_the_flow_and_the_fake_reach_no_geventhttpclient(path: Path) -> None:
+    bad = [p for p in io_imports_reached(path) if "import geventhttpclient" in p]
+    assert not bad, "behind the Transport seam, but reaches geventhttpclient:\n  " + "\n  ".join(bad)
+
+
+def test_seam_side_paths_exist() -> None:
+    missing = [p for p in SEAM_SIDE if not (ROOT / p).exists()]
+    assert not missing
 
 
 def test_owner_paths_exist() -> None:

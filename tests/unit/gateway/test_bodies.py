@@ -1,16 +1,198 @@
-"""A follower's body whose leader stops publishing midway goes on from a resumed answer."""
+"""ntonix.gateway.bodies: through a ScriptedTransport, relaying, recording for the cache, a
+stream cut mid-way, a client that leaves, and ``close()`` settling everything exactly once; and
+a follower's body whose leader stops publishing midway going on from a resumed answer."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import orjson
 import pytest
 import xxhash
 
-from ntonix.cache.coalescer import LeaderFailed
+from ntonix.cache.coalescer import Coalescer, Follower, Leader, LeaderFailed
+from ntonix.core.breaker import BreakerState
+from ntonix.core.cache_key import cache_key
 from ntonix.core.record import RequestRecord
 from ntonix.errors import UpstreamUnavailable
 from ntonix.gateway.bodies import FollowerBody, StreamAborted
+from ntonix.upstream.fake import Reply
+from tests.unit.gateway.flow import B1, B2, CHAT, ClientSocket, Flow, chat
+
+SSE = (("Content-Type", "text/event-stream"),)
+EVENTS = [b'data: {"n":1}\n\n', b'data: {"n":2}\n\n', b"data: [DONE]\n\n"]
+
+
+def stream(**kw: object) -> Reply:
+    return Reply(200, chunks=kw.pop("chunks", EVENTS), headers=SSE, sized=False, **kw)  # type: ignore[arg-type]
+
+
+def key_of(body: bytes) -> str:
+    key = cache_key(CHAT, orjson.loads(body), None)
+    assert key is not None
+    return key
+
+
+def settled(flow: Flow, address: str = B1) -> None:
+    """Everything a request took is back: nothing in flight, no response unreleased."""
+    assert flow.backend(address).in_flight == 0
+    assert flow.transport.pools[address].active == 0
+
+
+@pytest.mark.parametrize("fail", ["cut", "stall"])
+def test_a_stream_cut_mid_way_aborts_the_client_and_is_not_cached(tmp_path: Path, fail: str) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, stream(fail=fail, after=1), stream())
+    sock = ClientSocket()
+    answer = flow.request(body=chat(stream=True), sock=sock)
+    assert answer.status == 200
+    assert answer.next() == EVENTS[0]
+    with pytest.raises(StreamAborted):
+        answer.next()
+    assert sock.shut  # the client sees a broken body, never a clean end
+    # ... and the flight ended before that: a request sent at once does not follow it.
+    role = Coalescer(str(tmp_path / "cache"), stale_after_s=30).join(key_of(chat(stream=True)))
+    assert isinstance(role, Leader)
+    role.finish(False)
+    answer.close()
+    resp = flow.transport.exchanges[0].response
+    assert resp is not None and resp.released == "closed"  # discarded, never back in the pool
+    settled(flow)
+    assert flow.backend(B1).breaker.failures == 1
+    (rec,) = flow.telemetry.records
+    assert rec.backend_ok is False and "middle of the response" in rec.error
+    # Nothing cached and no flight left behind: the same request goes to the backend again.
+    again = flow.request(body=chat(stream=True))
+    assert (again.header("X-Cache"), again.read()) == ("MISS", b"".join(EVENTS))
+    assert len(flow.transport.exchanges) == 2
+
+
+def test_a_client_that_leaves_discards_the_connection_without_a_verdict(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, stream())
+    answer = flow.request(body=chat(stream=True))
+    assert answer.next() == EVENTS[0]
+    answer.close()
+    resp = flow.transport.exchanges[0].response
+    assert resp is not None and resp.released == "closed"
+    settled(flow)
+    breaker = flow.backend(B1).breaker
+    assert (breaker.state, breaker.failures) == (BreakerState.CLOSED, 0)
+    (rec,) = flow.telemetry.records
+    assert (rec.backend_ok, rec.error) == (None, "client closed the connection")
+    assert rec.streamed
+    role = Coalescer(str(tmp_path / "cache"), stale_after_s=30).join(key_of(chat(stream=True)))
+    assert isinstance(role, Leader)  # the flight ended with the request
+    role.finish(False)
+
+
+@pytest.mark.parametrize("how", ["read", "left", "cut"])
+def test_close_settles_exactly_once(tmp_path: Path, how: str) -> None:
+    flow = Flow(tmp_path, B1)
+    flow.transport.script(B1, stream(fail="cut", after=1) if how == "cut" else stream())
+    answer = flow.request(body=chat(stream=True))
+    if how == "read":
+        answer.read()
+    elif how == "cut":
+        answer.next()
+        with pytest.raises(StreamAborted):
+            answer.next()
+    for _ in range(3):
+        answer.close()
+    settled(flow)  # a second settle would take in_flight below zero
+    assert len(flow.telemetry.records) == 1
+    expected = {"read": (0, True), "left": (0, None), "cut": (1, False)}[how]
+    assert (flow.backend(B1).breaker.failures, flow.telemetry.records[0].backend_ok) == expected
+
+
+def test_a_read_to_its_end_goes_back_to_the_pool_and_counts_a_success(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, circuit_breaker={"failure_threshold": 3})
+    flow.transport.script(B1, Reply(fail="reset"), Reply(200, chunks=[b"{}"]))
+    flow.request().read()
+    assert flow.backend(B1).breaker.failures == 1
+    flow.request().read()
+    assert flow.backend(B1).breaker.failures == 0
+    resp = flow.transport.exchanges[1].response
+    assert resp is not None and resp.released == "pool"
+    settled(flow)
+
+
+def test_an_unsized_body_flushes_its_head_before_the_first_piece(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1)
+    flow.transport.script(B1, stream(trickle=True), Reply(200, chunks=[b"{", b"}"], trickle=True))
+    answer = flow.request(body=chat(stream=True))
+    assert [answer.next() for _ in range(4)] == [b"", *EVENTS]  # b"": gunicorn writes the head now
+    answer.close()
+    sized = flow.request()
+    assert sized.next() == b"{"  # a sized body waits for its bytes: a failure can still be a clean error
+    assert sized.read() == b"}"
+
+
+def test_a_stream_is_cached_only_with_its_done_event(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, stream(chunks=EVENTS[:2]), stream())
+    assert flow.request(body=chat(stream=True)).read() == b"".join(EVENTS[:2])
+    second = flow.request(body=chat(stream=True))
+    assert (second.header("X-Cache"), second.read()) == ("MISS", b"".join(EVENTS))  # not stored without [DONE]
+    hit = flow.request(body=chat(stream=True))
+    assert (hit.header("X-Cache"), hit.read()) == ("HIT", b"".join(EVENTS))
+    assert len(flow.transport.exchanges) == 2
+
+
+def test_an_error_answer_is_relayed_but_neither_cached_nor_a_success(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, Reply(500, chunks=[b'{"error":"x"}']), Reply(200, chunks=[b"{}"]))
+    answer = flow.request()
+    assert (answer.status, answer.read()) == (500, b'{"error":"x"}')
+    assert flow.backend(B1).breaker.failures == 1
+    assert flow.request().header("X-Cache") == "MISS"
+
+
+def test_an_answer_too_large_to_record_is_relayed_but_not_cached(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache={"max_entry_bytes": 4})
+    flow.transport.script(B1, Reply(200, chunks=[b"abc", b"def"]), Reply(200, chunks=[b"{}"]))
+    assert flow.request().read() == b"abcdef"
+    assert flow.request().header("X-Cache") == "MISS"
+
+
+def test_a_removed_backends_pool_closes_when_its_last_answer_ends(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, B2)
+    flow.transport.script(B1, stream())
+    answer = flow.request(body=chat(stream=True))
+    assert answer.next() == EVENTS[0]
+    flow.runtime.reload(Flow(tmp_path, B2).config)
+    pool = flow.transport.pools[B1]
+    assert not pool.closed  # the answer streams on
+    assert answer.read() == b"".join(EVENTS[1:])
+    assert pool.closed
+
+
+def test_a_leader_whose_client_left_finishes_the_answer_for_its_followers(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, stream())
+    answer = flow.request(body=chat(stream=True))
+    assert answer.next() == EVENTS[0]
+    follower = Coalescer(str(tmp_path / "cache"), stale_after_s=30).join(key_of(chat(stream=True)))
+    assert isinstance(follower, Follower)  # another worker's request for the same answer
+    assert answer.next() == EVENTS[1]  # the leader sees it has a follower
+    answer.close()  # its own client left
+    (rec,) = flow.telemetry.records  # this request is reported at once
+    assert "coalesced followers" in rec.error
+    assert len(flow.runtime.background) == 1  # the rest is read in a greenlet the worker joins at drain
+    assert flow.runtime.background.join(5)
+    resp = flow.transport.exchanges[0].response
+    assert resp is not None and resp.released == "pool"  # read to its end in the background
+    settled(flow)
+    assert follower.wait_head(1) is not None
+    assert b"".join(follower.chunks(1)) == b"".join(EVENTS)
+    follower.close()
+    hit = flow.request(body=chat(stream=True))
+    assert (hit.header("X-Cache"), hit.read()) == ("HIT", b"".join(EVENTS))
+    assert len(flow.telemetry.records) == 2
+
+
+# ---------------------------------------------------------------------- a follower resuming from a backend
 
 
 class FakeFollower:

@@ -1,0 +1,241 @@
+"""ntonix.gateway.proxy through a ScriptedTransport: backend choice, failover, retries, breaker
+trials, coalescing, timeouts. Plain environ dicts, no gunicorn, no sockets (tests/unit/gateway/flow.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from ntonix.cache.coalescer import Coalescer, Follower, Leader
+from ntonix.core.breaker import BreakerState
+from ntonix.core.cache_key import cache_key
+from ntonix.upstream.fake import Reply
+from tests.fakes import FakeClock
+from tests.unit.gateway.flow import B1, B2, B3, CHAT, Flow, chat
+
+
+def error(answer: object) -> dict[str, object]:
+    body = answer.json()  # type: ignore[attr-defined]
+    assert set(body) == {"error"}
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def test_a_request_reaches_its_backend_with_the_forwarded_headers(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1)
+    flow.transport.script(B1, Reply(200, chunks=[b'{"id":', b'"x"}']))
+    answer = flow.request(headers={"X-Request-ID": "req-1", "Authorization": "Bearer k"})
+    assert (answer.status, answer.read()) == (200, b'{"id":"x"}')
+    assert answer.header("X-Request-ID") == "req-1"
+    assert answer.header("X-Cache") == "BYPASS"
+    (sent,) = flow.transport.exchanges
+    assert (sent.address, sent.method, sent.target, sent.body) == (B1, "POST", CHAT, chat())
+    headers = dict(sent.headers)
+    assert headers["Host"] == B1
+    assert headers["Authorization"] == "Bearer k"
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    assert sent.response is not None and sent.response.released == "pool"
+
+
+def test_a_refused_request_is_retried_on_the_next_backend(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, B2)
+    flow.transport.script(B1, Reply(fail="refuse"))
+    flow.transport.script(B2, Reply(200, chunks=[b"{}"]))
+    answer = flow.request()
+    assert (answer.status, answer.read()) == (200, b"{}")
+    assert [(e.address, e.reached) for e in flow.transport.exchanges] == [(B1, False), (B2, True)]
+    assert flow.backend(B1).breaker.failures == 1  # the refusal counts against B1
+    assert flow.backend(B2).breaker.failures == 0
+    (rec,) = flow.telemetry.records
+    assert (rec.backend, rec.backend_ok, rec.status) == (B2, True, 200)
+
+
+def test_retries_are_bounded_by_proxy_retries(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, B2, B3, proxy={"retries": 1})
+    for address in (B1, B2, B3):
+        flow.transport.script(address, Reply(fail="refuse"))
+    answer = flow.request()
+    assert answer.status == 502
+    assert "2 tried" in str(error(answer)["message"])
+    assert len(flow.transport.exchanges) == 2  # one try and one retry; the third backend untouched
+    assert sum(b.in_flight for b in flow.runtime.registry.all()) == 0
+
+
+def test_a_backend_that_died_holding_the_request_fails_over(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, B2)
+    flow.transport.script(B1, Reply(fail="die"))
+    flow.transport.script(B2, Reply(200, chunks=[b"{}"]))
+    answer = flow.request()
+    assert (answer.status, answer.read()) == (200, b"{}")
+    assert flow.transport.probes == [B1]  # checked that it refuses connections now
+    assert [e.address for e in flow.transport.exchanges] == [B1, B2]
+    assert flow.telemetry.records[0].backend == B2
+
+
+def test_a_live_backend_that_hung_up_is_not_sent_the_request_twice(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, B2)
+    flow.transport.script(B1, Reply(fail="reset"))  # B2 has no reply scripted: a resend would fail loudly
+    answer = flow.request()
+    assert answer.status == 502
+    assert "without answering" in str(error(answer)["message"])
+    assert flow.transport.probes == [B1]
+    assert [e.address for e in flow.transport.exchanges] == [B1]
+    (rec,) = flow.telemetry.records
+    assert (rec.backend, rec.backend_ok, rec.status) == (B1, False, 502)
+    assert flow.backend(B1).in_flight == 0
+
+
+def test_504_when_the_backend_sends_no_head_in_time(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, B2, proxy={"read_timeout_s": 3})
+    flow.transport.script(B1, Reply(fail="timeout"))
+    answer = flow.request()
+    assert answer.status == 504
+    assert error(answer)["message"] == "backend sent no response headers within 3s"
+    assert [e.address for e in flow.transport.exchanges] == [B1]  # it may still be working on it: not resent
+    assert flow.backend(B1).breaker.failures == 1
+
+
+def test_503_with_retry_after_when_no_backend_is_eligible(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, circuit_breaker={"failure_threshold": 1}, health={"interval_s": 7})
+    flow.transport.script(B1, Reply(fail="reset"))
+    assert flow.request().status == 502
+    assert flow.backend(B1).breaker.state is BreakerState.OPEN
+    answer = flow.request()
+    assert answer.status == 503
+    assert answer.header("Retry-After") == "7"
+    assert error(answer)["message"] == "no healthy backend is available"
+    assert len(flow.transport.exchanges) == 1
+
+
+@pytest.mark.parametrize(("trial", "after"), [(Reply(200), BreakerState.CLOSED),
+                                              (Reply(fail="reset"), BreakerState.OPEN),
+                                              (Reply(500, chunks=[b"{}"]), BreakerState.OPEN)],
+                         ids=["success-closes", "failure-reopens", "5xx-reopens"])
+def test_a_breakers_trial_request(tmp_path: Path, trial: Reply, after: BreakerState) -> None:
+    flow = Flow(tmp_path, B1, circuit_breaker={"failure_threshold": 2, "cooldown_s": 10})
+    flow.transport.script(B1, Reply(fail="reset"), Reply(fail="reset"), trial)
+    flow.request().read()
+    flow.request().read()
+    breaker = flow.backend(B1).breaker
+    assert breaker.state is BreakerState.OPEN
+    flow.clock.advance(9.9)
+    assert flow.request().status == 503  # still cooling down
+    flow.clock.advance(0.1)
+    answer = flow.request()  # the one trial request
+    assert answer.status == (502 if trial.fail else trial.status)
+    answer.read()
+    assert breaker.state is after
+    assert len(flow.transport.exchanges) == 3
+
+
+def test_a_trial_whose_client_left_frees_the_trial_without_a_verdict(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, circuit_breaker={"failure_threshold": 1, "cooldown_s": 10})
+    flow.transport.script(B1, Reply(fail="reset"), Reply(200, chunks=[b"a", b"b"]), Reply(200))
+    flow.request().read()
+    flow.clock.advance(10)
+    trial = flow.request()
+    breaker = flow.backend(B1).breaker
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert flow.request().status == 503  # the trial slot is taken
+    assert trial.next() == b"a"
+    trial.close()  # the client left mid-answer
+    assert breaker.state is BreakerState.HALF_OPEN  # no verdict either way
+    answer = flow.request()  # the slot is free again: this one is the trial
+    assert answer.status == 200
+    answer.read()
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_the_request_target_is_sent_in_origin_form(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1)
+    flow.transport.script(B1, Reply(200))
+    environ = flow.environ("GET", "/v1/models")
+    environ["RAW_URI"] = "http://elsewhere.example/v1/models?x=1"
+    flow.call(environ).read()
+    assert flow.transport.exchanges[0].target == "/v1/models?x=1"
+
+
+# ---------------------------------------------------------------------- cache and coalescing
+
+
+def key_of(body: bytes) -> str:
+    key = cache_key(CHAT, orjson.loads(body), None)
+    assert key is not None
+    return key
+
+
+def test_a_clean_answer_is_cached_and_replayed_without_a_backend(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, Reply(200, chunks=[b'{"a":', b"1}"]))
+    first = flow.request()
+    assert (first.header("X-Cache"), first.read()) == ("MISS", b'{"a":1}')
+    again = flow.request()
+    assert (again.status, again.header("X-Cache"), again.read()) == (200, "HIT", b'{"a":1}')
+    assert len(flow.transport.exchanges) == 1
+    assert ("Accept-Encoding" not in dict(flow.transport.exchanges[0].headers))
+
+
+def test_a_leader_whose_backend_fails_ends_its_flight(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, Reply(fail="reset"))
+    assert flow.request().status == 502
+    # Nobody is left leading this request: the next one to join leads it (no stale flight).
+    other = Coalescer(str(tmp_path / "cache"), stale_after_s=30)
+    role = other.join(key_of(chat()))
+    assert isinstance(role, Leader)
+    role.finish(False)
+
+
+class Steps:
+    """An injected ``sleep`` for the follower's polling: runs the other worker's next action."""
+
+    def __init__(self, clock: FakeClock, *steps: object) -> None:
+        self.clock, self.steps = clock, list(steps)
+
+    def __call__(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        if self.steps:
+            self.steps.pop(0)()  # type: ignore[operator]
+
+
+def test_followers_of_a_leader_that_failed_regroup_and_one_goes_to_a_backend(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    directory = str(tmp_path / "cache")
+    clock = FakeClock(1_700_000_000.0)
+    elsewhere = Coalescer(directory, stale_after_s=30, clock=clock)  # another worker of the host
+    leader = elsewhere.join(key_of(chat()))
+    assert isinstance(leader, Leader)
+    flow.runtime.coalescer = Coalescer(directory, stale_after_s=30, clock=clock,
+                                       sleep=Steps(clock, lambda: leader.finish(False)))
+    flow.transport.script(B1, Reply(200, chunks=[b"{}"]))
+    answer = flow.request()  # follows, sees the leader fail before its head, leads the next round
+    assert (answer.status, answer.header("X-Cache")) == (200, "MISS")
+    role = elsewhere.join(key_of(chat()))
+    assert isinstance(role, Follower)  # it leads: the host's next identical request follows it
+    role.close()
+    assert answer.read() == b"{}"
+    assert len(flow.transport.exchanges) == 1
+    assert flow.request().header("X-Cache") == "HIT"
+
+
+def test_a_follower_relays_its_leaders_answer(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    directory = str(tmp_path / "cache")
+    clock = FakeClock(1_700_000_000.0)
+    elsewhere = Coalescer(directory, stale_after_s=30, clock=clock)
+    leader = elsewhere.join(key_of(chat()))
+    assert isinstance(leader, Leader)
+
+    def answer_head() -> None:
+        leader.publish_head(200, (("Content-Type", "application/json"), ("Content-Length", "2")))
+        leader.publish_chunk(b"{}")
+        leader.finish(True)
+
+    flow.runtime.coalescer = Coalescer(directory, stale_after_s=30, clock=clock, sleep=Steps(clock, answer_head))
+    answer = flow.request()
+    assert (answer.status, answer.header("X-Cache"), answer.read()) == (200, "HIT", b"{}")
+    assert flow.transport.exchanges == []
+    (rec,) = flow.telemetry.records
+    assert rec.cache == "HIT"
