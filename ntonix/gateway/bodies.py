@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import gevent
 import xxhash
 
-from ntonix.cache.coalescer import Follower, Leader, LeaderFailed
+from ntonix.cache.coalescer import LeaderFailed
 from ntonix.core.cache_entry import CachedResponse
 from ntonix.core.record import RequestRecord
 from ntonix.core.sse import StreamRecorder
@@ -31,6 +31,7 @@ from ntonix.upstream import transport
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
+    from ntonix.cluster.relay import Publisher, Subscriber
     from ntonix.core.registry import Backend
     from ntonix.gateway.runtime import Runtime
 
@@ -70,7 +71,8 @@ class UpstreamBody:
 
     def __init__(self, rt: Runtime, resp: Any, backend: Backend, environ: WSGIEnvironment, rec: RequestRecord,
                  store_key: str | None, replay_headers: tuple[tuple[str, str], ...], stream: bool,
-                 leader: Leader | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None]) -> None:
+                 leader: Publisher | None, watch: disconnect.Watch | None,
+                 done: Callable[[RequestRecord], None]) -> None:
         self.rt, self.resp, self.backend, self.environ, self.rec = rt, resp, backend, environ, rec
         self.store_key, self.replay_headers, self.leader, self.watch = store_key, replay_headers, leader, watch
         self._done = done
@@ -211,7 +213,7 @@ class FollowerBody:
     (the proxy's) fetches the rest from a backend, checking that its first ``sent`` bytes hash
     to ``digest`` (xxh3-128 of what was sent); only when that fails is the client cut."""
 
-    def __init__(self, follower: Follower, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
+    def __init__(self, follower: Subscriber, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
                  watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
                  flush_head: bool = False,
                  resume: Callable[[int, bytes], Iterator[bytes]] | None = None) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.cache.coalescer import Coalescer
+from ntonix.cluster.flights import Flights
 from ntonix.config import Config
 from ntonix.config.handover import run_dir
 from ntonix.core.headers import parse_networks
@@ -46,7 +48,24 @@ class Runtime:
             Coalescer(cache_dir, stale_after_s=max(10.0, config.proxy.read_timeout_s),
                       max_bytes=config.cache.max_entry_bytes)
             if config.cache.enabled else None)
+        # Coalescing across the gateways sharing cache.redis_url (ADR 0009). Only beside the
+        # host's coalescer: a cluster acts as one gateway would, and one gateway with its cache
+        # off coalesces nothing (INTERFACE.md "Several gateways"; docs/scale-out.md).
+        self.flights: Flights | None = (
+            Flights(config.cache.redis_url, max_bytes=config.cache.max_entry_bytes)
+            if self.coalescer is not None and config.cache.redis_url else None)
         self.started = time.time()
+
+    def start(self, spawn: Callable[[Callable[[], None]], object]) -> None:
+        """Background work of a serving worker (``spawn`` starts a greenlet): the cluster's
+        keeper, which renews this process's leases and batches its finishes."""
+        if self.flights is not None:
+            self.flights.spawn = spawn
+
+    def close(self) -> None:
+        """At worker exit: Redis connections closed; the keeper stops."""
+        if self.flights is not None:
+            self.flights.close()
 
     def _attach_pool(self, backend: Backend) -> None:
         cfg = self.config

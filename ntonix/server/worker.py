@@ -162,12 +162,14 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         rt = self.wsgi.rt
         self._prober = Prober(rt.registry, lambda: rt.config.health, rt.probe_result)
         self._prober.start()
+        rt.start(gevent.spawn)
 
         while self.alive:
             self.notify()
             self.wsgi.rt.telemetry.tick()  # this worker's RSS for /metrics, every few seconds
             gevent.sleep(0.2)
         self._drain(servers)
+        rt.close()
         ACCESS.flush()
 
     def _drain(self, servers: list[StreamServer]) -> None:
