@@ -62,7 +62,7 @@ MiB = 1024 * 1024
 _HARD_FACTOR = 4  # followers already reading get at most this times max_bytes
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
@@ -246,7 +246,7 @@ class Flights:
 
     def __repr__(self) -> str:
         state = "backing-off" if not self.available else ("outage" if self._outage else "ok")
-        return (f"<Flights {_redacted(self.url)} {state} leading={len(self._leaders)} "
+        return (f"<Flights {redacted(self.url)} {state} leading={len(self._leaders)} "
                 f"following={self._following}>")
 
     # -- internals -------------------------------------------------------------------
@@ -304,12 +304,12 @@ class Flights:
         if not self._outage:
             self._outage = True
             log.warning("cluster.redis_unavailable", extra={
-                "url": _redacted(self.url), "error": f"{type(exc).__name__}: {exc}", "backoff_s": self.backoff_s})
+                "url": redacted(self.url), "error": f"{type(exc).__name__}: {exc}", "backoff_s": self.backoff_s})
 
     def _succeeded(self) -> None:
         if self._outage:
             self._outage = False
-            log.info("cluster.redis_recovered", extra={"url": _redacted(self.url)})
+            log.info("cluster.redis_recovered", extra={"url": redacted(self.url)})
 
     def _forget(self, leader: Leader) -> None:
         if leader.token:

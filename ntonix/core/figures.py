@@ -199,4 +199,15 @@ def figures(samples: Samples, extras: Extras) -> dict[str, Any]:
         "stream_ttft_ms": timing_figures(histogram(samples, "ntonix_stream_ttft_seconds")),
         "workers": count_samples(samples, "ntonix_worker_rss_bytes"),
         "worker_pid": extras.worker_pid,
+        "cluster": cluster_figures(samples),
     }
+
+
+def cluster_figures(samples: Samples) -> dict[str, Any] | None:
+    """Coalescing across gateways, summed over workers (``None`` without ``cache.redis_url``)."""
+    available = [v for (name, _), v in samples.items() if name == "ntonix_cluster_redis_available"]
+    if not available:
+        return None
+    flights = {outcome: int(n) for outcome, n in sorted(by_label(samples, "ntonix_cluster_flights_total",
+                                                                 "outcome").items())}
+    return {"redis_available": min(available) >= 1.0, "flights": flights}

@@ -15,7 +15,7 @@ from typing import Any
 
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.cache.coalescer import Coalescer
-from ntonix.cluster.flights import Flights
+from ntonix.cluster.flights import Flights, redacted
 from ntonix.config import Config
 from ntonix.config.handover import run_dir
 from ntonix.core.headers import parse_networks
@@ -59,8 +59,10 @@ class Runtime:
     def start(self, spawn: Callable[[Callable[[], None]], object]) -> None:
         """Background work of a serving worker (``spawn`` starts a greenlet): the cluster's
         keeper, which renews this process's leases and batches its finishes."""
-        if self.flights is not None:
-            self.flights.spawn = spawn
+        flights = self.flights
+        if flights is not None:
+            flights.spawn = spawn
+            self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
 
     def close(self) -> None:
         """At worker exit: Redis connections closed; the keeper stops."""

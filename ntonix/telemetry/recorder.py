@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ntonix.config import Config
@@ -60,6 +60,10 @@ class Telemetry:
         self._connections = m.connections_active
         for backend in config.backends:
             m.backend(backend.address)  # every configured backend shows in /metrics from the start
+        self._cluster: Mapping[str, int] = {}
+        self._cluster_seen: dict[str, int] = {}
+        self._cluster_available: Callable[[], bool] = lambda: True
+        self._cluster_gauge: Any = None
         self.tick()
 
     def __repr__(self) -> str:
@@ -113,10 +117,30 @@ class Telemetry:
         """A connection the HTTP layer answered itself (malformed request, or a crash → 500)."""
         self.metrics.protocol_errors.inc()
 
+    def watch_cluster(self, redis: str, stats: Mapping[str, int], available: Callable[[], bool]) -> None:
+        """Report the cluster's counters (ntonix/cluster/flights.py ``stats``, plain ints kept
+        by the request path) in /metrics; copied on every :meth:`tick` and /metrics answer.
+        ``redis`` labels the availability gauge (the URL without its credentials)."""
+        self._cluster, self._cluster_seen, self._cluster_available = stats, {}, available
+        self._cluster_gauge = self.metrics.cluster_available.labels(redis)
+        self._sync_cluster()
+
+    def _sync_cluster(self) -> None:
+        if not self._cluster:
+            return
+        m = self.metrics
+        for outcome, n in self._cluster.items():
+            added = n - self._cluster_seen.get(outcome, 0)
+            if added or outcome not in self._cluster_seen:
+                m.cluster_flights.labels(outcome).inc(added)
+                self._cluster_seen[outcome] = n
+        self._cluster_gauge.set(1.0 if self._cluster_available() else 0.0)
+
     def tick(self) -> None:
-        """From the worker's main loop: write the buffered access log lines, and refresh this
-        worker's RSS every ``RSS_EVERY_S``."""
+        """From the worker's main loop: write the buffered access log lines, copy the cluster's
+        counters, and refresh this worker's RSS every ``RSS_EVERY_S``."""
         ACCESS.flush_if_due()
+        self._sync_cluster()
         now = self._monotonic()
         if now - self._rss_at >= RSS_EVERY_S:
             self._rss_at = now
@@ -133,6 +157,7 @@ class Telemetry:
         started = time.perf_counter()
         self._rss_at = self._monotonic()
         self.metrics.worker_rss.set(procstat.rss_bytes())
+        self._sync_cluster()
         families = self.metrics.collect()
         samples = flatten(families)
         extras = Extras(
