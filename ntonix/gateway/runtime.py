@@ -11,10 +11,11 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.cache.coalescer import Coalescer
+from ntonix.cluster.affinity import AffinityBoard
 from ntonix.cluster.flights import Flights, redacted
 from ntonix.config import Config
 from ntonix.config.handover import run_dir
@@ -25,7 +26,12 @@ from ntonix.core.transitions import Transition
 from ntonix.telemetry.recorder import Telemetry
 from ntonix.upstream import transport
 
+if TYPE_CHECKING:
+    from ntonix.routing.state import RoutingState
+
 log = logging.getLogger("ntonix.gateway")
+
+AFFINITY_SYNC_S = 1.0  # how stale another gateway's prefix assignments may be here (ADR 0009, option c)
 
 
 class Runtime:
@@ -54,20 +60,43 @@ class Runtime:
         self.flights: Flights | None = (
             Flights(config.cache.redis_url, max_bytes=config.cache.max_entry_bytes)
             if self.coalescer is not None and config.cache.redis_url else None)
+        self.affinity: AffinityBoard | None = None
+        self._merge: Callable[[list[int], str], None] | None = None
+        self._stopped = False
         self.started = time.time()
 
-    def start(self, spawn: Callable[[Callable[[], None]], object]) -> None:
-        """Background work of a serving worker (``spawn`` starts a greenlet): the cluster's
-        keeper, which renews this process's leases and batches its finishes."""
+    def share_routing(self, state: RoutingState) -> None:
+        """With ``routing.policy: prefix`` and ``cache.redis_url``: this worker's new prefix
+        assignments go to the other gateways, theirs into this host's index, in the background
+        (ntonix/cluster/affinity.py; whether or not the cache is enabled, INTERFACE.md "Several
+        gateways"). The composition root calls this once it built the routing state."""
+        cfg = self.config
+        if cfg.routing.policy != "prefix" or not cfg.cache.redis_url:
+            return
+        self.affinity = AffinityBoard(cfg.cache.redis_url)
+        state.selector.share = self.affinity.share
+        self._merge = state.merge
+
+    def start(self, spawn: Callable[[Callable[[], None]], object],
+              sleep: Callable[[float], object] = time.sleep) -> None:
+        """Background work of a serving worker (``spawn`` starts a greenlet; ``sleep`` is
+        gevent's in a worker, where time.sleep is patched to it): the cluster's keeper, which
+        renews this process's leases and batches its finishes; the affinity sync, every second."""
         flights = self.flights
         if flights is not None:
             flights.spawn = spawn
             self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
+        board, merge = self.affinity, self._merge
+        if board is not None and merge is not None:
+            spawn(lambda: board.run(board.merger(merge), AFFINITY_SYNC_S, sleep, lambda: self._stopped))
 
     def close(self) -> None:
-        """At worker exit: Redis connections closed; the keeper stops."""
+        """At worker exit: Redis connections closed; the keeper and the affinity sync stop."""
+        self._stopped = True
         if self.flights is not None:
             self.flights.close()
+        if self.affinity is not None:
+            self.affinity.close()
 
     def _attach_pool(self, backend: Backend) -> None:
         cfg = self.config

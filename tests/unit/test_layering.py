@@ -347,7 +347,7 @@ PACKAGE_MAY_IMPORT = {
     "upstream": {"upstream", "core", "errors", "config"},
     "telemetry": {"telemetry", "core", "errors", "config"},
     "server": {"server", "core", "errors", "config", "upstream", "telemetry"},
-    "gateway": {"gateway", "core", "errors", "config", "cache", "cluster", "upstream", "telemetry",
+    "gateway": {"gateway", "core", "errors", "config", "cache", "cluster", "routing", "upstream", "telemetry",
                 "server.disconnect"},
 }
 
