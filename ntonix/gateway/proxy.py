@@ -7,6 +7,9 @@ Theory of operation
 3. A miss joins the coalescer: the first of identical requests in flight (on any worker of
    this host) is the leader and goes to a backend; the others follow the leader's answer as
    it streams (``X-Cache: HIT``). A follower whose leader failed goes to a backend itself.
+   With ``cache.redis_url``, the host's leader then joins the gateways' flight the same way
+   (``_join``; ntonix/cluster/relay.py): it leads for all of them, or follows another
+   gateway's leader and relays its answer to the host's followers.
 4. Backend choice: smooth weighted round-robin over eligible backends. A request that could
    not be sent (``SendFailed``) is tried on the next backend, up to ``proxy.retries`` more;
    one that reached a backend is never sent twice.
