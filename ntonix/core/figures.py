@@ -204,10 +204,13 @@ def figures(samples: Samples, extras: Extras) -> dict[str, Any]:
 
 
 def cluster_figures(samples: Samples) -> dict[str, Any] | None:
-    """Coalescing across gateways, summed over workers (``None`` without ``cache.redis_url``)."""
+    """Coalescing and prefix affinity across gateways, summed over workers (``None`` when
+    neither runs: no ``cache.redis_url``)."""
     available = [v for (name, _), v in samples.items() if name == "ntonix_cluster_redis_available"]
-    if not available:
+    flights = by_label(samples, "ntonix_cluster_flights_total", "outcome")
+    affinity = by_label(samples, "ntonix_cluster_affinity_total", "event")
+    if not (available or affinity):
         return None
-    flights = {outcome: int(n) for outcome, n in sorted(by_label(samples, "ntonix_cluster_flights_total",
-                                                                 "outcome").items())}
-    return {"redis_available": min(available) >= 1.0, "flights": flights}
+    return {"redis_available": min(available, default=1.0) >= 1.0,
+            "flights": {k: int(n) for k, n in sorted(flights.items())},
+            "affinity": {k: int(n) for k, n in sorted(affinity.items())}}

@@ -88,6 +88,7 @@ class Runtime:
             self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
         board, merge = self.affinity, self._merge
         if board is not None and merge is not None:
+            self.telemetry.watch_affinity(board.stats)
             spawn(lambda: board.run(board.merger(merge), AFFINITY_SYNC_S, sleep, lambda: self._stopped))
 
     def close(self) -> None:

@@ -60,8 +60,8 @@ class Telemetry:
         self._connections = m.connections_active
         for backend in config.backends:
             m.backend(backend.address)  # every configured backend shows in /metrics from the start
-        self._cluster: Mapping[str, int] = {}
-        self._cluster_seen: dict[str, int] = {}
+        # (counter family, live stats, what was copied so far) of the cluster's parts.
+        self._cluster: list[tuple[Any, Mapping[str, int], dict[str, int]]] = []
         self._cluster_available: Callable[[], bool] = lambda: True
         self._cluster_gauge: Any = None
         self.tick()
@@ -121,20 +121,25 @@ class Telemetry:
         """Report the cluster's counters (ntonix/cluster/flights.py ``stats``, plain ints kept
         by the request path) in /metrics; copied on every :meth:`tick` and /metrics answer.
         ``redis`` labels the availability gauge (the URL without its credentials)."""
-        self._cluster, self._cluster_seen, self._cluster_available = stats, {}, available
+        self._cluster.append((self.metrics.cluster_flights, stats, {}))
+        self._cluster_available = available
         self._cluster_gauge = self.metrics.cluster_available.labels(redis)
         self._sync_cluster()
 
+    def watch_affinity(self, stats: Mapping[str, int]) -> None:
+        """The shared prefix view's counters (ntonix/cluster/affinity.py ``stats``), as above."""
+        self._cluster.append((self.metrics.cluster_affinity, stats, {}))
+        self._sync_cluster()
+
     def _sync_cluster(self) -> None:
-        if not self._cluster:
-            return
-        m = self.metrics
-        for outcome, n in self._cluster.items():
-            added = n - self._cluster_seen.get(outcome, 0)
-            if added or outcome not in self._cluster_seen:
-                m.cluster_flights.labels(outcome).inc(added)
-                self._cluster_seen[outcome] = n
-        self._cluster_gauge.set(1.0 if self._cluster_available() else 0.0)
+        for family, stats, seen in self._cluster:
+            for name, n in stats.items():
+                added = n - seen.get(name, 0)
+                if added or name not in seen:
+                    family.labels(name).inc(added)
+                    seen[name] = n
+        if self._cluster_gauge is not None:
+            self._cluster_gauge.set(1.0 if self._cluster_available() else 0.0)
 
     def tick(self) -> None:
         """From the worker's main loop: write the buffered access log lines, copy the cluster's

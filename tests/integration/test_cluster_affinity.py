@@ -145,6 +145,7 @@ def test_a_conversation_diverted_by_load_on_one_host_is_followed_on_the_other(tm
         turn2.release()
         assert rt_a.affinity is not None and rt_a.affinity.stats["published"] >= 1
         assert rt_b.affinity is not None and rt_b.affinity.stats["merged"] >= 1
+        assert rt_b.telemetry.snapshot([])["cluster"]["affinity"]["merged"] >= 1  # /metrics
     finally:
         for rt, state in hosts:
             rt.close()
