@@ -65,14 +65,17 @@ class ResponseCache:
 
     # -- request path -------------------------------------------------------------------
 
-    def lookup(self, key: str, *, count: bool = True) -> CachedResponse | None:
+    def lookup(self, key: str, *, count: bool = True, remote: bool = True) -> CachedResponse | None:
         """The cached answer for ``key`` or ``None``; counts one hit or miss gateway-wide
         unless ``count=False`` (the caller then reports the outcome with :meth:`record`,
-        e.g. a miss answered by a coalesced leader, which the client sees as a HIT)."""
+        e.g. a miss answered by a coalesced leader, which the client sees as a HIT).
+        ``remote=False`` skips the Redis tier (the caller reads it with the cluster's join,
+        then hands the raw value to :meth:`adopt`)."""
         if not self.enabled:
             return None
         self._check_generation()
-        memory, shared, remote = self.memory, self.shared, self.remote
+        memory, shared = self.memory, self.shared
+        remote_tier = self.remote if remote else None
         entry = memory.get(key) if memory is not None else None
         if entry is not None and shared is not None and self._l2(lambda s: s.touch(key), True) is False:
             # L2 is the host's LRU: an entry it evicted is gone for every worker, whatever
@@ -84,16 +87,25 @@ class ResponseCache:
             entry = self._l2(lambda s: s.get(key, touch=not count), None)
             if entry is not None and memory is not None:
                 memory.put(key, entry, age_s=self._clock() - entry.created)
-        if entry is None and remote is not None:
-            found = remote.get(key)
-            if found is not None:
-                self._l2(lambda s: s.put(key, found), 0)
-                if memory is not None:
-                    memory.put(key, found, age_s=self._clock() - found.created)
-            entry = found
+        if entry is None and remote_tier is not None:
+            entry = self._promote(key, remote_tier.get(key))
         if count:
             self.record(key, entry is not None)
         return entry
+
+    def adopt(self, key: str, raw: bytes) -> CachedResponse | None:
+        """The Redis tier's entry for ``key`` read as ``raw`` elsewhere (the cluster's join),
+        decoded and checked as a lookup would, and copied into the tiers above."""
+        if not self.enabled or self.remote is None:
+            return None
+        return self._promote(key, self.remote.decode(raw))
+
+    def _promote(self, key: str, found: CachedResponse | None) -> CachedResponse | None:
+        if found is not None:
+            self._l2(lambda s: s.put(key, found), 0)
+            if self.memory is not None:
+                self.memory.put(key, found, age_s=self._clock() - found.created)
+        return found
 
     def store(self, key: str, entry: CachedResponse) -> None:
         """Keep a complete answer in every tier; anything but status 200 is ignored."""

@@ -71,8 +71,11 @@ class RedisStore:
             self._failed(exc)
             return None
         self._succeeded()
-        if not isinstance(raw, bytes):
-            return None
+        return self.decode(raw) if isinstance(raw, bytes) else None
+
+    def decode(self, raw: bytes) -> CachedResponse | None:
+        """The entry stored as ``raw`` (read here or in the same round trip as the cluster's
+        join, ntonix/cluster/flights.py ``join_or_hit``); ``None`` if unreadable or expired."""
         try:
             entry = CachedResponse.decode(raw)
         except DecodeError:

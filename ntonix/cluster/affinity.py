@@ -29,7 +29,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -40,6 +40,9 @@ from ntonix.cluster.resp import ERRORS, redis_py
 log = logging.getLogger("ntonix.cluster")
 
 STREAM = "ntonix:affinity"
+# Leading blocks shared per decision: enough for a conversation to be matched on another gateway
+# (256 blocks of routing.prefix_block_chars 256 = 64 KiB of prompt), bounded per entry.
+MAX_SHARED_BLOCKS = 256
 
 
 class Assignment(NamedTuple):
@@ -70,6 +73,14 @@ class AffinityBoard:
         """Note one routing decision (request path: memory only)."""
         self.pending.append(Assignment(model, block, backend))
 
+    def share(self, blocks: Sequence[int], backend: str) -> None:
+        """Note that ``backend`` was sent a prompt holding ``blocks`` (the ones the deciding host
+        did not know yet; at most ``MAX_SHARED_BLOCKS`` leading ones): one assignment whose
+        ``block`` is the chain of block hashes. The model is in every block's hash (its seed,
+        ntonix/core/prompt.py), so ``model`` stays empty."""
+        if blocks:
+            self.record("", ",".join(map(str, blocks[:MAX_SHARED_BLOCKS])), backend)
+
     def sync(self) -> list[Assignment]:
         """Publish the batch, return the other gateways' assignments since the last call."""
         client = self._ready()
@@ -95,8 +106,21 @@ class AffinityBoard:
         self.stats["merged"] += len(merged)
         return merged
 
+    @staticmethod
+    def merger(record: Callable[[list[int], str], None]) -> Callable[[list[Assignment]], None]:
+        """The ``merge`` callback for :meth:`run` that feeds the blocks of each shared assignment
+        to ``record(blocks, backend)`` (the host's index, ntonix/routing/state.py ``merge``)."""
+        def merge(got: list[Assignment]) -> None:
+            for a in got:
+                try:
+                    blocks = [int(x) for x in a.block.split(",")]
+                except ValueError:
+                    continue  # another version's entry
+                record(blocks, a.backend)
+        return merge
+
     def run(self, merge: Callable[[list[Assignment]], None], interval_s: float,
-            sleep: Callable[[float], None], stopped: Callable[[], bool]) -> None:
+            sleep: Callable[[float], object], stopped: Callable[[], bool]) -> None:
         """The background loop: :meth:`sync` every ``interval_s``, hand what came to ``merge``."""
         while not stopped():
             got = self.sync()

@@ -17,7 +17,7 @@ Both keep the API the proxy already uses (``publish_head``/``publish_chunk``/``f
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ntonix.cache.coalescer import Follower as LocalFollower
 from ntonix.cache.coalescer import Leader as LocalLeader
@@ -30,12 +30,42 @@ if TYPE_CHECKING:
     from ntonix.cluster.flights import Flights
 
 
-def widen(role: LocalLeader | LocalFollower, flights: Flights | None,
-          key: str) -> LocalLeader | LocalFollower | Fanout | Relay:
-    """The role for ``key`` across gateways, given the role on this host."""
+class Publisher(Protocol):
+    """What the proxy needs of a leader: the host's (ntonix/cache/coalescer.py), :class:`Fanout`."""
+
+    @property
+    def has_followers(self) -> bool: ...
+
+    def publish_head(self, status: int, headers: Headers) -> None: ...
+
+    def publish_chunk(self, data: bytes) -> None: ...
+
+    def finish(self, ok: bool) -> None: ...
+
+
+class Subscriber(Protocol):
+    """What the proxy needs of a follower: the host's, or a :class:`Relay` of another gateway's answer."""
+
+    def wait_head(self, timeout_s: float) -> tuple[int, Headers] | None: ...
+
+    def chunks(self, timeout_s: float) -> Iterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+def widen(role: LocalLeader | LocalFollower, flights: Flights | None, key: str,
+          cache_key: str | None = None) -> LocalLeader | LocalFollower | Fanout | Relay | bytes:
+    """The role for ``key`` across gateways, given the role on this host.
+
+    With ``cache_key`` (the Redis cache tier's key for the answer, ntonix/cache/remote.py), the
+    same round trip first reads that entry: its raw value comes back instead of a role when it
+    exists (the caller then finishes the host's leader and replays it).
+    """
     if flights is None or not isinstance(role, LocalLeader):
         return role  # following a flight of this host: no need to ask Redis
-    remote = flights.join(key)
+    remote = flights.join_or_hit(key, cache_key)
+    if isinstance(remote, bytes):
+        return remote
     if isinstance(remote, ClusterFollower):
         return Relay(remote, role)
     if remote.value is None:

@@ -229,4 +229,18 @@ def figures(samples: Samples, extras: Extras) -> dict[str, Any]:
         "tokens": token_figures(samples, "ntonix_tokens_total", "backend"),
         "cache_tokens_saved": token_figures(samples, "ntonix_cache_tokens_saved_total", None),
         "worker_pid": extras.worker_pid,
+        "cluster": cluster_figures(samples),
     }
+
+
+def cluster_figures(samples: Samples) -> dict[str, Any] | None:
+    """Coalescing and prefix affinity across gateways, summed over workers (``None`` when
+    neither runs: no ``cache.redis_url``)."""
+    available = [v for (name, _), v in samples.items() if name == "ntonix_cluster_redis_available"]
+    flights = by_label(samples, "ntonix_cluster_flights_total", "outcome")
+    affinity = by_label(samples, "ntonix_cluster_affinity_total", "event")
+    if not (available or affinity):
+        return None
+    return {"redis_available": min(available, default=1.0) >= 1.0,
+            "flights": {k: int(n) for k, n in sorted(flights.items())},
+            "affinity": {k: int(n) for k, n in sorted(affinity.items())}}

@@ -28,8 +28,13 @@ Policies, among routable backends below their limit:
      backend holding the prompt's prefix wins unless it is markedly busier (each extra request
      in flight per weight costs ``load_blocks`` matched blocks), the Dynamo-style single
      exchange rate between cache and load; ties go to the less loaded, then rotate.
-  3. no allowed backend holds any of the prompt: the least loaded relative to weight, as
-     ``least_requests`` (llm-d's lesson: spread cold requests, do not pile them on one).
+  3. no allowed backend holds any of the prompt: with an ``anchor`` (the hash of the prompt's
+     first block, the same for every turn of a conversation), weighted rendezvous hashing of
+     the anchor over the allowed backends; without one, the least loaded relative to weight,
+     as ``least_requests``. Rendezvous spreads cold conversations as evenly as their weights
+     (llm-d's lesson: do not pile cold requests on one backend) and is deterministic: gateways
+     that share no state (an empty index, another host) send the same conversation to the same
+     backend while the load bound lets them (docs/adr/0009-cluster-coalescing.md, option b).
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+import xxhash
+
 from ntonix.core.balancer import SmoothWeightedRoundRobin
 
-__all__ = ["POLICIES", "Candidate", "Decision", "Outcome", "Peer", "PrefixSettings", "Router"]
+__all__ = ["POLICIES", "Candidate", "Decision", "Outcome", "Peer", "PrefixSettings", "Router", "rendezvous"]
 
 POLICIES = ("round_robin", "least_requests", "prefix")
 
@@ -127,8 +134,9 @@ class Router:
             self._peers = dict(backends)
             self._rr.update(list(self._peers.items()))
 
-    def choose(self, candidates: Sequence[Candidate]) -> Decision:
-        """The backend for one request among ``candidates`` (those serving its model)."""
+    def choose(self, candidates: Sequence[Candidate], anchor: int | None = None) -> Decision:
+        """The backend for one request among ``candidates`` (those serving its model).
+        ``anchor``: the hash of the prompt's first block (``prefix`` only; see the module docstring)."""
         routable = [c for c in candidates if c.routable]
         if not routable:
             return NONE
@@ -142,7 +150,7 @@ class Router:
         elif self.policy == "least_requests":
             chosen = self._least_loaded(eligible)
         else:
-            chosen = self._prefix(eligible)
+            chosen = self._prefix(eligible, anchor)
         return Decision(Outcome.CHOSEN, chosen.address, chosen.matched)
 
     def __repr__(self) -> str:
@@ -186,15 +194,33 @@ class Router:
         self._rotation += 1
         return tied[self._rotation % len(tied)]
 
-    def _prefix(self, eligible: list[Candidate]) -> Candidate:
+    def _prefix(self, eligible: list[Candidate], anchor: int | None = None) -> Candidate:
         total_in = sum(c.in_flight for c in eligible)
         total_weight = sum(c.weight for c in eligible)
         factor = self.prefix.balance_factor
         allowed = [c for c in eligible
                    if c.in_flight + 1 <= math.ceil(factor * (total_in + 1) * c.weight / total_weight)]
         if not any(c.matched for c in allowed):  # a cold prompt
-            return self._least_loaded(allowed)
+            return rendezvous(anchor, allowed) if anchor is not None else self._least_loaded(allowed)
         k = self.prefix.load_blocks
         best = max(c.matched - k * c.load for c in allowed)
         top = [c for c in allowed if c.matched - k * c.load == best]
         return self._least_loaded(top)
+
+
+_SPAN = float(1 << 52)  # u = (52 hash bits + 0.5) / 2**52: exact in a float, never 0 or 1
+
+
+def rendezvous(anchor: int, candidates: Sequence[Candidate]) -> Candidate:
+    """The candidate with the highest weighted rendezvous score for ``anchor`` (Schindelhauer
+    and Schomaker's logarithmic method: ``-weight / ln(u)``, ``u`` uniform in (0, 1) from a hash
+    of anchor and address), so each backend gets conversations in proportion to its weight and
+    removing one moves only its own. The hash is xxh3 with no per-process salt: every gateway
+    computes the same scores."""
+    best, best_score = candidates[0], -1.0
+    for c in candidates:
+        u = ((xxhash.xxh3_64_intdigest(b"%d %s" % (anchor, c.address.encode())) >> 12) + 0.5) / _SPAN
+        score = -c.weight / math.log(u)
+        if score > best_score or (score == best_score and c.address < best.address):
+            best, best_score = c, score
+    return best

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import gevent
 import xxhash
 
-from ntonix.cache.coalescer import Follower, Leader, LeaderFailed
+from ntonix.cache.coalescer import LeaderFailed
 from ntonix.core.cache_entry import CachedResponse
 from ntonix.core.record import RequestRecord
 from ntonix.core.sse import StreamRecorder
@@ -32,6 +32,7 @@ from ntonix.server import disconnect
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
+    from ntonix.cluster.relay import Publisher, Subscriber
     from ntonix.core.registry import Backend
     from ntonix.gateway.runtime import Runtime
     from ntonix.routing.select import Lease
@@ -74,7 +75,7 @@ class UpstreamBody:
 
     def __init__(self, rt: Runtime, resp: Any, backend: Backend, environ: WSGIEnvironment, rec: RequestRecord,
                  store_key: str | None, replay_headers: tuple[tuple[str, str], ...], stream: bool,
-                 leader: Leader | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
+                 leader: Publisher | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
                  lease: Lease | None = None, usage: UsageTap | None = None) -> None:
         self.rt, self.resp, self.backend, self.environ, self.rec = rt, resp, backend, environ, rec
         self.lease, self.usage = lease, usage
@@ -229,7 +230,7 @@ class FollowerBody:
     (the proxy's) fetches the rest from a backend, checking that its first ``sent`` bytes hash
     to ``digest`` (xxh3-128 of what was sent); only when that fails is the client cut."""
 
-    def __init__(self, follower: Follower, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
+    def __init__(self, follower: Subscriber, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
                  watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
                  flush_head: bool = False,
                  resume: Callable[[int, bytes], Iterator[bytes]] | None = None,

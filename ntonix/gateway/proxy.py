@@ -7,6 +7,9 @@ Theory of operation
 3. A miss joins the coalescer: the first of identical requests in flight (on any worker of
    this host) is the leader and goes to a backend; the others follow the leader's answer as
    it streams (``X-Cache: HIT``). A follower whose leader failed goes to a backend itself.
+   With ``cache.redis_url``, the host's leader then joins the gateways' flight the same way
+   (``_join``; ntonix/cluster/relay.py): it leads for all of them, or follows another
+   gateway's leader and relays its answer to the host's followers.
 4. Backend choice (``ntonix.routing.select``, docs/routing.md): among the eligible backends
    that serve the request's ``model`` (none serves it → 404), by ``routing.policy``, holding a
    host-wide place under ``max_in_flight`` (queued first come, first served; → 503 when the
@@ -33,6 +36,8 @@ import orjson
 import xxhash
 
 from ntonix.cache.coalescer import Follower, Leader
+from ntonix.cache.remote import PREFIX as REMOTE_PREFIX
+from ntonix.cluster.relay import Fanout, Publisher, Relay, Subscriber, widen
 from ntonix.core.cache_entry import CachedResponse, replayable_headers
 from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, credential_keys, credentials, request_cache_policy
 from ntonix.core.headers import forward_environ_headers, forward_response_headers, header_value
@@ -163,7 +168,7 @@ class Proxy:
                 serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))
                 key = cache_key(path, parsed, credentials(environ, self._credential_keys))
         rec.cache = "MISS" if serve_ok else "BYPASS"
-        leader: Leader | None = None
+        leader: Publisher | None = None
         if key is not None and serve_ok and rt.cache is not None:
             # Hits and misses are counted by telemetry from each answer's X-Cache (lock-free,
             # all workers): no write to the shared store per lookup.
@@ -172,8 +177,10 @@ class Proxy:
             # leader (one of them) instead of all going to the backend at once.
             for _ in range(2 if entry is None and rt.coalescer is not None else 0):
                 assert rt.coalescer is not None
-                role = rt.coalescer.join(key)
-                if isinstance(role, Follower):
+                role, entry = self._join(key)
+                if entry is not None:
+                    break
+                if isinstance(role, (Follower, Relay)):
                     followed = self._follow(role, environ, start_response, rec, body, stream)
                     if followed is not None:
                         return followed
@@ -182,11 +189,6 @@ class Proxy:
                         break
                     continue
                 leader = role
-                # A previous leader may have stored and finished between our miss and join.
-                entry = rt.cache.lookup(key, count=False)
-                if entry is not None:
-                    leader.finish(False)
-                    leader = None
                 break
             if entry is not None:
                 return self._replay(entry, start_response, rec)
@@ -209,6 +211,32 @@ class Proxy:
                                           ("X-Request-ID", rec.request_id)])
         return Body([body], lambda: self._done(rec))
 
+    def _join(self, key: str) -> tuple[Leader | Follower | Fanout | Relay, CachedResponse | None]:
+        """This request's part in answering ``key``: lead or follow on this host, then (a host's
+        leader only) across the gateways sharing Redis (ADR 0009); or the cached answer, if a
+        previous leader stored it between our miss and the join (the leader role is then ended).
+
+        The re-check reads the host's tiers, then Redis inside the cluster's join: one round
+        trip for both (ntonix/cluster/flights.py ``join_or_hit``)."""
+        rt = self.rt
+        assert rt.coalescer is not None and rt.cache is not None
+        role = rt.coalescer.join(key)
+        if isinstance(role, Follower):
+            return role, None
+        flights = rt.flights
+        entry = rt.cache.lookup(key, count=False, remote=flights is None)
+        if entry is None and flights is not None:
+            widened = widen(role, flights, key, REMOTE_PREFIX + key)
+            if isinstance(widened, bytes):
+                entry = rt.cache.adopt(key, widened)
+                widened = role if entry is not None else widen(role, flights, key)  # unreadable: a miss
+            assert not isinstance(widened, bytes)
+            if entry is None:
+                return widened, None
+        if entry is not None:
+            role.finish(False)
+        return role, entry
+
     # ------------------------------------------------------------------ cache paths
     def _replay(self, entry: CachedResponse, start_response: StartResponse, rec: RequestRecord) -> Body:
         rec.cache = "HIT"
@@ -224,7 +252,7 @@ class Proxy:
         rec.bytes_sent = len(entry.body)
         return Body([entry.body], lambda: self._done(rec))
 
-    def _follow(self, follower: Follower, environ: WSGIEnvironment, start_response: StartResponse,
+    def _follow(self, follower: Subscriber, environ: WSGIEnvironment, start_response: StartResponse,
                 rec: RequestRecord, body: bytes, stream: bool) -> Iterator[bytes] | None:
         timeout = self.rt.config.proxy.read_timeout_s
         watch = disconnect.watch(environ.get("gunicorn.socket"))
@@ -288,7 +316,7 @@ class Proxy:
 
     # ------------------------------------------------------------------ backend path
     def _forward(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord, body: bytes,
-                 store_key: str | None, stream: bool, leader: Leader | None,
+                 store_key: str | None, stream: bool, leader: Publisher | None,
                  done: Callable[[RequestRecord], None] | None = None,
                  parsed: dict[str, Any] | None = None) -> Any:
         rt = self.rt
@@ -383,7 +411,7 @@ class Proxy:
 
     def _relay(self, resp: Any, backend: Backend, started: float, environ: WSGIEnvironment,
                start_response: StartResponse, rec: RequestRecord, store_key: str | None, stream: bool,
-               leader: Leader | None, watch: disconnect.Watch | None,
+               leader: Publisher | None, watch: disconnect.Watch | None,
                done: Callable[[RequestRecord], None], lease: Lease | None = None) -> UpstreamBody:
         status = resp.status_code
         rec.status = status

@@ -18,6 +18,8 @@ from typing import Any
 
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.cache.coalescer import Coalescer
+from ntonix.cluster.affinity import AffinityBoard
+from ntonix.cluster.flights import Flights, redacted
 from ntonix.config import Config
 from ntonix.config.handover import run_dir
 from ntonix.core.headers import parse_networks
@@ -39,6 +41,9 @@ def _sleep(seconds: float) -> None:
     # Looked up at each call: in a worker, gevent has patched time.sleep by then (a queued
     # request must yield to the hub, not block it).
     time.sleep(seconds)
+
+
+AFFINITY_SYNC_S = 1.0  # how stale another gateway's prefix assignments may be here (ADR 0009, option c)
 
 
 class Runtime:
@@ -67,7 +72,51 @@ class Runtime:
             if config.cache.enabled else None)
         self.routing = RoutingState(config, run_dir(), sleep=_sleep)
         self._reaped_at = time.monotonic()
+        # Coalescing across the gateways sharing cache.redis_url (ADR 0009). Only beside the
+        # host's coalescer: a cluster acts as one gateway would, and one gateway with its cache
+        # off coalesces nothing (INTERFACE.md "Several gateways"; docs/scale-out.md).
+        self.flights: Flights | None = (
+            Flights(config.cache.redis_url, max_bytes=config.cache.max_entry_bytes)
+            if self.coalescer is not None and config.cache.redis_url else None)
+        self.affinity: AffinityBoard | None = None
+        self._merge: Callable[[list[int], str], None] | None = None
+        self._stopped = False
+        self.share_routing(self.routing)
         self.started = time.time()
+
+    def share_routing(self, state: RoutingState) -> None:
+        """With ``routing.policy: prefix`` and ``cache.redis_url``: this worker's new prefix
+        assignments go to the other gateways, theirs into this host's index, in the background
+        (ntonix/cluster/affinity.py; whether or not the cache is enabled, INTERFACE.md "Several
+        gateways"). The composition root calls this once it built the routing state."""
+        cfg = self.config
+        if cfg.routing.policy != "prefix" or not cfg.cache.redis_url:
+            return
+        self.affinity = AffinityBoard(cfg.cache.redis_url)
+        state.selector.share = self.affinity.share
+        self._merge = state.merge
+
+    def start(self, spawn: Callable[[Callable[[], None]], object],
+              sleep: Callable[[float], object] = time.sleep) -> None:
+        """Background work of a serving worker (``spawn`` starts a greenlet; ``sleep`` is
+        gevent's in a worker, where time.sleep is patched to it): the cluster's keeper, which
+        renews this process's leases and batches its finishes; the affinity sync, every second."""
+        flights = self.flights
+        if flights is not None:
+            flights.spawn = spawn
+            self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
+        board, merge = self.affinity, self._merge
+        if board is not None and merge is not None:
+            self.telemetry.watch_affinity(board.stats)
+            spawn(lambda: board.run(board.merger(merge), AFFINITY_SYNC_S, sleep, lambda: self._stopped))
+
+    def close(self) -> None:
+        """At worker exit: Redis connections closed; the keeper and the affinity sync stop."""
+        self._stopped = True
+        if self.flights is not None:
+            self.flights.close()
+        if self.affinity is not None:
+            self.affinity.close()
 
     def _attach_pool(self, backend: Backend) -> None:
         cfg = self.config

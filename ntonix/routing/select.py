@@ -11,7 +11,12 @@ backends and prompt blocks:
 4. every suitable backend at its limit: wait first come, first served up to
    ``routing.queue_timeout_s``; the policy chooses among the backends that have room when the
    turn comes;
-5. for ``prefix``, record the prompt's blocks for the chosen backend.
+5. for ``prefix``, record the prompt's blocks for the chosen backend, and hand the ones this
+   host did not know to ``share`` (memory only: another gateway's view, synced in the
+   background, ntonix/cluster/affinity.py).
+
+For ``prefix`` the policy also gets the prompt's first block as the ``anchor`` of a cold prompt
+(``ntonix.core.routing``): gateways with no shared state then agree on its backend.
 
 The ``Lease`` gives the place back exactly once (``release``), whatever path the request ends on.
 """
@@ -19,7 +24,7 @@ The ``Lease`` gives the place back exactly once (``release``), whatever path the
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Container, Sequence
+from collections.abc import Callable, Collection, Container, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +90,8 @@ class Selector:
         self.index = index
         self.queue_timeout_s = queue_timeout_s
         self.retry_after_s = retry_after_s
+        # (new blocks, backend) of each prefix decision, for the other gateways; must not block.
+        self.share: Callable[[Sequence[int], str], None] | None = None
 
     def acquire(self, targets: Sequence[Routable], blocks: Sequence[int] = (),
                 exclude: Container[str] = ()) -> Lease:
@@ -98,9 +105,10 @@ class Selector:
         matched: dict[str, int] = {}
         if use_prefix and self.index is not None:
             matched = self.index.matched(blocks, [t.address for t in targets if t.routable])
+        anchor = blocks[0] if use_prefix else None
         for _ in range(_RACES):
             candidates = [self._candidate(t, matched, newcomer=True) for t in targets]
-            decision = self.router.choose(candidates)
+            decision = self.router.choose(candidates, anchor)
             if decision.outcome is Outcome.NONE:
                 raise NoHealthyBackend("no healthy backend is available", retry_after=self.retry_after_s)
             if decision.outcome is Outcome.AT_LIMIT:
@@ -134,7 +142,9 @@ class Selector:
 
         def pick(ready: Collection[str]) -> str | None:
             # The head of the queue with room on ``ready``: the policy chooses among those.
-            return self.router.choose([self._candidate(routable[a], matched, newcomer=False) for a in ready]).address
+            anchor = blocks[0] if use_prefix else None
+            return self.router.choose([self._candidate(routable[a], matched, newcomer=False) for a in ready],
+                                      anchor).address
 
         address = self.load.wait({a: t.max_in_flight for a, t in routable.items()}, self.queue_timeout_s, pick)
         if address is None:
@@ -148,4 +158,6 @@ class Selector:
         known = matched.get(address, 0)
         if use_prefix and self.index is not None:
             self.index.record(blocks, address, known=known)
+            if self.share is not None and known < len(blocks):
+                self.share(blocks[known:], address)
         return Lease(self.load, address, known, waited)

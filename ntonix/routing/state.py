@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ntonix.config.model import Config
 from ntonix.core.prompt import prompt_blocks
@@ -50,6 +50,12 @@ class RoutingState:
         if self.selector.router.policy != "prefix":
             return []
         return prompt_blocks(body, partition=partition, block_chars=self.block_chars)
+
+    def merge(self, blocks: Sequence[int], address: str) -> None:
+        """Another gateway sent a prompt holding ``blocks`` to ``address`` (ntonix/cluster/affinity.py,
+        merged in the background): this host's index learns it; a backend not configured here is ignored."""
+        if address in self.targets and self.selector.index is not None:
+            self.selector.index.record(blocks, address)
 
     def close(self) -> None:
         self.selector.load.close()

@@ -164,6 +164,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         rt = self.wsgi.rt
         self._prober = Prober(rt.registry, lambda: rt.config.health, rt.probe_result, rt.models_result)
         self._prober.start()
+        rt.start(gevent.spawn)
 
         while self.alive:
             self.notify()
@@ -171,6 +172,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             self.wsgi.rt.tick()  # free the routing slots of dead workers, every few seconds
             gevent.sleep(0.2)
         self._drain(servers)
+        rt.close()
         ACCESS.flush()
 
     def _drain(self, servers: list[StreamServer]) -> None:

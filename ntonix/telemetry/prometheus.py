@@ -184,6 +184,17 @@ class Metrics:
         self.cache_tokens_saved = Counter(
             "ntonix_cache_tokens_saved", "Tokens of answers served from the gateway's cache (X-Cache: HIT), "
             "which no backend had to process", ["model", "kind"], registry=reg)
+        self.cluster_flights = Counter(
+            "ntonix_cluster_flights", "Coalescing across gateways (cache.redis_url), by outcome: led, followed, "
+            "alone (Redis unavailable or too many followers), hits (the cache's re-check in the join), detached, "
+            "leader_failed, redis_errors, batched_finishes", ["outcome"], registry=reg)
+        self.cluster_affinity = Counter(
+            "ntonix_cluster_affinity", "The shared view of prefix affinity (routing.policy prefix): assignments "
+            "published to and merged from the other gateways, and Redis errors", ["event"], registry=reg)
+        self.cluster_available = Gauge(
+            "ntonix_cluster_redis_available", "1 while every live worker reaches the cluster's Redis, 0 while one "
+            "backs off after a failure (absent without cache.redis_url)", ["redis"], registry=reg,
+            multiprocess_mode="livemin")
         self._status = {cls: self.responses.labels(cls) for cls in (*STATUS_CLASSES, OTHER_STATUS)}
         self._backends: dict[str, _BackendMetrics] = {}
 

@@ -86,6 +86,10 @@ class Telemetry:
         self._token_children: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._saved_children: dict[str, tuple[Any, ...]] = {}
         self._models: set[str] = set()
+        # (counter family, live stats, what was copied so far) of the cluster's parts.
+        self._cluster: list[tuple[Any, Mapping[str, int], dict[str, int]]] = []
+        self._cluster_available: Callable[[], bool] = lambda: True
+        self._cluster_gauge: Any = None
         self.tick()
 
     def __repr__(self) -> str:
@@ -167,10 +171,35 @@ class Telemetry:
         """A connection the HTTP layer answered itself (malformed request, or a crash → 500)."""
         self.metrics.protocol_errors.inc()
 
+    def watch_cluster(self, redis: str, stats: Mapping[str, int], available: Callable[[], bool]) -> None:
+        """Report the cluster's counters (ntonix/cluster/flights.py ``stats``, plain ints kept
+        by the request path) in /metrics; copied on every :meth:`tick` and /metrics answer.
+        ``redis`` labels the availability gauge (the URL without its credentials)."""
+        self._cluster.append((self.metrics.cluster_flights, stats, {}))
+        self._cluster_available = available
+        self._cluster_gauge = self.metrics.cluster_available.labels(redis)
+        self._sync_cluster()
+
+    def watch_affinity(self, stats: Mapping[str, int]) -> None:
+        """The shared prefix view's counters (ntonix/cluster/affinity.py ``stats``), as above."""
+        self._cluster.append((self.metrics.cluster_affinity, stats, {}))
+        self._sync_cluster()
+
+    def _sync_cluster(self) -> None:
+        for family, stats, seen in self._cluster:
+            for name, n in stats.items():
+                added = n - seen.get(name, 0)
+                if added or name not in seen:
+                    family.labels(name).inc(added)
+                    seen[name] = n
+        if self._cluster_gauge is not None:
+            self._cluster_gauge.set(1.0 if self._cluster_available() else 0.0)
+
     def tick(self) -> None:
-        """From the worker's main loop: write the buffered access log lines, and refresh this
-        worker's RSS every ``RSS_EVERY_S``."""
+        """From the worker's main loop: write the buffered access log lines, copy the cluster's
+        counters, and refresh this worker's RSS every ``RSS_EVERY_S``."""
         ACCESS.flush_if_due()
+        self._sync_cluster()
         now = self._monotonic()
         if now - self._rss_at >= RSS_EVERY_S:
             self._rss_at = now
@@ -188,6 +217,7 @@ class Telemetry:
         started = time.perf_counter()
         self._rss_at = self._monotonic()
         self.metrics.worker_rss.set(procstat.rss_bytes())
+        self._sync_cluster()
         families = self.metrics.collect()
         samples = flatten(families)
         extras = Extras(

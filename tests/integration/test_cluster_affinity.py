@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from ntonix.cluster.affinity import AffinityBoard, Assignment
+from ntonix.config.model import BackendConfig, CacheConfig, Config, RoutingConfig
+from ntonix.core.routing import Candidate, Router
+from ntonix.gateway.runtime import Runtime
+from ntonix.routing.state import RoutingState
+from ntonix.telemetry.recorder import Telemetry
 from tests.live.procs import free_port, wait_until
 from tests.live.servers import RedisServer
 
@@ -97,3 +103,50 @@ def test_the_background_loop_merges_into_the_local_index(clean_redis: RedisServe
         t.join(5)
         a.close()
         b.close()
+
+
+def test_a_conversation_diverted_by_load_on_one_host_is_followed_on_the_other(tmp_path: Path,
+                                                                              clean_redis: RedisServer) -> None:
+    """Two hosts (a Runtime and routing state each, threads for greenlets) on one Redis: host a's
+    load bound sends a new conversation away from the backend the hash names; host b, whose index
+    is empty, would send the next turn to the hash's backend, until the background sync tells it
+    where the conversation went (Runtime.share_routing, ADR 0009 option c)."""
+    x, y = "127.0.0.1:1", "127.0.0.1:2"
+    hosts = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        cfg = Config(backends=(BackendConfig("127.0.0.1", 1), BackendConfig("127.0.0.1", 2)),
+                     cache=CacheConfig(dir=str(tmp_path / name / "cache"), redis_url=clean_redis.url),
+                     routing=RoutingConfig(policy="prefix", prefix_index_entries=4096))
+        rt = Runtime(cfg, Telemetry(cfg, metrics_dir=""))
+        state = RoutingState(cfg, str(tmp_path / name))
+        rt.share_routing(state)
+        rt.start(lambda fn: threading.Thread(target=fn, daemon=True).start())
+        hosts.append((rt, state))
+    (rt_a, a), (rt_b, b) = hosts
+    try:
+        targets = list(a.targets.values())
+        idle = [Candidate(x), Candidate(y)]
+        conversation = next([n, n + 1, n + 2] for n in range(1000) if Router("prefix").choose(idle, n).address == x)
+        busy = [a.selector.load.begin(x, 0) for _ in range(3)]  # x is over host a's load bound
+        assert all(busy)
+        lease = a.selector.acquire(targets, conversation)
+        assert lease.address == y
+        lease.release()
+        assert b.selector.index is not None
+
+        def learnt() -> bool:
+            assert b.selector.index is not None
+            return b.selector.index.matched(conversation, [x, y])[y] == 3
+
+        wait_until(learnt, timeout=5, interval=0.05, what="host b merging host a's assignment")
+        turn2 = b.selector.acquire(list(b.targets.values()), [*conversation, 7])
+        assert turn2.address == y, "the next turn on the other host did not follow the conversation"
+        turn2.release()
+        assert rt_a.affinity is not None and rt_a.affinity.stats["published"] >= 1
+        assert rt_b.affinity is not None and rt_b.affinity.stats["merged"] >= 1
+        assert rt_b.telemetry.snapshot([])["cluster"]["affinity"]["merged"] >= 1  # /metrics
+    finally:
+        for rt, state in hosts:
+            rt.close()
+            state.close()

@@ -371,7 +371,7 @@ PACKAGE_MAY_IMPORT = {
     "telemetry": {"telemetry", "core", "errors", "config"},
     "routing": {"routing", "core", "errors", "config.model"},
     "server": {"server", "core", "errors", "config", "upstream", "telemetry"},
-    "gateway": {"gateway", "core", "errors", "config", "cache", "upstream", "telemetry", "routing",
+    "gateway": {"gateway", "core", "errors", "config", "cache", "cluster", "routing", "upstream", "telemetry",
                 "server.disconnect"},
 }
 

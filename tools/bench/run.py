@@ -84,12 +84,14 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None, t
 
 
 def gateway_env(variant: str, backends: list[int], port: int, workers: int, ssl_port: int = 0,
-                cert_dir: Path | None = None) -> dict[str, str]:
+                cert_dir: Path | None = None, redis_url: str = "") -> dict[str, str]:
     """The environment that starts the gateway as shipped (or stripped): only backends, ports,
-    the loopback address and the number of workers are set; everything else is the default
-    of conf/ntonix.json and the configuration model."""
+    the loopback address and the number of workers are set (and ``cache.redis_url`` with
+    ``--redis-url``); everything else is the default of conf/ntonix.json and the configuration model."""
     env = {"NTONIX_BACKENDS": ",".join(f"127.0.0.1:{p}" for p in backends), "NTONIX_PORT": str(port),
            "NTONIX_SSL_PORT": str(ssl_port), "NTONIX_WORKERS": str(workers), "NTONIX_SERVER_HOST": "127.0.0.1"}
+    if redis_url and variant != STRIPPED:
+        env["NTONIX_CACHE_REDIS_URL"] = redis_url
     if cert_dir is not None:
         env |= {"NTONIX_SSL_CERT_FILE": str(cert_dir / "server.crt"),
                 "NTONIX_SSL_KEY_FILE": str(cert_dir / "server.key")}
@@ -151,7 +153,7 @@ class Bench:
         port = free_port()
         ssl_port = free_port() if tls else 0
         env = gateway_env(variant, [b.port for b in backends], port, self.a.workers, ssl_port,
-                          self.cert_dir if tls else None)
+                          self.cert_dir if tls else None, self.a.redis_url)
         (self.dir / f"{name}.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
         root = Path(self.a.baseline) if variant == BASELINE else ROOT
         proc = self._spawn(name, [PY, "-m", "gunicorn", "-c", "gunicorn.conf.py", "ntonix.wsgi"], self.a.proxy_cpu,
@@ -478,6 +480,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", metavar="DIR", default="",
                    help="also measure the gateway as shipped from another checkout (e.g. `git worktree add "
                         "/tmp/base main`): a before/after in the same rounds")
+    p.add_argument("--redis-url", default="",
+                   help="cache.redis_url of the gateways as shipped (and --baseline): e.g. the cross-gateway "
+                        "path's cost, this tree against main, both on one redis-server (docs/scale-out.md)")
     p.add_argument("--proxy-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="also write every run's figures here")

@@ -126,3 +126,40 @@ def test_policy_change_keeps_rotation_state() -> None:
     with pytest.raises(ValueError, match="unknown routing policy"):
         Router("fastest")
     assert "round_robin" in repr(r)
+
+
+def test_prefix_cold_prompt_with_an_anchor_is_the_same_choice_on_every_gateway() -> None:
+    idle = [Candidate("10.0.0.1:8000"), Candidate("10.0.0.2:8000"), Candidate("10.0.0.3:8000")]
+    gateway_a, gateway_b = Router("prefix"), Router("prefix")
+    picks(gateway_b, idle, 7)  # b's tie rotation is elsewhere: the anchor must not depend on it
+    for anchor in range(200):
+        assert gateway_a.choose(idle, anchor).address == gateway_b.choose(idle, anchor).address
+    # ... in the order the candidates come in, too.
+    assert all(gateway_a.choose(idle, n).address == gateway_a.choose(idle[::-1], n).address for n in range(200))
+
+
+def test_prefix_anchor_spreads_conversations_by_weight_and_a_removal_moves_only_its_own() -> None:
+    r = Router("prefix")
+    cands = [Candidate("a", 1), Candidate("b", 2), Candidate("c", 1)]
+    placed = {n: r.choose(cands, n).address for n in range(4000)}
+    share = Counter(placed.values())
+    assert 0.45 < share["b"] / 4000 < 0.55 and 0.2 < share["a"] / 4000 < 0.3, share
+    without_c = {n: r.choose(cands[:2], n).address for n in range(4000)}
+    assert all(without_c[n] == placed[n] for n in placed if placed[n] != "c")
+
+
+def test_prefix_anchor_yields_to_the_load_bound_and_to_a_known_prefix() -> None:
+    r = Router("prefix")
+    idle = [Candidate("a"), Candidate("b")]
+    anchor = next(n for n in range(100) if r.choose(idle, n).address == "a")
+    # a carries 3 of 3 in flight: over the bound ceil(1.5 * 4 / 2) = 3, so the cold prompt goes to b
+    assert r.choose([Candidate("a", in_flight=3), Candidate("b")], anchor).address == "b"
+    # a backend believed to hold the prompt wins over the hash
+    assert r.choose([Candidate("a"), Candidate("b", matched=4)], anchor).address == "b"
+
+
+def test_rendezvous_never_divides_by_zero_at_the_ends_of_the_hash_range() -> None:
+    from ntonix.core.routing import rendezvous
+
+    cands = [Candidate(str(i)) for i in range(50)]
+    assert {rendezvous(n, cands).address for n in range(-3, 3000)} == {c.address for c in cands}

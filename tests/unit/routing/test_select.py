@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from ntonix.config.model import BackendConfig, Config, RoutingConfig
 from ntonix.core.routing import Router
 from ntonix.errors import BackendsBusy, NoHealthyBackend, render_error
 from ntonix.routing.index import PrefixIndex
 from ntonix.routing.load import HostLoad
 from ntonix.routing.select import Selector, Target
+from ntonix.routing.state import RoutingState
 from tests.fakes import FakeClock
 
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
@@ -132,3 +134,49 @@ def test_round_robin_with_a_limit_takes_the_counted_path(tmp_path: Path, clock: 
         sel.acquire(targets)
     first.release()
     assert sel.acquire(targets).address == first.address
+
+
+def gateways(tmp_path: Path, clock: FakeClock) -> tuple[Selector, Selector]:
+    """Two hosts: each its own index and counts."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    return selector(tmp_path / "a", clock), selector(tmp_path / "b", clock)
+
+
+def test_two_gateways_with_their_own_indexes_agree_on_a_new_conversation(tmp_path: Path, clock: FakeClock) -> None:
+    gw_a, gw_b = gateways(tmp_path, clock)
+    targets = [Target(A), Target(B), Target(C)]
+    for first in range(1, 400, 20):
+        conversation = list(range(first, first + 10))
+        on_a = gw_a.acquire(targets, conversation)
+        on_b = gw_b.acquire(targets, [*conversation, 99])  # the next turn, on the other gateway
+        assert on_a.address == on_b.address
+        on_a.release()
+        on_b.release()
+
+
+def test_new_blocks_are_shared_and_merged_into_another_hosts_index(tmp_path: Path, clock: FakeClock) -> None:
+    (tmp_path / "a").mkdir()
+    gw_a = selector(tmp_path / "a", clock)
+    backends = tuple(BackendConfig(host, int(port)) for host, port in (a.split(":") for a in (A, B, C)))
+    gw_b = RoutingState(Config(backends=backends, routing=RoutingConfig(policy="prefix", prefix_index_entries=4096)),
+                        str(tmp_path))
+    shared: list[tuple[list[int], str]] = []
+    gw_a.share = lambda blocks, address: shared.append((list(blocks), address))
+    targets = [Target(A), Target(B), Target(C)]
+    conversation = list(range(1, 11))
+    lease = gw_a.acquire(targets, conversation)
+    assert shared == [(conversation, lease.address)]
+    lease.release()
+    gw_a.acquire(targets, [*conversation, 11, 12]).release()
+    assert shared[1] == ([11, 12], lease.address)  # only what this host did not know
+    for blocks, address in shared:
+        gw_b.merge(blocks, address)
+    gw_b.merge([1, 2], "10.9.9.9:1")  # not a backend here: ignored
+    index = gw_b.selector.index
+    assert index is not None
+    assert index.matched([*conversation, 11, 12], [A, B, C]) == {
+        a: 12 if a == lease.address else 0 for a in (A, B, C)}
+    # ... and gateway b now sends the conversation's next turn where gateway a did.
+    assert gw_b.selector.acquire(list(gw_b.targets.values()), [*conversation, 11, 12, 13]).address == lease.address
+    gw_b.close()

@@ -369,3 +369,28 @@ def test_metric_values_take_no_greenlet_lock_under_gevent(monkeypatch: pytest.Mo
     with metrics._value_lock():  # updates never yield: nothing to exclude between greenlets
         pass
     assert isinstance(metrics._value_lock(), metrics._NoLock)
+
+
+def test_cluster_figures_appear_only_with_a_cluster_and_follow_its_counters(telemetry: Telemetry) -> None:
+    assert telemetry.snapshot([])["cluster"] is None  # no cache.redis_url: nothing to show
+    stats = {"led": 2, "followed": 0, "redis_errors": 0}
+    up = [True]
+    telemetry.watch_cluster("redis://h:6379/0", stats, lambda: up[0])
+    assert telemetry.snapshot([])["cluster"] == {"redis_available": True, "affinity": {},
+                                                "flights": {"followed": 0, "led": 2, "redis_errors": 0}}
+    stats["followed"] += 3
+    stats["redis_errors"] += 1
+    up[0] = False
+    telemetry.tick()
+    telemetry.tick()  # copied once: deltas, not totals
+    assert telemetry.snapshot([])["cluster"] == {"redis_available": False, "affinity": {},
+                                                "flights": {"followed": 3, "led": 2, "redis_errors": 1}}
+    board = {"published": 0, "merged": 0}
+    telemetry.watch_affinity(board)
+    board["merged"] = 5
+    telemetry.tick()
+    assert telemetry.snapshot([])["cluster"]["affinity"] == {"merged": 5, "published": 0}
+    text = telemetry.prometheus([])
+    assert b'ntonix_cluster_affinity_total{event="merged"} 5.0' in text
+    assert b'ntonix_cluster_flights_total{outcome="followed"} 3.0' in text
+    assert b'ntonix_cluster_redis_available{redis="redis://h:6379/0"} 0.0' in text
