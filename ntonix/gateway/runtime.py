@@ -92,6 +92,8 @@ class Runtime:
         cfg = self.config
         if cfg.routing.policy != "prefix" or not cfg.cache.redis_url:
             return
+        if self.affinity is not None:
+            self.affinity.close()
         self.affinity = AffinityBoard(cfg.cache.redis_url)
         state.selector.share = self.affinity.share
         self._merge = state.merge

@@ -15,6 +15,7 @@ from ntonix.core.routing import Candidate, Router
 from ntonix.gateway.runtime import Runtime
 from ntonix.routing.state import RoutingState
 from ntonix.telemetry.recorder import Telemetry
+from ntonix.upstream.fake import ScriptedTransport
 from tests.live.procs import free_port, wait_until
 from tests.live.servers import RedisServer
 
@@ -118,7 +119,7 @@ def test_a_conversation_diverted_by_load_on_one_host_is_followed_on_the_other(tm
         cfg = Config(backends=(BackendConfig("127.0.0.1", 1), BackendConfig("127.0.0.1", 2)),
                      cache=CacheConfig(dir=str(tmp_path / name / "cache"), redis_url=clean_redis.url),
                      routing=RoutingConfig(policy="prefix", prefix_index_entries=4096))
-        rt = Runtime(cfg, Telemetry(cfg, metrics_dir=""))
+        rt = Runtime(cfg, Telemetry(cfg, metrics_dir=""), ScriptedTransport())
         state = RoutingState(cfg, str(tmp_path / name))
         rt.share_routing(state)
         rt.start(lambda fn: threading.Thread(target=fn, daemon=True).start())
