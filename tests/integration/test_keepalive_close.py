@@ -68,11 +68,11 @@ class ClosingBackend:
                     while len(buf) < length:
                         buf += conn.recv(65536)
                     body, buf = buf[:length], buf[length:]
-                    with self._lock:
-                        self.requests += 1
-                    if head.startswith(b"GET"):
+                    if head.startswith(b"GET"):  # health checks and model discovery: not counted
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + KEEP_ALIVE + b"\r\nok")
                         continue
+                    with self._lock:
+                        self.requests += 1
                     if json.loads(body).get("stream"):
                         conn.sendall(self._stream())
                         return  # closed right after the last chunk, keep-alive announced

