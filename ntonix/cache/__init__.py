@@ -12,7 +12,8 @@ with its remaining lifetime (TTL counts from the answer's ``created``, in every 
 ``ntonix.cache.shared``): an L1 hit is reported to L2 (a ~1 µs read; a write only when the entry
 was not the most recently used already) and dropped when L2 no longer holds it. ``purge``
 empties L2 (and L3) and bumps L2's purge *generation*; each worker compares it on every
-lookup (one ~1 µs read) and drops its L1 when it changed, so no worker serves an entry purged by another.
+lookup (a read of shared memory, no transaction) and drops its L1 when it changed, so no
+worker serves an entry purged by another.
 
 A failing L2 (disk full, permissions) degrades to a miss with one warning per minute; it
 never fails a request.

@@ -39,8 +39,10 @@ class Board:
     def __init__(self, path: str) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size < _SIZE:
-                os.ftruncate(fd, _SIZE)  # zero-filled: every slot empty, every bell at 0
+            # Zero-filled (every slot empty, every bell at 0) and allocated for real: a page of a
+            # sparse file written through the map on a full file system kills the process with
+            # SIGBUS (ntonix/cache/lmdb_env.py avoids writable maps for that reason).
+            os.posix_fallocate(fd, 0, _SIZE)
             self._map = mmap.mmap(fd, _SIZE)
         finally:
             os.close(fd)

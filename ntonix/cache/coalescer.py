@@ -16,7 +16,8 @@ reach a backend once, whichever workers they landed on. An LMDB environment (its
 ``join(key)`` (registering at once) is one write transaction: if the key has a live
 running flight, register as a follower (``followers += 1``) and get a :class:`Follower`;
 otherwise (none, finished, or its leader is stale: pid gone or no heartbeat for
-``stale_after_s``) start a new flight and get a :class:`Leader`. A stale flight taken over is marked failed so its followers stop.
+``stale_after_s``) start a new flight and get a :class:`Leader`. A stale flight taken over
+is marked failed so its followers stop.
 
 The leader keeps the head and chunks in memory (the proxy does so anyway to store the
 answer) and writes the journal only once a follower exists: before each chunk it reads the

@@ -329,13 +329,16 @@ def test_a_full_cache_disk_costs_followers_nothing(big: BigBackend, gateway: Gat
     gw1 = gateway([big.spec], workers=2, config={"cache": {"dir": str(full_tmpfs)}})
     try:
         workers = worker_pids(gw1)
-        # Both workers open both LMDB environments (and the lock file) while there is room.
+        # Both workers open both LMDB environments (and the lock file) while there is room. The
+        # journal is opened only for a flight someone follows (leaders start unregistered):
+        # each round sends 8 identical requests that overlap.
         wanted = [str(full_tmpfs / "store" / "data.mdb"), str(full_tmpfs / "inflight" / "data.mdb")]
 
         def opened() -> bool:
+            warm = stream_body(f"warm {uuid.uuid4()}")
             with ThreadPoolExecutor(8) as pool:
-                done = list(pool.map(lambda _: read_stream(gw1, stream_body(f"warm {uuid.uuid4()}"),
-                                                           {"X-Big-Bytes": "100000"}).complete, range(8)))
+                done = list(pool.map(lambda _: read_stream(gw1, warm, {"X-Big-Bytes": "100000",
+                                                                       "X-Big-TTFT": "0.2"}).complete, range(8)))
             assert all(done)
             return all(_maps_open(pid, wanted) for pid in workers)
 
