@@ -130,3 +130,13 @@ def test_a_follower_in_another_process_rings_and_the_leader_registers(tmp_path: 
         proc.wait(5)
         proc.stdin.close()
         proc.stdout.close()
+
+
+def test_consecutive_flight_tokens_have_locks_of_their_own(tmp_path: Path) -> None:
+    c = Coalescer(str(tmp_path), sleep=time.sleep)
+    locks = c.handles().locks
+    first, second = c.token(), c.token()  # same pid, counters one apart
+    assert locks.hold(first) and locks.hold(second)
+    locks.release(first)
+    assert locks.held(second) and not locks.held(first)
+    locks.release(second)
