@@ -191,15 +191,23 @@ class LmdbStore:
 
         Entries larger than ``max_bytes`` or already expired are not stored.
         """
-        raw = entry.encode()
+        return self.put_many([(key, entry)])
+
+    def put_many(self, entries: list[tuple[str, CachedResponse]]) -> int:
+        """:meth:`put` for several entries in one write transaction (in order: a later one
+        under the same key replaces an earlier); returns how many entries were evicted."""
         now = self._clock()
-        if len(raw) > self.max_bytes or entry.created + self.ttl_s <= now:
+        rows = []
+        for key, entry in entries:
+            raw = entry.encode()
+            if len(raw) <= self.max_bytes and entry.created + self.ttl_s > now:
+                rows.append((_k(key), raw, entry.created))
+        if not rows:
             return 0
-        k = _k(key)
         with translated():
             for _ in range(_MAP_FULL_RETRIES):
                 try:
-                    return self._put(k, raw, entry.created, now)
+                    return self._put(rows, now)
                 except lmdb.MapFullError:
                     # Page rounding and pages held by old snapshots can outgrow the map's
                     # headroom: halve what is stored and try again.
@@ -232,35 +240,40 @@ class LmdbStore:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _put(self, k: bytes, raw: bytes, created: float, now: float) -> int:
+    def _put(self, rows: list[tuple[bytes, bytes, float]], now: float) -> int:
         h = self._open()
         with h.env.begin(write=True) as txn:
-            old = txn.get(k, db=h.meta)
-            if old is not None:
-                self._remove(h, txn, k, old, counter=None)
-                if _META.unpack(old)[1] != created:
-                    # A new answer replaces an old one (e.g. after ``no-cache``): other workers'
-                    # L1 copies of the old one must go, as after a purge.
-                    self._bump_generation(h, txn)
-            access_us = _next_stamp(h, txn, now)
-            txn.put(k, raw, db=h.data)
-            txn.put(k, _META.pack(access_us, created, len(raw)), db=h.meta)
-            txn.put(access_us.to_bytes(8, "big") + k, b"", db=h.lru)
-            add_counter(txn, h.stats, b"entries", 1)
-            total = add_counter(txn, h.stats, b"bytes", len(raw))
+            added = count = 0
+            for k, raw, created in rows:
+                old = txn.get(k, db=h.meta)
+                if old is not None:
+                    self._remove(h, txn, k, old, counter=None)
+                    if _META.unpack(old)[1] != created:
+                        # A new answer replaces an old one (e.g. after ``no-cache``): other
+                        # workers' L1 copies of the old one must go, as after a purge.
+                        self._bump_generation(h, txn)
+                access_us = _next_stamp(h, txn, now)
+                txn.put(k, raw, db=h.data)
+                txn.put(k, _META.pack(access_us, created, len(raw)), db=h.meta)
+                txn.put(access_us.to_bytes(8, "big") + k, b"", db=h.lru)
+                added += len(raw)
+                count += 1
+            add_counter(txn, h.stats, b"entries", count)
+            total = add_counter(txn, h.stats, b"bytes", added)
             self._sweep_expired(h, txn, now)
-            return self._evict(h, txn, total, self.max_bytes, keep=k)
+            return self._evict(h, txn, total, self.max_bytes, keep={k for k, _, _ in rows})
 
     def _shrink(self) -> None:
         h = self._open()
         with h.env.begin(write=True) as txn:
             total = read_counter(txn, h.stats, b"bytes")
-            self._evict(h, txn, total, total // 2, keep=b"")
+            self._evict(h, txn, total, total // 2, keep=set())
 
-    def _evict(self, h: _Handles, txn: Txn, total: int, budget: int, keep: bytes) -> int:
-        """Remove least recently used entries until ``total`` bytes fit ``budget``."""
+    def _evict(self, h: _Handles, txn: Txn, total: int, budget: int, keep: set[bytes]) -> int:
+        """Remove least recently used entries until ``total`` bytes fit ``budget`` (never one
+        of ``keep``: the entries just stored, the most recent ones)."""
         evicted = 0
-        while total > budget and (victim := self._oldest(h, txn)) is not None and victim[0] != keep:
+        while total > budget and (victim := self._oldest(h, txn)) is not None and victim[0] not in keep:
             total = self._remove(h, txn, victim[0], victim[1], counter=b"evictions")
             evicted += 1
         return evicted

@@ -11,6 +11,7 @@ A body that breaks after its headers went out cuts the client connection
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
     from ntonix.gateway.runtime import Runtime
 
 log = logging.getLogger("ntonix.proxy")
+
+def _defer(callback: Callable[[], None]) -> object:
+    return gevent.get_hub().loop.run_callback(callback)
+
 
 class StreamAborted(gevent.GreenletExit):  # type: ignore[misc]
     """The answer broke off after its headers went out; the client connection was cut."""
@@ -81,6 +86,7 @@ class UpstreamBody:
         self.stream = stream
         self.ended = False  # the backend's body ended cleanly
         self.failed: str = ""
+        self.deferred = False  # the answer's L2 write waits for the loop's next turn
         # A body without Content-Length (SSE, chunked) may be long in coming: headers go out at
         # once. A sized body waits for its bytes, so a backend dying in between costs a clean
         # error rather than a truncated 200.
@@ -176,7 +182,10 @@ class UpstreamBody:
             backend.breaker.release()
             rec.error = rec.error or "client closed the connection"
         if self.leader is not None:
-            self.leader.finish(self.ended)
+            if self.deferred:  # after the L2 write: who waits on the flight then finds the answer
+                _defer(functools.partial(self.leader.finish, self.ended))
+            else:
+                self.leader.finish(self.ended)
         if not rec.finished:
             self._done(rec)
         if backend.removed and backend.in_flight == 0:
@@ -200,8 +209,14 @@ class UpstreamBody:
             body = b"".join(self.chunks)
         else:
             return
+        # The L2 write waits for the loop's next turn, batched with the other answers stored
+        # meanwhile (ntonix/cache/__init__.py ``store``) — unless followers wait: then the
+        # answer is in L2 before the flight ends (ntonix/cache/coalescer.py, "Unregistered").
+        defer = None if self.leader is not None and self.leader.token is not None else _defer
+        self.deferred = defer is not None
         rt.cache.store(self.store_key, CachedResponse(status=rec.status, headers=self.replay_headers, body=body,
-                                                      created=time.time(), streamed=self.recorder is not None))
+                                                      created=time.time(), streamed=self.recorder is not None),
+                       defer=defer)
 
 
 class FollowerBody:
