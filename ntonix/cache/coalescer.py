@@ -282,6 +282,9 @@ class Coalescer:
             seen = board.peek(h)
             if seen is None or seen[0] != pid or seen[1] & REGISTERED or not self.is_alive(pid):
                 return
+        # Nobody answered: e.g. a slot left by a killed worker whose pid a live process has now.
+        # Clear it, so that the next request for the key does not wait again.
+        board.clear(h, pid)
 
     def _forget(self, leader: Leader) -> None:
         """``leader`` has ended: off the local map and the board."""

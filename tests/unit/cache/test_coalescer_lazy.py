@@ -140,3 +140,24 @@ def test_consecutive_flight_tokens_have_locks_of_their_own(tmp_path: Path) -> No
     locks.release(first)
     assert locks.held(second) and not locks.held(first)
     locks.release(second)
+
+
+def test_an_announcement_nobody_answers_is_waited_for_once(tmp_path: Path) -> None:
+    """A slot left by a killed worker whose pid a live process (here: pid 1) now has."""
+    slept: list[float] = []
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    c = Coalescer(str(tmp_path), sleep=sleep, clock=lambda: now[0], lazy=True)
+    c.board().announce(key_hash("k"), 1)
+    first = c.join("k")
+    assert isinstance(first, Leader) and first.token is not None  # led through the journal
+    assert 0.9 <= sum(slept) <= 1.1
+    first.finish(False)
+    slept.clear()
+    again = c.join("k")
+    assert isinstance(again, Leader) and slept == []
+    again.finish(False)
