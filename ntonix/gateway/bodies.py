@@ -212,7 +212,8 @@ class UpstreamBody:
         # The L2 write waits for the loop's next turn, batched with the other answers stored
         # meanwhile (ntonix/cache/__init__.py ``store``) — unless followers wait: then the
         # answer is in L2 before the flight ends (ntonix/cache/coalescer.py, "Unregistered").
-        defer = None if self.leader is not None and self.leader.token is not None else _defer
+        # (``lazy``: a leader not in the journal; a cluster-wide leader has no such attribute.)
+        defer = _defer if self.leader is None or getattr(self.leader, "lazy", False) else None
         self.deferred = defer is not None
         rt.cache.store(self.store_key, CachedResponse(status=rec.status, headers=self.replay_headers, body=body,
                                                       created=time.time(), streamed=self.recorder is not None),
