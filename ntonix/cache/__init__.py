@@ -12,7 +12,8 @@ with its remaining lifetime (TTL counts from the answer's ``created``, in every 
 ``ntonix.cache.shared``): an L1 hit is reported to L2 (a ~1 µs read; a write only when the entry
 was not the most recently used already) and dropped when L2 no longer holds it. ``purge``
 empties L2 (and L3) and bumps L2's purge *generation*; each worker compares it on every
-lookup (one ~1 µs read) and drops its L1 when it changed, so no worker serves an entry purged by another.
+lookup (a read of shared memory, no transaction) and drops its L1 when it changed, so no
+worker serves an entry purged by another.
 
 A failing L2 (disk full, permissions) degrades to a miss with one warning per minute; it
 never fails a request.
@@ -62,6 +63,8 @@ class ResponseCache:
         self._hits = 0  # used only without a shared store
         self._misses = 0
         self._warned_at = -_WARN_EVERY_S
+        # Deferred L2 writes (store); an L1 hit on one of them is not checked against L2 yet.
+        self._queued: dict[str, CachedResponse] = {}
 
     # -- request path -------------------------------------------------------------------
 
@@ -77,7 +80,8 @@ class ResponseCache:
         memory, shared = self.memory, self.shared
         remote_tier = self.remote if remote else None
         entry = memory.get(key) if memory is not None else None
-        if entry is not None and shared is not None and self._l2(lambda s: s.touch(key), True) is False:
+        if (entry is not None and shared is not None and key not in self._queued
+                and self._l2(lambda s: s.touch(key), True) is False):
             # L2 is the host's LRU: an entry it evicted is gone for every worker, whatever
             # L1 still holds (the touch keeps L2's order exact: INTERFACE.md "Cache").
             assert memory is not None
@@ -107,22 +111,41 @@ class ResponseCache:
                 self.memory.put(key, found, age_s=self._clock() - found.created)
         return found
 
-    def store(self, key: str, entry: CachedResponse) -> None:
-        """Keep a complete answer in every tier; anything but status 200 is ignored."""
+    def store(self, key: str, entry: CachedResponse, *,
+              defer: Callable[[Callable[[], None]], object] | None = None) -> None:
+        """Keep a complete answer in every tier; anything but status 200 is ignored.
+
+        With ``defer`` (e.g. the gevent loop's ``run_callback``), the L2 write is queued and
+        made by the callback ``defer`` is given, with every other answer stored meanwhile, in
+        one write transaction: after the current request is done, before the worker's next
+        turn of its event loop. Other workers see the answer that much later (this worker's
+        L1 at once)."""
         if not self.enabled or entry.status != 200:
             return
         self._check_generation()
         if self.memory is not None:
             self.memory.put(key, entry, age_s=self._clock() - entry.created)
-        self._l2(lambda s: s.put(key, entry), 0)
+        if defer is not None and self.shared is not None:
+            self._queued[key] = entry
+            if len(self._queued) == 1:
+                defer(self.flush)
+        else:
+            self._l2(lambda s: s.put(key, entry), 0)
         if self.remote is not None:
             self.remote.put(key, entry)
+
+    def flush(self) -> None:
+        """Write the answers :meth:`store` queued to L2, in one transaction."""
+        queued, self._queued = self._queued, {}
+        if queued:
+            self._l2(lambda s: s.put_many(list(queued.items())), 0)
 
     # -- operator -----------------------------------------------------------------------
 
     def purge(self) -> int:
         """Empty the cache for the whole gateway (and the shared Redis); returns entries removed."""
         removed = 0
+        self._queued.clear()  # answers stored before the purge are not written after it
         if self.memory is not None:
             n = self.memory.clear()
             if self.shared is None:

@@ -13,10 +13,11 @@ reach a backend once, whichever workers they landed on. An LMDB environment (its
 * ``readers``:  token + follower id -> (pid, next record to read): what each follower still
   needs, so that a capped flight (below) can drop what every follower has read
 
-``join(key)`` is one write transaction: if the key has a live running flight, register as
-a follower (``followers += 1``) and get a :class:`Follower`; otherwise (none, finished, or
-its leader is stale: pid gone or no heartbeat for ``stale_after_s``) start a new flight and
-get a :class:`Leader`. A stale flight taken over is marked failed so its followers stop.
+``join(key)`` (registering at once) is one write transaction: if the key has a live
+running flight, register as a follower (``followers += 1``) and get a :class:`Follower`;
+otherwise (none, finished, or its leader is stale: pid gone or no heartbeat for
+``stale_after_s``) start a new flight and get a :class:`Leader`. A stale flight taken over
+is marked failed so its followers stop.
 
 The leader keeps the head and chunks in memory (the proxy does so anyway to store the
 answer) and writes the journal only once a follower exists: before each chunk it reads the
@@ -35,6 +36,17 @@ leader's client is served as usual); with followers, the leader goes on journali
 chunk as it comes, followers note their progress in ``readers`` after each batch they read,
 and the leader deletes every record all of them have read. Memory and journal stay bounded
 by ``max_bytes`` plus what the slowest attached follower has not read yet.
+
+Unregistered leaders (issue #14; ``lazy=True``, as the gateway runs it): almost no miss ever
+gets a follower, so a leader starts outside the journal: ``join`` announces it on the board
+(``ntonix.cache.board``, 16 bytes in shared memory) and writes nothing to LMDB; a solo miss
+then costs no journal transaction at all (it was two writes and a read per chunk). A second
+request for the key in the same process registers the leader (the write ``join`` used to do)
+and follows it through the journal; one in another worker finds the announcement, rings the
+leader's bell and waits until the leader's process registers the flight (it checks its bell
+every ``poll_interval_s``) or ends it. The leader keeps what it published meanwhile, so a
+follower still gets the answer from its first byte. Whoever misses an announcement (two keys
+sharing a slot) goes to the backend itself, as without coalescing.
 
 Staleness: the leader refreshes its heartbeat at most once a second, but only while it
 publishes, so ``stale_after_s`` must exceed the longest silence of a live backend (the
@@ -55,12 +67,14 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
+import xxhash
 
+from ntonix.cache.board import REGISTERED, WANTED, Board
 from ntonix.cache.flight_lock import LeaderLocks
-from ntonix.cache.lmdb_env import MiB, Process, StoreError, explain, open_env, translated
+from ntonix.cache.lmdb_env import MiB, Process, StoreError, ensure_private_dir, explain, open_env, translated
 from ntonix.core.cache_entry import Headers
 
 if TYPE_CHECKING:
@@ -75,12 +89,17 @@ _RECORD = struct.Struct(">IdIIB")  # pid, heartbeat (wall clock), followers, pub
 _READER = struct.Struct(">II")  # follower's pid, next record it reads
 _FOLLOWERS_AT = struct.calcsize(">Id")  # where the follower count sits in a flight record
 _COUNT = struct.Struct(">I")
+_TOKEN = struct.Struct(">II")  # a flight token: leader's pid, per-process counter
 RUNNING, DONE, FAILED = 0, 1, 2
 _CAPPED = 0x10  # flag in the state byte: past max_bytes, records are dropped once read
 _LAG_BYTES = 2 * MiB  # a capped flight's leader waits while a follower is further behind
+# An unregistered leader keeps what it published for a follower who might come, up to this
+# much (then nobody may join): the worker's memory stays flat whatever the answer's size.
+LAZY_MAX_BYTES = 1 * MiB
 _READ_BYTES = 512 * 1024  # what a follower copies out of the journal at once (at least a record)
 _HEARTBEAT_S = 1.0
 _WARN_EVERY_S = 60.0
+_REGISTER_WAIT_S = 1.0  # how long a request waits for an announced leader to register
 
 
 class LeaderFailed(Exception):
@@ -138,7 +157,7 @@ class Coalescer:
     def __init__(self, directory: str, poll_interval_s: float = 0.005, stale_after_s: float = 120.0, *,
                  sleep: Callable[[float], None] = _gevent_sleep, clock: Callable[[], float] = time.time,
                  is_alive: Callable[[int], bool] = pid_alive, map_size: int = 1024 * MiB,
-                 max_bytes: int = 4 * MiB) -> None:
+                 max_bytes: int = 4 * MiB, lazy: bool = False) -> None:
         self.path = os.path.join(directory, "inflight")
         self.poll_interval_s, self.stale_after_s = poll_interval_s, stale_after_s
         self.sleep, self.clock, self.is_alive = sleep, clock, is_alive
@@ -148,6 +167,17 @@ class Coalescer:
         self._handles: _Handles | None = None
         self._swept_at = 0.0
         self._warned: dict[str, float] = {}
+        # Lazy registration (module docstring, "Unregistered leaders"): this process's leaders
+        # not in the journal yet, by key; the board; the bell as last seen; the tick's timer.
+        self.lazy = lazy
+        self._local: dict[str, Leader] = {}
+        self._board: Board | None = None
+        self._board_pid = -1
+        self._bell_seen = 0
+        self._timer: object | None = None
+        self._timer_pid = -1
+        self._serial = -1
+        self._serial_pid = -1
 
     def handles(self) -> _Handles:
         if self._handles is None or self._pid != Process.pid:
@@ -167,7 +197,12 @@ class Coalescer:
                 or not self.handles().locks.held(token))
 
     def join(self, key: str) -> Leader | Follower:
-        """Follow the live flight for ``key``, or lead a new one (one write transaction)."""
+        """Follow the live flight for ``key``, or lead a new one (one write transaction; none
+        for an unregistered leader, see the module docstring)."""
+        if self.lazy:
+            lazy = self._join_lazily(key)
+            if lazy is not None:
+                return lazy
         k = key.encode()
         now = self.clock()
         mine: bytes | None = None
@@ -178,25 +213,17 @@ class Coalescer:
             with translated():
                 h = self.handles()
                 with h.env.begin(write=True) as txn:
-                    token = txn.get(k, db=h.inflight)
-                    raw = txn.get(token, db=h.flights) if token is not None else None
-                    if token is not None and raw is not None:
-                        flight = _Flight.unpack(raw)
-                        if flight.state == RUNNING and not self.stale(token, flight, now):
-                            txn.put(token, flight._replace(followers=flight.followers + 1).pack(), db=h.flights)
-                            fid = secrets.token_bytes(4)
-                            txn.put(token + fid, _READER.pack(Process.pid, 0), db=h.readers)
-                            return Follower(self, token, fid)
-                        if flight.state == RUNNING:  # its leader is gone: stop its followers
-                            settle(h, txn, token, flight._replace(state=FAILED))
-                    # The lock is held before the flight is visible (nobody reads it before we
-                    # commit), so a running flight without its lock is always a dead one.
-                    mine = secrets.token_bytes(8)
-                    if not h.locks.hold(mine):
+                    live = live_flight(self, h, txn, k, now)
+                    if live is not None:
+                        token, flight = live
+                        txn.put(token, flight._replace(followers=flight.followers + 1).pack(), db=h.flights)
+                        fid = self.token()[4:]
+                        txn.put(token + fid, _READER.pack(Process.pid, 0), db=h.readers)
+                        return Follower(self, token, fid)
+                    mine = self.token()
+                    if not start_flight(h, txn, k, mine, now):
                         mine = None
                         return Leader(self, key, None)
-                    txn.put(k, mine, db=h.inflight)
-                    txn.put(mine, _Flight(os.getpid(), now, 0, 0, RUNNING, k).pack(), db=h.flights)
             return Leader(self, key, mine)
         except BaseException as exc:
             if mine is not None and self._handles is not None:
@@ -205,6 +232,109 @@ class Coalescer:
                 raise
             self.warn("coalesce.unavailable", exc)
             return Leader(self, key, None)  # nobody can follow: the request just goes alone
+
+    def token(self) -> bytes:
+        """A flight token unique on this host: pid and a per-process counter (8 bytes). The
+        counter starts at random, so a restarted worker that gets an old pid back does not
+        reuse the tokens of a flight its predecessor left behind."""
+        if self._serial_pid != Process.pid:
+            self._serial_pid, self._serial = Process.pid, int.from_bytes(secrets.token_bytes(4), "big")
+        self._serial = (self._serial + 1) & 0xFFFFFFFF
+        return _TOKEN.pack(Process.pid, self._serial)
+
+    # -- unregistered leaders -------------------------------------------------------------
+
+    def board(self) -> Board:
+        if self._board is None or self._board_pid != Process.pid:
+            self._board = Board(os.path.join(ensure_private_dir(self.path), "pending"))
+            self._board_pid = Process.pid
+        return self._board
+
+    def _join_lazily(self, key: str) -> Leader | None:
+        """A new unregistered leader for ``key``, or ``None``: then a journal join follows (a
+        leader of ours or another worker's is registered for the key by then, or given up on)."""
+        local = self._local.get(key)
+        if local is not None:
+            local.register()  # a follower in our own process: it reads the journal
+            return None
+        try:
+            board = self.board()
+        except OSError as exc:
+            self.warn("coalesce.unavailable", StoreError(f"cache directory: {exc}"))
+            return None
+        h = key_hash(key)
+        seen = board.peek(h)
+        pid = Process.pid
+        if seen is not None and seen[1] & REGISTERED:
+            return None  # in the journal (a leader of ours or another worker's)
+        if seen is not None and seen[0] != pid and self.is_alive(seen[0]):
+            board.want(h, seen[0])
+            self._await_registration(board, h, seen[0])
+            return None
+        leader = Leader(self, key, None, board_hash=h)
+        self._local[key] = leader
+        board.announce(h, pid)
+        self._arm()
+        return leader
+
+    def _await_registration(self, board: Board, h: int, pid: int) -> None:
+        """Wait (bounded) until ``pid``'s leader for ``h`` is in the journal or gone."""
+        deadline = self.clock() + _REGISTER_WAIT_S
+        while self.clock() < deadline:
+            self.sleep(self.poll_interval_s)
+            seen = board.peek(h)
+            if seen is None or seen[0] != pid or seen[1] & REGISTERED or not self.is_alive(pid):
+                return
+        # Nobody answered: e.g. a slot left by a killed worker whose pid a live process has now.
+        # Clear it, so that the next request for the key does not wait again.
+        board.clear(h, pid)
+
+    def _forget(self, leader: Leader) -> None:
+        """``leader`` has ended: off the local map and the board."""
+        if self._local.get(leader.key) is leader:
+            del self._local[leader.key]
+        if leader.board_hash and self._board is not None and self._board_pid == Process.pid:
+            self._board.clear(leader.board_hash, Process.pid)
+        leader.lazy, leader.board_hash = False, 0
+
+    def tick(self) -> None:
+        """Every poll interval while this process has unregistered leaders: if another worker
+        rang our bell, register the flights it wants (in a greenlet: this runs in the hub)."""
+        if not self._local:
+            self._disarm()
+            return
+        board = self.board()
+        bell = board.bell(Process.pid)
+        if bell != self._bell_seen:
+            self._bell_seen = bell
+            import gevent
+
+            gevent.spawn(self.register_wanted)
+
+    def register_wanted(self) -> int:
+        """Register every unregistered leader of ours some request on the board waits for."""
+        board, pid, n = self.board(), Process.pid, 0
+        for leader in list(self._local.values()):
+            seen = board.peek(leader.board_hash)
+            if seen is not None and seen[0] == pid and seen[1] & WANTED:
+                leader.register()
+                n += 1
+        return n
+
+    def _arm(self) -> None:
+        if self._timer is None or self._timer_pid != Process.pid:
+            import gevent
+
+            self._timer = gevent.get_hub().loop.timer(self.poll_interval_s, self.poll_interval_s)
+            self._timer_pid = Process.pid
+        timer: Any = self._timer
+        if not timer.active:
+            timer.start(self.tick)
+
+    def _disarm(self) -> None:
+        timer: Any = self._timer
+        if timer is not None and self._timer_pid == Process.pid:
+            timer.stop()
 
     def warn(self, event: str, exc: StoreError) -> None:
         """Log a journal failure, each kind at most once a minute per process (a full disk
@@ -232,6 +362,32 @@ class Coalescer:
 
     def __repr__(self) -> str:
         return f"<Coalescer {self.path} poll={self.poll_interval_s}s stale_after={self.stale_after_s}s>"
+
+
+def live_flight(c: Coalescer, h: _Handles, txn: Txn, k: bytes, now: float) -> tuple[bytes, _Flight] | None:
+    """The running flight for key ``k`` with a live leader; a stale one is failed (its
+    followers stop) and ``None`` returned."""
+    token = txn.get(k, db=h.inflight)
+    raw = txn.get(token, db=h.flights) if token is not None else None
+    if token is None or raw is None:
+        return None
+    flight = _Flight.unpack(raw)
+    if flight.state == RUNNING and not c.stale(token, flight, now):
+        return token, flight
+    if flight.state == RUNNING:  # its leader is gone: stop its followers
+        settle(h, txn, token, flight._replace(state=FAILED))
+    return None
+
+
+def start_flight(h: _Handles, txn: Txn, k: bytes, token: bytes, now: float) -> bool:
+    """Make ``token`` the running flight for ``k`` (False: its liveness lock cannot be held).
+    The lock is held before the flight is visible (nobody reads it before we commit), so a
+    running flight without its lock is always a dead one."""
+    if not h.locks.hold(token):
+        return False
+    txn.put(k, token, db=h.inflight)
+    txn.put(token, _Flight(Process.pid, now, 0, 0, RUNNING, k).pack(), db=h.flights)
+    return True
 
 
 def settle(h: _Handles, txn: Txn, token: bytes, flight: _Flight) -> int:
@@ -286,6 +442,11 @@ def least_needed(c: Coalescer, h: _Handles, txn: Txn, token: bytes, default: int
     return low
 
 
+def key_hash(key: str) -> int:
+    """The key's slot hash on the board (never 0: 0 marks an empty slot)."""
+    return xxhash.xxh3_64_intdigest(key.encode()) | 1
+
+
 def _seq(token: bytes, n: int) -> bytes:
     return token + n.to_bytes(4, "big")
 
@@ -298,9 +459,11 @@ class Leader:
     answer themselves.
     """
 
-    def __init__(self, coalescer: Coalescer, key: str, token: bytes | None) -> None:
+    def __init__(self, coalescer: Coalescer, key: str, token: bytes | None, board_hash: int = 0) -> None:
         self._c = coalescer
         self.key, self.token = key, token
+        self.board_hash = board_hash  # announced on the board under this hash (0: not)
+        self.lazy = bool(board_hash)  # not in the journal (yet): nobody can follow
         self._pending: list[bytes] = []  # records not in the journal yet
         self._published = 0  # records in the journal (the first pending one's number)
         self._trimmed = 0  # journal records below this were read by every follower and dropped
@@ -311,7 +474,7 @@ class Leader:
         self._journaling = False
         self._has_head = False
         self._beat = coalescer.clock()
-        self.finished = token is None
+        self.finished = token is None and not self.lazy
 
     @property
     def has_followers(self) -> bool:
@@ -326,6 +489,9 @@ class Leader:
         if not self.finished:
             self._pending.append(orjson.dumps([status, headers]))
             if status != 200:
+                if self.lazy:
+                    self._end()  # nobody follows yet, and nobody may from now on
+                    return
                 self._detach()
             self._sync(None)
 
@@ -335,13 +501,52 @@ class Leader:
         if data and not self.finished:
             self._pending.append(bytes(data))
             self._bytes += len(data)
+            if self.lazy and self._bytes > min(self._c.max_bytes, LAZY_MAX_BYTES):
+                # Too much to keep in memory for a follower who might come: nobody may join.
+                self._end()
+                return
             self._sync(None)
 
     def finish(self, ok: bool) -> None:
         """End the flight (idempotent): ``ok`` means the answer is complete."""
         if not self.finished:
-            self._sync(DONE if ok and (self._published or self._pending) else FAILED)
+            if self.token is not None:
+                self._sync(DONE if ok and (self._published or self._pending) else FAILED)
             self._end()
+
+    def register(self) -> None:
+        """Put an unregistered leader's flight into the journal, so that followers can read it
+        (one write transaction, as ``Coalescer.join`` without the board). If another worker's
+        flight for the key is in the journal already, this one goes on alone."""
+        if not self.lazy or self.finished:
+            return
+        c = self._c
+        self.lazy = False
+        if c._local.get(self.key) is self:
+            del c._local[self.key]
+        k = self.key.encode()
+        now = c.clock()
+        mine = c.token()
+        held = False
+        try:
+            with translated():
+                hs = c.handles()
+                with hs.env.begin(write=True) as txn:
+                    # Someone else's flight answering the key already: ours stays private.
+                    held = live_flight(c, hs, txn, k, now) is None and start_flight(hs, txn, k, mine, now)
+                    if not held:
+                        self._end()
+                        return
+        except BaseException as exc:
+            if held:
+                hs.locks.release(mine)
+            self._end()
+            if not isinstance(exc, StoreError):
+                raise
+            c.warn("coalesce.unavailable", exc)
+            return
+        self.token, self._beat = mine, now
+        c.board().flag(self.board_hash, Process.pid, REGISTERED)  # after the commit: waiters find it
 
     def close(self) -> None:
         """Mark the flight failed unless :meth:`finish` was called."""
@@ -357,6 +562,8 @@ class Leader:
         """Publish nothing more; let followers know at once (the lock) and free the memory."""
         self.finished = True
         self._pending = []
+        if self.board_hash or self.lazy:
+            self._c._forget(self)  # after the journal says DONE: a waiter then finds it stored
         if self.token is not None and self._c._handles is not None:
             self._c._handles.locks.release(self.token)
 

@@ -74,4 +74,7 @@ class LeaderLocks:
 
 
 def _offset(token: bytes) -> int:
-    return int.from_bytes(token[:8], "big") >> (64 - _OFFSET_BITS)
+    # The token's low 56 bits: a flight token is (pid, per-process counter), so these differ
+    # between any two live tokens (pids stay below 2**22 on Linux); two flights sharing a
+    # lock byte would let one's release end the other's liveness.
+    return int.from_bytes(token[:8], "big") & ((1 << _OFFSET_BITS) - 1)

@@ -68,7 +68,7 @@ class Runtime:
             memory_max_bytes=int(min(config.cache.memory_max_mb, config.cache.max_size_mb / 4) * 1024 * 1024))
         self.coalescer: Coalescer | None = (
             Coalescer(cache_dir, stale_after_s=max(10.0, config.proxy.read_timeout_s),
-                      max_bytes=config.cache.max_entry_bytes)
+                      max_bytes=config.cache.max_entry_bytes, lazy=True)
             if config.cache.enabled else None)
         self.routing = RoutingState(config, run_dir(), sleep=_sleep)
         self._reaped_at = time.monotonic()

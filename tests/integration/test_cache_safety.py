@@ -203,9 +203,21 @@ def _status_kib(pid: int, field_name: str) -> int:
 
 
 def warm_up(gw: Gateway, workers: int) -> None:
-    """One small streamed answer through each worker (lazy imports, pools, LMDB maps)."""
+    """Small streamed answers through each worker (lazy imports, pools, LMDB maps), alone and
+    coalesced (the coalescing journal is opened only once a flight gets a follower)."""
     for _ in range(4 * workers):
         assert read_stream(gw, stream_body(f"warm {uuid.uuid4()}"), {"X-Big-Bytes": str(MB)}).complete
+    def together(body: bytes, done: list[bool]) -> None:
+        done.append(read_stream(gw, body, {"X-Big-Bytes": str(MB), "X-Big-TTFT": "0.2"}).complete)
+
+    for _ in range(2 * workers):
+        body, done = stream_body(f"warm together {uuid.uuid4()}"), []
+        threads = [threading.Thread(target=together, args=(body, done)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert done == [True] * 3
 
 
 def test_a_200_mb_answer_is_relayed_whole_without_growing_memory(big: BigBackend, gateway: GatewayFactory) -> None:
@@ -235,6 +247,7 @@ def test_three_coalesced_200_mb_answers_reach_every_client_whole(big: BigBackend
     size = int(float(os.environ.get("TEST_COALESCED_MB", "200")) * MB)
     want = bigstream.expected(body, size)
     calls_before = big.count()
+    entries = gw1.cache_stats()["entries"]  # the warm-up answers
     before = reset_peak_rss(pids)
     results: list[Streamed] = [Streamed()] * 3
     # The backend waits 0.5 s before its head: all three are in flight together.
@@ -255,7 +268,7 @@ def test_three_coalesced_200_mb_answers_reach_every_client_whole(big: BigBackend
     assert sorted(r.cache for r in results) == ["HIT", "HIT", "MISS"]
     assert big.count() - calls_before == 1  # one backend call for all three
     assert max(growth.values()) <= 10, growth
-    assert gw1.cache_stats()["entries"] == 8  # the warm-up answers only
+    assert gw1.cache_stats()["entries"] == entries  # nothing more: the big answer was not stored
 
 
 def test_an_endless_stream_keeps_the_worker_flat_and_serves_until_the_client_leaves(
@@ -329,13 +342,16 @@ def test_a_full_cache_disk_costs_followers_nothing(big: BigBackend, gateway: Gat
     gw1 = gateway([big.spec], workers=2, config={"cache": {"dir": str(full_tmpfs)}})
     try:
         workers = worker_pids(gw1)
-        # Both workers open both LMDB environments (and the lock file) while there is room.
+        # Both workers open both LMDB environments (and the lock file) while there is room. The
+        # journal is opened only for a flight someone follows (leaders start unregistered):
+        # each round sends 8 identical requests that overlap.
         wanted = [str(full_tmpfs / "store" / "data.mdb"), str(full_tmpfs / "inflight" / "data.mdb")]
 
         def opened() -> bool:
+            warm = stream_body(f"warm {uuid.uuid4()}")
             with ThreadPoolExecutor(8) as pool:
-                done = list(pool.map(lambda _: read_stream(gw1, stream_body(f"warm {uuid.uuid4()}"),
-                                                           {"X-Big-Bytes": "100000"}).complete, range(8)))
+                done = list(pool.map(lambda _: read_stream(gw1, warm, {"X-Big-Bytes": "100000",
+                                                                       "X-Big-TTFT": "0.2"}).complete, range(8)))
             assert all(done)
             return all(_maps_open(pid, wanted) for pid in workers)
 

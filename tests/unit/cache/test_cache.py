@@ -204,3 +204,30 @@ def test_lookup_without_counting_then_record(tmp_path: Path, clocks: Clocks) -> 
     cache.record("k", True)  # e.g. answered by a coalesced leader: the client saw a HIT
     stats = cache.stats()
     assert (stats["hits"], stats["misses"]) == (1, 0)
+
+
+def test_deferred_stores_reach_l2_together_when_the_callback_runs(tmp_path: Path, clocks: Clocks) -> None:
+    a, b = worker(tmp_path, clocks), worker(tmp_path, clocks)
+    scheduled: list[object] = []
+    a.store("k1", entry(b'{"n":1}'), defer=scheduled.append)
+    a.store("k2", entry(b'{"n":2}'), defer=scheduled.append)
+    assert scheduled == [a.flush]  # one write for both
+    assert a.lookup("k1") is not None  # this worker's L1 has it at once
+    assert b.lookup("k1") is None and b.lookup("k2") is None  # the host's L2 not yet
+    a.flush()
+    assert [e.body for e in (b.lookup("k1"), b.lookup("k2")) if e is not None] == [b'{"n":1}', b'{"n":2}']
+    assert b.stats()["entries"] == 2
+    a.store("k3", entry(), defer=scheduled.append)
+    assert len(scheduled) == 2  # a new batch, a new callback
+
+
+def test_a_batch_evicts_older_entries_never_its_own(tmp_path: Path, clocks: Clocks) -> None:
+    store = LmdbStore(str(tmp_path), 40_000, 60, clock=clocks.wall)
+    for i in range(3):
+        clocks.advance(1)
+        store.put(f"old{i}", entry(b"x" * 9_000))
+    clocks.advance(1)
+    store.put_many([(f"new{i}", entry(b"y" * 9_000, created=clocks.wall())) for i in range(3)])
+    assert [store.get(f"new{i}", touch=False) is not None for i in range(3)] == [True] * 3
+    assert store.get("old0", touch=False) is None  # the least recently used went
+    assert store.stats()["entries"] < 6

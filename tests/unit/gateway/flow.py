@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent
 import orjson
 
 from ntonix.config import Config, build_config
@@ -168,5 +169,8 @@ class Flow:
         return self.call(self.environ(method, path, body, headers, sock))
 
     def call(self, environ: dict[str, Any]) -> Answer:
+        # Between two requests a worker's event loop turns: callbacks queued by the last one
+        # run (e.g. a batched L2 write, ntonix/cache/__init__.py ``store(defer=...)``).
+        gevent.sleep(0)
         host = HostResponse()
         return Answer(host, self.app(environ, host.start_response))  # type: ignore[arg-type]

@@ -173,8 +173,10 @@ def test_a_leader_whose_client_left_finishes_the_answer_for_its_followers(tmp_pa
     flow.transport.script(B1, stream())
     answer = flow.request(body=chat(stream=True))
     assert answer.next() == EVENTS[0]
-    follower = Coalescer(str(tmp_path / "cache"), stale_after_s=30).join(key_of(chat(stream=True)))
-    assert isinstance(follower, Follower)  # another worker's request for the same answer
+    coalescer = flow.runtime.coalescer
+    assert coalescer is not None
+    follower = coalescer.join(key_of(chat(stream=True)))
+    assert isinstance(follower, Follower)  # another request for the same answer (it registers the flight)
     assert answer.next() == EVENTS[1]  # the leader sees it has a follower
     answer.close()  # its own client left
     (rec,) = flow.telemetry.records  # this request is reported at once
