@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.live.llamacpp import LlamaServer
+from tests.live.llamacpp import LlamaServer, served_model
 from tests.live.procs import client_exchange, get_json, wait_until
 from tests.live.servers import Gateway, GatewayFactory
 
@@ -58,7 +58,7 @@ def _healthy_backends(gw: Gateway) -> int:
 
 
 def _body(path: str, text: str, stream: bool, **extra: Any) -> bytes:
-    body: dict[str, Any] = {"model": "smollm2", "stream": stream, "max_tokens": 8, "temperature": 0, **extra}
+    body: dict[str, Any] = {"model": served_model(), "stream": stream, "max_tokens": 8, "temperature": 0, **extra}
     if path == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": text}]
     else:
@@ -124,7 +124,7 @@ def test_models_list_passes_through(servers: list[LlamaServer], gw: Gateway) -> 
     assert status == 200
     direct = get_json(servers[0].url + "/v1/models")
     assert json.loads(data)["data"][0]["id"] == direct["data"][0]["id"]
-    assert direct["data"][0]["id"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert direct["data"][0]["id"] == served_model()  # the id requests name (_body)
 
 
 def test_exact_cache_and_coalescing_on_real_answers(servers: list[LlamaServer], gw: Gateway) -> None:

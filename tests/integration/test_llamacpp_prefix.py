@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.live.llamacpp import LlamaServer
-from tests.live.procs import client_exchange, get_json, wait_until
+from tests.live.llamacpp import LlamaServer, served_model
+from tests.live.procs import client_exchange, wait_until
 from tests.live.servers import Gateway, GatewayFactory
 
 pytestmark = pytest.mark.integration
@@ -69,13 +69,11 @@ def _predicted(servers: list[LlamaServer]) -> list[float]:
 
 
 def _conversation(gw: Gateway, servers: list[LlamaServer], tag: str) -> list[Turn]:
-    # The gateway routes by model (docs/routing.md): name the one the servers list.
-    model = get_json(servers[0].url + "/v1/models")["data"][0]["id"]
     messages: list[dict[str, Any]] = [{"role": "system", "content": _system_prompt(tag)}]
     turns = []
     for question in QUESTIONS:
         messages.append({"role": "user", "content": question})
-        body = {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0}
+        body = {"model": served_model(), "messages": messages, "max_tokens": 8, "temperature": 0}
         before = _predicted(servers)
         status, _, data = client_exchange(gw.port, "POST", "/v1/chat/completions", json.dumps(body).encode(),
                                           JSON, timeout=60)

@@ -42,6 +42,12 @@ def model_path() -> Path:
     return path
 
 
+def served_model() -> str:
+    """The model id the server lists in ``/v1/models`` (the model file's path), which requests
+    must name: the gateway routes by model and answers 404 for one no backend lists."""
+    return str(model_path())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default=LOOPBACK)
