@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         w.add_argument(f"--{name}", type=int, default=None, help=f"default {default}")
     b = p.add_argument_group("backends")
     b.add_argument("--backends", type=int, default=None, help="default 4 (--real-llamacpp: 2)")
-    b.add_argument("--slots", type=int, default=2, help="--real-llamacpp: parallel slots per server")
+    b.add_argument("--slots", type=int, default=4, help="--real-llamacpp: parallel slots per server")
     b.add_argument("--ctx", type=int, default=2048, help="--real-llamacpp: context tokens per server (all slots)")
     b.add_argument("--kv-ratio", type=float, default=3.12,
                    help="workload KV working set ÷ one backend's KV cache capacity (3.12: 78%% of four)")
@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--cache-on", action="store_true", help="leave the gateway's response cache on")
     t.add_argument("--max-in-flight", type=int, default=0, help="variant: backends[].max_in_flight of the "
                    "gateway; checks that no backend ever held more of its requests at once")
+    t.add_argument("--prefix-block-chars", type=int, default=0, help="the gateway's routing.prefix_block_chars "
+                   "(default: the gateway's, 256); --real-llamacpp's prompts are short, a few blocks of 64")
     t.add_argument("--out", type=Path, help="also write the report (Markdown) to this file")
     args = p.parse_args(argv)
     real = args.real_llamacpp
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.real_llamacpp:
         say(f"backends: {args.backends} × llama.cpp (xllamacpp, SmolLM2-135M-Instruct Q4_1, 1 thread, "
             f"{args.slots} slots, {args.ctx} context tokens), restarted before every row; answers "
-            f"exactly {spec.answer_tokens} tokens (ignore_eos); token counts are the servers' own")
+            f"exactly {spec.answer_tokens} tokens (ignore_eos); token counts are the servers' own"
+            + (f"; gateway prefix blocks of {args.prefix_block_chars} characters" if args.prefix_block_chars else ""))
     else:
         say(f"backends: {args.backends} × mock_llm --inference: KV cache {kv_tokens:,} tokens each (working set "
             f"{ws_blocks * 16:,} tokens = {ws_blocks * 16 / kv_tokens:.2f} × one, "
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         fresh()
                         try:
                             proc, port = procs.start_gateway(folder / label.replace(" ", "-"), backends, workers,
-                                                             policy, args.cache_on, args.max_in_flight)
+                                                             policy, args.cache_on, args.max_in_flight,
+                                                             args.prefix_block_chars)
                         except (TimeoutError, RuntimeError) as exc:
                             said = [line for line in str(exc).splitlines() if line.strip()]
                             notes.append(f"{label}: the gateway did not start ({said[-1][:200] if said else exc!r})")

@@ -217,10 +217,10 @@ def start_nginx(folder: Path, backends: Sequence[BenchBackend]) -> tuple[Proc, i
 
 
 def start_gateway(folder: Path, backends: Sequence[BenchBackend], workers: int, policy: str,
-                  cache: bool, max_in_flight: int = 0) -> tuple[Proc, int]:
+                  cache: bool, max_in_flight: int = 0, block_chars: int = 0) -> tuple[Proc, int]:
     """``python -m ntonix`` in front of ``backends``; ``NTONIX_ROUTING_POLICY`` set for any policy but
-    the default (round_robin), and ``backends[].max_in_flight`` only when asked for, so that a gateway
-    without routing keys still runs round_robin."""
+    the default (round_robin), and ``NTONIX_ROUTING_PREFIX_BLOCK_CHARS`` and ``backends[].max_in_flight``
+    only when asked for, so that a gateway without routing keys still runs round_robin."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {
@@ -235,6 +235,8 @@ def start_gateway(folder: Path, backends: Sequence[BenchBackend], workers: int, 
     path = folder / "ntonix.json"
     path.write_text(json.dumps(config, indent=2))
     env = {"NTONIX_ROUTING_POLICY": policy} if policy != "round_robin" else {}
+    if block_chars:
+        env["NTONIX_ROUTING_PREFIX_BLOCK_CHARS"] = str(block_chars)
     proc = Proc([PYTHON, "-m", "ntonix", "--config", str(path)], env=env, name=f"route-gateway-{policy}-w{workers}")
     wait_http_up(f"http://{HOST}:{port}/health", proc)
     # Until every backend passed a health check, the gateway would spread over fewer of them.
