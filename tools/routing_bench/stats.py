@@ -159,6 +159,22 @@ def prefix_checks(rows: Mapping[str, Row], workers: Sequence[int]) -> list[Check
     return out
 
 
+def real_checks(rows: Mapping[str, Row], workers: Sequence[int]) -> list[Check]:
+    """Real llama.cpp servers: ``prefix`` must leave the servers less to prefill than round-robin."""
+    out = []
+    for w in workers:
+        prefix = rows.get(f"ntonix prefix w{w}")
+        rr = rows.get(f"ntonix round_robin w{w}") or rows.get("direct")
+        name = f"real servers, prefix at {w} worker(s)"
+        if prefix is None or rr is None:
+            out.append(Check(name, "not run (--policies prefix, and round_robin or direct)", None))
+            continue
+        ratio = prefix.prefill_tokens / rr.prefill_tokens if rr.prefill_tokens else math.nan
+        out += [Check(f"{name}: prefill tokens < round-robin's", f"{ratio:.2f} ×", ratio < 1.0),
+                Check(f"{name}: 0 failures", str(prefix.failures), prefix.failures == 0)]
+    return out
+
+
 def slow_checks(rows: Mapping[str, Row], workers: Sequence[int]) -> list[Check]:
     """One backend twice as slow: ``least_requests`` must beat round-robin's TTFT p99."""
     out = []

@@ -33,6 +33,7 @@ class Spec:
     seed: int = 1
     think_ms: int = 500  # a user pauses 0..think_ms before each turn after the first
     models: tuple[str, ...] = ()  # mixed traffic: user u asks models[u % len(models)]
+    ignore_eos: bool = False  # real servers: every answer exactly answer_tokens long
 
     def __post_init__(self) -> None:
         for name in ("users", "groups", "rounds", "question_tokens", "answer_tokens"):
@@ -43,6 +44,10 @@ class Spec:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
+# Real llama.cpp servers on a CPU (tools/routing_bench --real-llamacpp): SmolLM2's tokenizer makes
+# a 4-character word about 4 tokens, so the last turn is about 190 + 4 × 40 tokens.
+REAL = Spec(users=6, groups=2, system_tokens=48, rounds=4, question_tokens=8, answer_tokens=8, think_ms=200,
+            ignore_eos=True)
 QUICK = Spec(users=32, groups=4, system_tokens=512, rounds=4, question_tokens=32, answer_tokens=32, think_ms=200)
 
 
