@@ -15,7 +15,8 @@ Theory of operation
    host-wide place under ``max_in_flight`` (queued first come, first served; → 503 when the
    wait is over). A request that could not be sent (``SendFailed``) is tried on the next
    backend, up to ``proxy.retries`` more; one that reached a backend is never sent twice.
-   The place (``Lease``) is given back exactly once, when the answer settles.
+   The backend's request is an ``Attempt`` (ntonix/core/attempt.py): in flight, the breaker's
+   permission and the place (``Lease``), settled exactly once with one verdict.
 5. The body is relayed piece by piece as it arrives (``ntonix.gateway.bodies.UpstreamBody``),
    recorded for the cache and published to followers on the way. Its ``close()`` always
    releases the backend connection: back to the pool only when the response was read to its end.
