@@ -33,9 +33,8 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
     from ntonix.cluster.relay import Publisher, Subscriber
-    from ntonix.core.registry import Backend
+    from ntonix.core.attempt import Attempt
     from ntonix.gateway.runtime import Runtime
-    from ntonix.routing.select import Lease
 
 log = logging.getLogger("ntonix.proxy")
 
@@ -73,12 +72,12 @@ class UpstreamBody:
 
     closed = False  # close() was called: a second call must not settle again
 
-    def __init__(self, rt: Runtime, resp: Any, backend: Backend, environ: WSGIEnvironment, rec: RequestRecord,
+    def __init__(self, rt: Runtime, resp: Any, attempt: Attempt, environ: WSGIEnvironment, rec: RequestRecord,
                  store_key: str | None, replay_headers: tuple[tuple[str, str], ...], stream: bool,
                  leader: Publisher | None, watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
-                 lease: Lease | None = None, usage: UsageTap | None = None) -> None:
-        self.rt, self.resp, self.backend, self.environ, self.rec = rt, resp, backend, environ, rec
-        self.lease, self.usage = lease, usage
+                 usage: UsageTap | None = None) -> None:
+        self.rt, self.resp, self.environ, self.rec = rt, resp, environ, rec
+        self.attempt, self.backend, self.usage = attempt, attempt.backend, usage
         self.store_key, self.replay_headers, self.leader, self.watch = store_key, replay_headers, leader, watch
         self._done = done
         self.recorder: StreamRecorder | None = StreamRecorder() if (store_key is not None and stream) else None
@@ -177,9 +176,6 @@ class UpstreamBody:
         """Release the backend connection and settle breaker, cache, followers and telemetry once."""
         rt, backend, rec = self.rt, self.backend, self.rec
         self.resp.release()  # back to the pool only if read to its end
-        backend.in_flight -= 1
-        if self.lease is not None:
-            self.lease.release()
         rec.streamed = self.recorder is not None or self.stream
         if self.ended:
             if self.usage is not None:
@@ -189,10 +185,10 @@ class UpstreamBody:
                     rt.telemetry.tokens(rec.model, backend.address, usage)
             self._settle_ok()
         elif self.failed:
-            rt.backend_failed(backend, self.failed)
+            rt.backend_failed(self.attempt, self.failed)
             rec.backend_ok = False
         else:  # the client left (or the worker is stopping): no verdict on the backend
-            backend.breaker.release()
+            self.attempt.abandoned()
             rec.error = rec.error or "client closed the connection"
         if self.leader is not None:
             self.leader.finish(self.ended)
@@ -202,12 +198,12 @@ class UpstreamBody:
             rt.reap_drained()
 
     def _settle_ok(self) -> None:
-        rt, backend, rec = self.rt, self.backend, self.rec
+        rt, rec = self.rt, self.rec
         if rec.status >= 500:
-            rt.backend_failed(backend, f"answered {rec.status}")
+            rt.backend_failed(self.attempt, f"answered {rec.status}")
             rec.backend_ok = False
         else:
-            rt.backend_succeeded(backend, rec.backend_latency_ms or 0.0)
+            rt.backend_succeeded(self.attempt, rec.backend_latency_ms or 0.0)
             rec.backend_ok = True
         if self.store_key is None or rt.cache is None:
             return

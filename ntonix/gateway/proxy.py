@@ -15,7 +15,8 @@ Theory of operation
    host-wide place under ``max_in_flight`` (queued first come, first served; → 503 when the
    wait is over). A request that could not be sent (``SendFailed``) is tried on the next
    backend, up to ``proxy.retries`` more; one that reached a backend is never sent twice.
-   The place (``Lease``) is given back exactly once, when the answer settles.
+   The backend's request is an ``Attempt`` (ntonix/core/attempt.py): in flight, the breaker's
+   permission and the place (``Lease``), settled exactly once with one verdict.
 5. The body is relayed piece by piece as it arrives (``ntonix.gateway.bodies.UpstreamBody``),
    recorded for the cache and published to followers on the way. Its ``close()`` always
    releases the backend connection: back to the pool only when the response was read to its end.
@@ -61,10 +62,9 @@ from ntonix.upstream import SendFailed, Unanswered
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-    from ntonix.core.registry import Backend
+    from ntonix.core.attempt import Attempt
     from ntonix.gateway.host import Host
     from ntonix.gateway.runtime import Runtime
-    from ntonix.routing.select import Lease
 
 log = logging.getLogger("ntonix.proxy")
 
@@ -347,12 +347,9 @@ class Proxy:
                     break
                 backend = next(b for b in backends if b.address == lease.address)
                 tried.append(backend.address)
-                allowed, change = backend.breaker.acquire()
-                rt.log_change(backend, "breaker", change)
-                if not allowed:
-                    lease.release()
+                attempt = rt.attempt(backend, lease)  # in flight, breaker permission, lease: one object
+                if attempt is None:
                     continue
-                backend.in_flight += 1
                 started = time.perf_counter()
                 try:
                     resp = rt.transport.send(backend.pool, rec.method, target,
@@ -362,9 +359,7 @@ class Proxy:
                     # connections it died with our request: nothing was answered and nothing
                     # will be, so another backend may take it. A live backend that hung up on
                     # us is not sent the request twice.
-                    backend.in_flight -= 1
-                    lease.release()
-                    rt.backend_failed(backend, exc.message)
+                    rt.backend_failed(attempt, exc.message)
                     if not rt.transport.refuses_connections(backend.config.host, backend.config.port,
                                                          min(0.5, cfg.proxy.connect_timeout_s)):
                         rec.backend, rec.backend_ok = backend.address, False
@@ -374,30 +369,26 @@ class Proxy:
                     last_error = exc
                     continue
                 except SendFailed as exc:
-                    backend.in_flight -= 1
-                    lease.release()
-                    rt.backend_failed(backend, str(exc))
+                    rt.backend_failed(attempt, str(exc))
                     log.warning("backend.send_failed", extra={"backend": backend.address, "reason": str(exc),
                                                                "request_id": rec.request_id})
                     last_error = exc
                     continue
                 except NtonixError as exc:
-                    backend.in_flight -= 1
-                    lease.release()
-                    rt.backend_failed(backend, exc.message)
+                    rt.backend_failed(attempt, exc.message)
                     rec.backend = backend.address
                     rec.backend_ok = False
                     raise
                 except BaseException:
-                    backend.in_flight -= 1
-                    lease.release()
-                    backend.breaker.release()
+                    attempt.abandoned()
                     raise
                 try:
-                    return self._relay(resp, backend, started, environ, start_response, rec, store_key, stream,
-                                       leader, watch, done or self._done, lease)
+                    return self._relay(resp, attempt, started, environ, start_response, rec, store_key, stream,
+                                       leader, watch, done or self._done)
                 except BaseException:
-                    lease.release()  # no body took it over (UpstreamBody releases it once)
+                    if not attempt.settled:  # no body took it over (UpstreamBody settles it once)
+                        resp.release()
+                        attempt.abandoned()
                     raise
         except BaseException:
             if watch is not None:
@@ -409,10 +400,11 @@ class Proxy:
             raise NoHealthyBackend("no healthy backend is available", retry_after=max(1, int(cfg.health.interval_s)))
         raise UpstreamUnavailable(f"no backend could be reached ({len(tried)} tried); last error: {last_error}")
 
-    def _relay(self, resp: Any, backend: Backend, started: float, environ: WSGIEnvironment,
+    def _relay(self, resp: Any, attempt: Attempt, started: float, environ: WSGIEnvironment,
                start_response: StartResponse, rec: RequestRecord, store_key: str | None, stream: bool,
                leader: Publisher | None, watch: disconnect.Watch | None,
-               done: Callable[[RequestRecord], None], lease: Lease | None = None) -> UpstreamBody:
+               done: Callable[[RequestRecord], None]) -> UpstreamBody:
+        backend = attempt.backend
         status = resp.status_code
         rec.status = status
         rec.backend = backend.address
@@ -429,7 +421,7 @@ class Proxy:
         tap = None
         if status == 200 and rec.path in CACHEABLE_PATHS and not header_value(raw_headers, "content-encoding"):
             tap = UsageTap("text/event-stream" in (header_value(raw_headers, "content-type") or ""))
-        return UpstreamBody(self.rt, resp, backend, environ, rec, store_key, replay, stream, leader, watch,
-                            done, lease=lease, usage=tap)
+        return UpstreamBody(self.rt, resp, attempt, environ, rec, store_key, replay, stream, leader, watch,
+                            done, usage=tap)
 
 

@@ -22,11 +22,13 @@ from ntonix.cluster.affinity import AffinityBoard
 from ntonix.cluster.flights import Flights, redacted
 from ntonix.config import Config
 from ntonix.config.handover import run_dir
+from ntonix.core.attempt import Attempt
 from ntonix.core.headers import parse_networks
 from ntonix.core.health import HealthState
 from ntonix.core.models import ModelList, model_not_found, next_models, union_models
 from ntonix.core.registry import Backend, Registry
 from ntonix.core.transitions import Transition
+from ntonix.routing.select import Lease
 from ntonix.routing.state import RoutingState
 from ntonix.telemetry.recorder import Telemetry
 from ntonix.upstream import Transport
@@ -175,12 +177,21 @@ class Runtime:
         log.log(level, f"backend.{kind}_changed", extra={
             "backend": backend.address, "old_state": old, "new_state": new, "reason": change.reason})
 
-    def backend_failed(self, backend: Backend, reason: str) -> None:
-        self.log_change(backend, "breaker", backend.breaker.record_failure(reason))
+    def attempt(self, backend: Backend, lease: Lease) -> Attempt | None:
+        """Start a request on ``backend``: None when its breaker refused (the lease is then
+        given back). The attempt gives the lease back when it settles (ntonix/core/attempt.py)."""
+        attempt, change = Attempt.start(backend, lease.release)
+        self.log_change(backend, "breaker", change)
+        return attempt
+
+    def backend_failed(self, attempt: Attempt, reason: str) -> None:
+        backend = attempt.backend
+        self.log_change(backend, "breaker", attempt.failed(reason))
         self.telemetry.backend_result(backend.address, ok=False, latency_ms=None)
 
-    def backend_succeeded(self, backend: Backend, latency_ms: float) -> None:
-        self.log_change(backend, "breaker", backend.breaker.record_success())
+    def backend_succeeded(self, attempt: Attempt, latency_ms: float) -> None:
+        backend = attempt.backend
+        self.log_change(backend, "breaker", attempt.succeeded())
         self.telemetry.backend_result(backend.address, ok=True, latency_ms=latency_ms)
 
     def probe_result(self, backend: Backend, ok: bool, reason: str) -> None:

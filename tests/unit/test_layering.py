@@ -28,6 +28,7 @@ CORE_DIR = PACKAGE / "core"
 # The pure core, by path: every module of ntonix/core/ is checked whether listed or not; a listed
 # one that is missing fails.
 CORE = (
+    "ntonix.core.attempt",
     "ntonix.core.balancer",
     "ntonix.core.breaker",
     "ntonix.core.cache_entry",

@@ -239,3 +239,28 @@ def test_a_follower_relays_its_leaders_answer(tmp_path: Path) -> None:
     assert flow.transport.exchanges == []
     (rec,) = flow.telemetry.records
     assert rec.cache == "HIT"
+
+
+def test_a_trial_that_breaks_before_its_body_settles_once_without_a_verdict(tmp_path: Path) -> None:
+    """The answer's head could not be handed on (the host's start_response raised): no body took
+    the attempt over, so the flow abandons it itself — nothing left in flight, the routing place
+    and the connection given back, and the breaker's trial slot free for the next request."""
+    flow = Flow(tmp_path, B1, circuit_breaker={"failure_threshold": 1, "cooldown_s": 10})
+    flow.transport.script(B1, Reply(fail="reset"), Reply(200, chunks=[b"{}"]), Reply(200, chunks=[b"{}"]))
+    flow.request().read()
+    flow.clock.advance(10)
+    load = flow.runtime.routing.selector.load
+    places = load.in_flight(B1)  # host-wide (shared memory): compared, not assumed zero
+
+    def broken(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> None:
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        flow.app(flow.environ(body=chat()), broken)  # type: ignore[arg-type]
+    backend = flow.backend(B1)
+    assert (backend.in_flight, load.in_flight(B1)) == (0, places)
+    resp = flow.transport.exchanges[1].response
+    assert resp is not None and resp.released == "closed"
+    assert backend.breaker.state is BreakerState.HALF_OPEN  # no verdict either way
+    assert flow.request().read() == b"{}"  # the trial slot is free again
+    assert backend.breaker.state is BreakerState.CLOSED
