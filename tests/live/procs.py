@@ -96,7 +96,9 @@ class Proc:
         os.close(fd)
         self.log_path = Path(path)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        full_env = dict(os.environ)
+        # Not the hand-over variables of a gateway built in this process (ntonix/config/handover.py:
+        # ``run_dir()`` sets _NTONIX_RUN_DIR): each process started here gets its own run directory.
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("_NTONIX_")}
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         if env:
             full_env.update(env)
