@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -67,16 +68,23 @@ def _up(url: str) -> bool:
 
 
 class Topology:
-    """Redis, two mock backends, ``gateways`` gateways and HAProxy, all on loopback."""
+    """Redis, two mock backends, ``gateways`` gateways and HAProxy, all on loopback.
+
+    ``backend_ports``: backends already running (the routing benchmark's, tools/routing_bench/),
+    then no mock is started; ``gateway_env``: more settings for every gateway (``NTONIX_*``).
+    """
 
     def __init__(self, gateways: int = 2, port: int = 0, workers: int = 1, mock_ttft: float = 0.05,
-                 mock_token_delay: float = 0.01, log_dir: Path | None = None) -> None:
+                 mock_token_delay: float = 0.01, log_dir: Path | None = None,
+                 backend_ports: Sequence[int] | None = None, gateway_env: Mapping[str, str] | None = None) -> None:
         self.n, self.workers = gateways, workers
         self.mock_ttft, self.mock_token_delay = mock_ttft, mock_token_delay
         self.dir = Path(tempfile.mkdtemp(prefix="ntonix-scaleout-"))
         self.log_dir = log_dir or self.dir
         self.redis_port = free_port()
-        self.backend_ports = [free_port() for _ in range(2)]
+        self.own_backends = backend_ports is None
+        self.backend_ports = [free_port() for _ in range(2)] if backend_ports is None else list(backend_ports)
+        self.gateway_env = dict(gateway_env or {})
         self.gateway_ports = [free_port() for _ in range(gateways)]
         self.lb_port = port or free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -118,18 +126,18 @@ class Topology:
         base = {k: v for k, v in os.environ.items() if not k.startswith("NTONIX_")}
         self._spawn("redis", [find("redis-server"), "--port", str(self.redis_port), "--bind", "127.0.0.1",
                               "--save", "", "--appendonly", "no", "--dir", str(self.dir)])
-        for i, port in enumerate(self.backend_ports, 1):
+        for i, port in enumerate(self.backend_ports if self.own_backends else [], 1):
             self._spawn(f"backend-{i}", [sys.executable, "-m", "mock_llm", "--host", "127.0.0.1", "--port", str(port),
                                          "--name", f"backend-{i}", "--ttft", str(self.mock_ttft),
                                          "--token-delay", str(self.mock_token_delay)], env=base)
-        for i, port in enumerate(self.backend_ports, 1):
+        for i, port in enumerate(self.backend_ports if self.own_backends else [], 1):
             self._wait(f"backend-{i}", f"http://127.0.0.1:{port}/health")
         gunicorn = str(Path(sys.executable).parent / "gunicorn")
         for i, port in enumerate(self.gateway_ports, 1):
             env = {**base, "NTONIX_SERVER_HOST": "127.0.0.1", "NTONIX_PORT": str(port), "NTONIX_SSL_PORT": "0",
                    "NTONIX_WORKERS": str(self.workers), "NTONIX_HEALTH_INTERVAL_S": "2",
                    "NTONIX_BACKENDS": ",".join(f"127.0.0.1:{p}" for p in self.backend_ports),
-                   "NTONIX_CACHE_REDIS_URL": self.redis_url}
+                   "NTONIX_CACHE_REDIS_URL": self.redis_url, **self.gateway_env}
             self._spawn(f"gateway-{i}", [gunicorn, "-c", "gunicorn.conf.py", "ntonix.wsgi"], env=env)
         for i, url in enumerate(self.gateway_urls, 1):
             self._wait(f"gateway-{i}", url + "/health")

@@ -13,6 +13,8 @@ from tools.routing_bench.stats import (
     BackendCounts,
     Row,
     Turn,
+    l4_checks,
+    l4_label,
     limit_checks,
     percentile,
     prefix_checks,
@@ -185,6 +187,20 @@ def test_max_in_flight_target() -> None:
     checks = limit_checks({"direct": _row("direct", 1, 1.0), held.label: held, over.label: over}, 2)
     assert [(c.ok, c.value) for c in checks] == [(True, "2/2/1/2"), (False, "2/3/2/2")]
     assert limit_checks({"direct": _row("direct", 1, 1.0)}, 2)[0].ok is None
+
+
+def test_two_gateways_behind_the_balancer_stay_within_ten_percent_of_one_gateway() -> None:
+    assert l4_label("prefix", 2, 1) == "ntonix prefix 2×w1 via haproxy"
+    rows = {label: _row(label, prefill, 1.0, failures=failures) for label, prefill, failures in (
+        ("ntonix prefix w1", 10_000, 0), ("ntonix prefix 2×w1 via haproxy", 10_900, 0),
+        ("ntonix prefix w2", 10_000, 0), ("ntonix prefix 2×w2 via haproxy", 8_800, 2))}
+    checks = l4_checks(rows, [1, 2, 4], 2)
+    assert [(c.ok, c.value) for c in checks[:2]] == [(True, "10,900 vs 10,000 = 1.09 ×"), (True, "0")]
+    assert [(c.ok, c.value) for c in checks[2:4]] == [(False, "8,800 vs 10,000 = 0.88 ×"), (False, "2")]
+    assert checks[4].ok is None and "not run" in checks[4].value
+    assert checks[0].line() == ("PASS  prefix through 2 gateways at 1 worker(s) each: prefill tokens within 10 % "
+                                "of one gateway's: 10,900 vs 10,000 = 1.09 ×")
+    assert l4_checks(rows, [1], 3)[0].ok is None  # three gateways were not run
 
 
 def test_real_server_targets_compare_prefix_with_the_gateways_round_robin_else_direct() -> None:

@@ -8,6 +8,8 @@ uncached token, slots, decode time per token), a deterministic multi-turn worklo
 - ``nginx``: nginx with a round-robin upstream;
 - ``ntonix``: the gateway, once per ``--policies`` entry and ``--gateway-workers`` count
   (``NTONIX_ROUTING_POLICY=<policy>``; cache off unless ``--cache-on``, so only routing counts);
+- ``ntonix_l4``: ``--l4-gateways`` such gateways (cache off, ``cache.redis_url`` on one
+  redis-server) behind HAProxy in TCP mode (tools/scaleout.py), each turn on a new connection;
 - ``reference``: the single-process reference router (tools/routing_bench/routers.py);
 - ``user_hash``: each conversation pinned to a backend by a hash of the user.
 
@@ -37,6 +39,8 @@ from tools.routing_bench.routers import ReferenceRouter, RoundRobin, UserHash  #
 from tools.routing_bench.run import Target, replay  # noqa: E402
 from tools.routing_bench.stats import (  # noqa: E402
     Row,
+    l4_checks,
+    l4_label,
     limit_checks,
     model_checks,
     prefix_checks,
@@ -46,7 +50,7 @@ from tools.routing_bench.stats import (  # noqa: E402
 )
 from tools.routing_bench.workload import QUICK, REAL, Spec, conversations, total_prompt_tokens, working_set_blocks  # noqa: E402
 
-TARGETS = ("direct", "nginx", "ntonix", "reference", "user_hash")
+TARGETS = ("direct", "nginx", "ntonix", "reference", "user_hash", "ntonix_l4")
 POLICIES = ("round_robin", "least_requests", "prefix")
 
 
@@ -89,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ntonix routing policies (a policy the gateway does not know yet: its row notes "
                         "that the gateway did not start)")
     t.add_argument("--gateway-workers", type=_csv(int), default=None, help="default 1,2,4 (--quick: 1)")
+    t.add_argument("--l4-gateways", type=int, default=2, help="ntonix_l4: gateways behind HAProxy (default 2)")
     t.add_argument("--cache-on", action="store_true", help="leave the gateway's response cache on")
     t.add_argument("--max-in-flight", type=int, default=0, help="variant: backends[].max_in_flight of the "
                    "gateway; checks that no backend ever held more of its requests at once")
@@ -98,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     real = args.real_llamacpp
     if args.targets is None:
-        args.targets = ["direct", "ntonix", "reference"] if real else list(TARGETS)
+        # ntonix_l4 only when asked for: it needs redis-server and haproxy.
+        args.targets = ["direct", "ntonix", "reference"] if real else list(TARGETS[:-1])
     if args.policies is None:
         args.policies = ["round_robin", "prefix"] if real else list(POLICIES)
     if args.backends is None:
@@ -106,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         p.error(f"--targets: unknown {sorted(unknown)}; choose from {','.join(TARGETS)}")
+    if args.l4_gateways < 1:
+        p.error("--l4-gateways: at least 1")
     base = REAL if real else QUICK if args.quick else Spec()
     changes = {k: getattr(args, k) for k in ("users", "groups", "system_tokens", "rounds", "question_tokens",
                                              "answer_tokens", "think_ms", "seed") if getattr(args, k) is not None}
@@ -194,6 +202,23 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(replay(Target("nginx", port=port), convs, spec, backends))
                 finally:
                     proc.stop()
+            elif name == "ntonix_l4":
+                for workers in args.gateway_workers:
+                    for policy in args.policies:
+                        label = l4_label(policy, args.l4_gateways, workers)
+                        fresh()
+                        try:
+                            topo = procs.start_l4(folder / f"l4-{policy}-w{workers}", backends, args.l4_gateways,
+                                                  workers, policy, args.prefix_block_chars)
+                        except (RuntimeError, SystemExit) as exc:
+                            said = [line for line in str(exc).splitlines() if line.strip()]
+                            notes.append(f"{label}: did not start ({said[-1][:200] if said else exc!r})")
+                            continue
+                        try:
+                            rows.append(replay(Target(label, port=topo.lb_port, reconnect=True), convs, spec,
+                                               backends))
+                        finally:
+                            topo.stop()
             else:
                 for workers in args.gateway_workers:
                     for policy in args.policies:
@@ -223,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"note: {note}")
     by_label = {r.label: r for r in rows}
     say()
-    say("Targets (issue #16):")
+    say("Targets (issue #16" + (", #17" if "ntonix_l4" in args.targets else "") + "):")
     if args.max_in_flight:
         checks = limit_checks(by_label, args.max_in_flight)
     elif args.slow:
@@ -234,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         checks = real_checks(by_label, args.gateway_workers)
     else:
         checks = prefix_checks(by_label, args.gateway_workers)
+    if "ntonix_l4" in args.targets:
+        checks += l4_checks(by_label, args.gateway_workers, args.l4_gateways)
     for check in checks:
         say("  " + check.line())
     if args.out:

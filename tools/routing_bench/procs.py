@@ -1,5 +1,5 @@
 """The routing benchmark's processes: inference-mode mock backends (or real llama.cpp servers), nginx,
-the NTONIX gateway.
+the NTONIX gateway, several gateways behind HAProxy (tools/scaleout.py's ``Topology``).
 
 Each runs as a child on a free 127.0.0.1 port, through tests/live/procs.py's ``Proc`` (output in a
 temporary log file; stopped by its PID, then its own process group).
@@ -18,6 +18,7 @@ from typing import Protocol
 from tests.live.llamacpp import LlamaServer
 from tests.live.procs import PYTHON, Proc, free_port, http, wait_http_up, wait_until
 from tools.routing_bench.stats import BackendCounts
+from tools.scaleout import Topology
 
 HOST = "127.0.0.1"
 
@@ -243,3 +244,22 @@ def start_gateway(folder: Path, backends: Sequence[BenchBackend], workers: int, 
     wait_until(lambda: http("GET", f"http://{HOST}:{port}/health", timeout=2)[0] == 200, timeout=30,
                what="gateway healthy")
     return proc, port
+
+
+def start_l4(folder: Path, backends: Sequence[BenchBackend], gateways: int, workers: int, policy: str,
+             block_chars: int = 0) -> Topology:
+    """``gateways`` gateways in front of ``backends``, sharing one redis-server, behind HAProxy in TCP
+    mode (docs/scale-out.md); settings as ``start_gateway``'s, the cache off: Redis carries only the
+    prefix affinity (ntonix/cluster/). Stop it with ``.stop()``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {"NTONIX_CACHE_ENABLED": "false", "NTONIX_PROXY_READ_TIMEOUT_S": "300", "NTONIX_HEALTH_INTERVAL_S": "1",
+           "NTONIX_LOGGING_LEVEL": "warning", "NTONIX_LOGGING_ACCESS_LOG": "false", "NTONIX_ROUTING_POLICY": policy}
+    if block_chars:
+        env["NTONIX_ROUTING_PREFIX_BLOCK_CHARS"] = str(block_chars)
+    topo = Topology(gateways, workers=workers, log_dir=folder, backend_ports=[b.port for b in backends],
+                    gateway_env=env)
+    try:
+        return topo.start()
+    except BaseException:
+        topo.stop()
+        raise

@@ -31,6 +31,9 @@ class Target:
     label: str
     port: int | None = None  # a proxy on HOST:port
     router: Router | None = None  # or client-side routing over the backends
+    # A new connection for every turn: behind a layer-4 balancer, a conversation's turns then land
+    # on any of the gateways (one kept-alive connection would hold each user to one).
+    reconnect: bool = False
 
 
 def router_text(messages: Sequence[Message]) -> str:
@@ -131,6 +134,8 @@ def converse(conv: Conversation, spec: Spec, target: Target, backends: Sequence[
                     turn, answer = exchange(client, backends[index].port, body, conv.user, rnd)
                 finally:
                     target.router.done(index)
+            if target.reconnect and target.port is not None:
+                client.drop(target.port)
             turns.append(turn)
             answers.append(answer)
     finally:

@@ -205,3 +205,25 @@ def model_checks(rows: Mapping[str, Row]) -> list[Check]:
         return [Check("model routing: 0 requests to a backend without the model", "gateway not run", None)]
     return [Check(f"model routing ({r.label}): 0 requests to a backend without the model", str(r.wrong_model),
                   r.wrong_model == 0) for r in gateway]
+
+
+def l4_label(policy: str, gateways: int, workers: int) -> str:
+    """The row of ``gateways`` gateways behind HAProxy (``--targets ntonix_l4``)."""
+    return f"ntonix {policy} {gateways}×w{workers} via haproxy"
+
+
+def l4_checks(rows: Mapping[str, Row], workers: Sequence[int], gateways: int) -> list[Check]:
+    """Issue #17: ``prefix`` through ``gateways`` gateways behind the layer-4 balancer leaves the
+    backends within 10 % of the prefill tokens of one gateway (same policy and workers, same run)."""
+    out = []
+    for w in workers:
+        many, one = rows.get(l4_label("prefix", gateways, w)), rows.get(f"ntonix prefix w{w}")
+        name = f"prefix through {gateways} gateways at {w} worker(s) each"
+        if many is None or one is None:
+            out.append(Check(name, "not run (--policies prefix --targets ntonix,ntonix_l4)", None))
+            continue
+        ratio = many.prefill_tokens / one.prefill_tokens if one.prefill_tokens else math.nan
+        out += [Check(f"{name}: prefill tokens within 10 % of one gateway's",
+                      f"{many.prefill_tokens:,} vs {one.prefill_tokens:,} = {ratio:.2f} ×", abs(ratio - 1) <= 0.10),
+                Check(f"{name}: 0 failures", str(many.failures), many.failures == 0)]
+    return out
