@@ -41,6 +41,7 @@ import gevent
 import gevent.lock
 import gevent.select
 import gevent.socket
+from gevent import monkey
 from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError, HTTPSocketPoolResponse
 
 from ntonix.core.keepalive import ConnState
@@ -209,16 +210,21 @@ def send_all(sock: Any, data: bytes) -> None:
         sock.sendall(memoryview(data)[sent:])
 
 
+_poll = monkey.get_original("select", "poll")
+
+
 def _alive(sock: Any) -> bool:
     """An idle keep-alive socket must have nothing to read: a byte or EOF means FIN or garbage,
     an error or hang-up a reset.
 
     One ``poll`` with a zero timeout on the underlying socket, instead of a gevent ``select``
     that sets up watchers: about 1 µs (``tools/bench/pool.py``), 0.4 µs less than a
-    non-blocking ``recv(MSG_PEEK)`` and its BlockingIOError.
+    non-blocking ``recv(MSG_PEEK)`` and its BlockingIOError. The original ``poll``: in a worker
+    gevent has patched ``select.poll`` into its own, which cost ~20 µs a request here (py-spy,
+    ``scripts/bench --profile``).
     """
     try:
-        poller = select.poll()
+        poller = _poll()
         poller.register(sock._sock, select.POLLIN)
         return not poller.poll(0)
     except (OSError, ValueError, AttributeError):
