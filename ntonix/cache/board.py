@@ -41,7 +41,7 @@ class Board:
         try:
             # Zero-filled (every slot empty, every bell at 0) and allocated for real: a page of a
             # sparse file written through the map on a full file system kills the process with
-            # SIGBUS (ntonix/cache/lmdb_env.py avoids writable maps for that reason).
+            # SIGBUS (ntonix/cache/lmdb_env.py reserves its writable map's blocks for that reason).
             os.posix_fallocate(fd, 0, _SIZE)
             self._map = mmap.mmap(fd, _SIZE)
         finally:

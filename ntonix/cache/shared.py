@@ -45,7 +45,17 @@ from typing import TYPE_CHECKING, NamedTuple
 import lmdb
 
 from ntonix.cache.lmdb_env import COUNTER as _COUNTER
-from ntonix.cache.lmdb_env import MiB, Process, StoreError, add_counter, open_env, read_counter, translated
+from ntonix.cache.lmdb_env import (
+    MiB,
+    Process,
+    Reservation,
+    StoreError,
+    add_counter,
+    open_env,
+    read_counter,
+    translated,
+    writemap_safe,
+)
 from ntonix.core.cache_entry import CachedResponse, DecodeError
 
 __all__ = ["LmdbStore", "StoreError"]
@@ -60,12 +70,28 @@ _SWEEP_PER_PUT = 16
 _MAP_FULL_RETRIES = 4
 _STAT_NAMES = (b"entries", b"bytes", b"hits", b"misses", b"evictions", b"expired", b"generation")
 
+_WRITE_SLACK = MiB  # room a write beyond its values may take: copied B-tree pages, free list
+
+
 class _Handles(NamedTuple):
     env: lmdb.Environment
     data: _Database
     meta: _Database
     lru: _Database
     stats: _Database
+    reservation: Reservation | None  # with a writable map: grow the file before writing
+
+    def write(self, need: int = _WRITE_SLACK) -> Txn:
+        """A write transaction (use it in ``with``); with a writable map, the file's blocks
+        for ``need`` more bytes are allocated first (inside it: no other writer meanwhile)."""
+        txn = self.env.begin(write=True)
+        if self.reservation is not None:
+            try:
+                self.reservation.ensure(need)
+            except BaseException:
+                txn.abort()
+                raise
+        return txn
 
 
 class LmdbStore:
@@ -83,9 +109,11 @@ class LmdbStore:
 
     def _open(self) -> _Handles:
         if self._handles is None or self._pid != Process.pid:
-            env = open_env(self.path, self.map_size, max_dbs=8)
+            writemap = writemap_safe(os.path.dirname(os.path.abspath(self.path)) or ".")
+            env = open_env(self.path, self.map_size, max_dbs=8, writemap=writemap)
             dbs = [env.open_db(name) for name in (b"data", b"meta", b"lru", b"stats")]
-            self._handles, self._pid = _Handles(env, *dbs), Process.pid
+            reservation = Reservation(env, self.path) if writemap else None
+            self._handles, self._pid = _Handles(env, dbs[0], dbs[1], dbs[2], dbs[3], reservation), Process.pid
         return self._handles
 
     # -- reading ------------------------------------------------------------------------
@@ -114,11 +142,11 @@ class LmdbStore:
                 except DecodeError:
                     entry = None
             if entry is None:
-                with h.env.begin(write=True) as txn:
+                with h.write() as txn:
                     if txn.get(k, db=h.meta) == raw_meta:
                         self._remove(h, txn, k, raw_meta, counter=b"expired")
             elif touch and not newest:
-                with h.env.begin(write=True) as txn:
+                with h.write() as txn:
                     self._touch(h, txn, k, now)
             return entry
 
@@ -135,7 +163,7 @@ class LmdbStore:
                     return False
                 newest = _is_newest(h, txn, k, raw_meta)
             if not newest:
-                with h.env.begin(write=True) as txn:
+                with h.write() as txn:
                     self._touch(h, txn, k, self._clock())
             return True
 
@@ -180,7 +208,7 @@ class LmdbStore:
         ``key``'s access time, in the same write."""
         with translated():
             h = self._open()
-            with h.env.begin(write=True) as txn:
+            with h.write() as txn:
                 count = add_counter(txn, h.stats, b"hits" if hit else b"misses", 1)
                 if hit and key is not None:
                     self._touch(h, txn, _k(key), self._clock())
@@ -218,7 +246,7 @@ class LmdbStore:
         k = _k(key)
         with translated():
             h = self._open()
-            with h.env.begin(write=True) as txn:
+            with h.write() as txn:
                 raw_meta = txn.get(k, db=h.meta)
                 if raw_meta is None:
                     return False
@@ -229,7 +257,8 @@ class LmdbStore:
         """Remove every entry (all processes see it at once); returns how many there were."""
         with translated():
             h = self._open()
-            with h.env.begin(write=True) as txn:
+            # Dropping every page lists them all in the free list: 8 bytes a page.
+            with h.write(self.map_size // 512 + _WRITE_SLACK) as txn:
                 n = int(txn.stat(h.data)["entries"])
                 for db in (h.data, h.meta, h.lru):
                     txn.drop(db, delete=False)
@@ -242,7 +271,7 @@ class LmdbStore:
 
     def _put(self, rows: list[tuple[bytes, bytes, float]], now: float) -> int:
         h = self._open()
-        with h.env.begin(write=True) as txn:
+        with h.write(sum(len(raw) for _, raw, _ in rows) + _WRITE_SLACK) as txn:
             added = count = 0
             for k, raw, created in rows:
                 old = txn.get(k, db=h.meta)
@@ -265,7 +294,7 @@ class LmdbStore:
 
     def _shrink(self) -> None:
         h = self._open()
-        with h.env.begin(write=True) as txn:
+        with h.write() as txn:
             total = read_counter(txn, h.stats, b"bytes")
             self._evict(h, txn, total, total // 2, keep=set())
 

@@ -378,3 +378,50 @@ def test_a_full_cache_disk_costs_followers_nothing(big: BigBackend, gateway: Gat
               "longest gap", round(max(r.longest_gap_s for r in results), 3), "s")
     finally:
         gw1.stop()
+
+
+_WRITE_UNTIL_FULL = """
+import os, sys
+from ntonix.cache.shared import LmdbStore, StoreError
+from ntonix.core.cache_entry import CachedResponse
+store = LmdbStore(sys.argv[1], 64 << 20, 3600)
+assert store._open().reservation is not None, "a tmpfs takes a writable map"
+stored = 0
+with open(sys.argv[2], "w") as ready:
+    ready.write("open")
+while sys.stdin.readline():  # the test fills the file system between open and the writes
+    break
+for i in range(2000):
+    try:
+        store.put(f"k{i}", CachedResponse(200, (), os.urandom(20_000 + i * 37), 1e12, False))
+        stored += 1
+    except StoreError as exc:
+        print("refused", stored, exc)
+        break
+else:
+    print("never refused", stored)
+"""
+
+
+@pytest.mark.parametrize("room", [0, 1_500_000, 2_500_000], ids=["full", "1.5MB-left", "2.5MB-left"])
+def test_a_writable_map_on_a_full_file_system_refuses_writes_and_never_faults(full_tmpfs: Path, tmp_path: Path,
+                                                                              room: int) -> None:
+    """The store writes its pages through the map (ntonix/cache/lmdb_env.py): a page the file
+    system cannot back would kill the worker with SIGBUS. Filled while the store is open, the
+    file system must make a write fail (StoreError, "No space left"), never the process."""
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([PYTHON, "-c", _WRITE_UNTIL_FULL, str(full_tmpfs / "store"), str(ready)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(ready.exists, timeout=30, what="the store to open")
+        assert _fill(full_tmpfs) > 0
+        if room:
+            os.truncate(full_tmpfs / "filler", os.path.getsize(full_tmpfs / "filler") - room)
+        out, err = proc.communicate("go\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (proc.returncode, err[-2000:])
+    assert out.startswith("refused"), out
+    assert "No space left on device" in out, out
