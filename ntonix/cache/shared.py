@@ -106,6 +106,7 @@ class LmdbStore:
         self._handles: _Handles | None = None
         self._gen_map: mmap.mmap | None = None
         self._gen_pid = -1
+        self._no_expiry_before = 0.0  # wall clock: no entry's access time expires before it
 
     def _open(self) -> _Handles:
         if self._handles is None or self._pid != Process.pid:
@@ -322,10 +323,19 @@ class LmdbStore:
     def _sweep_expired(self, h: _Handles, txn: Txn, now: float) -> None:
         # The access time is never older than the creation time: an entry not accessed for a
         # whole TTL has surely expired.
+        # The oldest access time only ever grows (a new stamp is newer than every other), so
+        # once the oldest entry is seen to expire at T, no sweep is needed before T.
+        if now < self._no_expiry_before:
+            return
         horizon = int((now - self.ttl_s) * 1e6)
         for _ in range(_SWEEP_PER_PUT):
             victim = self._oldest(h, txn)
-            if victim is None or _META.unpack(victim[1])[0] > horizon:
+            if victim is None:
+                self._no_expiry_before = now + self.ttl_s
+                return
+            access_us = _META.unpack(victim[1])[0]
+            if access_us > horizon:
+                self._no_expiry_before = access_us / 1e6 + self.ttl_s
                 return
             self._remove(h, txn, victim[0], victim[1], counter=b"expired")
 
