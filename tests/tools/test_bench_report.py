@@ -125,3 +125,13 @@ def test_baseline_must_be_a_checkout(tmp_path: Path) -> None:
     (tmp_path / "ntonix").mkdir()
     (tmp_path / "ntonix" / "wsgi.py").write_text("")
     assert parse_args(["--baseline", str(tmp_path), "--quick"]).baseline == str(tmp_path)
+
+
+def test_the_proxy_floor_splits_the_gateway_cost_into_the_stacks_and_ours() -> None:
+    results = [run("1", "c=500", "shipped", r, cpu_us=400.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
+    results += [run("1", "c=500", "floor", r, cpu_us=100.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
+    results += [run("1", "c=500", "proxy floor", r, cpu_us=200.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
+    text = Table(results).render()
+    assert "shipped/proxy floor CPU 2.00 (2.00–2.00)" in text
+    assert "floor/proxy floor CPU 0.50 (0.50–0.50)" in text
+    assert [t for t, _ in chart.panels(results)[0][1]] == ["shipped", "proxy floor", "floor"]

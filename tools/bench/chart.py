@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tools.bench.report import Result, Table
 
-ORDER = ("shipped", "baseline", "stripped", "floor", "nginx", "direct")
+ORDER = ("shipped", "baseline", "stripped", "proxy floor", "floor", "nginx", "direct")
 COLOURS = {"shipped": "#c0392b", "baseline": "#8e44ad", "stripped": "#e67e22", "floor": "#7f8c8d", "nginx": "#27ae60",
            "direct": "#2980b9"}
 

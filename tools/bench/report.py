@@ -27,6 +27,7 @@ def diff(x: float, y: float) -> float:
 
 
 GW = ("shipped", "stripped")  # "baseline" (--baseline) is someone else's revision: not checked
+PROXY_FLOOR = "proxy floor"  # tools/bench/proxy_floor_app.py: the stack's own proxy, nothing of ours
 
 
 class Table:
@@ -100,7 +101,7 @@ class Table:
         self.out(title)
         self.out(cols)
 
-    def _wrk_row(self, sc: str, param: str, t: str, width: int = 9) -> None:
+    def _wrk_row(self, sc: str, param: str, t: str, width: int = 11) -> None:
         errs = self.get(sc, param, t, "errors")
         self.out(f"  {param:<7} {t:<{width}} {span(self.get(sc, param, t, 'rps')):>26} "
                  f"{fmt(med(self.get(sc, param, t, 'p50_ms')), 2):>9} "
@@ -125,6 +126,9 @@ class Table:
             base = self.paired(sc, param, "shipped", "baseline", "cpu_us")
             if base:
                 shown += f"; shipped/baseline CPU {span(base, 2)}"
+            pf = {g: self.paired(sc, param, g, PROXY_FLOOR, "cpu_us") for g in (*GW, "floor")}
+            if any(pf.values()):  # the stack's own cost of a proxied round trip, apart from ours
+                shown += "; " + "; ".join(f"{g}/proxy floor CPU {span(v, 2)}" for g, v in pf.items() if v)
             thr = self.paired(sc, param, "shipped", "nginx", "rps")
             self.out(f"  {param:<7} ratios    {shown}; shipped/nginx req/s {span(thr, 3)}")
             if sc == "1":
@@ -157,7 +161,7 @@ class Table:
             for t in self.targets(sc, param):
                 add50 = self.paired(sc, param, t, "direct", "p50_ms", op=diff) if t != "direct" else []
                 add99 = self.paired(sc, param, t, "direct", "p99_ms", op=diff) if t != "direct" else []
-                self.out(f"  {param:<7} {t:<9} {fmt(med(self.get(sc, param, t, 'rps'))):>10} "
+                self.out(f"  {param:<7} {t:<11} {fmt(med(self.get(sc, param, t, 'rps'))):>10} "
                          f"{fmt(med(self.get(sc, param, t, 'p50_ms')), digits):>10} "
                          f"{fmt(med(self.get(sc, param, t, 'p99_ms')), digits):>10} "
                          f"{sum(self.get(sc, param, t, 'errors')):>7} {span(add50, added_digits):>22} "
@@ -182,7 +186,7 @@ class Table:
                 streams = sum(self.get(sc, param, t, "streams"))
                 ok = sum(self.get(sc, param, t, "ok"))
                 add99 = self.paired(sc, param, t, "direct", "ttft_p99_ms", op=diff) if t != "direct" else []
-                self.out(f"  {param:<7} {t:<9} {streams:>8} {ok:>8} "
+                self.out(f"  {param:<7} {t:<11} {streams:>8} {ok:>8} "
                          f"{span(self.get(sc, param, t, 'ttft_p50_ms'), 1):>18} "
                          f"{span(self.get(sc, param, t, 'ttft_p99_ms'), 1):>20} {span(add99, 1):>16} "
                          f"{span(self.get(sc, param, t, 'rss_mb'), 1):>16} "
@@ -216,7 +220,7 @@ class Table:
         for param in self.params(sc):
             for t in self.targets(sc, param):
                 oks = self.get(sc, param, t, "ok")
-                self.out(f"  {param:<7} {t:<9} {'yes' if oks and all(oks) else 'NO':>4} "
+                self.out(f"  {param:<7} {t:<11} {'yes' if oks and all(oks) else 'NO':>4} "
                          f"{fmt(med(self.get(sc, param, t, 'seconds')), 1):>8} "
                          f"{fmt(med(self.get(sc, param, t, 'rss_base_mb')), 1):>14} "
                          f"{fmt(med(self.get(sc, param, t, 'rss_peak_mb')), 1):>9} "

@@ -38,7 +38,7 @@ from tools import ROOT
 from tools.bench import chart, nginx, wrk
 from tools.bench.meter import Meter, RssSampler
 from tools.bench.profile import summarize_profile
-from tools.bench.report import Result, Table
+from tools.bench.report import PROXY_FLOOR, Result, Table
 from tools.procs import Child, clean_env, free_port, port_open, rss_bytes, tree, wait_until
 
 PY = sys.executable
@@ -179,6 +179,16 @@ class Bench:
         self._wait_ok(proc, port)
         return proc
 
+    def start_proxy_floor(self, backend: Proc) -> Proc:
+        port = free_port()
+        proc = self._spawn("proxy-floor", [PY, "-m", "tools.bench.proxy_floor_app", "--port", str(port), "--backend",
+                                           f"127.0.0.1:{backend.port}", "--workers", str(self.a.workers),
+                                           "--worker-connections", "4096"], self.a.proxy_cpu)
+        proc.port = port
+        self._listening(proc, port)
+        self._wait_ok(proc, port)
+        return proc
+
     def start_nginx(self, name: str, backends: list[Proc], cache: bool = False, tls: bool = False) -> Proc:
         port = free_port()
         ssl_port = free_port() if tls else 0
@@ -298,14 +308,15 @@ class Bench:
         gws = self.start_gateways("miss", self.fast)
         ngx = self.start_nginx("nginx-proxy", self.fast)
         floor = self.start_floor()
+        pfloor = self.start_proxy_floor(self.fast[0])
         try:
             for c in self.a.conns:
-                targets = [*gws, ("nginx", ngx), ("floor", floor)]
+                targets = [*gws, ("nginx", ngx), ("floor", floor), (PROXY_FLOOR, pfloor)]
                 if c == 500:
                     targets.append(("direct", self.fast[0]))
                 self.rounds("1", f"c={c}", targets, c, self.a.seconds)
         finally:
-            for p in (floor, ngx, *(g for _, g in gws)):
+            for p in (floor, pfloor, ngx, *(g for _, g in gws)):
                 self.stop(p)
 
     def s2_hit(self) -> None:
@@ -396,10 +407,12 @@ class Bench:
         print("\n== 7. one client, one request at a time (c=1): latency added over direct", flush=True)
         gws = self.start_gateways("c1", self.fast)
         ngx = self.start_nginx("nginx-c1", self.fast)
+        pfloor = self.start_proxy_floor(self.fast[0])
         try:
-            self.rounds("7", "c=1", [("direct", self.fast[0]), *gws, ("nginx", ngx)], 1, self.a.seconds)
+            self.rounds("7", "c=1", [("direct", self.fast[0]), *gws, ("nginx", ngx), (PROXY_FLOOR, pfloor)], 1,
+                        self.a.seconds)
         finally:
-            for p in (ngx, *(g for _, g in gws)):
+            for p in (ngx, pfloor, *(g for _, g in gws)):
                 self.stop(p)
 
     def profile(self) -> str:
