@@ -24,12 +24,14 @@ own copy of a value and overwrite each other's writes to the shared file.
 
 from __future__ import annotations
 
+import bisect
 import glob
 import logging
 import os
+import struct
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as _values
@@ -91,6 +93,98 @@ if getattr(_values.ValueClass, "_multiprocess", False):
     finally:
         setattr(_values, "Lock", _saved_lock)  # noqa: B010
 
+_PACK_SLOT = struct.Struct("dd").pack_into  # an mmap slot of prometheus_client: value, timestamp
+
+
+class Incrementer(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Slot:
+    """One multiprocess value's ``inc``, written straight into its mmap slot.
+
+    prometheus_client's own path (``Counter.inc`` → ``MmapedValue.inc`` → ``write_value``)
+    checks the pid, takes the lock and looks the slot up by key on every call: ~1.5 µs, a
+    dozen calls a proxied request (3.4 % of a cache miss, 6.7 % of the stripped gateway's,
+    py-spy). This keeps the value object's own copy in step (so its other methods stay
+    right) and finds the slot once; its position never changes, only the map can be
+    replaced when the file grows, so the map is looked up on each call. In a process other
+    than the one that made it (a fork), it hands over to the value's own ``inc``.
+    """
+
+    __slots__ = ("_file", "_pid", "_pos", "_slow", "_value")
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+        self._slow = value.inc
+        self._file = value._file
+        self._file.write_value(value._key, value._value, value._timestamp)  # the slot exists
+        self._pos = self._file._positions[value._key]
+        self._pid = _pid
+
+    def inc(self, amount: float = 1) -> None:
+        if self._pid != _pid:
+            self._slow(amount)
+            return
+        v = self._value
+        v._value += amount
+        v._timestamp = 0.0
+        _PACK_SLOT(self._file._m, self._pos, v._value, 0.0)
+
+
+class _FastCounter:
+    """A counter's or gauge's child with ``inc`` (and ``dec``) through a :class:`_Slot`."""
+
+    __slots__ = ("_slot", "inc")
+
+    def __init__(self, slot: _Slot) -> None:
+        self._slot = slot
+        self.inc = slot.inc
+
+    def dec(self, amount: float = 1) -> None:
+        self._slot.inc(-amount)
+
+
+class _FastHistogram:
+    """A histogram child's ``observe``: the sum and one bucket (found by bisection), each
+    through a :class:`_Slot`; the same slots prometheus_client's ``observe`` writes."""
+
+    __slots__ = ("_bounds", "_buckets", "_slow", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._bounds = list(child._upper_bounds)  # ends with +Inf: every number has a bucket
+        self._buckets = [_Slot(b) for b in child._buckets]
+        self._sum = _Slot(child._sum)
+        self._slow = child.observe
+
+    def observe(self, amount: float) -> None:
+        if amount != amount:  # NaN: no bucket, as prometheus_client's own loop
+            self._slow(amount)
+            return
+        self._sum.inc(amount)
+        self._buckets[bisect.bisect_left(self._bounds, amount)].inc(1)
+
+
+def _mmaped(value: Any) -> bool:
+    return getattr(type(value), "_multiprocess", False) and hasattr(value, "_file")
+
+
+def fast_counter(child: Any) -> Any:
+    """``child`` (a counter's or gauge's labelled child, or an unlabelled one) with the same
+    ``inc``/``dec``, writing straight to its mmap slot in multiprocess mode."""
+    value = getattr(child, "_value", None)
+    return _FastCounter(_Slot(value)) if _mmaped(value) else child
+
+
+def fast_histogram(child: Any) -> Any:
+    """``child`` (a histogram's child) with the same ``observe``, as :func:`fast_counter`."""
+    return _FastHistogram(child) if _mmaped(getattr(child, "_sum", None)) else child
+
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BACKEND_STATES = ("healthy", "unhealthy", "draining", "open", "half_open")
 
@@ -123,9 +217,9 @@ class _BackendMetrics:
     __slots__ = ("errors", "latency", "requests")
 
     def __init__(self, m: Metrics, address: str) -> None:
-        self.requests = m.backend_requests.labels(address)
-        self.errors = m.backend_errors.labels(address)
-        self.latency = m.backend_latency.labels(address)
+        self.requests: Incrementer = fast_counter(m.backend_requests.labels(address))
+        self.errors: Incrementer = fast_counter(m.backend_errors.labels(address))
+        self.latency: Observer = fast_histogram(m.backend_latency.labels(address))
 
 
 class Metrics:
@@ -195,14 +289,23 @@ class Metrics:
             "ntonix_cluster_redis_available", "1 while every live worker reaches the cluster's Redis, 0 while one "
             "backs off after a failure (absent without cache.redis_url)", ["redis"], registry=reg,
             multiprocess_mode="livemin")
-        self._status = {cls: self.responses.labels(cls) for cls in (*STATUS_CLASSES, OTHER_STATUS)}
+        self._status: dict[str, Incrementer] = {
+            cls: fast_counter(self.responses.labels(cls)) for cls in (*STATUS_CLASSES, OTHER_STATUS)}
         self._backends: dict[str, _BackendMetrics] = {}
+        # The request path's children, each through its mmap slot (fast_counter).
+        self.hot_requests: Incrementer = fast_counter(self.requests)
+        self.hot_active = fast_counter(self.requests_active)
+        self.hot_cache_hits: Incrementer = fast_counter(self.cache_hits)
+        self.hot_cache_misses: Incrementer = fast_counter(self.cache_misses)
+        self.hot_cache_bypasses: Incrementer = fast_counter(self.cache_bypasses)
+        self.hot_duration: Observer = fast_histogram(self.request_duration)
+        self.hot_ttft: Observer = fast_histogram(self.stream_ttft)
 
     @property
     def multiprocess(self) -> bool:
         return self.directory is not None
 
-    def status(self, cls: str) -> Counter:
+    def status(self, cls: str) -> Incrementer:
         return self._status[cls]
 
     def backend(self, address: str) -> _BackendMetrics:
@@ -270,4 +373,5 @@ def prometheus_text(families: Sequence[Metric]) -> bytes:
     return generate_latest(_Families(families))
 
 
-__all__ = ["Metrics", "extra_families", "mark_process_dead", "multiprocess_dir", "prometheus_text", "wipe"]
+__all__ = ["Incrementer", "Metrics", "Observer", "extra_families", "fast_counter", "fast_histogram",
+           "mark_process_dead", "multiprocess_dir", "prometheus_text", "wipe"]

@@ -40,7 +40,7 @@ from ntonix.core.record import RequestRecord
 from ntonix.core.usage import Usage
 from ntonix.telemetry import procstat
 from ntonix.telemetry.logs import ACCESS
-from ntonix.telemetry.prometheus import Metrics, extra_families, multiprocess_dir, prometheus_text
+from ntonix.telemetry.prometheus import Metrics, extra_families, fast_counter, multiprocess_dir, prometheus_text
 from ntonix.telemetry.statsd import StatsdSink
 
 if TYPE_CHECKING:
@@ -78,8 +78,8 @@ class Telemetry:
         self._rss_at = -RSS_EVERY_S
         m = self.metrics
         # Hot-path shortcuts (attribute lookups add up at thousands of requests per second).
-        self._requests_inc = m.requests.inc
-        self._active = m.requests_active
+        self._requests_inc = m.hot_requests.inc
+        self._active = m.hot_active
         self._connections = m.connections_active
         for backend in config.backends:
             m.backend(backend.address)  # every configured backend shows in /metrics from the start
@@ -105,17 +105,17 @@ class Telemetry:
         m = self.metrics
         self._active.dec()
         m.status(status_class(rec.status)).inc()
-        m.request_duration.observe(rec.latency_ms / 1000.0)
+        m.hot_duration.observe(rec.latency_ms / 1000.0)
         cache = rec.cache
         if cache == "HIT":
-            m.cache_hits.inc()
+            m.hot_cache_hits.inc()
         elif cache == "MISS":
-            m.cache_misses.inc()
+            m.hot_cache_misses.inc()
         elif cache == "BYPASS":
-            m.cache_bypasses.inc()
+            m.hot_cache_bypasses.inc()
         streamed_ttft = rec.ttft_ms if rec.streamed else None
         if streamed_ttft is not None:
-            m.stream_ttft.observe(streamed_ttft / 1000.0)
+            m.hot_ttft.observe(streamed_ttft / 1000.0)
         if rec.backend and rec.backend_ok is None:
             m.backend(rec.backend).requests.inc()  # sent, but no verdict (the client left first)
         if self.statsd.enabled:
@@ -129,7 +129,8 @@ class Telemetry:
         children = self._token_children.get(key)
         if children is None:
             counter = self.metrics.tokens
-            children = self._token_children[key] = tuple(counter.labels(*key, kind) for kind in TOKEN_KINDS)
+            children = self._token_children[key] = tuple(fast_counter(counter.labels(*key, kind))
+                                                         for kind in TOKEN_KINDS)
         _count_usage(children, usage)
 
     def tokens_saved(self, model: str, usage: Usage) -> None:
@@ -138,7 +139,8 @@ class Telemetry:
         children = self._saved_children.get(label)
         if children is None:
             counter = self.metrics.cache_tokens_saved
-            children = self._saved_children[label] = tuple(counter.labels(label, kind) for kind in TOKEN_KINDS)
+            children = self._saved_children[label] = tuple(fast_counter(counter.labels(label, kind))
+                                                           for kind in TOKEN_KINDS)
         _count_usage(children, usage)
 
     def _model_label(self, model: str) -> str:
