@@ -135,3 +135,17 @@ def test_the_proxy_floor_splits_the_gateway_cost_into_the_stacks_and_ours() -> N
     assert "shipped/proxy floor CPU 2.00 (2.00–2.00)" in text
     assert "floor/proxy floor CPU 0.50 (0.50–0.50)" in text
     assert [t for t, _ in chart.panels(results)[0][1]] == ["shipped", "proxy floor", "floor"]
+
+
+def test_with_redis_adds_the_gateway_as_shipped_with_redis_and_its_ratio_to_the_one_without() -> None:
+    from tools.bench.run import SHIPPED_REDIS
+
+    env = gateway_env(SHIPPED_REDIS, [9001], 8080, 1, redis_url="redis://127.0.0.1:6399/0")
+    assert env["NTONIX_CACHE_REDIS_URL"] == "redis://127.0.0.1:6399/0"
+    assert "NTONIX_CACHE_ENABLED" not in env and "NTONIX_LOGGING_ACCESS_LOG" not in env  # as shipped
+    with pytest.raises(ValueError):
+        gateway_env(SHIPPED_REDIS, [9001], 8080, 1)
+    results = [run("1", "c=50", t, r, cpu_us=v, p50_ms=1.0, p99_ms=2.0)
+               for r in range(2) for t, v in (("shipped", 300.0), (SHIPPED_REDIS, 330.0))]
+    assert "shipped+redis/shipped CPU 1.10 (1.10–1.10)" in Table(results).render()
+    assert parse_args(["--with-redis", "redis://127.0.0.1:6399/0"]).with_redis == "redis://127.0.0.1:6399/0"

@@ -126,6 +126,9 @@ class Table:
             base = self.paired(sc, param, "shipped", "baseline", "cpu_us")
             if base:
                 shown += f"; shipped/baseline CPU {span(base, 2)}"
+            redis = self.paired(sc, param, "shipped+redis", "shipped", "cpu_us")
+            if redis:
+                shown += f"; shipped+redis/shipped CPU {span(redis, 2)}"
             pf = {g: self.paired(sc, param, g, PROXY_FLOOR, "cpu_us") for g in (*GW, "floor")}
             if any(pf.values()):  # the stack's own cost of a proxied round trip, apart from ours
                 shown += "; " + "; ".join(f"{g}/proxy floor CPU {span(v, 2)}" for g, v in pf.items() if v)

@@ -44,6 +44,7 @@ from tools.procs import Child, clean_env, free_port, port_open, rss_bytes, tree,
 PY = sys.executable
 CHAT = "/v1/chat/completions"
 SHIPPED, STRIPPED, BASELINE = "shipped", "stripped", "baseline"
+SHIPPED_REDIS = "shipped+redis"  # --with-redis: as shipped, with cache.redis_url (several gateways' path)
 BRIEF = ("rps", "p50_ms", "p99_ms", "errors", "cpu_us", "ttft_p50_ms", "ttft_p99_ms", "streams", "ok", "errors_detail",
          "rss_mb", "added_mb", "growth_mb", "first_error", "other_proxy_pct", "other_load_pct")
 SCENARIOS = {"1": "cache miss", "2": "cache hit", "3": "slow backend", "4": "SSE", "5": "big stream", "6": "HTTPS",
@@ -92,6 +93,8 @@ def gateway_env(variant: str, backends: list[int], port: int, workers: int, ssl_
            "NTONIX_SSL_PORT": str(ssl_port), "NTONIX_WORKERS": str(workers), "NTONIX_SERVER_HOST": "127.0.0.1"}
     if redis_url and variant != STRIPPED:
         env["NTONIX_CACHE_REDIS_URL"] = redis_url
+    if variant == SHIPPED_REDIS and not redis_url:
+        raise ValueError("shipped+redis needs a Redis URL")
     if cert_dir is not None:
         env |= {"NTONIX_SSL_CERT_FILE": str(cert_dir / "server.crt"),
                 "NTONIX_SSL_KEY_FILE": str(cert_dir / "server.key")}
@@ -152,8 +155,9 @@ class Bench:
         """``variant``: shipped, stripped, or baseline (shipped, from the ``--baseline`` tree)."""
         port = free_port()
         ssl_port = free_port() if tls else 0
+        redis_url = self.a.with_redis if variant == SHIPPED_REDIS else self.a.redis_url
         env = gateway_env(variant, [b.port for b in backends], port, self.a.workers, ssl_port,
-                          self.cert_dir if tls else None, self.a.redis_url)
+                          self.cert_dir if tls else None, redis_url)
         (self.dir / f"{name}.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
         root = Path(self.a.baseline) if variant == BASELINE else ROOT
         proc = self._spawn(name, [PY, "-m", "gunicorn", "-c", "gunicorn.conf.py", "ntonix.wsgi"], self.a.proxy_cpu,
@@ -167,7 +171,8 @@ class Bench:
         return proc
 
     def start_gateways(self, tag: str, backends: list[Proc], tls: bool = False) -> list[tuple[str, Proc]]:
-        variants = (SHIPPED, STRIPPED, BASELINE) if self.a.baseline else (SHIPPED, STRIPPED)
+        variants = (SHIPPED, STRIPPED, *((BASELINE,) if self.a.baseline else ()),
+                    *((SHIPPED_REDIS,) if self.a.with_redis else ()))
         return [(v, self.start_gateway(f"{v}-{tag}", backends, v, tls=tls)) for v in variants]
 
     def start_floor(self) -> Proc:
@@ -493,6 +498,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", metavar="DIR", default="",
                    help="also measure the gateway as shipped from another checkout (e.g. `git worktree add "
                         "/tmp/base main`): a before/after in the same rounds")
+    p.add_argument("--with-redis", default="", metavar="REDIS_URL",
+                   help="also the gateway as shipped with cache.redis_url set to this (target shipped+redis): "
+                        "the cross-gateway path's cost on a miss, Redis on vs off in the same rounds (#17)")
     p.add_argument("--redis-url", default="",
                    help="cache.redis_url of the gateways as shipped (and --baseline): e.g. the cross-gateway "
                         "path's cost, this tree against main, both on one redis-server (docs/scale-out.md)")
