@@ -135,6 +135,7 @@ def test_the_proxy_floor_splits_the_gateway_cost_into_the_stacks_and_ours() -> N
     assert "shipped/proxy floor CPU 2.00 (2.00–2.00)" in text
     assert "floor/proxy floor CPU 0.50 (0.50–0.50)" in text
     assert [t for t, _ in chart.panels(results)[0][1]] == ["shipped", "proxy floor", "floor"]
+    assert set(chart.ORDER) == set(chart.COLOURS)
 
 
 def test_with_redis_adds_the_gateway_as_shipped_with_redis_and_its_ratio_to_the_one_without() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 from tools.bench.report import Result, Table
 
 ORDER = ("shipped", "baseline", "stripped", "proxy floor", "floor", "nginx", "direct")
-COLOURS = {"shipped": "#c0392b", "baseline": "#8e44ad", "stripped": "#e67e22", "floor": "#7f8c8d", "nginx": "#27ae60",
-           "direct": "#2980b9"}
+COLOURS = {"shipped": "#c0392b", "baseline": "#8e44ad", "stripped": "#e67e22", "proxy floor": "#95a5a6",
+           "floor": "#7f8c8d", "nginx": "#27ae60", "direct": "#2980b9"}
 
 
 def panels(results: list[Result]) -> list[tuple[str, list[tuple[str, float]]]]:

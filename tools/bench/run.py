@@ -513,7 +513,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                    help="instead of the scenarios: py-spy a worker for SECONDS under c=500 load")
     p.add_argument("--profile-native", action="store_true", help="with --profile: include native frames")
-    p.add_argument("--profile-target", choices=(SHIPPED, STRIPPED, "floor"), default=SHIPPED,
+    p.add_argument("--profile-target", choices=(SHIPPED, STRIPPED, SHIPPED_REDIS, "floor"), default=SHIPPED,
                    help="with --profile: which worker to sample")
     p.add_argument("--profile-mode", choices=("unique", "same"), default="unique",
                    help="with --profile: unique bodies (cache miss) or the same body (cache hit)")
