@@ -111,15 +111,23 @@ class ResponseCache:
                 self.memory.put(key, found, age_s=self._clock() - found.created)
         return found
 
+    def remote_set_args(self, key: str, entry: CachedResponse) -> tuple[str, bytes, int] | None:
+        """What :meth:`store` would write to the Redis tier for ``entry`` (``SET k v PX ms``),
+        for a caller that sends it in a round trip of its own (then ``store(remote=False)``)."""
+        if not self.enabled or self.remote is None or entry.status != 200 or not self.remote.steady:
+            return None
+        return self.remote.set_args(key, entry)
+
     def store(self, key: str, entry: CachedResponse, *,
-              defer: Callable[[Callable[[], None]], object] | None = None) -> None:
+              defer: Callable[[Callable[[], None]], object] | None = None, remote: bool = True) -> None:
         """Keep a complete answer in every tier; anything but status 200 is ignored.
 
         With ``defer`` (e.g. the gevent loop's ``run_callback``), the L2 write is queued and
         made by the callback ``defer`` is given, with every other answer stored meanwhile, in
         one write transaction: after the current request is done, before the worker's next
         turn of its event loop. Other workers see the answer that much later (this worker's
-        L1 at once)."""
+        L1 at once). ``remote=False``: not the Redis tier (the caller writes it, see
+        :meth:`remote_set_args`)."""
         if not self.enabled or entry.status != 200:
             return
         self._check_generation()
@@ -131,7 +139,7 @@ class ResponseCache:
                 defer(self.flush)
         else:
             self._l2(lambda s: s.put(key, entry), 0)
-        if self.remote is not None:
+        if self.remote is not None and remote:
             self.remote.put(key, entry)
 
     def flush(self) -> None:

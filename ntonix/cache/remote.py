@@ -61,6 +61,12 @@ class RedisStore:
         """False while backing off after a failure."""
         return self._clock() >= self._down_until
 
+    @property
+    def steady(self) -> bool:
+        """No outage under way. During one, a write that would go with another round trip
+        (:meth:`set_args`) comes here instead, so that this store sees Redis back (and says so)."""
+        return not self._outage and self.available
+
     def get(self, key: str) -> CachedResponse | None:
         client = self._ready()
         if client is None:
@@ -84,16 +90,25 @@ class RedisStore:
             return None
         return entry
 
-    def put(self, key: str, entry: CachedResponse) -> bool:
-        """Store with the entry's remaining lifetime; False if not stored (expired, Redis down)."""
+    def set_args(self, key: str, entry: CachedResponse) -> tuple[str, bytes, int] | None:
+        """The Redis key, value and lifetime in ms (``SET k v PX ms``) that store ``entry``, or
+        ``None`` when it has expired already. For a caller that sends the ``SET`` itself in a
+        round trip it makes anyway (ntonix/cluster/flights.py ``Leader.store_at_end``)."""
         remaining_ms = math.floor((entry.created + self.ttl_s - self._wall()) * 1000)
         if remaining_ms <= 0:
+            return None
+        return self.prefix + key, entry.encode(), remaining_ms
+
+    def put(self, key: str, entry: CachedResponse) -> bool:
+        """Store with the entry's remaining lifetime; False if not stored (expired, Redis down)."""
+        args = self.set_args(key, entry)
+        if args is None:
             return False
         client = self._ready()
         if client is None:
             return False
         try:
-            client.set(self.prefix + key, entry.encode(), px=remaining_ms)
+            client.set(args[0], args[1], px=args[2])
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
             return False

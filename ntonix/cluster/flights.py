@@ -77,6 +77,12 @@ class _Ending(NamedTuple):
     ok: int
     records: list[tuple[bytes, bytes]]
     size: int
+    store: tuple[str, bytes, int] | None  # the answer for the Redis cache tier: SET key value PX ms
+
+
+def _set(store: tuple[str, bytes, int]) -> tuple[str, str, bytes, str, int]:
+    key, value, px_ms = store
+    return ("SET", key, value, "PX", px_ms)
 
 
 class Flights:
@@ -198,7 +204,10 @@ class Flights:
         if not pending or not self._ready():
             return
         try:
-            replies = self._batch([(e.keys, [e.value, 0, e.ok, self.grace_ms]) for e in pending])
+            # The answers for the cache tier first, then the ends: a gateway asking meanwhile
+            # finds either the flight (and follows it) or the stored answer, never neither.
+            replies = self._batch([(e.keys, [e.value, 0, e.ok, self.grace_ms]) for e in pending],
+                                  [_set(e.store) for e in pending if e.store is not None])
             # Followers joined after all: everything, then the end, in one go.
             late = [e for e, r in zip(pending, replies, strict=True) if r == 1]
             if late:
@@ -209,10 +218,14 @@ class Flights:
             return
         self.stats["batched_finishes"] += len(pending)
 
-    def _batch(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    def _batch(self, calls: list[tuple[list[str], list[Any]]],
+               before: list[tuple[Any, ...]] | None = None) -> list[Any]:
+        """The finish script for each of ``calls`` in one pipeline, after the commands
+        ``before`` (cache-tier SETs: a refused one, e.g. Redis at maxmemory, leaves that answer
+        unshared, as a failed ``RedisStore.put`` does; it fails no flight)."""
         assert self._raw is not None
         cmds = [("EVALSHA", SHAS["finish"], len(keys), *keys, *args) for keys, args in calls]
-        replies = self._raw.pipeline(cmds)
+        replies = self._raw.pipeline([*(before or []), *cmds])[len(before or []):]
         if any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT") for r in replies):
             self._raw.call("SCRIPT", "LOAD", FINISH)
             replies = self._raw.pipeline(cmds)
@@ -279,6 +292,10 @@ class Flights:
         assert self._raw is not None
         return self._raw.evalsha(SHAS[name], SCRIPTS[name], keys, args)
 
+    def _raw_call(self, *args: Any) -> Any:
+        assert self._raw is not None
+        return self._raw.call(*args)
+
     def _blocking_client(self) -> redis.Redis:
         assert self._blocking is not None
         return self._blocking
@@ -341,6 +358,7 @@ class Leader:
         self._overflow = False  # dropped its records: cannot serve a follower whole any more
         self._closed = False  # detached for size: followers already reading still get it all
         self._has_head = False
+        self._store: tuple[str, bytes, int] | None = None  # see store_at_end
         self._checked = flights.clock()
         # The keeper's catch-up and the request's publishes must not interleave their writes.
         self._lock = threading.RLock()
@@ -364,6 +382,16 @@ class Leader:
         if data:
             self._publish(b"c", bytes(data))
 
+    def store_at_end(self, key: str, value: bytes, px_ms: int) -> bool:
+        """Send ``SET key value PX px_ms`` (the answer for the Redis cache tier) with the end of
+        this flight, before it: in the keeper's batch, no round trip of its own. False when
+        this leader has no flight (alone, finished): the caller stores it itself."""
+        with self._lock:
+            if self.finished or self.value is None:
+                return False
+            self._store = (key, value, px_ms)
+            return True
+
     def finish(self, ok: bool) -> None:
         """End the flight (idempotent): ``ok`` means the answer is complete."""
         with self._lock:
@@ -378,13 +406,17 @@ class Leader:
         assert self.value is not None
         ok = ok and self._has_head and not self._overflow
         keys = [f.prefix + "k:" + self.key, f.prefix + "f:" + self.token, f.prefix + "s:" + self.token]
-        if not self._journaling and f._defer(_Ending(keys, self.value, int(ok), self._records, self._held)):
+        store, self._store = self._store, None
+        size = self._held + (len(store[1]) if store else 0)
+        if not self._journaling and f._defer(_Ending(keys, self.value, int(ok), self._records, size, store)):
             # Nobody followed so far: the flight ends with the keeper's next batch, and anyone
             # who joins until then still gets the whole answer from these records.
             self._records = []
             return
         args: list[Any] = [self.value, int(self._journaling), int(ok), f.grace_ms]
         try:
+            if store is not None:
+                f._raw_call(*_set(store))
             if f._script("finish", keys, args) == 1:
                 # Followers joined but never got a byte: everything, then the end, in one go.
                 flat = [x for rec in self._records for x in rec]

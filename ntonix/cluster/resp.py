@@ -145,11 +145,14 @@ class Connection:
 class Pool:
     """Up to ``size`` idle connections to the Redis of ``url`` (``redis://[user:pass@]host:port/db``).
 
+    ``size`` is about the misses in flight at once in a worker: with 16 at c = 500 most joins
+    opened and closed a connection of their own (~5 % of a miss with Redis on, py-spy).
+
     A connection is taken for one call and given back only if the call succeeded, so a
     timed-out reply can never be read by the next caller.
     """
 
-    def __init__(self, url: str, timeout_s: float, size: int = 16) -> None:
+    def __init__(self, url: str, timeout_s: float, size: int = 128) -> None:
         parts = urlsplit(url)
         if parts.scheme != "redis":
             raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} (redis:// only here)")

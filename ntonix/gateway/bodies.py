@@ -22,6 +22,7 @@ import gevent
 import xxhash
 
 from ntonix.cache.coalescer import LeaderFailed
+from ntonix.cluster.relay import Fanout
 from ntonix.core.cache_entry import CachedResponse
 from ntonix.core.record import RequestRecord
 from ntonix.core.sse import StreamRecorder
@@ -218,8 +219,15 @@ class UpstreamBody:
         # Stored now, before this request is done: an identical request the client sends at once,
         # to any worker, must find it. (Deferring the L2 write to the loop's next turn, batched,
         # saved ~6 % of a miss but let such a request miss: ntonix/cache/__init__.py ``store``.)
-        rt.cache.store(self.store_key, CachedResponse(status=rec.status, headers=self.replay_headers, body=body,
-                                                      created=time.time(), streamed=self.recorder is not None))
+        entry = CachedResponse(status=rec.status, headers=self.replay_headers, body=body, created=time.time(),
+                               streamed=self.recorder is not None)
+        # Leading across gateways: the Redis tier's copy goes with the flight's end, in the
+        # keeper's batched round trip (ntonix/cluster/flights.py ``store_at_end``), not one of its own.
+        remote = True
+        if isinstance(self.leader, Fanout):
+            args = rt.cache.remote_set_args(self.store_key, entry)
+            remote = args is None or not self.leader.cluster.store_at_end(*args)
+        rt.cache.store(self.store_key, entry, remote=remote)
 
 
 class FollowerBody:

@@ -171,8 +171,9 @@ class Proxy:
         leader: Publisher | None = None
         if key is not None and serve_ok and rt.cache is not None:
             # Hits and misses are counted by telemetry from each answer's X-Cache (lock-free,
-            # all workers): no write to the shared store per lookup.
-            entry = rt.cache.lookup(key, count=False)
+            # all workers): no write to the shared store per lookup. Across gateways, the Redis
+            # tier is read in the cluster's join instead (_join): one round trip, not two.
+            entry = rt.cache.lookup(key, count=False, remote=rt.flights is None)
             # Two rounds: followers whose leader failed before answering regroup behind a new
             # leader (one of them) instead of all going to the backend at once.
             for _ in range(2 if entry is None and rt.coalescer is not None else 0):

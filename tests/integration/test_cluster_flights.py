@@ -154,6 +154,45 @@ def test_a_request_joining_while_the_finish_is_queued_still_gets_the_whole_answe
         b.close()
 
 
+def test_the_answer_for_the_cache_tier_goes_with_the_flights_end_and_never_after_it(clean_redis: RedisServer) -> None:
+    """A leader's answer for the Redis cache tier is sent before its flight's end, in the same
+    batch: a gateway asking in between finds the flight (and follows it) or the answer."""
+    a = Flights(clean_redis.url, spawn=lambda fn: None)  # a keeper that never runs: flush() by hand
+    b = Flights(clean_redis.url)
+    try:
+        leader = lead(a, "k1")
+        stream_answer(leader, EVENTS[:2], 0)  # finished: queued for the batch
+        assert leader.store_at_end("ntonix:cache:k1", b"entry one", 60_000) is False  # too late
+        leader = lead(a, "k2")
+        assert leader.store_at_end("ntonix:cache:k2", b"entry two", 60_000) is True
+        stream_answer(leader, EVENTS[:2], 0)
+        assert clean_redis.command("GET", "ntonix:cache:k2") == b"$-1\r\n"  # not before the batch
+        assert isinstance(b.join_or_hit("k2", "ntonix:cache:k2"), Follower)  # the flight, meanwhile
+        a.flush()
+        assert b.join_or_hit("k2", "ntonix:cache:k2") == b"entry two"
+        assert 0 < int(clean_redis.command("PTTL", "ntonix:cache:k2")[1:]) <= 60_000
+        # With a follower known (journaling), the finish is immediate: the SET goes first.
+        leader = lead(a, "k3")
+        leader.publish_head(*HEAD)
+        follower = follow(b, "k3")
+        a.tick()
+        leader.catch_up()
+        assert leader.store_at_end("ntonix:cache:k3", b"entry three", 60_000)
+        batched = a.stats["batched_finishes"]
+        leader.finish(True)
+        assert a.stats["batched_finishes"] == batched and a._pending == []  # not queued: sent now
+        assert b"entry three" in clean_redis.command("GET", "ntonix:cache:k3")
+        assert follower.wait_head(2) == HEAD
+        # A leader without a flight (Redis down: alone) leaves the store to the caller.
+        alone = Flights("redis://127.0.0.1:9/0")
+        lone = alone.join("k4")
+        assert lone.value is None and lone.store_at_end("ntonix:cache:k4", b"x", 60_000) is False
+        alone.close()
+    finally:
+        a.close()
+        b.close()
+
+
 def test_the_cache_recheck_and_the_join_are_one_round_trip(gateways: tuple[Flights, Flights],
                                                              clean_redis: RedisServer) -> None:
     a, b = gateways
