@@ -71,6 +71,9 @@ log = logging.getLogger("ntonix.proxy")
 
 # Entries whose rendered hit head a worker keeps (a few hundred bytes each); past this, all go.
 _RENDERED_MAX = 4096
+# Bytes of request bodies a worker keeps to know a repeated hit by, and the largest one kept.
+_KNOWN_MAX_BYTES = 1 << 20
+_KNOWN_BODY_MAX = 16 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +92,12 @@ class CachedHit:
 @dataclass(frozen=True, slots=True)
 class _Probe:
     """What cached_hit computed for a request it could not answer: handle() reuses it for the
-    same request (the same ``body`` object) instead of parsing and looking in L1 again."""
+    same request (the same ``body`` object) instead of computing the key and looking in L1
+    again; ``parsed`` is None when the key was known without parsing."""
 
     body: bytes
     key: str
-    parsed: dict[str, Any]
+    parsed: dict[str, Any] | None
 
 
 
@@ -175,6 +179,11 @@ class Proxy:
         # what a probe that missed found out, for the WSGI path of the same request.
         self._rendered: dict[str, tuple[CachedResponse, bytes, Usage | None]] = {}
         self._probe: _Probe | None = None
+        # Requests that were hits, exactly as received (path, credentials, body bytes) -> their
+        # key and model: a repeated one skips the JSON parse and the canonical key (the key is a
+        # function of exactly these). Only hits are kept; bounded by _KNOWN_MAX_BYTES of bodies.
+        self._known: dict[tuple[str, str | None, bytes], tuple[str, str]] = {}
+        self._known_bytes = 0
 
     # ------------------------------------------------------------------ hit fast path
     def cached_hit(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
@@ -183,23 +192,41 @@ class Proxy:
         (``headers`` as the environ's ``HTTP_*`` items would be), or ``None``: the request then
         goes through :meth:`handle`, which answers it exactly as before. The same key, policy
         and accounting as :meth:`handle` and :meth:`_replay`; only this worker's L1 is asked
-        (a hit there needs no other tier), and the answer's header lines are rendered once per
-        entry. The caller writes the answer and hands the record to ``Gateway.finished``."""
+        (a hit there needs no other tier), the answer's header lines are rendered once per
+        entry, and a request repeated byte for byte is known by its bytes (``_known``). The
+        caller writes the answer and hands the record to ``Gateway.finished``."""
         rt = self.rt
         cache = rt.cache
         if method != "POST" or path not in CACHEABLE_PATHS or cache is None or not cache.enabled:
             return None
         if not request_cache_policy(headers.get("HTTP_CACHE_CONTROL"))[0]:
             return None
-        try:
-            parsed = parse_json_body(body)
-        except BadRequest:
-            return None  # handle() answers it
-        key = cache_key(path, parsed, credentials(headers, self._credential_keys))
+        credential = credentials(headers, self._credential_keys)
+        seen = (path, credential, body)
+        memo = len(body) <= _KNOWN_BODY_MAX  # hashing a larger body would cost misses too much
+        known = self._known.get(seen) if memo else None
+        parsed: dict[str, Any] | None = None
+        if known is None:
+            try:
+                parsed = parse_json_body(body)
+            except BadRequest:
+                return None  # handle() answers it
+            key = cache_key(path, parsed, credential)
+        else:
+            key = known[0]
         entry = cache.lookup_memory(key)
         if entry is None:
             self._probe = _Probe(body, key, parsed)
             return None
+        if known is None:
+            assert parsed is not None
+            known = (key, request_model(parsed) or "")
+            if memo:
+                if self._known_bytes + len(body) > _KNOWN_MAX_BYTES:
+                    self._known.clear()
+                    self._known_bytes = 0
+                self._known[seen] = known
+                self._known_bytes += len(body)
         rendered = self._rendered.get(key)
         if rendered is None or rendered[0] is not entry:
             head = hit_head(entry.headers, len(entry.body))
@@ -211,7 +238,7 @@ class Proxy:
         _, head, usage = rendered
         rec = RequestRecord(method, path, request_id_from(headers.get("HTTP_X_REQUEST_ID")), client)
         rt.telemetry.started()
-        rec.model = request_model(parsed) or ""
+        rec.model = known[1]
         rec.cache = "HIT"
         rec.status = entry.status
         rec.streamed = entry.streamed
@@ -242,7 +269,7 @@ class Proxy:
             probe = None
         probed = probe is not None
         if cacheable:
-            parsed = probe.parsed if probe is not None else parse_json_body(body)
+            parsed = probe.parsed if probe is not None and probe.parsed is not None else parse_json_body(body)
             rec.model = request_model(parsed) or ""
             stream = parsed.get("stream") is True
             if rt.cache is not None and rt.cache.enabled:
