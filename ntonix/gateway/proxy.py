@@ -237,16 +237,17 @@ class Proxy:
             rendered = self._rendered[key] = (entry, head, usage_of_body(entry.body, entry.streamed))
         _, head, usage = rendered
         rec = RequestRecord(method, path, request_id_from(headers.get("HTTP_X_REQUEST_ID")), client)
-        rt.telemetry.started()
         rec.model = known[1]
         rec.cache = "HIT"
         rec.status = entry.status
         rec.streamed = entry.streamed
+        rec.bytes_sent = len(entry.body)
+        hit = CachedHit(status_line(entry.status), head, entry.body, rec)
         if usage is not None:
             rec.usage = usage
             rt.telemetry.tokens_saved(rec.model, usage)
-        rec.bytes_sent = len(entry.body)
-        return CachedHit(status_line(entry.status), head, entry.body, rec)
+        rt.telemetry.started()  # last: from here on the caller owes Gateway.finished(rec)
+        return hit
 
     # ------------------------------------------------------------------ entry
     def handle(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord) -> Any:
