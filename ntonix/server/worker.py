@@ -113,6 +113,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         self._prober: Prober | None = None
         # gunicorn strips a SCRIPT_NAME from the path it gives the app: the fast path does not.
         self._script_name = os.environ.get("SCRIPT_NAME", "")
+        self._fast_hits = False  # set by run()
 
     def init_process(self) -> None:
         _patch_gunicorn()
@@ -150,6 +151,8 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
     def run(self) -> None:
         self.cfg = FrozenConfig(self.cfg)
         cfg = self.wsgi.rt.config
+        # The cache-hit fast path answers from L1 only; the cache's settings need a restart.
+        self._fast_hits = cfg.cache.enabled and cfg.cache.memory_max_mb > 0 and not self._script_name
         # Everything built so far lives as long as the worker: keep it out of the collector's
         # sight, and collect the young generation less often (each request allocates a few
         # hundred objects; default thresholds ran a collection every ~3 requests).
@@ -301,8 +304,8 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         WSGI path (``Proxy.cached_hit``); the bytes written are those gunicorn's ``Response``
         would write for ``Proxy._replay``'s answer (tests/integration/test_hit_fast_path.py).
         """
-        if (req.method != "POST" or req.path not in CACHEABLE_PATHS or req._expected_100_continue
-                or req.proxy_protocol_info or self._script_name):
+        if (not self._fast_hits or req.method != "POST" or req.path not in CACHEABLE_PATHS
+                or req._expected_100_continue or req.proxy_protocol_info):
             return False
         incoming = req.body
         reader = incoming.reader
