@@ -323,13 +323,13 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             key = "HTTP_" + name.replace("-", "_")
             seen = headers.get(key)
             headers[key] = value if seen is None else f"{seen},{value}"
+        started = time.monotonic()
         body = incoming.read(length)
         client = addr if isinstance(addr, str) else addr.decode() if isinstance(addr, bytes) else addr[0]
         hit = self.wsgi.cached_hit("POST", req.path, headers, body, client)
         if hit is None:
             req.body = _ReadBody(body)  # the WSGI path reads it again (wsgi.input)
             return False
-        started = time.monotonic()
         try:
             self.cfg.pre_request(self, req)
             self.nr += 1
