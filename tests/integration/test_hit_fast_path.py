@@ -265,7 +265,10 @@ def test_purge_ends_fast_hits_in_every_worker(gateway: GatewayFactory, mock: Moc
     calls = backend_calls(mock)
     for pid in workers:
         with only_worker(gw2, pid, workers):
-            raw = exchange(gw2, request_bytes(data, rid=f"x-{uuid.uuid4().hex}"))
+            rid = f"x-{uuid.uuid4().hex}"
+            raw = exchange(gw2, request_bytes(data, rid=rid))
             # A miss, or (second worker) a hit of the answer the first one stored after the purge.
             assert raw.partition(b"\r\n\r\n")[2] != old, pid
+            # A leader ends its flight after its client has the answer: never stop a worker before.
+            served_by(gw2, {rid})
     assert backend_calls(mock) == calls + 1
