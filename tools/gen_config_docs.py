@@ -428,7 +428,10 @@ What the gateway holds is bounded by its configuration. Per **worker** (`server.
   open SSE streams add 20–28 MB, docs/performance.md), plus one 64 KiB read block while a read
   from its backend is in flight;
 - backend connections: at most `pool.max_size` per backend, a few KB each;
-- the access log buffer: at most 64 KiB.
+- the access log buffer: at most 64 KiB;
+- the cache-hit fast path's memos (ntonix/gateway/proxy.py): at most 1 MiB of request bodies
+  that were hits (none over 16 KiB) and the rendered headers of up to 4,096 entries (a few
+  hundred bytes each).
 
 Per **host**, once:
 

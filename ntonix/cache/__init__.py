@@ -76,9 +76,21 @@ class ResponseCache:
         then hands the raw value to :meth:`adopt`)."""
         if not self.enabled:
             return None
+        entry = self.lookup_memory(key)
+        if entry is None:
+            entry = self.lookup_below_memory(key, count=count, remote=remote)
+        elif count:
+            self.record(key, True)
+        return entry
+
+    def lookup_memory(self, key: str) -> CachedResponse | None:
+        """:meth:`lookup` in this worker's L1 only, with every check a hit there needs (purge
+        generation, the touch of L2's LRU order); no hit or miss counted. The worker's cache-hit
+        fast path (ntonix/server/worker.py) asks this before a request's WSGI environ exists."""
+        if not self.enabled:
+            return None
         self._check_generation()
         memory, shared = self.memory, self.shared
-        remote_tier = self.remote if remote else None
         entry = memory.get(key) if memory is not None else None
         if (entry is not None and shared is not None and key not in self._queued
                 and self._l2(lambda s: s.touch(key), True) is False):
@@ -87,7 +99,18 @@ class ResponseCache:
             assert memory is not None
             memory.delete(key)
             entry = None
-        if entry is None and shared is not None:
+        return entry
+
+    def lookup_below_memory(self, key: str, *, count: bool = True, remote: bool = True) -> CachedResponse | None:
+        """The rest of :meth:`lookup` once :meth:`lookup_memory` missed: L2, then Redis. Safe
+        however long after that miss: L1 only holds copies of the tiers below (an answer whose
+        L2 write is still deferred is found by the coalescer's second look, ``Proxy._join``)."""
+        if not self.enabled:
+            return None
+        memory, shared = self.memory, self.shared
+        remote_tier = self.remote if remote else None
+        entry = None
+        if shared is not None:
             entry = self._l2(lambda s: s.get(key, touch=not count), None)
             if entry is not None and memory is not None:
                 memory.put(key, entry, age_s=self._clock() - entry.created)

@@ -11,6 +11,7 @@ hosts, so a per-process monotonic clock would mean nothing to the reader.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -120,3 +121,34 @@ def replayable_headers(headers: Iterable[tuple[str, str]]) -> Headers:
             continue
         kept.append((name, value))
     return tuple(kept)
+
+
+# What an HTTP/1.1 server lets through of an application's response headers, as gunicorn's
+# ``Response.process_headers`` checks them (tests/unit/core/test_cache_entry.py holds the two
+# side by side): a name is an RFC 9110 token, a value visible ASCII, obs-text, space or tab.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+# Hop-by-hop names the server drops from an application's headers (it sends its own Server,
+# Date and Connection).
+_SERVER_OWNED = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+     "transfer-encoding", "upgrade", "server", "date"}
+)
+_BLANKS = " \t"
+
+
+def hit_head(headers: Headers, body_length: int) -> bytes | None:
+    """The header lines a cache hit sends from the stored answer: its headers as the server
+    would put them on the wire (values trimmed of spaces and tabs, server-owned names dropped)
+    and its ``Content-Length``, each ending in CRLF; the same bytes the WSGI path writes for
+    ``Proxy._replay``'s headers up to its ``X-Request-ID``. ``None`` when a stored header is one
+    the server would refuse (the request then takes the WSGI path, which reports it)."""
+    lines = []
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
+            return None
+        if name.lower().strip() in _SERVER_OWNED:
+            continue
+        lines.append(f"{name}: {value.strip(_BLANKS)}\r\n")
+    lines.append(f"Content-Length: {body_length}\r\n")
+    return "".join(lines).encode("latin-1")  # every character is below 0x100 (_VALUE)

@@ -18,10 +18,10 @@ from ntonix.core.record import RequestRecord
 from ntonix.errors import Forbidden, NtonixError, render_error, status_line
 from ntonix.gateway.bodies import Body
 from ntonix.gateway.host import Host, PlainHost
-from ntonix.gateway.proxy import Proxy
+from ntonix.gateway.proxy import CachedHit, Proxy
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
@@ -37,11 +37,19 @@ class Gateway:
         """``host``: what the server hosting us can do (``ntonix.gateway.host``)."""
         self.rt = runtime
         self.host: Host = host if host is not None else PlainHost()
-        self.proxy = Proxy(runtime, self._finished, self.host)
+        self.proxy = Proxy(runtime, self.finished, self.host)
 
-    def _finished(self, rec: RequestRecord) -> None:
+    def finished(self, rec: RequestRecord) -> None:
+        """A request is over: its figures, statsd and access-log line (once)."""
         if rec.finish():
             self.rt.telemetry.finished(rec)
+
+    def cached_hit(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+                   client: str) -> CachedHit | None:
+        """The server's way in before it builds a WSGI environ: a cache hit it can write
+        itself (then it calls :meth:`finished` with the hit's record), or ``None`` for the
+        WSGI call as usual (``Proxy.cached_hit``)."""
+        return self.proxy.cached_hit(method, path, headers, body, client)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rid = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
@@ -66,9 +74,9 @@ class Gateway:
             rec.error = err.message
             rec.bytes_sent = len(body)
             start_response(status, headers)
-            return Body([body], lambda: self._finished(rec))
+            return Body([body], lambda: self.finished(rec))
         except BaseException:
-            self._finished(rec)
+            self.finished(rec)
             raise
 
     @staticmethod
@@ -82,7 +90,7 @@ class Gateway:
         rec.bytes_sent = len(body)
         start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
                                 ("Cache-Control", "no-store"), ("X-Request-ID", rec.request_id)])
-        return Body([body], lambda: self._finished(rec))
+        return Body([body], lambda: self.finished(rec))
 
     def _allowed(self, environ: WSGIEnvironment) -> None:
         if self.rt.metrics_allow and not in_networks(environ.get("REMOTE_ADDR", ""), self.rt.metrics_allow):

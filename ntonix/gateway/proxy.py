@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -39,12 +40,12 @@ import xxhash
 from ntonix.cache.coalescer import Follower, Leader
 from ntonix.cache.remote import PREFIX as REMOTE_PREFIX
 from ntonix.cluster.relay import Fanout, Publisher, Relay, Subscriber, widen
-from ntonix.core.cache_entry import CachedResponse, replayable_headers
+from ntonix.core.cache_entry import CachedResponse, hit_head, replayable_headers
 from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, credential_keys, credentials, request_cache_policy
-from ntonix.core.headers import forward_environ_headers, forward_response_headers, header_value
+from ntonix.core.headers import forward_environ_headers, forward_response_headers, header_value, request_id_from
 from ntonix.core.models import models_answer, request_model
 from ntonix.core.record import RequestRecord
-from ntonix.core.usage import UsageTap, usage_of_body
+from ntonix.core.usage import Usage, UsageTap, usage_of_body
 from ntonix.errors import (
     BackendsBusy,
     BadRequest,
@@ -67,6 +68,36 @@ if TYPE_CHECKING:
     from ntonix.gateway.runtime import Runtime
 
 log = logging.getLogger("ntonix.proxy")
+
+# Entries whose rendered hit head a worker keeps (a few hundred bytes each); past this, all go.
+_RENDERED_MAX = 4096
+# Bytes of request bodies a worker keeps to know a repeated hit by, and the largest one kept.
+_KNOWN_MAX_BYTES = 1 << 20
+_KNOWN_BODY_MAX = 16 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class CachedHit:
+    """A hit found before the WSGI environ was built: ``status`` (``"200 OK"``), the header
+    lines from the stored answer up to its ``Content-Length`` (``hit_head``), the body, and the
+    request's record (its ``X-Request-ID``; finished by ``Gateway.finished``). The server
+    writes ``X-Request-ID`` and ``X-Cache: HIT`` after ``head``, as ``Proxy._replay`` orders them."""
+
+    status: str
+    head: bytes
+    body: bytes
+    rec: RequestRecord
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """What cached_hit computed for a request it could not answer: handle() reuses it for the
+    same request (the same ``body`` object) instead of computing the key and looking in L1
+    again; ``parsed`` is None when the key was known without parsing."""
+
+    body: bytes
+    key: str
+    parsed: dict[str, Any] | None
 
 
 
@@ -144,6 +175,79 @@ class Proxy:
         self._done = done
         self.host = host
         self._credential_keys = credential_keys(runtime.config.cache.partition_headers)
+        # Hit fast path (cached_hit): each entry's rendered header lines and usage, by key, and
+        # what a probe that missed found out, for the WSGI path of the same request.
+        self._rendered: dict[str, tuple[CachedResponse, bytes, Usage | None]] = {}
+        self._probe: _Probe | None = None
+        # Requests that were hits, exactly as received (path, credentials, body bytes) -> their
+        # key and model: a repeated one skips the JSON parse and the canonical key (the key is a
+        # function of exactly these). Only hits are kept; bounded by _KNOWN_MAX_BYTES of bodies.
+        self._known: dict[tuple[str, str | None, bytes], tuple[str, str]] = {}
+        self._known_bytes = 0
+
+    # ------------------------------------------------------------------ hit fast path
+    def cached_hit(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+                   client: str) -> CachedHit | None:
+        """A cache hit for a request the worker has parsed but not yet made a WSGI environ for
+        (``headers`` as the environ's ``HTTP_*`` items would be), or ``None``: the request then
+        goes through :meth:`handle`, which answers it exactly as before. The same key, policy
+        and accounting as :meth:`handle` and :meth:`_replay`; only this worker's L1 is asked
+        (a hit there needs no other tier), the answer's header lines are rendered once per
+        entry, and a request repeated byte for byte is known by its bytes (``_known``). The
+        caller writes the answer and hands the record to ``Gateway.finished``."""
+        rt = self.rt
+        cache = rt.cache
+        if method != "POST" or path not in CACHEABLE_PATHS or cache is None or not cache.enabled:
+            return None
+        if not request_cache_policy(headers.get("HTTP_CACHE_CONTROL"))[0]:
+            return None
+        credential = credentials(headers, self._credential_keys)
+        seen = (path, credential, body)
+        memo = len(body) <= _KNOWN_BODY_MAX  # hashing a larger body would cost misses too much
+        known = self._known.get(seen) if memo else None
+        parsed: dict[str, Any] | None = None
+        if known is None:
+            try:
+                parsed = parse_json_body(body)
+            except BadRequest:
+                return None  # handle() answers it
+            key = cache_key(path, parsed, credential)
+        else:
+            key = known[0]
+        entry = cache.lookup_memory(key)
+        if entry is None:
+            self._probe = _Probe(body, key, parsed)
+            return None
+        if known is None:
+            assert parsed is not None
+            known = (key, request_model(parsed) or "")
+            if memo:
+                if self._known_bytes + len(body) > _KNOWN_MAX_BYTES:
+                    self._known.clear()
+                    self._known_bytes = 0
+                self._known[seen] = known
+                self._known_bytes += len(body)
+        rendered = self._rendered.get(key)
+        if rendered is None or rendered[0] is not entry:
+            head = hit_head(entry.headers, len(entry.body))
+            if head is None:
+                return None
+            if len(self._rendered) >= _RENDERED_MAX:
+                self._rendered.clear()
+            rendered = self._rendered[key] = (entry, head, usage_of_body(entry.body, entry.streamed))
+        _, head, usage = rendered
+        rec = RequestRecord(method, path, request_id_from(headers.get("HTTP_X_REQUEST_ID")), client)
+        rec.model = known[1]
+        rec.cache = "HIT"
+        rec.status = entry.status
+        rec.streamed = entry.streamed
+        rec.bytes_sent = len(entry.body)
+        hit = CachedHit(status_line(entry.status), head, entry.body, rec)
+        if usage is not None:
+            rec.usage = usage
+            rt.telemetry.tokens_saved(rec.model, usage)
+        rt.telemetry.started()  # last: from here on the caller owes Gateway.finished(rec)
+        return hit
 
     # ------------------------------------------------------------------ entry
     def handle(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord) -> Any:
@@ -160,20 +264,28 @@ class Proxy:
         key: str | None = None
         serve_ok = store_ok = stream = False
         parsed: dict[str, Any] | None = None
+        # This very request's body (``is``) missed in L1 a moment ago in cached_hit.
+        probe, self._probe = self._probe, None
+        if probe is not None and probe.body is not body:
+            probe = None
+        probed = probe is not None
         if cacheable:
-            parsed = parse_json_body(body)
+            parsed = probe.parsed if probe is not None and probe.parsed is not None else parse_json_body(body)
             rec.model = request_model(parsed) or ""
             stream = parsed.get("stream") is True
             if rt.cache is not None and rt.cache.enabled:
                 serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))
-                key = cache_key(path, parsed, credentials(environ, self._credential_keys))
+                key = (probe.key if probe is not None
+                       else cache_key(path, parsed, credentials(environ, self._credential_keys)))
         rec.cache = "MISS" if serve_ok else "BYPASS"
         leader: Publisher | None = None
         if key is not None and serve_ok and rt.cache is not None:
             # Hits and misses are counted by telemetry from each answer's X-Cache (lock-free,
             # all workers): no write to the shared store per lookup. Across gateways, the Redis
             # tier is read in the cluster's join instead (_join): one round trip, not two.
-            entry = rt.cache.lookup(key, count=False, remote=rt.flights is None)
+            remote = rt.flights is None
+            entry = (rt.cache.lookup_below_memory(key, count=False, remote=remote) if probed
+                     else rt.cache.lookup(key, count=False, remote=remote))
             # Two rounds: followers whose leader failed before answering regroup behind a new
             # leader (one of them) instead of all going to the backend at once.
             for _ in range(2 if entry is None and rt.coalescer is not None else 0):

@@ -19,11 +19,14 @@ Theory of operation (docs/adr/0002-tls-listener.md, 0004-reload-and-shutdown.md)
 from __future__ import annotations
 
 import gc
+import io
 import logging
+import os
 import signal
 import socket as _stdsocket
 import ssl
 import time
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -31,16 +34,20 @@ import gevent
 import gevent.select
 from gevent.pool import Pool
 from gevent.server import StreamServer
-from gunicorn import util
+from gunicorn import SERVER, util
+from gunicorn.config import PreRequest
+from gunicorn.http.body import LengthReader
 from gunicorn.workers.ggevent import GeventWorker
 
 from ntonix.config import ConfigError, handover
+from ntonix.core.cache_key import CACHEABLE_PATHS
 from ntonix.core.headers import new_request_id
 from ntonix.errors import error_body, status_line
 from ntonix.server import response
 from ntonix.server.tls import build_server_context
 from ntonix.telemetry.logs import ACCESS, setup_logging
 from ntonix.upstream.prober import Prober
+from ntonix.upstream.transport import send_all
 
 log = logging.getLogger("ntonix.worker")
 
@@ -77,13 +84,26 @@ class FrozenConfig:
         self.__dict__["_cfg"] = cfg
         for name in (*cfg.settings, "is_ssl", "sendfile"):
             self.__dict__[name] = getattr(cfg, name)  # properties such as worker_class included
+        if self.__dict__.get("pre_request") is PreRequest.default:
+            # gunicorn's default hook logs "METHOD /path" at debug level on every request, through
+            # its statsd logger's log() and logging's Logger.log even when debug is off (~3 % of a
+            # cache hit's samples, py-spy): ask the level first.
+            self.__dict__["pre_request"] = _pre_request_at_debug
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_cfg"], name)
 
 
+def _pre_request_at_debug(worker: Any, req: Any) -> None:
+    if worker.log.error_log.isEnabledFor(logging.DEBUG):
+        PreRequest.default(worker, req)
+
+
 class NtonixWorker(GeventWorker):  # type: ignore[misc]
     cfg: Any  # gunicorn's Config, a FrozenConfig once run() starts
+    alive: bool  # gunicorn's Worker attributes the hit fast path reads or sets
+    nr: int
+    max_requests: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,6 +111,9 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         self._tls_ports: set[int] = set()
         self._tls_servers: list[StreamServer] = []
         self._prober: Prober | None = None
+        # gunicorn strips a SCRIPT_NAME from the path it gives the app: the fast path does not.
+        self._script_name = os.environ.get("SCRIPT_NAME", "")
+        self._fast_hits = False  # set by run()
 
     def init_process(self) -> None:
         _patch_gunicorn()
@@ -128,6 +151,8 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
     def run(self) -> None:
         self.cfg = FrozenConfig(self.cfg)
         cfg = self.wsgi.rt.config
+        # The cache-hit fast path answers from L1 only; the cache's settings need a restart.
+        self._fast_hits = cfg.cache.enabled and cfg.cache.memory_max_mb > 0 and not self._script_name
         # Everything built so far lives as long as the worker: keep it out of the collector's
         # sight, and collect the young generation less often (each request allocates a few
         # hundred objects; default thresholds ran a collection every ~3 requests).
@@ -205,7 +230,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
                 if readable:
                     continue  # a request is arriving: let it be served
                 # An OS-level shutdown; gevent's own would log an EBADF traceback (docs/notes/stack.md §1).
-                dup = _stdsocket.socket(fileno=__import__("os").dup(fd))
+                dup = _stdsocket.socket(fileno=os.dup(fd))
                 try:
                     dup.shutdown(_stdsocket.SHUT_RDWR)
                 finally:
@@ -246,11 +271,15 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         return False
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
-        if isinstance(listener_name, tuple) and listener_name[1] in self._tls_ports:
+        tls = isinstance(listener_name, tuple) and listener_name[1] in self._tls_ports
+        if tls:
             req.scheme = "https"
         self._conns[sock] = True
         try:
-            result: bool = super().handle_request(listener_name, req, sock, addr)
+            if tls or not self._answer_hit(req, sock, addr):
+                result: bool = super().handle_request(listener_name, req, sock, addr)
+            else:
+                result = True
         finally:
             self._conns[sock] = False
         if not self.alive:
@@ -260,3 +289,97 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         # others wait seconds. One yield per request puts this connection at the back of the queue.
         gevent.sleep(0)
         return result
+
+    # ------------------------------------------------------------------ cache-hit fast path
+    def _answer_hit(self, req: Any, sock: Any, addr: Any) -> bool:
+        """Answer a plain cache hit from the request gunicorn parsed, before any WSGI environ,
+        ``Response`` or app call exists (issue #14: most of a hit's cost was that machinery);
+        ``False`` when this is not one, and the request goes the usual way unchanged.
+
+        Only a POST to a cacheable path whose whole body (by ``Content-Length``, within
+        ``proxy.max_body_bytes``) has already arrived with its headers is looked at: reading
+        it then never waits, so no body timeout, 413 or 408 arises here. Anything unusual
+        (``Expect: 100-continue``, the PROXY protocol, a ``SCRIPT_NAME``, chunked bodies) is
+        left to gunicorn. The gateway decides with the same key, policy and accounting as its
+        WSGI path (``Proxy.cached_hit``); the bytes written are those gunicorn's ``Response``
+        would write for ``Proxy._replay``'s answer (tests/integration/test_hit_fast_path.py).
+        """
+        if (not self._fast_hits or req.method != "POST" or req.path not in CACHEABLE_PATHS
+                or req._expected_100_continue or req.proxy_protocol_info):
+            return False
+        incoming = req.body
+        reader = incoming.reader
+        if type(reader) is not LengthReader:
+            return False
+        length = reader.length
+        if not 0 < length <= self.wsgi.rt.config.proxy.max_body_bytes or reader.unreader.buf.seek(0, 2) < length:
+            return False
+        headers: dict[str, str] = {}
+        for name, value in req.headers:  # as gunicorn's wsgi.create maps them into the environ
+            if name in _NOT_HTTP_ITEMS:
+                if name == "SCRIPT_NAME":
+                    return False
+                continue
+            key = "HTTP_" + name.replace("-", "_")
+            seen = headers.get(key)
+            headers[key] = value if seen is None else f"{seen},{value}"
+        started = time.monotonic()
+        body = incoming.read(length)
+        client = addr if isinstance(addr, str) else addr.decode() if isinstance(addr, bytes) else addr[0]
+        hit = self.wsgi.cached_hit("POST", req.path, headers, body, client)
+        if hit is None:
+            req.body = _ReadBody(body)  # the WSGI path reads it again (wsgi.input)
+            return False
+        try:
+            self.cfg.pre_request(self, req)
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            close = not self.alive or not self.cfg.keepalive or req.should_close()
+            version = req.version
+            send_all(sock, b"".join((
+                (f"HTTP/{version[0]}.{version[1]} {hit.status}\r\nServer: {SERVER}\r\n"
+                 f"Date: {response.http_date()}\r\nConnection: {'close' if close else 'keep-alive'}\r\n"
+                 ).encode("latin-1"),
+                hit.head, b"X-Request-ID: ", hit.rec.request_id.encode("latin-1"), b"\r\nX-Cache: HIT\r\n\r\n",
+                hit.body)))
+        except (gevent.GreenletExit, SystemExit):
+            return True  # as gunicorn's gevent worker: the connection's greenlet is being stopped
+        finally:
+            self.wsgi.finished(hit.rec)
+            if getattr(self.log, "sock", None) is not None:  # gunicorn's own statsd figures
+                self.log.access(_Sent(hit.status), req, None, timedelta(seconds=time.monotonic() - started))
+            self.cfg.post_request(self, req, None, None)
+        if close:
+            raise StopIteration()  # as gunicorn's handle_request: the keep-alive loop ends
+        return True
+
+
+# gunicorn's wsgi.create puts these request headers somewhere other than an HTTP_* item.
+_NOT_HTTP_ITEMS = frozenset({"CONTENT-TYPE", "CONTENT-LENGTH", "SCRIPT_NAME"})
+
+
+class _Sent:
+    """What the logger's ``access`` reads of a response: its status line."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+
+class _ReadBody(io.BytesIO):
+    """``wsgi.input`` of a request whose body the hit fast path read already: the same bytes,
+    and reading all of them at once returns that very object (the gateway recognises the
+    request it probed by it, ``Proxy.handle``)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._data = data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() == 0 and (size is None or size < 0 or size >= len(self._data)):
+            self.seek(0, io.SEEK_END)
+            return self._data
+        return super().read(size)

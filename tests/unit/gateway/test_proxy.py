@@ -264,3 +264,64 @@ def test_a_trial_that_breaks_before_its_body_settles_once_without_a_verdict(tmp_
     assert backend.breaker.state is BreakerState.HALF_OPEN  # no verdict either way
     assert flow.request().read() == b"{}"  # the trial slot is free again
     assert backend.breaker.state is BreakerState.CLOSED
+
+
+# ---------------------------------------------------------------------- the worker's hit fast path
+
+
+def hit_of(flow: Flow, body: bytes, **headers: str) -> object:
+    env = {"HTTP_" + k.upper(): v for k, v in headers.items()}
+    return flow.app.cached_hit("POST", CHAT, env, body, "127.0.0.1")
+
+
+def test_cached_hit_answers_as_the_wsgi_path_and_accounts_it(tmp_path: Path) -> None:
+    from ntonix.core.cache_entry import hit_head
+
+    flow = Flow(tmp_path, B1, cache=True)
+    answer = b'{"id":"a","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
+    flow.transport.script(B1, Reply(200, chunks=[answer], headers=[("Content-Type", "application/json")]))
+    body = chat(content="fast")
+    assert hit_of(flow, body) is None  # nothing stored yet: the WSGI path answers
+    assert flow.request(body=body).read() == answer
+    slow = flow.request(body=body, headers={"X-Request-ID": "rid-1"})
+    assert (slow.header("X-Cache"), slow.read()) == ("HIT", answer)
+    for _ in range(2):  # the second time the request is known by its bytes
+        hit = hit_of(flow, body, x_request_id="rid-1")
+        assert hit is not None
+        assert (hit.status, hit.body, hit.rec.request_id) == ("200 OK", answer, "rid-1")  # type: ignore[attr-defined]
+        # The WSGI path's headers, up to its X-Request-ID, are the rendered head.
+        wsgi = [(k, v) for k, v in slow.headers if k not in ("X-Request-ID", "X-Cache")]
+        assert hit.head == hit_head(tuple(wsgi[:-1]), len(answer))  # type: ignore[attr-defined]
+        assert wsgi[-1] == ("Content-Length", str(len(answer)))
+        flow.app.finished(hit.rec)  # type: ignore[attr-defined]
+        done = flow.telemetry.records[-1]
+        assert done is hit.rec  # type: ignore[attr-defined]
+        assert (done.cache, done.status, done.model, done.bytes_sent) == ("HIT", 200, "m", len(answer))
+        assert (done.usage.prompt, done.usage.completion) == (3, 4)  # type: ignore[union-attr]
+    assert len(flow.transport.exchanges) == 1
+
+
+def test_cached_hit_keeps_the_partition_and_the_request_policy(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, Reply(200, chunks=[b'{"a":1}']))
+    body = chat(content="partitioned")
+    assert flow.request(body=body, headers={"Authorization": "Bearer alice"}).read() == b'{"a":1}'
+    assert hit_of(flow, body, authorization="Bearer alice") is not None
+    assert hit_of(flow, body, authorization="Bearer alice") is not None  # known by its bytes now
+    assert hit_of(flow, body) is None
+    assert hit_of(flow, body, authorization="Bearer bob") is None
+    assert hit_of(flow, body, authorization="Bearer alice", x_api_key="k") is None
+    assert hit_of(flow, body, authorization="Bearer alice", cache_control="no-cache") is None
+    assert hit_of(flow, body, authorization="Bearer alice", cache_control="no-store") is None
+    assert hit_of(flow, b"{not json", authorization="Bearer alice") is None
+
+
+def test_a_probe_that_missed_is_used_only_by_its_own_request(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, Reply(200, chunks=[b'{"n":1}']), Reply(200, chunks=[b'{"n":2}']))
+    first, other = chat(content="probed"), chat(content="another")
+    assert hit_of(flow, first) is None  # a miss: its key is kept for the WSGI path of this body
+    assert flow.request(body=other).read() == b'{"n":1}'  # a different request ignores it
+    assert orjson.loads(flow.transport.exchanges[0].body)["messages"][0]["content"] == "another"
+    assert flow.request(body=first).read() == b'{"n":2}'
+    assert hit_of(flow, other) is not None and hit_of(flow, first) is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ntonix.config import BackendConfig, Config, LoggingConfig, ServerConfig
 from ntonix.server.settings import bind_address, gunicorn_settings
 
@@ -69,7 +71,37 @@ def test_frozen_gunicorn_config_reads_what_the_config_reads() -> None:
     cfg.set("certfile", "x.crt")
     frozen = FrozenConfig(cfg)
     for name in cfg.settings:
-        assert getattr(frozen, name) == getattr(cfg, name), name
+        if name != "pre_request":  # below
+            assert getattr(frozen, name) == getattr(cfg, name), name
     assert frozen.keepalive == 7 and frozen.is_ssl == cfg.is_ssl == "x.crt" and frozen.sendfile == cfg.sendfile
     assert "keepalive" in vars(frozen)  # a plain attribute: no __getattr__ per request
     assert frozen.worker_class_str == cfg.worker_class_str  # everything else is the real config's
+
+
+@pytest.mark.parametrize("level", ["debug", "info"])
+def test_the_default_pre_request_hook_logs_its_line_only_at_debug(level: str) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config as GConfig
+    from gunicorn.glogging import Logger
+
+    from ntonix.server.worker import FrozenConfig
+
+    cfg = GConfig()
+    cfg.set("loglevel", level)
+    frozen = FrozenConfig(cfg)
+    assert frozen.pre_request is not cfg.pre_request
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log = Logger(cfg)
+    log.error_log.addHandler(handler)
+    try:
+        frozen.pre_request(SimpleNamespace(log=log), SimpleNamespace(method="POST", path="/v1/x"))
+    finally:
+        log.error_log.removeHandler(handler)
+    assert seen == (["POST /v1/x"] if level == "debug" else [])
+    custom = GConfig()
+    custom.set("pre_request", lambda worker, req: None)
+    assert FrozenConfig(custom).pre_request is custom.pre_request
