@@ -196,7 +196,8 @@ def test_gateways_sharing_their_counts_decide_as_one_gateway_would(seed: int) ->
         matched = [rng.choice((0, 0, 16, 17, 19)) for _ in names]
         anchor = rng.getrandbits(64)
 
-        def choice(own: list[int], other: list[int] | None) -> str | None:
+        def choice(own: list[int], other: list[int] | None, matched: list[int] = matched,
+                   anchor: int = anchor) -> str | None:
             cands = [Candidate(n, in_flight=i, matched=m, remote=o)
                      for n, i, m, o in zip(names, own, matched, other or [0] * len(names), strict=True)]
             return Router("prefix").choose(cands, anchor).address

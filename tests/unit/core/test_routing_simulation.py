@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import heapq
-import zlib
 import random
+import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
