@@ -109,7 +109,7 @@ class AffinityBoard:
 
     def __init__(self, url: str, *, stream: str = STREAM, max_pending: int = 10_000, max_entries: int = 10_000,
                  read_batch: int = 500, ttl_s: float = 3600.0, timeout_s: float = 0.05, backoff_s: float = 1.0,
-                 host: str = "", load_key: str = LOAD_KEY, load_max_age_s: float = 2.0,
+                 host: str = "", load_key: str = LOAD_KEY, load_max_age_s: float = 2.0, idle_sync_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.url, self.stream = url, stream
         self.max_entries, self.read_batch = max_entries, read_batch
@@ -125,6 +125,8 @@ class AffinityBoard:
         self.local_load: Callable[[], Mapping[str, int]] | None = None
         self.on_remote: Callable[[dict[str, int]], None] | None = None
         self.remote: dict[str, int] = {}
+        self.idle_sync_s = idle_sync_s  # how often an idle host still syncs (below load_max_age_s)
+        self._idle_since = -1.0  # when a sync last found this host idle; -1: it was busy
         self._client: redis.Redis | None = None
         self._pid = -1
         self._down_until = 0.0
@@ -150,6 +152,16 @@ class AffinityBoard:
             return []
         batch = list(self.pending)
         load = self.local_load() if self.local_load is not None else None
+        if not batch and load is not None and not any(load.values()):
+            # Idle host: its zeros are published and it routes nothing now, so it skips the round
+            # trip for up to idle_sync_s (its first request then sees a view that old; the next
+            # tick, busy again, syncs). Keeps an idle gateway's cost near the assignments-only sync.
+            now = self.clock()
+            if self._idle_since >= 0 and now - self._idle_since < self.idle_sync_s:
+                return []
+            self._idle_since = now
+        else:
+            self._idle_since = -1.0
         try:
             pipe = client.pipeline(transaction=False)
             if batch:

@@ -109,12 +109,42 @@ def test_each_host_gets_the_other_hosts_load_and_a_silent_host_drops_out(clean_r
             board.close()
 
 
+def test_an_idle_host_syncs_once_a_second_and_at_once_when_busy_again(clean_redis: RedisServer) -> None:
+    now = [0.0]
+    a = AffinityBoard(clean_redis.url, host="host-a", idle_sync_s=1.0, clock=lambda: now[0])
+    load: dict[str, int] = {}
+    a.local_load = lambda: load
+    try:
+        a.sync()  # idle: publishes its zeros once
+        assert a.stats["load_syncs"] == 1
+        now[0] = 0.5
+        a.sync()  # still idle, within idle_sync_s: no round trip
+        assert a.stats["load_syncs"] == 1
+        now[0] = 1.1
+        a.sync()
+        assert a.stats["load_syncs"] == 2
+        load["x:1"] = 1  # a request in flight: every tick syncs
+        now[0] = 1.2
+        a.sync()
+        a.sync()
+        assert a.stats["load_syncs"] == 4
+        load["x:1"] = 0  # idle again: one sync says so, then quiet
+        a.sync()
+        a.sync()
+        assert a.stats["load_syncs"] == 5
+        a.record("m", "h", "x:1")  # an assignment to publish: synced, idle or not
+        a.sync()
+        assert a.stats["load_syncs"] == 6 and not a.pending
+    finally:
+        a.close()
+
+
 def test_with_redis_down_a_host_weighs_its_own_load_alone(clean_redis: RedisServer) -> None:
     a = AffinityBoard(clean_redis.url, host="host-a", backoff_s=0.2)
     b = AffinityBoard(clean_redis.url, host="host-b", backoff_s=0.2)
     seen: list[dict[str, int]] = []
     a.local_load = lambda: {"x:1": 5}
-    b.local_load = lambda: {}
+    b.local_load = lambda: {"y:1": 1}
     b.on_remote = seen.append
     try:
         a.sync()
