@@ -47,8 +47,9 @@ def _sleep(seconds: float) -> None:
 
 # How stale another gateway's prefix assignments and load may be here (ADR 0009, option c): far
 # under a chat turn (its answer takes seconds), so the gateways' views of the backends' load
-# agree (0.1 s left the routing benchmark's two gateways 1.05-1.09 × one's prefill, 0.05 s
-# 1.04-1.06 ×, docs/routing-benchmark.md); one round trip per worker per tick, off the request path.
+# agree (the routing benchmark's two gateways: 1.05-1.09 × one's prefill at 0.1 s, 1.00-1.08 ×
+# at 0.05 s, docs/routing-benchmark.md). One round trip per worker per tick while the host has
+# requests in flight, one a second while idle (ntonix/cluster/affinity.py), off the request path.
 AFFINITY_SYNC_S = 0.05
 
 
