@@ -20,6 +20,20 @@ one Redis stream, **never on a request's critical path**:
 
 A gateway that starts reads the stream from its start: at most ``max_entries`` batches, the
 recent history of the cluster.
+
+**Load.** The policy's load bound and exchange rate weigh each backend's requests in flight
+(ntonix/core/routing.py). A gateway counts only its own, and behind a layer-4 balancer its own
+are a random part of each backend's load: two gateways then see different imbalances, divert
+different turns, and split conversations (and the system prompt of a group of them) over
+backends that one gateway would have kept together (docs/routing-benchmark.md, "Two gateways
+behind HAProxy"). So ``sync`` also exchanges load, in the same round trip: it stores this host's
+in-flight counts (``local_load``, the host-wide counts every worker of the host shares, under
+the host's id, so its workers overwrite one entry) in one Redis hash stamped with Redis's own
+clock, and gets back the other hosts' counts no older than ``load_max_age_s`` (a gateway that
+stopped drops out by itself). Their sum per backend, less one (``remote_load`` says why), goes
+to ``on_remote``, which the selector adds to its own counts (``Candidate.remote``). A failed
+sync hands over an empty view: alone, each gateway weighs only its own requests again, as
+before Redis.
 """
 
 from __future__ import annotations
@@ -29,17 +43,19 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import orjson
 import redis
 
+from ntonix.cluster.lua import LOAD
 from ntonix.cluster.resp import ERRORS, redis_py
 
 log = logging.getLogger("ntonix.cluster")
 
 STREAM = "ntonix:affinity"
+LOAD_KEY = "ntonix:load"
 # Leading blocks shared per decision: enough for a conversation to be matched on another gateway
 # (256 blocks of routing.prefix_block_chars 256 = 64 KiB of prompt), bounded per entry.
 MAX_SHARED_BLOCKS = 256
@@ -51,11 +67,49 @@ class Assignment(NamedTuple):
     backend: str  # host:port
 
 
+def host_id(directory: str) -> str:
+    """This gateway's id in the shared load (the same for all its workers): a random one kept in
+    ``directory`` (the run directory, one per gateway), made by whichever worker comes first.
+    Written whole, then linked into place, so no worker can read half of it."""
+    path = os.path.join(directory, "cluster-host-id")
+    made = secrets.token_hex(8)
+    tmp = f"{path}.{os.getpid()}.{made}"
+    with open(tmp, "w") as f:
+        f.write(made)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        with open(path) as f:
+            return f.read().strip()
+    finally:
+        os.unlink(tmp)
+    return made
+
+
+def remote_load(entries: Iterable[bytes | str]) -> dict[str, int]:
+    """The other hosts' in-flight counts (JSON objects, as the load script returns them) summed
+    per backend, less one: the counts are up to a sync or two old, and a conversation's previous
+    turn, just answered through another gateway, may still be among them. Counted, it would make
+    the next turn (an agent's tool call comes back within milliseconds) see its own backend
+    busier than it is, and at low load the bound would send it elsewhere; one request per
+    backend is nothing at high load, where the shared counts matter."""
+    remote: dict[str, int] = {}
+    for raw in entries:
+        try:
+            counts = orjson.loads(raw)
+            for address, n in counts.items():
+                remote[str(address)] = remote.get(str(address), 0) + int(n)
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            continue  # another version's entry
+    return {address: n - 1 for address, n in remote.items() if n > 1}
+
+
 class AffinityBoard:
     """Publishes this gateway's assignments and collects the other gateways'."""
 
     def __init__(self, url: str, *, stream: str = STREAM, max_pending: int = 10_000, max_entries: int = 10_000,
                  read_batch: int = 500, ttl_s: float = 3600.0, timeout_s: float = 0.05, backoff_s: float = 1.0,
+                 host: str = "", load_key: str = LOAD_KEY, load_max_age_s: float = 2.0, idle_sync_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.url, self.stream = url, stream
         self.max_entries, self.read_batch = max_entries, read_batch
@@ -64,7 +118,15 @@ class AffinityBoard:
         self.gateway = secrets.token_hex(6)
         self.pending: deque[Assignment] = deque(maxlen=max_pending)
         self.cursor = b"0-0"
-        self.stats: dict[str, int] = dict.fromkeys(("published", "merged", "redis_errors"), 0)
+        self.stats: dict[str, int] = dict.fromkeys(("published", "merged", "redis_errors", "load_syncs"), 0)
+        # Load sharing (see the module docstring); off while ``local_load`` is None.
+        self.host = host or self.gateway  # one id for all workers of a host
+        self.load_key, self.load_max_age_ms = load_key, int(load_max_age_s * 1000)
+        self.local_load: Callable[[], Mapping[str, int]] | None = None
+        self.on_remote: Callable[[dict[str, int]], None] | None = None
+        self.remote: dict[str, int] = {}
+        self.idle_sync_s = idle_sync_s  # how often an idle host still syncs (below load_max_age_s)
+        self._idle_since = -1.0  # when a sync last found this host idle; -1: it was busy
         self._client: redis.Redis | None = None
         self._pid = -1
         self._down_until = 0.0
@@ -82,29 +144,59 @@ class AffinityBoard:
             self.record("", ",".join(map(str, blocks[:MAX_SHARED_BLOCKS])), backend)
 
     def sync(self) -> list[Assignment]:
-        """Publish the batch, return the other gateways' assignments since the last call."""
+        """Publish the batch and this host's load, take the other hosts' load (``on_remote``),
+        return the other gateways' assignments since the last call: one round trip (a catch-up
+        after a long silence reads on)."""
         client = self._ready()
         if client is None:
             return []
         batch = list(self.pending)
+        load = self.local_load() if self.local_load is not None else None
+        if not batch and load is not None and not any(load.values()):
+            # Idle host: its zeros are published and it routes nothing now, so it skips the round
+            # trip for up to idle_sync_s (its first request then sees a view that old; the next
+            # tick, busy again, syncs). Keeps an idle gateway's cost near the assignments-only sync.
+            now = self.clock()
+            if self._idle_since >= 0 and now - self._idle_since < self.idle_sync_s:
+                return []
+            self._idle_since = now
+        else:
+            self._idle_since = -1.0
         try:
+            pipe = client.pipeline(transaction=False)
             if batch:
-                pipe = client.pipeline(transaction=False)
                 pipe.xadd(self.stream, {b"g": self.gateway, b"a": orjson.dumps([tuple(x) for x in batch])},
                           maxlen=self.max_entries, approximate=True)
                 pipe.pexpire(self.stream, self.ttl_ms)
-                pipe.execute()
+            if load is not None:
+                pipe.eval(LOAD, 1, self.load_key, self.host, orjson.dumps(load), self.load_max_age_ms, self.ttl_ms)
+            pipe.xread({self.stream: self.cursor}, count=self.read_batch)
+            replies = pipe.execute()
+            if batch:
                 for _ in batch:
                     # Only now: what was recorded meanwhile stays (if the deque overflowed
                     # meanwhile, a few new ones go instead: bounded, and the next ones come).
                     self.pending.popleft()
                 self.stats["published"] += len(batch)
-            merged = self._read(client)
+            if load is not None:
+                self._take_remote(replies[-2])
+            merged = self._read(client, replies[-1])
         except ERRORS as exc:
             self._failed(exc)
             return []
         self.stats["merged"] += len(merged)
         return merged
+
+    def _take_remote(self, reply: Any) -> None:
+        """The other hosts' counts (JSON objects from the load script) summed per backend."""
+        self._set_remote(remote_load(reply or ()))
+        self.stats["load_syncs"] += 1
+
+    def _set_remote(self, remote: dict[str, int]) -> None:
+        if remote or self.remote:
+            self.remote = remote
+            if self.on_remote is not None:
+                self.on_remote(remote)
 
     @staticmethod
     def merger(record: Callable[[list[int], str], None]) -> Callable[[list[Assignment]], None]:
@@ -133,10 +225,12 @@ class AffinityBoard:
             self._client.close()
         self._client = None
 
-    def _read(self, client: redis.Redis) -> list[Assignment]:
+    def _read(self, client: redis.Redis, reply: Any) -> list[Assignment]:
+        """The assignments in ``reply`` (the pipeline's XREAD), reading on while batches come full."""
         out: list[Assignment] = []
-        for _ in range(max(1, self.max_entries // self.read_batch)):  # bounded catch-up per sync
-            reply: Any = client.xread({self.stream: self.cursor}, count=self.read_batch)
+        for i in range(max(1, self.max_entries // self.read_batch)):  # bounded catch-up per sync
+            if i:
+                reply = client.xread({self.stream: self.cursor}, count=self.read_batch)
             entries = [e for _name, es in reply or () for e in es]
             for entry_id, fields in entries:
                 self.cursor = entry_id
@@ -168,6 +262,7 @@ class AffinityBoard:
             log.warning("cluster.affinity_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
         self.stats["redis_errors"] += 1
         self._down_until = self.clock() + self.backoff_s
+        self._set_remote({})  # alone now: the others' last counts would only go stale
 
     def __repr__(self) -> str:
         return (f"<AffinityBoard {self.gateway} pending={len(self.pending)} cursor={self.cursor.decode()} "

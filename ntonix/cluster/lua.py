@@ -1,5 +1,6 @@
-"""The Lua scripts of ntonix/cluster/flights.py: each runs atomically in Redis, so a join, a
-finish or a detach is one step that no other gateway can interleave with (ADR 0009)."""
+"""The Lua scripts of ntonix/cluster/flights.py and affinity.py: each runs atomically in Redis, so
+a join, a finish, a detach or a load exchange is one step that no other gateway can interleave
+with (ADR 0009)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,30 @@ return 0
 
 SCRIPTS = {"join": JOIN, "finish": FINISH, "detach": DETACH}
 SHAS = {name: sha1(src) for name, src in SCRIPTS.items()}
+
+
+# KEYS: the load hash; ARGV: this host's id, its in-flight counts (JSON), how old (ms, by Redis's
+# clock: the hosts' own clocks may disagree) another host's counts may be, the hash's ttl ms.
+# Stores this host's counts stamped with Redis's time, drops the stale ones of hosts gone
+# quiet, and returns the other hosts' fresh counts (ntonix/cluster/affinity.py, ``sync``).
+LOAD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now .. ' ' .. ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local host, v = all[i], all[i + 1]
+  if host ~= ARGV[1] then
+    local sp = string.find(v, ' ', 1, true)
+    local at = sp and tonumber(string.sub(v, 1, sp - 1))
+    if not at or now - at > tonumber(ARGV[3]) then
+      redis.call('HDEL', KEYS[1], host)
+    else
+      out[#out + 1] = string.sub(v, sp + 1)
+    end
+  end
+end
+return out
+"""

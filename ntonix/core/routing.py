@@ -6,7 +6,10 @@ The caller (the request flow) gathers one ``Candidate`` per backend that serves 
 model: its weight, the requests in flight to it from this host (all workers, from
 ``ntonix.routing.load``), its ``max_in_flight`` (0 = none), how many leading prompt blocks it is
 believed to hold in its KV cache (from ``ntonix.routing.index``) and whether it is routable
-(healthy, breaker not open, not draining). ``Router.choose`` returns a ``Decision``:
+(healthy, breaker not open, not draining), and ``remote``: the requests other gateways last
+said they had in flight to it (``ntonix/cluster/affinity.py``, 0 alone). ``remote`` counts in the
+policies' load (below) but never against ``max_in_flight``, which bounds this gateway's own
+requests. ``Router.choose`` returns a ``Decision``:
 
 - ``CHOSEN`` with an address;
 - ``AT_LIMIT``: routable backends exist but every one is at its ``max_in_flight``; the caller
@@ -75,15 +78,21 @@ class Candidate:
     max_in_flight: int = 0  # 0 = no limit
     matched: int = 0  # leading prompt blocks it is believed to hold
     routable: bool = True
+    remote: int = 0  # in flight from the other gateways, as last shared (not against max_in_flight)
 
     @property
     def at_limit(self) -> bool:
         return 0 < self.max_in_flight <= self.in_flight
 
     @property
+    def total(self) -> int:
+        """In flight from every gateway (this host's exact count plus the others' last shared)."""
+        return self.in_flight + self.remote
+
+    @property
     def load(self) -> float:
-        """Requests in flight per weight once this request is added."""
-        return (self.in_flight + 1) / self.weight
+        """Requests in flight per weight once this request is added, all gateways."""
+        return (self.in_flight + self.remote + 1) / self.weight
 
 
 class Outcome(Enum):
@@ -195,11 +204,11 @@ class Router:
         return tied[self._rotation % len(tied)]
 
     def _prefix(self, eligible: list[Candidate], anchor: int | None = None) -> Candidate:
-        total_in = sum(c.in_flight for c in eligible)
+        total_in = sum(c.total for c in eligible)
         total_weight = sum(c.weight for c in eligible)
         factor = self.prefix.balance_factor
         allowed = [c for c in eligible
-                   if c.in_flight + 1 <= math.ceil(factor * (total_in + 1) * c.weight / total_weight)]
+                   if c.total + 1 <= math.ceil(factor * (total_in + 1) * c.weight / total_weight)]
         if not any(c.matched for c in allowed):  # a cold prompt
             return rendezvous(anchor, allowed) if anchor is not None else self._least_loaded(allowed)
         k = self.prefix.load_blocks

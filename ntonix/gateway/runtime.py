@@ -18,7 +18,7 @@ from typing import Any
 
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.cache.coalescer import Coalescer
-from ntonix.cluster.affinity import AffinityBoard
+from ntonix.cluster.affinity import AffinityBoard, host_id
 from ntonix.cluster.flights import Flights, redacted
 from ntonix.config import Config
 from ntonix.config.handover import run_dir
@@ -45,7 +45,12 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-AFFINITY_SYNC_S = 1.0  # how stale another gateway's prefix assignments may be here (ADR 0009, option c)
+# How stale another gateway's prefix assignments and load may be here (ADR 0009, option c): far
+# under a chat turn (its answer takes seconds), so the gateways' views of the backends' load
+# agree (the routing benchmark's two gateways: 1.05-1.09 × one's prefill at 0.1 s, 1.00-1.08 ×
+# at 0.05 s, docs/routing-benchmark.md). One round trip per worker per tick while the host has
+# requests in flight, one a second while idle (ntonix/cluster/affinity.py), off the request path.
+AFFINITY_SYNC_S = 0.05
 
 
 class Runtime:
@@ -98,15 +103,25 @@ class Runtime:
             return
         if self.affinity is not None:
             self.affinity.close()
-        self.affinity = AffinityBoard(cfg.cache.redis_url)
-        state.selector.share = self.affinity.share
+        board = self.affinity = AffinityBoard(cfg.cache.redis_url, host=host_id(run_dir()))
+        selector = state.selector
+        selector.share = board.share
         self._merge = state.merge
+        # The host's in-flight counts out, the other gateways' in: the policy then weighs the
+        # backends' whole load, as one gateway would (ntonix/cluster/affinity.py, "Load").
+        board.local_load = lambda: {address: n for address, (n, _queued) in selector.load.snapshot().items()}
+
+        def take_remote(remote: dict[str, int]) -> None:
+            selector.remote = remote
+
+        board.on_remote = take_remote
 
     def start(self, spawn: Callable[[Callable[[], None]], object],
               sleep: Callable[[float], object] = time.sleep) -> None:
         """Background work of a serving worker (``spawn`` starts a greenlet; ``sleep`` is
         gevent's in a worker, where time.sleep is patched to it): the cluster's keeper, which
-        renews this process's leases and batches its finishes; the affinity sync, every second."""
+        renews this process's leases and batches its finishes; the affinity and load sync, every
+        ``AFFINITY_SYNC_S``."""
         flights = self.flights
         if flights is not None:
             flights.spawn = spawn

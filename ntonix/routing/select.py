@@ -4,7 +4,9 @@
 backends and prompt blocks:
 
 1. read each backend's host-wide in-flight count (a backend with waiters counts as full for a
-   newcomer, so nobody jumps the queue) and, for ``prefix``, how much of the prompt it holds;
+   newcomer, so nobody jumps the queue), the other gateways' last shared count (``remote``,
+   a dictionary the background sync replaces; see ntonix/cluster/affinity.py) and, for
+   ``prefix``, how much of the prompt it holds;
 2. let the pure policy (``ntonix.core.routing``) choose;
 3. take the place (``HostLoad.begin``: exact under ``max_in_flight``); another worker may have
    taken the last place in between, so a lost race chooses again, a couple of times;
@@ -24,7 +26,7 @@ The ``Lease`` gives the place back exactly once (``release``), whatever path the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Container, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,6 +94,9 @@ class Selector:
         self.retry_after_s = retry_after_s
         # (new blocks, backend) of each prefix decision, for the other gateways; must not block.
         self.share: Callable[[Sequence[int], str], None] | None = None
+        # Requests the other gateways had in flight per backend, as last shared (replaced whole by
+        # the background sync, ntonix/cluster/affinity.py; empty alone or while Redis is down).
+        self.remote: Mapping[str, int] = {}
 
     def acquire(self, targets: Sequence[Routable], blocks: Sequence[int] = (),
                 exclude: Container[str] = ()) -> Lease:
@@ -134,7 +139,8 @@ class Selector:
     def _candidate(self, t: Routable, matched: dict[str, int], newcomer: bool) -> Candidate:
         in_flight = (self.load.load_for_newcomer(t.address, t.max_in_flight) if newcomer
                      else self.load.in_flight(t.address))
-        return Candidate(t.address, t.weight, in_flight, t.max_in_flight, matched.get(t.address, 0), t.routable)
+        return Candidate(t.address, t.weight, in_flight, t.max_in_flight, matched.get(t.address, 0), t.routable,
+                         self.remote.get(t.address, 0))
 
     def _wait(self, targets: Sequence[Routable], blocks: Sequence[int], matched: dict[str, int],
               use_prefix: bool) -> Lease:

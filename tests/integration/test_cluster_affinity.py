@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -85,6 +86,82 @@ def test_an_unreachable_redis_is_no_error() -> None:
     assert a.stats["redis_errors"] == 1 and "backing-off" in repr(a)
 
 
+def test_each_host_gets_the_other_hosts_load_and_a_silent_host_drops_out(clean_redis: RedisServer) -> None:
+    a = AffinityBoard(clean_redis.url, host="host-a")
+    a2 = AffinityBoard(clean_redis.url, host="host-a")  # another worker of host a
+    b = AffinityBoard(clean_redis.url, host="host-b", load_max_age_s=0.3)
+    seen: list[dict[str, int]] = []
+    a.local_load = a2.local_load = lambda: {"x:1": 4, "y:1": 1}
+    b.local_load = lambda: {"x:1": 1, "y:1": 3}
+    b.on_remote = seen.append
+    try:
+        a.sync()
+        b.sync()
+        assert b.remote == {"x:1": 3} and seen == [{"x:1": 3}]  # less one each: y's 1 is 0
+        assert a.sync() == [] and a.remote == {"y:1": 2}
+        assert a2.sync() == [] and a2.remote == {"y:1": 2}  # its own host is not "the others"
+        assert b.stats["load_syncs"] == 1 and a.stats["load_syncs"] == 2
+        # Host a stops syncing (its gateway stopped): after load_max_age_s, b counts it no more.
+        wait_until(lambda: b.sync() == [] and b.remote == {}, timeout=5, interval=0.05, what="host a aged out")
+        assert seen[-1] == {}
+    finally:
+        for board in (a, a2, b):
+            board.close()
+
+
+def test_an_idle_host_syncs_once_a_second_and_at_once_when_busy_again(clean_redis: RedisServer) -> None:
+    now = [0.0]
+    a = AffinityBoard(clean_redis.url, host="host-a", idle_sync_s=1.0, clock=lambda: now[0])
+    load: dict[str, int] = {}
+    a.local_load = lambda: load
+    try:
+        a.sync()  # idle: publishes its zeros once
+        assert a.stats["load_syncs"] == 1
+        now[0] = 0.5
+        a.sync()  # still idle, within idle_sync_s: no round trip
+        assert a.stats["load_syncs"] == 1
+        now[0] = 1.1
+        a.sync()
+        assert a.stats["load_syncs"] == 2
+        load["x:1"] = 1  # a request in flight: every tick syncs
+        now[0] = 1.2
+        a.sync()
+        a.sync()
+        assert a.stats["load_syncs"] == 4
+        load["x:1"] = 0  # idle again: one sync says so, then quiet
+        a.sync()
+        a.sync()
+        assert a.stats["load_syncs"] == 5
+        a.record("m", "h", "x:1")  # an assignment to publish: synced, idle or not
+        a.sync()
+        assert a.stats["load_syncs"] == 6 and not a.pending
+    finally:
+        a.close()
+
+
+def test_with_redis_down_a_host_weighs_its_own_load_alone(clean_redis: RedisServer) -> None:
+    a = AffinityBoard(clean_redis.url, host="host-a", backoff_s=0.2)
+    b = AffinityBoard(clean_redis.url, host="host-b", backoff_s=0.2)
+    seen: list[dict[str, int]] = []
+    a.local_load = lambda: {"x:1": 5}
+    b.local_load = lambda: {"y:1": 1}
+    b.on_remote = seen.append
+    try:
+        a.sync()
+        b.sync()
+        assert b.remote == {"x:1": 4}
+        clean_redis.stop()
+        assert b.sync() == []
+        assert b.remote == {} and seen[-1] == {}  # no stale count from a gateway it cannot hear
+        clean_redis.start()
+        a.local_load = lambda: {"x:1": 2}
+        wait_until(lambda: a.sync() == [] and a.stats["load_syncs"] >= 2, timeout=5, what="a shares again")
+        wait_until(lambda: b.sync() == [] and b.remote == {"x:1": 1}, timeout=5, what="b hears a again")
+    finally:
+        a.close()
+        b.close()
+
+
 def test_the_background_loop_merges_into_the_local_index(clean_redis: RedisServer) -> None:
     a, b = AffinityBoard(clean_redis.url), AffinityBoard(clean_redis.url)
     index: dict[tuple[str, str], str] = {}
@@ -106,6 +183,24 @@ def test_the_background_loop_merges_into_the_local_index(clean_redis: RedisServe
         b.close()
 
 
+def two_hosts(tmp_path: Path, redis_url: str) -> list[tuple[Runtime, RoutingState]]:
+    """Two gateways in this process (a Runtime and routing state each, with a run directory of
+    their own; threads for greenlets) in front of backends 127.0.0.1:1 and :2, on one Redis."""
+    hosts = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        cfg = Config(backends=(BackendConfig("127.0.0.1", 1), BackendConfig("127.0.0.1", 2)),
+                     cache=CacheConfig(dir=str(tmp_path / name / "cache"), redis_url=redis_url),
+                     routing=RoutingConfig(policy="prefix", prefix_index_entries=4096))
+        rt = Runtime(cfg, Telemetry(cfg, metrics_dir=""), ScriptedTransport())
+        state = RoutingState(cfg, str(tmp_path / name))
+        with mock.patch("ntonix.gateway.runtime.run_dir", return_value=str(tmp_path / name)):
+            rt.share_routing(state)
+        rt.start(lambda fn: threading.Thread(target=fn, daemon=True).start())
+        hosts.append((rt, state))
+    return hosts
+
+
 def test_a_conversation_diverted_by_load_on_one_host_is_followed_on_the_other(tmp_path: Path,
                                                                               clean_redis: RedisServer) -> None:
     """Two hosts (a Runtime and routing state each, threads for greenlets) on one Redis: host a's
@@ -113,17 +208,7 @@ def test_a_conversation_diverted_by_load_on_one_host_is_followed_on_the_other(tm
     is empty, would send the next turn to the hash's backend, until the background sync tells it
     where the conversation went (Runtime.share_routing, ADR 0009 option c)."""
     x, y = "127.0.0.1:1", "127.0.0.1:2"
-    hosts = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        cfg = Config(backends=(BackendConfig("127.0.0.1", 1), BackendConfig("127.0.0.1", 2)),
-                     cache=CacheConfig(dir=str(tmp_path / name / "cache"), redis_url=clean_redis.url),
-                     routing=RoutingConfig(policy="prefix", prefix_index_entries=4096))
-        rt = Runtime(cfg, Telemetry(cfg, metrics_dir=""), ScriptedTransport())
-        state = RoutingState(cfg, str(tmp_path / name))
-        rt.share_routing(state)
-        rt.start(lambda fn: threading.Thread(target=fn, daemon=True).start())
-        hosts.append((rt, state))
+    hosts = two_hosts(tmp_path, clean_redis.url)
     (rt_a, a), (rt_b, b) = hosts
     try:
         targets = list(a.targets.values())
@@ -147,6 +232,42 @@ def test_a_conversation_diverted_by_load_on_one_host_is_followed_on_the_other(tm
         assert rt_a.affinity is not None and rt_a.affinity.stats["published"] >= 1
         assert rt_b.affinity is not None and rt_b.affinity.stats["merged"] >= 1
         assert rt_b.telemetry.snapshot([])["cluster"]["affinity"]["merged"] >= 1  # /metrics
+    finally:
+        for rt, state in hosts:
+            rt.close()
+            state.close()
+
+
+def test_one_hosts_load_bound_counts_the_other_hosts_requests(tmp_path: Path, clean_redis: RedisServer) -> None:
+    """Host a has 4 requests in flight to x, host b none: a new conversation whose hash names x
+    goes to y through either host, as one gateway carrying all 4 would send it; b, weighing only
+    its own load, would have sent it to x (ntonix/cluster/affinity.py, "Load")."""
+    x, y = "127.0.0.1:1", "127.0.0.1:2"
+    hosts = two_hosts(tmp_path, clean_redis.url)
+    (rt_a, a), (rt_b, b) = hosts
+    try:
+        idle = [Candidate(x), Candidate(y)]
+        conversation = next([n, n + 1] for n in range(1000) if Router("prefix").choose(idle, n).address == x)
+        assert b.selector.acquire(list(b.targets.values()), [conversation[0], 99]).address == x
+        b.selector.load.end(x)
+        busy = [a.selector.load.begin(x, 0) for _ in range(4)]
+        assert all(busy)
+        # b hears it within a sync or two: 4 less one (ntonix/cluster/affinity.py remote_load).
+        wait_until(lambda: b.selector.remote == {x: 3}, timeout=5, interval=0.02, what="host b hearing host a's load")
+        assert a.selector.remote == {}  # b has nothing in flight
+        turn = b.selector.acquire(list(b.targets.values()), conversation)
+        assert turn.address == y, "host b's bound did not count host a's requests"
+        turn.release()
+        assert rt_b.affinity is not None and rt_b.affinity.stats["load_syncs"] >= 1
+        assert rt_b.telemetry.snapshot([])["cluster"]["affinity"]["load_syncs"] >= 1  # /metrics
+        # Host a's requests end: b's view empties with its next syncs, and x is x again.
+        for _ in range(4):
+            a.selector.load.end(x)
+        wait_until(lambda: b.selector.remote == {}, timeout=5, interval=0.02, what="host b hearing a is idle")
+        fresh = next(n for n in range(1000, 2000) if Router("prefix").choose(idle, n).address == x)
+        again = b.selector.acquire(list(b.targets.values()), [fresh])
+        assert again.address == x
+        again.release()
     finally:
         for rt, state in hosts:
             rt.close()

@@ -2,22 +2,21 @@
 reach two gateways alternately lands on one backend (INTERFACE.md "Several gateways", ADR 0009):
 a new conversation's backend is the rendezvous hash of its first block, the same on every gateway
 (ntonix/core/routing.py), and each gateway's index learns the others' assignments in the
-background (ntonix/cluster/affinity.py, Runtime.share_routing).
-
-The policy is wired into the request flow by the routing issue (#16, branch ``wire``); until that
-is merged the gateways route round-robin, and this test is an expected failure that turns into an
-error (strict) the day it passes: then drop the mark.
+background (ntonix/cluster/affinity.py, Runtime.share_routing). The gateways also share their
+requests in flight, so that the load bound holds for the cluster as it would for one gateway.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import uuid
 
 import pytest
 
 from tests.integration.test_cache import post
-from tests.live.servers import GatewayFactory, MockBackendFactory, RedisServer
+from tests.live.procs import wait_until
+from tests.live.servers import Gateway, GatewayFactory, MockBackendFactory, RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
@@ -45,3 +44,72 @@ def test_a_conversations_turns_on_two_gateways_land_on_one_backend(
         assert len(set(served_by)) == 1, f"conversation {conversation}: turns went to {served_by}"
         landed.append(served_by[0])
     print(f"conversations landed on {landed}")
+
+
+class Stream:
+    """A streamed request held open: the backend that serves it is in its first event's id."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        body = {"model": "mock-model", "stream": True, "max_tokens": 400,
+                "messages": [{"role": "user", "content": f"{uuid.uuid4()} " + "context " * 80}]}
+        self.conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        assert resp.status == 200, resp.read()[:300]
+        while not (line := resp.readline()).startswith(b"data: "):
+            assert line, "the stream ended before its first event"
+        self.backend = json.loads(line[6:])["id"].split("-")[1]  # chatcmpl-<mock name>-<n>
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def in_flight(gw: Gateway, address: str) -> int:
+    return int(next(b["in_flight"] for b in gw.metrics()["backends"] if b["address"] == address))
+
+
+def load_syncs(gw: Gateway) -> int:
+    return int(gw.metrics()["cluster"]["affinity"].get("load_syncs", 0))
+
+
+def test_two_gateways_keep_the_load_bound_of_one(
+        mock_backend: MockBackendFactory, gateway: GatewayFactory, clean_redis: RedisServer) -> None:
+    """New conversations, each routed to the backend its hash names unless the load bound says
+    no (ntonix/core/routing.py). With x carrying 3 of 3 requests in flight, one gateway sends no
+    more there (ceil(1.5 × 4 / 2) = 3). Gateway a holds 3 streams on x; gateway b, counting
+    only its own requests, would add 3 more; counting a's too (ntonix/cluster/affinity.py,
+    "Load": a's 3 less one), it adds at most one, and every other new conversation goes to y."""
+    x, y = (mock_backend(f"q{i}", token_delay=0.1) for i in range(2))
+    env = {"NTONIX_ROUTING_POLICY": "prefix"}
+    config = {"cache": {"redis_url": clean_redis.url, "enabled": False}}
+    a = gateway([x, y], config=config, env=env)
+    b = gateway([x, y], config=config, env=env)
+    held: list[Stream] = []
+
+    def pile_on_x(gw: Gateway, attempts: int, most: int) -> int:
+        """New conversations through ``gw`` until it holds ``most`` streams on x: those on y are
+        closed (and their place given back) before the next one. How many it holds on x."""
+        on_x = 0
+        for _ in range(attempts):
+            s = Stream(gw)
+            if s.backend == x.name:
+                held.append(s)
+                on_x += 1
+                if on_x == most:
+                    break
+            else:
+                s.close()
+                wait_until(lambda: in_flight(gw, y.address) == 0, timeout=10, interval=0.02,
+                           what=f"{gw.port} giving back its place on y")
+        return on_x
+
+    try:
+        assert pile_on_x(a, attempts=40, most=3) == 3
+        since = load_syncs(b)
+        wait_until(lambda: load_syncs(b) >= since + 3, timeout=10, interval=0.05, what="b hearing a's load")
+        added = pile_on_x(b, attempts=14, most=3)
+        assert added <= 1, f"gateway b sent {added} more new conversations to x, which a loads with 3"
+        assert in_flight(a, x.address) == 3
+    finally:
+        for s in held:
+            s.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -163,3 +164,45 @@ def test_rendezvous_never_divides_by_zero_at_the_ends_of_the_hash_range() -> Non
 
     cands = [Candidate(str(i)) for i in range(50)]
     assert {rendezvous(n, cands).address for n in range(-3, 3000)} == {c.address for c in cands}
+
+
+def test_prefix_weighs_the_other_gateways_load_but_max_in_flight_counts_only_its_own() -> None:
+    r = Router("prefix")
+    # This gateway sends nothing to a, the others 4: a, holding the prompt, is over the bound
+    # ceil(1.5 * (4 + 1) / 2) = 4 once they are counted, and the turn goes to b.
+    assert r.choose([Candidate("a", matched=10), Candidate("b")]).address == "a"
+    assert r.choose([Candidate("a", matched=10, remote=4), Candidate("b")]).address == "b"
+    # ... and in the exchange rate: 3 more in flight elsewhere cost 6 blocks of match (load_blocks 2).
+    close = [Candidate("a", matched=10), Candidate("b", matched=7)]
+    assert r.choose(close).address == "a"
+    assert r.choose([Candidate("a", matched=10, remote=2), Candidate("b", matched=7)]).address == "b"
+    # max_in_flight bounds this gateway's own requests: the others' do not fill it.
+    assert not Candidate("a", in_flight=1, max_in_flight=2, remote=9).at_limit
+    assert Candidate("a", in_flight=2, max_in_flight=2).at_limit
+    assert Candidate("a", in_flight=2, remote=3).total == 5
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_gateways_sharing_their_counts_decide_as_one_gateway_would(seed: int) -> None:
+    # Each backend's requests split at random between two gateways: each gateway's own counts
+    # plus the other's (as ``remote``) give the same choice as one gateway counting them all,
+    # whatever the split; their own counts alone often do not.
+    rng = random.Random(seed)
+    names = [f"10.0.0.{i}:8000" for i in range(4)]
+    differ = 0
+    for _ in range(50):
+        here = [rng.randint(0, 8) for _ in names]
+        there = [rng.randint(0, 8) for _ in names]
+        matched = [rng.choice((0, 0, 16, 17, 19)) for _ in names]
+        anchor = rng.getrandbits(64)
+
+        def choice(own: list[int], other: list[int] | None, matched: list[int] = matched,
+                   anchor: int = anchor) -> str | None:
+            cands = [Candidate(n, in_flight=i, matched=m, remote=o)
+                     for n, i, m, o in zip(names, own, matched, other or [0] * len(names), strict=True)]
+            return Router("prefix").choose(cands, anchor).address
+
+        one = choice([a + b for a, b in zip(here, there, strict=True)], None)
+        assert choice(here, there) == one == choice(there, here)
+        differ += choice(here, None) != one or choice(there, None) != one
+    assert differ > 5  # the property is not vacuous: alone, the gateways disagree
