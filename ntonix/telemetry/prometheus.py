@@ -284,7 +284,8 @@ class Metrics:
             "leader_failed, redis_errors, batched_finishes", ["outcome"], registry=reg)
         self.cluster_affinity = Counter(
             "ntonix_cluster_affinity", "The shared view of prefix affinity (routing.policy prefix): assignments "
-            "published to and merged from the other gateways, and Redis errors", ["event"], registry=reg)
+            "published to and merged from the other gateways, in-flight counts exchanged with them (load_syncs), "
+            "and Redis errors", ["event"], registry=reg)
         self.cluster_available = Gauge(
             "ntonix_cluster_redis_available", "1 while every live worker reaches the cluster's Redis, 0 while one "
             "backs off after a failure (absent without cache.redis_url)", ["redis"], registry=reg,
