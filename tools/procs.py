@@ -196,6 +196,16 @@ def rss_bytes(pids: Iterable[int]) -> int:
     return total
 
 
+def status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
+    """The ``keys`` (e.g. ``RssAnon``) of ``/proc/<pid>/status`` in KiB; {} when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            text = fh.read()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in text.splitlines()) if k in keys}
+
+
 def parse_status_rss(text: str) -> tuple[int, int] | None:
     """(VmRSS, RssAnon) in KiB from a ``/proc/<pid>/status`` text; RssAnon falls back to VmRSS."""
     found: dict[str, int] = {}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Protocol
 
-from tools.procs import CLK, busy_jiffies, cpu_seconds, own_cpu_seconds, rss_bytes, tree
+from tools.procs import CLK, busy_jiffies, cpu_seconds, own_cpu_seconds, rss_bytes, status_kib, tree
 
 
 class Pinned(Protocol):
@@ -78,6 +79,7 @@ class RssSampler(threading.Thread):
         self.pid, self.every = pid, every
         self.pids = tree(pid)
         self.peak = 0
+        self.peak_at = 0.0  # time.monotonic() of the peak sample
         self.samples: list[int] = []
         self._stop_evt = threading.Event()
 
@@ -89,7 +91,8 @@ class RssSampler(threading.Thread):
             n += 1
             rss = rss_bytes(self.pids)
             self.samples.append(rss)
-            self.peak = max(self.peak, rss)
+            if rss > self.peak:
+                self.peak, self.peak_at = rss, time.monotonic()
             self._stop_evt.wait(self.every)
 
     def stop(self) -> int:
@@ -97,3 +100,30 @@ class RssSampler(threading.Thread):
         self.join()
         return self.peak
 
+
+
+def rss_parts(pids: Sequence[int]) -> dict[str, int]:
+    """RssAnon, RssFile and RssShmem of ``pids`` summed, in bytes (/proc/<pid>/status)."""
+    total = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+    for pid in pids:
+        for key, kib in status_kib(pid, tuple(total)).items():
+            total[key] += kib * 1024
+    return total
+
+
+def stream_memory(before: int, peak: int, peak_at: float, after: int, done_at: Sequence[float]) -> tuple[int, int]:
+    """Split the RSS the streams run added at its peak (``peak - before``) into (what the
+    answers stored so far kept, what the open streams held), in bytes.
+
+    The as-shipped gateway keeps every answer it relays in its cache tiers (an L1 entry in
+    each worker's heap, LMDB pages mapped from the store file): that memory stays once the
+    streams closed (``after - before``) and grows with each stream that ended. Taken as
+    proportional to the streams ended by the time of the peak (``done_at``, sorted
+    ``time.monotonic()`` values, against ``peak_at``); what is left of ``peak - before`` is
+    the memory the open streams themselves held. A target that keeps nothing (nginx, the
+    stripped gateway after a warm-up run) has ``after`` ≈ ``before`` and keeps its whole delta.
+    """
+    kept = max(0, after - before)
+    ended = bisect_right(sorted(done_at), peak_at) / len(done_at) if done_at else 0.0
+    stored = min(round(kept * ended), max(0, peak - before))
+    return stored, peak - before - stored
