@@ -186,14 +186,22 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 
 
 def rss_bytes(pids: Iterable[int]) -> int:
-    total = 0
+    return rss_and_shared(pids)[0]
+
+
+def rss_and_shared(pids: Iterable[int]) -> tuple[int, int]:
+    """Resident bytes of ``pids`` summed, and of those the file-backed and shared-memory pages
+    (``/proc/<pid>/statm`` fields 2 and 3: RssFile + RssShmem; the rest is anonymous memory)."""
+    rss = shared = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/statm", "rb") as fh:
-                total += int(fh.read().split()[1]) * PAGE
+                fields = fh.read().split()
+            rss += int(fields[1]) * PAGE
+            shared += int(fields[2]) * PAGE
         except (OSError, ValueError, IndexError):
             pass
-    return total
+    return rss, shared
 
 
 def status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:

@@ -55,9 +55,9 @@ def test_latency_sse_and_hit_checks() -> None:
                run("7", "c=1", "shipped", p50_ms=0.50, p99_ms=1.00, cpu_us=700.0),
                run("4", "C=1000", "direct", streams=10, ok=10, ttft_p99_ms=2.0),
                run("4", "C=1000", "shipped", streams=10, ok=9, ttft_p99_ms=5.0, added_mb=40.0,
-                   stored_mb=10.0, streams_mb=30.0),
+                   file_mb=10.0, streams_mb=30.0),
                run("4", "C=1000", "nginx", streams=10, ok=10, ttft_p99_ms=3.0, added_mb=7.5,
-                   stored_mb=0.0, streams_mb=7.5),
+                   file_mb=0.0, streams_mb=7.5),
                run("2", "c=500", "shipped", cpu_us=250.0, hit_checked="HIT"),
                run("2", "c=500", "floor", cpu_us=200.0)]
     c = checks(results)
@@ -129,15 +129,10 @@ def test_baseline_must_be_a_checkout(tmp_path: Path) -> None:
     assert parse_args(["--baseline", str(tmp_path), "--quick"]).baseline == str(tmp_path)
 
 
-def test_stream_memory_leaves_out_what_the_stored_answers_kept() -> None:
+def test_file_share_counts_only_the_growth_of_file_pages_as_the_stores() -> None:
     mib = 2**20
-    # 40 MiB added at the peak; 20 MiB still there after the streams closed (the cache); half of
-    # the streams had ended by the peak: 10 MiB of the peak was stored answers, 30 the open streams.
-    done_at = [float(t) for t in range(10)]
-    assert meter.stream_memory(100 * mib, 140 * mib, 4.5, 120 * mib, done_at) == (10 * mib, 30 * mib)
-    # A target that keeps nothing keeps its whole delta; one that gave back more than it took too.
-    assert meter.stream_memory(100 * mib, 108 * mib, 9.5, 100 * mib, done_at) == (0, 8 * mib)
-    assert meter.stream_memory(100 * mib, 108 * mib, 9.5, 90 * mib, done_at) == (0, 8 * mib)
-    # The stored share never exceeds what was added; no streams ended: nothing stored yet.
-    assert meter.stream_memory(100 * mib, 105 * mib, 9.5, 150 * mib, done_at) == (5 * mib, 0)
-    assert meter.stream_memory(100 * mib, 105 * mib, 9.5, 150 * mib, []) == (0, 5 * mib)
+    # 40 MiB added at the peak, 12 of them file-backed (the LMDB store's pages): 28 the rest.
+    assert meter.file_share((100 * mib, 30 * mib), (140 * mib, 42 * mib)) == (12 * mib, 28 * mib)
+    # Fewer file pages than before (reclaimed) count as none; never more than was added.
+    assert meter.file_share((100 * mib, 30 * mib), (108 * mib, 20 * mib)) == (0, 8 * mib)
+    assert meter.file_share((100 * mib, 30 * mib), (104 * mib, 40 * mib)) == (4 * mib, 0)

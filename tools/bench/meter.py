@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Protocol
 
-from tools.procs import CLK, busy_jiffies, cpu_seconds, own_cpu_seconds, rss_bytes, status_kib, tree
+from tools.procs import CLK, busy_jiffies, cpu_seconds, own_cpu_seconds, rss_and_shared, status_kib, tree
 
 
 class Pinned(Protocol):
@@ -79,7 +78,7 @@ class RssSampler(threading.Thread):
         self.pid, self.every = pid, every
         self.pids = tree(pid)
         self.peak = 0
-        self.peak_at = 0.0  # time.monotonic() of the peak sample
+        self.peak_shared = 0  # of ``peak``, file-backed and shared-memory pages
         self.samples: list[int] = []
         self._stop_evt = threading.Event()
 
@@ -89,10 +88,10 @@ class RssSampler(threading.Thread):
             if n % 20 == 0:
                 self.pids = tree(self.pid)
             n += 1
-            rss = rss_bytes(self.pids)
+            rss, shared = rss_and_shared(self.pids)
             self.samples.append(rss)
             if rss > self.peak:
-                self.peak, self.peak_at = rss, time.monotonic()
+                self.peak, self.peak_shared = rss, shared
             self._stop_evt.wait(self.every)
 
     def stop(self) -> int:
@@ -111,19 +110,16 @@ def rss_parts(pids: Sequence[int]) -> dict[str, int]:
     return total
 
 
-def stream_memory(before: int, peak: int, peak_at: float, after: int, done_at: Sequence[float]) -> tuple[int, int]:
-    """Split the RSS the streams run added at its peak (``peak - before``) into (what the
-    answers stored so far kept, what the open streams held), in bytes.
+def file_share(base: tuple[int, int], peak: tuple[int, int]) -> tuple[int, int]:
+    """Split an RSS growth ``peak - base`` (each ``(rss, file and shared pages)``) into (the
+    growth of file-backed pages, the rest), in bytes.
 
-    The as-shipped gateway keeps every answer it relays in its cache tiers (an L1 entry in
-    each worker's heap, LMDB pages mapped from the store file): that memory stays once the
-    streams closed (``after - before``) and grows with each stream that ended. Taken as
-    proportional to the streams ended by the time of the peak (``done_at``, sorted
-    ``time.monotonic()`` values, against ``peak_at``); what is left of ``peak - before`` is
-    the memory the open streams themselves held. A target that keeps nothing (nginx, the
-    stripped gateway after a warm-up run) has ``after`` ≈ ``before`` and keeps its whole delta.
+    The as-shipped gateway's only growing file mapping is its LMDB store: answers stored during
+    the run become page-cache pages of the store file, mapped by the workers that read them
+    (clean pages the kernel can reclaim; their bound is the cache's). The rest — anonymous
+    memory, the L1 entries of the answers stored included — is what the SSE scenario compares
+    with nginx's as the memory the open streams add.
     """
-    kept = max(0, after - before)
-    ended = bisect_right(sorted(done_at), peak_at) / len(done_at) if done_at else 0.0
-    stored = min(round(kept * ended), max(0, peak - before))
-    return stored, peak - before - stored
+    added = peak[0] - base[0]
+    file_pages = min(max(0, peak[1] - base[1]), max(0, added))
+    return file_pages, added - file_pages

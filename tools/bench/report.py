@@ -176,7 +176,7 @@ class Table:
         self._hdr("4. SSE streams, 20 events 50 ms apart (TTFT from request sent to first event)",
                   f"  {'':<7} {'target':<9} {'streams':>8} {'intact':>8} {'TTFT p50 ms':>18} "
                   f"{'TTFT p99 ms':>20} {'added p99 ms':>16} {'RSS MB':>16} {'RSS added MB':>16} "
-                  f"{'stored MB':>16} {'streams add MB':>16} {'CPU µs/stream':>14} {'other% P/L':>11}")
+                  f"{'store file MB':>16} {'streams add MB':>16} {'CPU µs/stream':>14} {'other% P/L':>11}")
         for param in self.params(sc):
             for t in self.targets(sc, param):
                 streams = sum(self.get(sc, param, t, "streams"))
@@ -187,14 +187,14 @@ class Table:
                          f"{span(self.get(sc, param, t, 'ttft_p99_ms'), 1):>20} {span(add99, 1):>16} "
                          f"{span(self.get(sc, param, t, 'rss_mb'), 1):>16} "
                          f"{span(self.get(sc, param, t, 'added_mb'), 1):>16} "
-                         f"{span(self.get(sc, param, t, 'stored_mb'), 1):>16} "
+                         f"{span(self.get(sc, param, t, 'file_mb'), 1):>16} "
                          f"{span(self.get(sc, param, t, 'streams_mb'), 1):>16} "
                          f"{fmt(med(self.get(sc, param, t, 'cpu_us_per_stream'))):>14} "
                          f"{self.other(sc, param, t):>11}")
             # Of the medians, not per round: nginx's few MB are near the sampling noise, and a
             # round where they round to 0 would make a per-round ratio meaningless.
-            # "streams add": RSS added less what the answers stored meanwhile kept (the cache's;
-            # tools/bench/meter.py ``stream_memory``).
+            # "streams add": the RSS added less the store file's pages (tools/bench/meter.py
+            # ``file_share``; anonymous memory, the L1's entries included, all counts).
             n_added = med(self.get(sc, param, "nginx", "streams_mb"))
             added = [ratio(med(self.get(sc, param, "shipped", "streams_mb")), n_added)] if n_added > 0 else []
             add_n = self.paired(sc, param, "shipped", "nginx", "ttft_p99_ms", op=diff)

@@ -36,16 +36,16 @@ from typing import Any
 
 from tools import ROOT
 from tools.bench import chart, nginx, wrk
-from tools.bench.meter import Meter, RssSampler, rss_parts, stream_memory
+from tools.bench.meter import Meter, RssSampler, file_share, rss_parts
 from tools.bench.profile import summarize_profile
 from tools.bench.report import Result, Table
-from tools.procs import Child, clean_env, free_port, port_open, rss_bytes, tree, wait_until
+from tools.procs import Child, clean_env, free_port, port_open, rss_and_shared, rss_bytes, tree, wait_until
 
 PY = sys.executable
 CHAT = "/v1/chat/completions"
 SHIPPED, STRIPPED, BASELINE = "shipped", "stripped", "baseline"
 BRIEF = ("rps", "p50_ms", "p99_ms", "errors", "cpu_us", "ttft_p50_ms", "ttft_p99_ms", "streams", "ok", "errors_detail",
-         "rss_mb", "added_mb", "stored_mb", "streams_mb", "kept_mb", "growth_mb", "first_error", "other_proxy_pct",
+         "rss_mb", "added_mb", "file_mb", "streams_mb", "kept_mb", "growth_mb", "first_error", "other_proxy_pct",
          "other_load_pct")
 SCENARIOS = {"1": "cache miss", "2": "cache hit", "3": "slow backend", "4": "SSE", "5": "big stream", "6": "HTTPS",
              "7": "c=1 latency"}
@@ -228,47 +228,37 @@ class Bench:
         return m
 
     def sse(self, ports: list[int], streams: int, target: Proc | None) -> dict[str, Any]:
-        def client(seconds: float) -> list[str]:
-            self.runs += 1
-            argv = ["taskset", "-c", str(self.a.load_cpu), PY, "-m", "tools.bench.sse_client",
-                    "--streams", str(streams), "--seconds", str(seconds), "--ramp", "1",
-                    "--nonce", f"{self.nonce}-{self.runs}"]
-            for p in ports:
-                argv += ["--port", str(p)]
-            return argv
-
-        # Unrecorded first, like every wrk run's warm-up: the target's first ``streams`` open
-        # streams (greenlets, buffers, backend connections) are a one-off, not what each run adds.
-        subprocess.run(client(1.0), capture_output=True, timeout=120, cwd=ROOT)
-        time.sleep(0.5)
+        argv = ["taskset", "-c", str(self.a.load_cpu), PY, "-m", "tools.bench.sse_client",
+                "--streams", str(streams), "--seconds", str(self.a.sse_seconds), "--ramp", "1",
+                "--nonce", f"{self.nonce}-{self.runs}"]
+        self.runs += 1
+        for p in ports:
+            argv += ["--port", str(p)]
         pids = tree(target.pid) if target else []
         sampler = RssSampler(target.pid, 0.1) if target else None
-        base_rss, base_parts = rss_bytes(pids), rss_parts(pids)
+        base, base_parts = rss_and_shared(pids), rss_parts(pids)
         if sampler:
             sampler.start()
         with Meter(target, list(self.procs), self.a.proxy_cpu, self.a.load_cpu) as meter:
-            out = subprocess.run(client(self.a.sse_seconds), capture_output=True, text=True,
-                                 timeout=self.a.sse_seconds + 120, cwd=ROOT)
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=self.a.sse_seconds + 120, cwd=ROOT)
         peak = sampler.stop() if sampler else 0
-        time.sleep(0.5)  # the last answers stored, the streams' memory given back
-        after_rss, after_parts = rss_bytes(pids), rss_parts(pids)
         try:
             r: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
             raise RuntimeError(f"SSE client failed: {out.stdout[-500:]} {out.stderr[-1500:]}") from None
-        done_at = r.pop("done_at", [])
         r["intact"] = r["ok"] == r["streams"] and r["streams"] > 0
         nan = float("nan")
         mb = 2**20
         r["rss_mb"] = peak / mb if target else nan
-        r["rss_base_mb"] = base_rss / mb if target else nan
-        r["added_mb"] = (peak - base_rss) / mb if target else nan  # RSS while open − RSS just before
+        r["rss_base_mb"] = base[0] / mb if target else nan
+        r["added_mb"] = (peak - base[0]) / mb if target else nan  # RSS while open − RSS just before
+        r["file_mb"] = r["streams_mb"] = nan
         if sampler:
-            stored, held = stream_memory(base_rss, peak, sampler.peak_at, after_rss, done_at)
-            r["stored_mb"], r["streams_mb"] = stored / mb, held / mb
-            r["kept_mb"] = {k: round((after_parts[k] - base_parts[k]) / mb, 2) for k in base_parts}
-        else:
-            r["stored_mb"] = r["streams_mb"] = nan
+            file_pages, rest = file_share(base, (peak, sampler.peak_shared))
+            r["file_mb"], r["streams_mb"] = file_pages / mb, rest / mb  # the store's pages; the rest
+            time.sleep(0.5)  # the last answers stored: what stays once the streams closed, by kind
+            after = rss_parts(pids)
+            r["kept_mb"] = {k: round((after[k] - base_parts[k]) / mb, 2) for k in base_parts}
         r["cpu_us_per_stream"] = meter.target_cpu * 1e6 / max(1, r["streams"]) if target else nan
         r.update(meter.figures)
         return r

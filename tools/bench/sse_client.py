@@ -14,8 +14,7 @@ For every stream: TTFT, the time from sending the request (after connecting, for
 first stream) to the arrival of the first body bytes (the first event); and whether the
 de-chunked body equals ``bench_backend.sse_body(request body)`` exactly. Prints one JSON
 object: ``{"streams", "ok", "mismatched", "errors", "ttft_p50_ms", "ttft_p99_ms",
-"ttft_max_ms", "first_error", "done_at"}``; ``done_at`` holds the ``time.monotonic()`` at which
-each stream ended (the bench relates it to its RSS samples, see ``tools/bench/meter.py``).
+"ttft_max_ms", "first_error"}``.
 
 asyncio protocols rather than gevent: this client shares a core with the backends, and per
 received event a protocol callback costs about half of a gevent ``recv`` wait.
@@ -152,7 +151,6 @@ async def run(hosts: list[tuple[str, int]], path: str, streams: int, seconds: fl
     loop = asyncio.get_running_loop()
     ttfts: list[float] = []
     counts = {"streams": 0, "ok": 0, "mismatched": 0, "errors": 0}
-    done_at: list[float] = []  # time.monotonic() (the loop's clock) as each stream ended
     first_error: list[str] = []
     start = loop.time() + 0.05
     end = start + ramp + seconds
@@ -185,7 +183,6 @@ async def run(hosts: list[tuple[str, int]], path: str, streams: int, seconds: fl
                 await asyncio.sleep(0.05)
                 continue
             ttfts.append(ttft)
-            done_at.append(loop.time())
             if got == sse_body(body, events):
                 counts["ok"] += 1
             else:
@@ -202,7 +199,7 @@ async def run(hosts: list[tuple[str, int]], path: str, streams: int, seconds: fl
     return {**counts,
             "ttft_p50_ms": percentile(ttfts, 50) * 1000, "ttft_p99_ms": percentile(ttfts, 99) * 1000,
             "ttft_max_ms": max(ttfts, default=float("nan")) * 1000,
-            "first_error": first_error[0] if first_error else "", "done_at": [round(t, 4) for t in done_at]}
+            "first_error": first_error[0] if first_error else ""}
 
 
 def main(argv: list[str] | None = None) -> int:
