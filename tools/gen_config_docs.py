@@ -387,7 +387,7 @@ A list (order matters only for ties of the balancer); at least one entry.
 
 | field | type | default | meaning |
 |---|---|---|---|
-| `host` | string | — | name or address (IPv6 without brackets in the file: `"::1"`) |
+| `host` | string | — | name or address (IPv6 without brackets in the file: `"::1"`); names: resolved ≤ once per 5 s |
 | `port` | integer | — | 1-65535 |
 | `weight` | integer | `1` | share of the traffic, ≥ 1: weights 1 and 3 give 25 % and 75 % {wrr} |
 | `models` | list of strings | absent | model ids the backend serves; absent: learned from its \

@@ -186,14 +186,32 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 
 
 def rss_bytes(pids: Iterable[int]) -> int:
-    total = 0
+    return rss_and_shared(pids)[0]
+
+
+def rss_and_shared(pids: Iterable[int]) -> tuple[int, int]:
+    """Resident bytes of ``pids`` summed, and of those the file-backed and shared-memory pages
+    (``/proc/<pid>/statm`` fields 2 and 3: RssFile + RssShmem; the rest is anonymous memory)."""
+    rss = shared = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/statm", "rb") as fh:
-                total += int(fh.read().split()[1]) * PAGE
+                fields = fh.read().split()
+            rss += int(fields[1]) * PAGE
+            shared += int(fields[2]) * PAGE
         except (OSError, ValueError, IndexError):
             pass
-    return total
+    return rss, shared
+
+
+def status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
+    """The ``keys`` (e.g. ``RssAnon``) of ``/proc/<pid>/status`` in KiB; {} when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            text = fh.read()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in text.splitlines()) if k in keys}
 
 
 def parse_status_rss(text: str) -> tuple[int, int] | None:

@@ -17,6 +17,14 @@ connection that fails before a single response byte (the FIN was still on its wa
 retried once on a fresh connection: the backend never read that request. A request that got
 any response byte is never resent.
 
+A backend's address is resolved once, not per connection (``connect``): gevent resolves
+names in its thread pool (ten threads, each waiting for the GIL the busy worker holds), so a
+worker opening hundreds of backend connections at once — a cold start under load, a 1 s
+backend at c = 1,000, 1,000 SSE streams — queued them there for seconds (issue #14: the
+slowest requests of a fresh gateway under load waited 2–4 s, every one of them in
+``getaddrinfo``). A numeric address needs no resolving at all; a name is resolved by one
+greenlet at a time and kept for ``RESOLVE_TTL_S``, so a backend's DNS change is seen within that.
+
 geventhttpclient (llhttp) parses the response. We write the request ourselves in one
 ``sendall`` and read the body with ``read_some``, which hands over whatever bytes have arrived
 instead of waiting for a 4 KiB block (``resp.read(n)`` buffered whole SSE streams, see
@@ -35,6 +43,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -154,7 +163,7 @@ class Pool:
 
     def _connect(self) -> Any:
         try:
-            sock = gevent.socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
+            sock = connect(self.host, self.port, self.connect_timeout_s)
         except TimeoutError as exc:
             raise SendFailed(f"connect timed out after {self.connect_timeout_s:g}s") from exc
         except OSError as exc:
@@ -201,6 +210,57 @@ class Pool:
         self.closed = True
         while self._idle:
             self._discard(self._idle.pop()[0])
+
+
+RESOLVE_TTL_S = 5.0
+_Address = tuple[int, int, int, Any]  # family, type, proto, sockaddr: as getaddrinfo gives them
+_real_getaddrinfo = monkey.get_original("socket", "getaddrinfo")
+
+
+@dataclass(slots=True)
+class _Resolved:
+    addresses: list[_Address]
+    expires: float  # time.monotonic(); inf for a numeric address
+    lock: gevent.lock.Semaphore
+
+
+_resolved: dict[tuple[str, int], _Resolved] = {}
+
+
+def addresses(host: str, port: int, clock: Callable[[], float] = time.monotonic) -> list[_Address]:
+    """Where ``host:port`` connects, resolved at most once per ``RESOLVE_TTL_S`` (numeric: once)."""
+    entry = _resolved.get((host, port))
+    if entry is None:
+        try:  # a numeric address: the C call answers at once, no DNS, no thread
+            found = _real_getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+            entry = _Resolved([(*a[:3], a[4]) for a in found], float("inf"), gevent.lock.Semaphore())
+        except socket.gaierror:
+            entry = _Resolved([], 0.0, gevent.lock.Semaphore())
+        _resolved[(host, port)] = entry
+    if clock() < entry.expires:
+        return entry.addresses
+    with entry.lock:  # one lookup per name at a time; the others take its answer
+        if clock() >= entry.expires:
+            found = gevent.socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            entry.addresses = [(*a[:3], a[4]) for a in found]
+            entry.expires = clock() + RESOLVE_TTL_S
+        return entry.addresses
+
+
+def connect(host: str, port: int, timeout_s: float) -> Any:
+    """A gevent socket connected to ``host:port`` (each resolved address in turn, like
+    ``socket.create_connection``), without a name lookup per connection."""
+    error: OSError | None = None
+    for family, type_, proto, sockaddr in addresses(host, port):
+        sock = gevent.socket.socket(family, type_, proto)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            _close(sock)
+            error = exc
+    raise error if error is not None else OSError(f"no address for {host}")
 
 
 def send_all(sock: Any, data: bytes) -> None:
@@ -292,7 +352,7 @@ def refuses_connections(host: str, port: int, timeout_s: float, settle_s: float 
     hung up without answering.)
     """
     try:
-        sock = gevent.socket.create_connection((host, port), timeout=timeout_s)
+        sock = connect(host, port, timeout_s)
     except OSError:
         return True
     try:
@@ -347,7 +407,7 @@ def probe(host: str, port: int, path: str, timeout_s: float) -> tuple[bool, str]
     """One active health check on a fresh connection: (good, reason)."""
     try:
         with gevent.Timeout(timeout_s, TimeoutError):
-            sock = gevent.socket.create_connection((host, port), timeout=timeout_s)
+            sock = connect(host, port, timeout_s)
             try:
                 sock.sendall(encode_request("GET", path, [("Host", f"{host}:{port}"), ("Connection", "close"),
                                                           ("User-Agent", "ntonix-health")], b""))
@@ -375,7 +435,7 @@ def fetch_models(host: str, port: int, timeout_s: float) -> tuple[int, bytes] | 
     (status, body), or None when the backend could not be reached or gave no answer."""
     try:
         with gevent.Timeout(timeout_s, TimeoutError):
-            sock = gevent.socket.create_connection((host, port), timeout=timeout_s)
+            sock = connect(host, port, timeout_s)
             try:
                 sock.sendall(encode_request("GET", "/v1/models", [
                     ("Host", f"{host}:{port}"), ("Connection", "close"), ("Accept", "application/json"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tools.bench import chart, nginx, wrk
+from tools.bench import chart, meter, nginx, wrk
 from tools.bench.profile import summarize_profile
 from tools.bench.report import Result, Table
 from tools.bench.run import STRIPPED, gateway_env, parse_args
@@ -54,8 +54,10 @@ def test_latency_sse_and_hit_checks() -> None:
     results = [run("7", "c=1", "direct", p50_ms=0.10, p99_ms=0.50),
                run("7", "c=1", "shipped", p50_ms=0.50, p99_ms=1.00, cpu_us=700.0),
                run("4", "C=1000", "direct", streams=10, ok=10, ttft_p99_ms=2.0),
-               run("4", "C=1000", "shipped", streams=10, ok=9, ttft_p99_ms=5.0, added_mb=30.0),
-               run("4", "C=1000", "nginx", streams=10, ok=10, ttft_p99_ms=3.0, added_mb=7.5),
+               run("4", "C=1000", "shipped", streams=10, ok=9, ttft_p99_ms=5.0, added_mb=40.0,
+                   file_mb=10.0, streams_mb=30.0),
+               run("4", "C=1000", "nginx", streams=10, ok=10, ttft_p99_ms=3.0, added_mb=7.5,
+                   file_mb=0.0, streams_mb=7.5),
                run("2", "c=500", "shipped", cpu_us=250.0, hit_checked="HIT"),
                run("2", "c=500", "floor", cpu_us=200.0)]
     c = checks(results)
@@ -150,3 +152,12 @@ def test_with_redis_adds_the_gateway_as_shipped_with_redis_and_its_ratio_to_the_
                for r in range(2) for t, v in (("shipped", 300.0), (SHIPPED_REDIS, 330.0))]
     assert "shipped+redis/shipped CPU 1.10 (1.10–1.10)" in Table(results).render()
     assert parse_args(["--with-redis", "redis://127.0.0.1:6399/0"]).with_redis == "redis://127.0.0.1:6399/0"
+
+
+def test_file_share_counts_only_the_growth_of_file_pages_as_the_stores() -> None:
+    mib = 2**20
+    # 40 MiB added at the peak, 12 of them file-backed (the LMDB store's pages): 28 the rest.
+    assert meter.file_share((100 * mib, 30 * mib), (140 * mib, 42 * mib)) == (12 * mib, 28 * mib)
+    # Fewer file pages than before (reclaimed) count as none; never more than was added.
+    assert meter.file_share((100 * mib, 30 * mib), (108 * mib, 20 * mib)) == (0, 8 * mib)
+    assert meter.file_share((100 * mib, 30 * mib), (104 * mib, 40 * mib)) == (4 * mib, 0)

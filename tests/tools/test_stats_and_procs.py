@@ -67,3 +67,10 @@ def test_clean_env_drops_the_gateway_settings_of_the_caller() -> None:
         del os.environ["NTONIX_PORT"]
     assert "NTONIX_PORT" not in env
     assert env["EXTRA"] == "x" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_status_fields_of_this_process() -> None:
+    parts = procs.status_kib(os.getpid(), ("RssAnon", "RssFile", "VmRSS"))
+    assert set(parts) == {"RssAnon", "RssFile", "VmRSS"}
+    assert parts["RssAnon"] > 0 and parts["RssAnon"] + parts["RssFile"] <= parts["VmRSS"]
+    assert procs.status_kib(2**22 + 1, ("RssAnon",)) == {}  # above pid_max: no such process

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from tools.procs import CLK, busy_jiffies, cpu_seconds, own_cpu_seconds, rss_bytes, tree
+from tools.procs import CLK, busy_jiffies, cpu_seconds, own_cpu_seconds, rss_and_shared, status_kib, tree
 
 
 class Pinned(Protocol):
@@ -78,6 +78,7 @@ class RssSampler(threading.Thread):
         self.pid, self.every = pid, every
         self.pids = tree(pid)
         self.peak = 0
+        self.peak_shared = 0  # of ``peak``, file-backed and shared-memory pages
         self.samples: list[int] = []
         self._stop_evt = threading.Event()
 
@@ -87,9 +88,10 @@ class RssSampler(threading.Thread):
             if n % 20 == 0:
                 self.pids = tree(self.pid)
             n += 1
-            rss = rss_bytes(self.pids)
+            rss, shared = rss_and_shared(self.pids)
             self.samples.append(rss)
-            self.peak = max(self.peak, rss)
+            if rss > self.peak:
+                self.peak, self.peak_shared = rss, shared
             self._stop_evt.wait(self.every)
 
     def stop(self) -> int:
@@ -97,3 +99,27 @@ class RssSampler(threading.Thread):
         self.join()
         return self.peak
 
+
+
+def rss_parts(pids: Sequence[int]) -> dict[str, int]:
+    """RssAnon, RssFile and RssShmem of ``pids`` summed, in bytes (/proc/<pid>/status)."""
+    total = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+    for pid in pids:
+        for key, kib in status_kib(pid, tuple(total)).items():
+            total[key] += kib * 1024
+    return total
+
+
+def file_share(base: tuple[int, int], peak: tuple[int, int]) -> tuple[int, int]:
+    """Split an RSS growth ``peak - base`` (each ``(rss, file and shared pages)``) into (the
+    growth of file-backed pages, the rest), in bytes.
+
+    The as-shipped gateway's only growing file mapping is its LMDB store: answers stored during
+    the run become page-cache pages of the store file, mapped by the workers that read them
+    (clean pages the kernel can reclaim; their bound is the cache's). The rest — anonymous
+    memory, the L1 entries of the answers stored included — is what the SSE scenario compares
+    with nginx's as the memory the open streams add.
+    """
+    added = peak[0] - base[0]
+    file_pages = min(max(0, peak[1] - base[1]), max(0, added))
+    return file_pages, added - file_pages

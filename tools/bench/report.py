@@ -182,8 +182,8 @@ class Table:
             return
         self._hdr("4. SSE streams, 20 events 50 ms apart (TTFT from request sent to first event)",
                   f"  {'':<7} {'target':<9} {'streams':>8} {'intact':>8} {'TTFT p50 ms':>18} "
-                  f"{'TTFT p99 ms':>20} {'added p99 ms':>16} {'RSS MB':>16} {'streams add MB':>16} "
-                  f"{'CPU µs/stream':>14} {'other% P/L':>11}")
+                  f"{'TTFT p99 ms':>20} {'added p99 ms':>16} {'RSS MB':>16} {'RSS added MB':>16} "
+                  f"{'store file MB':>16} {'streams add MB':>16} {'CPU µs/stream':>14} {'other% P/L':>11}")
         for param in self.params(sc):
             for t in self.targets(sc, param):
                 streams = sum(self.get(sc, param, t, "streams"))
@@ -194,12 +194,16 @@ class Table:
                          f"{span(self.get(sc, param, t, 'ttft_p99_ms'), 1):>20} {span(add99, 1):>16} "
                          f"{span(self.get(sc, param, t, 'rss_mb'), 1):>16} "
                          f"{span(self.get(sc, param, t, 'added_mb'), 1):>16} "
+                         f"{span(self.get(sc, param, t, 'file_mb'), 1):>16} "
+                         f"{span(self.get(sc, param, t, 'streams_mb'), 1):>16} "
                          f"{fmt(med(self.get(sc, param, t, 'cpu_us_per_stream'))):>14} "
                          f"{self.other(sc, param, t):>11}")
             # Of the medians, not per round: nginx's few MB are near the sampling noise, and a
             # round where they round to 0 would make a per-round ratio meaningless.
-            n_added = med(self.get(sc, param, "nginx", "added_mb"))
-            added = [ratio(med(self.get(sc, param, "shipped", "added_mb")), n_added)] if n_added > 0 else []
+            # "streams add": the RSS added less the store file's pages (tools/bench/meter.py
+            # ``file_share``; anonymous memory, the L1's entries included, all counts).
+            n_added = med(self.get(sc, param, "nginx", "streams_mb"))
+            added = [ratio(med(self.get(sc, param, "shipped", "streams_mb")), n_added)] if n_added > 0 else []
             add_n = self.paired(sc, param, "shipped", "nginx", "ttft_p99_ms", op=diff)
             self.out(f"  {param:<7} ratios    shipped/nginx memory the streams add (medians) {span(added, 1)}; "
                      f"shipped TTFT p99 over nginx {span(add_n, 1)} ms")

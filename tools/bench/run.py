@@ -36,17 +36,18 @@ from typing import Any
 
 from tools import ROOT
 from tools.bench import chart, nginx, wrk
-from tools.bench.meter import Meter, RssSampler
+from tools.bench.meter import Meter, RssSampler, file_share, rss_parts
 from tools.bench.profile import summarize_profile
 from tools.bench.report import PROXY_FLOOR, Result, Table
-from tools.procs import Child, clean_env, free_port, port_open, rss_bytes, tree, wait_until
+from tools.procs import Child, clean_env, free_port, port_open, rss_and_shared, rss_bytes, tree, wait_until
 
 PY = sys.executable
 CHAT = "/v1/chat/completions"
 SHIPPED, STRIPPED, BASELINE = "shipped", "stripped", "baseline"
 SHIPPED_REDIS = "shipped+redis"  # --with-redis: as shipped, with cache.redis_url (several gateways' path)
 BRIEF = ("rps", "p50_ms", "p99_ms", "errors", "cpu_us", "ttft_p50_ms", "ttft_p99_ms", "streams", "ok", "errors_detail",
-         "rss_mb", "added_mb", "growth_mb", "first_error", "other_proxy_pct", "other_load_pct")
+         "rss_mb", "added_mb", "file_mb", "streams_mb", "kept_mb", "growth_mb", "first_error", "other_proxy_pct",
+         "other_load_pct")
 SCENARIOS = {"1": "cache miss", "2": "cache hit", "3": "slow backend", "4": "SSE", "5": "big stream", "6": "HTTPS",
              "7": "c=1 latency"}
 
@@ -248,8 +249,9 @@ class Bench:
         self.runs += 1
         for p in ports:
             argv += ["--port", str(p)]
+        pids = tree(target.pid) if target else []
         sampler = RssSampler(target.pid, 0.1) if target else None
-        base_rss = rss_bytes(tree(target.pid)) if target else 0
+        base, base_parts = rss_and_shared(pids), rss_parts(pids)
         if sampler:
             sampler.start()
         with Meter(target, list(self.procs), self.a.proxy_cpu, self.a.load_cpu) as meter:
@@ -261,9 +263,17 @@ class Bench:
             raise RuntimeError(f"SSE client failed: {out.stdout[-500:]} {out.stderr[-1500:]}") from None
         r["intact"] = r["ok"] == r["streams"] and r["streams"] > 0
         nan = float("nan")
-        r["rss_mb"] = peak / 2**20 if target else nan
-        r["rss_base_mb"] = base_rss / 2**20 if target else nan
-        r["added_mb"] = (peak - base_rss) / 2**20 if target else nan  # what the open streams add
+        mb = 2**20
+        r["rss_mb"] = peak / mb if target else nan
+        r["rss_base_mb"] = base[0] / mb if target else nan
+        r["added_mb"] = (peak - base[0]) / mb if target else nan  # RSS while open − RSS just before
+        r["file_mb"] = r["streams_mb"] = nan
+        if sampler:
+            file_pages, rest = file_share(base, (peak, sampler.peak_shared))
+            r["file_mb"], r["streams_mb"] = file_pages / mb, rest / mb  # the store's pages; the rest
+            time.sleep(0.5)  # the last answers stored: what stays once the streams closed, by kind
+            after = rss_parts(pids)
+            r["kept_mb"] = {k: round((after[k] - base_parts[k]) / mb, 2) for k in base_parts}
         r["cpu_us_per_stream"] = meter.target_cpu * 1e6 / max(1, r["streams"]) if target else nan
         r.update(meter.figures)
         return r

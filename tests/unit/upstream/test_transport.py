@@ -233,3 +233,56 @@ def test_closed_pool_refuses_new_requests_and_closes_returned_sockets(backend: A
     assert pool.idle == 0
     with pytest.raises(transport.SendFailed):
         pool.acquire()
+
+
+# ----------------------------------------------------------------------------- resolving
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names resolved through gevent's resolver (its thread pool); a fresh address cache."""
+    seen: list[str] = []
+    real = gevent.socket.getaddrinfo
+
+    def counting(host: str, *args: Any) -> Any:
+        seen.append(host)
+        gevent.sleep(0.01)  # a lookup takes a while: concurrent callers overlap
+        return real("127.0.0.1", *args)
+
+    monkeypatch.setattr(transport.gevent.socket, "getaddrinfo", counting)
+    monkeypatch.setattr(transport, "_resolved", {})
+    return seen
+
+
+def test_a_numeric_backend_address_is_never_looked_up(backend: Any, lookups: list[str]) -> None:
+    pool = _pool(backend, FakeClock())
+    socks = [pool.acquire(fresh=True)[0] for _ in range(3)]
+    assert len(backend.accepted) == 3
+    assert lookups == []
+    for sock in socks:
+        pool.release_socket(sock)
+
+
+def test_a_backend_name_is_looked_up_once_per_ttl_by_one_greenlet(lookups: list[str]) -> None:
+    clock = FakeClock()
+    group = [gevent.spawn(transport.addresses, "backend.test", 8001, clock) for _ in range(20)]
+    gevent.joinall(group, raise_error=True)
+    assert lookups == ["backend.test"]  # the other 19 took the first one's answer
+    assert {g.value[0][3] for g in group} == {("127.0.0.1", 8001)}
+    clock.advance(transport.RESOLVE_TTL_S - 0.1)
+    transport.addresses("backend.test", 8001, clock)
+    assert len(lookups) == 1
+    clock.advance(0.2)  # past the TTL: a DNS change is seen
+    transport.addresses("backend.test", 8001, clock)
+    assert len(lookups) == 2
+
+
+def test_a_failed_lookup_is_not_kept(lookups: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(host: str, *args: Any) -> Any:
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "unknown")
+
+    monkeypatch.setattr(transport.gevent.socket, "getaddrinfo", failing)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            transport.connect("nowhere.test", 8001, 1.0)
+    assert lookups == ["nowhere.test", "nowhere.test"]
