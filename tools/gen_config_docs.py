@@ -422,8 +422,9 @@ What the gateway holds is bounded by its configuration. Per **worker** (`server.
   `cache.max_size_mb`, at most 64);
 - a request body being read: up to `proxy.max_body_bytes`, while it is read (bodies are read
   whole: the cache key and a retry on another backend need them);
-- a cacheable answer being relayed: recorded for the cache as it passes, up to 32 MiB per answer
-  (`MAX_RECORD_BYTES` in ntonix/gateway/bodies.py); larger answers are relayed but not stored;
+- a cacheable answer being relayed: recorded for the cache as it passes, up to
+  `cache.max_entry_bytes` per answer (default 4 MiB); larger answers are relayed but neither
+  stored nor held;
 - an open client connection or stream: about 20–30 KB (greenlet, parser, socket objects; 1,000
   open SSE streams add 20–28 MB, docs/performance.md), plus one 64 KiB read block while a read
   from its backend is in flight;
@@ -438,15 +439,16 @@ Per **host**, once:
 - the master process: about 20–30 MB;
 - the shared cache tier (L2, LMDB): `cache.max_size_mb` of stored answers in a memory-mapped
   file (address space: twice that plus 64 MiB). Its pages are the kernel's page cache: they show
-  in the RSS of every worker that reads them (so adding up `ps` counts them once per worker), are
-  shared, and can be dropped under memory pressure: count them once;
+  in the RSS of every worker that reads them, or writes them (on ext4, xfs and tmpfs the store
+  writes through its map, docs/adr/0003-shared-cache-store.md), so adding up `ps` counts them
+  once per worker; they are shared and can be dropped under memory pressure: count them once;
 - the coalescing journal (LMDB): the answers followers are waiting for, while in flight;
 - Redis (L3): its own `maxmemory`, on its own host.
 
 So a container needs about `30 MB + server.threads × (40 MB + L1 + connections in use × 25 KB)
 + cache.max_size_mb`, plus, for the worst case, the bodies and answers in flight: at most
 `server.worker_connections` requests per worker, each with a body of at most
-`proxy.max_body_bytes` and a recorded answer of at most 32 MiB. Lower `server.worker_connections`
+`proxy.max_body_bytes` and a recorded answer of at most `cache.max_entry_bytes`. Lower `server.worker_connections`
 or `proxy.max_body_bytes` to lower that worst case; `scripts/bench` reports the RSS under load
 (docs/performance.md).
 
