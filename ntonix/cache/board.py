@@ -4,19 +4,24 @@ Theory of operation
 -------------------
 Registering a flight in the coalescing journal (``ntonix.cache.coalescer``) costs a write
 transaction to start it and one to end it, on every cache miss, although almost no miss ever
-gets a follower. So a leader starts *unregistered*: it writes 16 bytes here, in a small file
-every worker maps (``<journal dir>/pending``), and nothing to LMDB. A request for the same key
-on another worker finds the leader's slot, raises its ``WANTED`` flag and rings the leading
-process's *bell* (a counter); each process checks its own bell every poll interval (one
-memory read) and registers the flights that are wanted, which then sets ``REGISTERED``. The
-request waiting on the board then joins the flight through the journal as before.
+gets a follower. So a leader starts *unregistered*: it writes one slot here, in a small file
+every worker maps (``<journal dir>/board``), and nothing to LMDB. A request for the same key on
+another worker finds the slot, counts itself in the slot's ``want`` field and rings the leading
+process's *bell* (a counter); each process checks its own bell every poll interval (one memory
+read) and registers the flights that are wanted.
 
-Layout: ``SLOTS`` slots of (key hash u64, leader pid u32, flags u32), then ``BELLS`` counters
-(u64) indexed by pid. A slot is chosen by the key's hash; two keys sharing a slot overwrite
-each other, and the one overwritten is then simply not seen: its identical requests on other
-workers go to the backend themselves, as they would without coalescing (rare and bounded:
-~1/``SLOTS`` of concurrent distinct misses). Reads and writes are not atomic across processes;
-a torn read is a wrong guess of the same kind, and every wait on the board is bounded.
+Layout: ``SLOTS`` slots of (key hash u64, leader pid u32, flight serial u32, state u32, want u32,
+padding), then ``BELLS`` counters (u64) indexed by pid. The leader writes hash, pid, serial and
+state; followers write only ``want``. A slot is chosen by the key's hash; two keys sharing a slot
+overwrite each other, and the one overwritten is then simply not seen: its identical requests on
+other workers go to the backend themselves, as they would without coalescing (rare and bounded:
+~1/``SLOTS`` of concurrent distinct misses). Every wait on the board is bounded.
+
+The one handshake that must not depend on timing is a leader leaving the board while a follower
+raises ``want`` (the coalescer's docstring, "The handshake"): each side writes its own field,
+then :func:`fence`, then reads the other's. With a full barrier between the write and the read
+on both sides, at least one of them sees the other's write (the store-buffering litmus test:
+x86-TSO and ARMv8 forbid both reads missing both writes once each thread has a full fence).
 """
 
 from __future__ import annotations
@@ -24,13 +29,48 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
+from typing import Any, NamedTuple
 
-_SLOT = struct.Struct("<QII")  # key hash, leader pid, flags
+_SLOT = struct.Struct("<QIIII8x")  # key hash, leader pid, flight serial, state, want
+_STATE = struct.Struct("<I")
+_STATE_AT, _WANT_AT = 16, 20
 _BELL = struct.Struct("<Q")
 SLOTS = 4096
 BELLS = 1024
-WANTED, REGISTERED = 1, 2
+# Slot states. RUNNING: announced, not in the journal. ENDING: the leader is deciding whether
+# anyone wants its flight (it leaves the board next, or registers and then leaves).
+# REGISTERED: the flight is in the journal, joinable through the key (``inflight``).
+RUNNING, ENDING, REGISTERED = 1, 2, 3
 _SIZE = SLOTS * _SLOT.size + BELLS * _BELL.size
+_fence_lock: Any = None
+
+
+class Seen(NamedTuple):
+    pid: int
+    serial: int
+    state: int
+    want: int
+
+
+def fence() -> None:
+    """A full memory barrier between this process's earlier writes and later reads of the board.
+
+    An uncontended release and acquire of a real (not gevent's) thread lock: on Linux, a
+    semaphore post and try-wait, two atomic read-modify-writes (``lock``-prefixed on x86; a
+    store-release followed by a load-acquire, which ARMv8 does not reorder).
+    """
+    global _fence_lock
+    lock = _fence_lock
+    if lock is None:
+        import _thread
+
+        monkey = sys.modules.get("gevent.monkey")  # a worker's _thread may be gevent's own
+        allocate = monkey.get_original("_thread", "allocate_lock") if monkey is not None else _thread.allocate_lock
+        lock = _fence_lock = allocate()
+        lock.acquire()
+    lock.release()
+    lock.acquire()
 
 
 class Board:
@@ -51,30 +91,45 @@ class Board:
     def _at(h: int) -> int:
         return (h % SLOTS) * _SLOT.size
 
-    def peek(self, h: int) -> tuple[int, int] | None:
-        """(pid, flags) of the leader announced for hash ``h``, or ``None``."""
-        found, pid, flags = _SLOT.unpack_from(self._map, self._at(h))
-        return (pid, flags) if found == h and pid else None
+    def peek(self, h: int) -> Seen | None:
+        """What the slot says of the leader announced for hash ``h``, or ``None``."""
+        found, pid, serial, state, want = _SLOT.unpack_from(self._map, self._at(h))
+        return Seen(pid, serial, state, want) if found == h and pid else None
 
-    def announce(self, h: int, pid: int) -> None:
-        _SLOT.pack_into(self._map, self._at(h), h, pid, 0)
+    def announce(self, h: int, pid: int, serial: int) -> None:
+        _SLOT.pack_into(self._map, self._at(h), h, pid, serial, RUNNING, 0)
 
-    def flag(self, h: int, pid: int, flag: int) -> None:
-        """Add ``flag`` to ``pid``'s slot for ``h`` (if it still holds it)."""
+    def _mine(self, h: int, pid: int, serial: int) -> int:
+        """The slot's offset if it holds ``pid``'s flight ``serial`` for ``h``, else -1."""
         at = self._at(h)
-        found, owner, flags = _SLOT.unpack_from(self._map, at)
-        if found == h and owner == pid:
-            _SLOT.pack_into(self._map, at, h, pid, flags | flag)
+        found, owner, ser, _, _ = _SLOT.unpack_from(self._map, at)
+        return at if found == h and owner == pid and ser == serial else -1
 
-    def clear(self, h: int, pid: int) -> None:
+    def set_state(self, h: int, pid: int, serial: int, state: int) -> bool:
+        """Set the state of ``pid``'s slot for flight ``serial`` (False if it lost the slot)."""
+        at = self._mine(h, pid, serial)
+        if at >= 0:
+            _STATE.pack_into(self._map, at + _STATE_AT, state)
+        return at >= 0
+
+    def wanted(self, h: int, pid: int, serial: int) -> bool:
+        """Has some request raised ``want`` on ``pid``'s slot for flight ``serial``?"""
+        at = self._mine(h, pid, serial)
+        return at >= 0 and _STATE.unpack_from(self._map, at + _WANT_AT)[0] > 0
+
+    def clear(self, h: int, pid: int, serial: int | None = None) -> None:
         at = self._at(h)
-        found, owner, _ = _SLOT.unpack_from(self._map, at)
-        if found == h and owner == pid:
-            _SLOT.pack_into(self._map, at, 0, 0, 0)
+        found, owner, ser, _, _ = _SLOT.unpack_from(self._map, at)
+        if found == h and owner == pid and serial in (None, ser):
+            _SLOT.pack_into(self._map, at, 0, 0, 0, 0, 0)
 
-    def want(self, h: int, pid: int) -> None:
-        """Ask ``pid`` to register its flight for ``h``: flag the slot, ring its bell."""
-        self.flag(h, pid, WANTED)
+    def want(self, h: int, pid: int, serial: int) -> None:
+        """Count a request in ``pid``'s slot for flight ``serial`` and ring its bell. Two
+        processes counting at once may lose one increment: only ``want > 0`` matters."""
+        at = self._mine(h, pid, serial)
+        if at >= 0:
+            n = _STATE.unpack_from(self._map, at + _WANT_AT)[0]
+            _STATE.pack_into(self._map, at + _WANT_AT, min(n + 1, 0xFFFFFFFF))
         at = SLOTS * _SLOT.size + (pid % BELLS) * _BELL.size
         _BELL.pack_into(self._map, at, (_BELL.unpack_from(self._map, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
 
