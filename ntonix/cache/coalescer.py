@@ -39,14 +39,41 @@ by ``max_bytes`` plus what the slowest attached follower has not read yet.
 
 Unregistered leaders (issue #14; ``lazy=True``, as the gateway runs it): almost no miss ever
 gets a follower, so a leader starts outside the journal: ``join`` announces it on the board
-(``ntonix.cache.board``, 16 bytes in shared memory) and writes nothing to LMDB; a solo miss
-then costs no journal transaction at all (it was two writes and a read per chunk). A second
-request for the key in the same process registers the leader (the write ``join`` used to do)
-and follows it through the journal; one in another worker finds the announcement, rings the
-leader's bell and waits until the leader's process registers the flight (it checks its bell
-every ``poll_interval_s``) or ends it. The leader keeps what it published meanwhile, so a
-follower still gets the answer from its first byte. Whoever misses an announcement (two keys
-sharing a slot) goes to the backend itself, as without coalescing.
+(``ntonix.cache.board``, one slot in shared memory: key hash, pid, flight serial, state, want)
+and writes nothing to LMDB, takes no lock; a solo miss costs no journal transaction at all (it
+was two writes and a read per chunk, plus a liveness lock taken and released). A second request
+for the key in the same process registers the leader (the write ``join`` used to do) and
+follows it through the journal; one in another worker finds the slot, raises its ``want``,
+rings the leader's bell and waits; the leader's process checks its bell every
+``poll_interval_s`` and registers the flights that are wanted. The leader keeps what it
+published meanwhile (up to ``LAZY_MAX_BYTES``), so a follower still gets the answer from its
+first byte. A flight registered this way is *reserved*: a request that raised ``want`` takes
+its seat by the flight's token (pid and serial, both in the slot), even after the flight ended,
+so it is kept until the sweep (``RESERVE_S``) rather than deleted by the last one out.
+
+The handshake. Invariant: *a request that raised ``want`` on a slot while it said RUNNING or
+ENDING either takes a seat, by token, in the flight that leader registered (whatever its outcome:
+a 200, an error, an answer finished for it after the leader's client left), or that leader
+never registered, read no ``want`` when it left, and the request saw it leave.* It holds by
+construction, not by timing: the leader leaves the board (an error head: no later request may
+follow it; the answer complete; the in-memory bound reached) only through ``_leave_board``:
+it writes ENDING, fences, reads ``want``, and registers before clearing the slot if it is
+non-zero; the follower writes ``want``, fences, and reads the slot. Of two such write-fence-read
+sequences at least one read sees the other's write (``ntonix.cache.board.fence``), so either
+the leader sees the want and registers (the follower then finds the token in the journal), or
+the follower sees ENDING or an empty slot, waits for the decision and then looks up the token:
+absent means the leader left without it, and the request leads or follows anew (the answer, if
+it was a 200, is in the cache already: stored before ``finish``). A leader that dies leaves its
+slot; followers test its pid. A registered leader's end is ordered by the journal's own
+transactions as before. A leader whose answer fails (``finish(False)``) registers nothing:
+followers that wanted it lead or follow anew, as followers of a failed registered flight do.
+
+What is left to timing (and costs only a second backend call, never a wrong or lost answer):
+two identical requests on two workers that read the empty slot in the same microsecond can both
+announce and lead (each then re-reads the slot after a fence, and the one whose write was
+overwritten follows the other; both lead only if each read back its own write before the
+other's landed); a key whose slot another key overwrote is not seen; a follower whose seat
+comes after its flight was capped (past ``max_bytes``) or failed goes to a backend itself.
 
 Staleness: the leader refreshes its heartbeat at most once a second, but only while it
 publishes, so ``stale_after_s`` must exceed the longest silence of a live backend (the
@@ -54,8 +81,11 @@ proxy's read timeout). A dead leader, and a live one that stopped publishing (a 
 write: disk full), is noticed at once through its liveness lock (``ntonix.cache.flight_lock``),
 which needs no write: a leader that cannot write cannot mark its flight failed either.
 Followers test it whenever they find nothing new, ``join`` before following, so nobody
-joins a flight that cannot be written. Transactions never span a sleep or a ``yield``:
-records are copied out first.
+joins a flight that cannot be written. Only registered flights hold that lock (taken in the
+transaction that registers them): an unregistered leader has nobody to tell, and a request
+waiting for one tests its pid; if registering fails (disk full), the leader goes on alone and
+the waiting requests, finding no flight, go to a backend themselves. Transactions never span
+a sleep or a ``yield``: records are copied out first.
 """
 
 from __future__ import annotations
