@@ -112,6 +112,20 @@ class Board:
             _STATE.pack_into(self._map, at + _STATE_AT, state)
         return at >= 0
 
+    def leave(self, h: int, pid: int, serial: int) -> bool:
+        """The leader's half of the handshake: ENDING, :func:`fence`, read ``want``. Nobody
+        wants the flight: the slot is cleared and False returned. Someone does: True, and the
+        slot stays ENDING (the caller registers the flight, then clears it)."""
+        at = self._mine(h, pid, serial)
+        if at < 0:
+            return False  # another key took the slot: nobody can have wanted us since
+        _STATE.pack_into(self._map, at + _STATE_AT, ENDING)
+        fence()
+        if _STATE.unpack_from(self._map, at + _WANT_AT)[0] > 0:
+            return True
+        _SLOT.pack_into(self._map, at, 0, 0, 0, 0, 0)
+        return False
+
     def wanted(self, h: int, pid: int, serial: int) -> bool:
         """Has some request raised ``want`` on ``pid``'s slot for flight ``serial``?"""
         at = self._mine(h, pid, serial)

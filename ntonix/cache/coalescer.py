@@ -102,7 +102,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import xxhash
 
-from ntonix.cache.board import ENDING, REGISTERED, Board, Seen, fence
+from ntonix.cache.board import REGISTERED, Board, Seen, fence
 from ntonix.cache.flight_lock import LeaderLocks
 from ntonix.cache.lmdb_env import MiB, Process, StoreError, ensure_private_dir, explain, open_env, translated
 from ntonix.core.cache_entry import Headers
@@ -636,14 +636,11 @@ class Leader:
         (by token only, reserved) before the slot is cleared; otherwise nobody follows."""
         c = self._c
         board = c._board
-        wanted = False
-        if board is not None and c._board_pid == Process.pid and board.set_state(
-                self.board_hash, Process.pid, self.serial, ENDING):
-            fence()  # ENDING is visible before we read want
-            wanted = board.wanted(self.board_hash, Process.pid, self.serial)
-        if wanted:
+        if board is not None and c._board_pid == Process.pid and board.leave(
+                self.board_hash, Process.pid, self.serial):
             self.register(joinable=False)
         else:
+            self.board_hash = 0  # the slot is cleared (or another key's now)
             self._end()
 
     def register(self, *, joinable: bool = True) -> None:
