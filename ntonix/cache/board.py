@@ -17,11 +17,13 @@ overwrite each other, and the one overwritten is then simply not seen: its ident
 other workers go to the backend themselves, as they would without coalescing (rare and bounded:
 ~1/``SLOTS`` of concurrent distinct misses). Every wait on the board is bounded.
 
-The one handshake that must not depend on timing is a leader leaving the board while a follower
-raises ``want`` (the coalescer's docstring, "The handshake"): each side writes its own field,
-then :func:`fence`, then reads the other's. With a full barrier between the write and the read
-on both sides, at least one of them sees the other's write (the store-buffering litmus test:
-x86-TSO and ARMv8 forbid both reads missing both writes once each thread has a full fence).
+Reads and writes here are not atomic across processes, so every *decision* taken on a slot
+(a request announcing itself as the key's leader, a follower raising ``want``, a leader leaving
+the board) is made while holding the coalescing journal's writer lock (LMDB's robust
+process-shared mutex: a write transaction begun and aborted, ~0.3 µs; ``ntonix.cache.coalescer``,
+"The handshake"). The lock orders them and its acquire and release are the memory barriers that
+make each decision's writes visible to the next. Lock-free reads (a bell, ``want`` as a hint
+while the leader runs) are only ever hints.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import sys
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 _SLOT = struct.Struct("<QIIII8x")  # key hash, leader pid, flight serial, state, want
 _STATE = struct.Struct("<I")
@@ -38,12 +39,11 @@ _STATE_AT, _WANT_AT = 16, 20
 _BELL = struct.Struct("<Q")
 SLOTS = 4096
 BELLS = 1024
-# Slot states. RUNNING: announced, not in the journal. ENDING: the leader is deciding whether
-# anyone wants its flight (it leaves the board next, or registers and then leaves).
+# Slot states. RUNNING: announced, not in the journal. ENDING: the leader left the board with
+# someone wanting its flight, and is registering it for them (then it clears the slot).
 # REGISTERED: the flight is in the journal, joinable through the key (``inflight``).
 RUNNING, ENDING, REGISTERED = 1, 2, 3
 _SIZE = SLOTS * _SLOT.size + BELLS * _BELL.size
-_fence_lock: Any = None
 
 
 class Seen(NamedTuple):
@@ -51,26 +51,6 @@ class Seen(NamedTuple):
     serial: int
     state: int
     want: int
-
-
-def fence() -> None:
-    """A full memory barrier between this process's earlier writes and later reads of the board.
-
-    An uncontended release and acquire of a real (not gevent's) thread lock: on Linux, a
-    semaphore post and try-wait, two atomic read-modify-writes (``lock``-prefixed on x86; a
-    store-release followed by a load-acquire, which ARMv8 does not reorder).
-    """
-    global _fence_lock
-    lock = _fence_lock
-    if lock is None:
-        import _thread
-
-        monkey = sys.modules.get("gevent.monkey")  # a worker's _thread may be gevent's own
-        allocate = monkey.get_original("_thread", "allocate_lock") if monkey is not None else _thread.allocate_lock
-        lock = _fence_lock = allocate()
-        lock.acquire()
-    lock.release()
-    lock.acquire()
 
 
 class Board:
@@ -113,15 +93,14 @@ class Board:
         return at >= 0
 
     def leave(self, h: int, pid: int, serial: int) -> bool:
-        """The leader's half of the handshake: ENDING, :func:`fence`, read ``want``. Nobody
-        wants the flight: the slot is cleared and False returned. Someone does: True, and the
-        slot stays ENDING (the caller registers the flight, then clears it)."""
+        """The leader's half of the handshake (under the journal's writer lock): nobody wants
+        the flight: the slot is cleared and False returned; someone does: the slot says ENDING
+        and True is returned (the caller registers the flight, then clears the slot)."""
         at = self._mine(h, pid, serial)
         if at < 0:
             return False  # another key took the slot: nobody can have wanted us since
-        _STATE.pack_into(self._map, at + _STATE_AT, ENDING)
-        fence()
         if _STATE.unpack_from(self._map, at + _WANT_AT)[0] > 0:
+            _STATE.pack_into(self._map, at + _STATE_AT, ENDING)
             return True
         _SLOT.pack_into(self._map, at, 0, 0, 0, 0, 0)
         return False
@@ -137,13 +116,18 @@ class Board:
         if found == h and owner == pid and serial in (None, ser):
             _SLOT.pack_into(self._map, at, 0, 0, 0, 0, 0)
 
-    def want(self, h: int, pid: int, serial: int) -> None:
-        """Count a request in ``pid``'s slot for flight ``serial`` and ring its bell. Two
-        processes counting at once may lose one increment: only ``want > 0`` matters."""
+    def want(self, h: int, pid: int, serial: int) -> bool:
+        """Count a request in ``pid``'s slot for flight ``serial`` (under the journal's writer
+        lock) and ring its bell; False if the slot no longer holds that flight."""
         at = self._mine(h, pid, serial)
         if at >= 0:
             n = _STATE.unpack_from(self._map, at + _WANT_AT)[0]
             _STATE.pack_into(self._map, at + _WANT_AT, min(n + 1, 0xFFFFFFFF))
+        self.ring(pid)
+        return at >= 0
+
+    def ring(self, pid: int) -> None:
+        """Ring ``pid``'s bell (a lost increment between two ringers is fine: it changed)."""
         at = SLOTS * _SLOT.size + (pid % BELLS) * _BELL.size
         _BELL.pack_into(self._map, at, (_BELL.unpack_from(self._map, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
 

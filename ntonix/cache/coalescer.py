@@ -51,29 +51,27 @@ first byte. A flight registered this way is *reserved*: a request that raised ``
 its seat by the flight's token (pid and serial, both in the slot), even after the flight ended,
 so it is kept until the sweep (``RESERVE_S``) rather than deleted by the last one out.
 
-The handshake. Invariant: *a request that raised ``want`` on a slot while it said RUNNING or
-ENDING either takes a seat, by token, in the flight that leader registered (whatever its outcome:
-a 200, an error, an answer finished for it after the leader's client left), or that leader
-never registered, read no ``want`` when it left, and the request saw it leave.* It holds by
-construction, not by timing: the leader leaves the board (an error head: no later request may
-follow it; the answer complete; the in-memory bound reached) only through ``_leave_board``:
-it writes ENDING, fences, reads ``want``, and registers before clearing the slot if it is
-non-zero; the follower writes ``want``, fences, and reads the slot. Of two such write-fence-read
-sequences at least one read sees the other's write (``ntonix.cache.board.fence``), so either
-the leader sees the want and registers (the follower then finds the token in the journal), or
-the follower sees ENDING or an empty slot, waits for the decision and then looks up the token:
-absent means the leader left without it, and the request leads or follows anew (the answer, if
-it was a 200, is in the cache already: stored before ``finish``). A leader that dies leaves its
-slot; followers test its pid. A registered leader's end is ordered by the journal's own
-transactions as before. A leader whose answer fails (``finish(False)``) registers nothing:
-followers that wanted it lead or follow anew, as followers of a failed registered flight do.
+The handshake. Invariant: *a request that raised ``want`` on a leader's slot either takes a
+seat, by token, in the flight that leader registered (whatever its outcome: a 200, an error, an
+answer finished for it after the leader's client left), or that leader left the board before
+the want was raised, registering nothing for it; and at most one request at a time is
+announced as a key's leader on the host.* It holds by construction, not by timing: every
+decision on a slot is taken under the journal's writer lock (``Coalescer._lock``: LMDB's robust
+process-shared mutex, a write transaction begun and aborted, ~0.3 µs), so the decisions are
+totally ordered: the election (read the slot; announce, or follow the live leader it names),
+a follower raising ``want``, and the leader leaving the board (an error head: no later request
+may follow; the answer complete; the in-memory bound reached). Leaving, the leader reads
+``want``: zero, it clears the slot, and any later ``want`` finds the slot gone and the request
+goes on anew (a 200 is in the cache by then: stored before ``finish``); non-zero, it marks the
+slot ENDING, registers the flight (reserved), then clears the slot, and the waiting requests
+look the token up once the slot no longer says RUNNING or ENDING. A leader that dies leaves its
+slot (LMDB frees the lock); followers test its pid. A registered leader's end is ordered by the
+journal's own transactions as before. A leader whose answer fails (``finish(False)``) registers
+nothing: requests that wanted it lead or follow anew, as followers of a failed flight do.
 
-What is left to timing (and costs only a second backend call, never a wrong or lost answer):
-two identical requests on two workers that read the empty slot in the same microsecond can both
-announce and lead (each then re-reads the slot after a fence, and the one whose write was
-overwritten follows the other; both lead only if each read back its own write before the
-other's landed); a key whose slot another key overwrote is not seen; a follower whose seat
-comes after its flight was capped (past ``max_bytes``) or failed goes to a backend itself.
+What is left to chance costs only a second backend call, never a wrong or lost answer: a key
+whose slot another key overwrote (4,096 slots) is not seen; a follower whose seat comes after
+its flight was capped (past ``max_bytes``) or failed goes to a backend itself.
 
 Staleness: the leader refreshes its heartbeat at most once a second, but only while it
 publishes, so ``stale_after_s`` must exceed the longest silence of a live backend (the
@@ -102,7 +100,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import xxhash
 
-from ntonix.cache.board import REGISTERED, Board, Seen, fence
+from ntonix.cache.board import REGISTERED, Board, Seen
 from ntonix.cache.flight_lock import LeaderLocks
 from ntonix.cache.lmdb_env import MiB, Process, StoreError, ensure_private_dir, explain, open_env, translated
 from ntonix.core.cache_entry import Headers
@@ -321,34 +319,54 @@ class Coalescer:
             return None
         h = key_hash(key)
         pid = Process.pid
-        seen = board.peek(h)
-        if seen is not None and seen.pid != pid and self.is_alive(seen.pid):
-            return None if seen.state == REGISTERED else self._await_leader(board, h, seen)
-        if seen is not None and seen.pid == pid and seen.state == REGISTERED:
-            return None  # registered by a leader of ours: it is in the journal
-        serial = self.serial()
-        board.announce(h, pid, serial)
-        fence()
-        won = board.peek(h)
-        if won is not None and won.pid != pid and won.state != REGISTERED:
-            # Another worker announced the key at the same moment and its write came last: follow
-            # it. (Both can still lead if each read its own write before the other's landed; the
-            # backend then answers twice, each client correctly: see "What is left to timing".)
-            return self._await_leader(board, h, won)
+        try:
+            lock = self._lock()
+        except StoreError as exc:
+            self.warn("coalesce.unavailable", exc)
+            return None
+        try:  # the election: one at a time on the host (the journal's writer lock)
+            seen = board.peek(h)
+            if seen is not None and seen.pid != pid and self.is_alive(seen.pid):
+                if seen.state == REGISTERED:
+                    return None
+                follow: Seen | None = seen
+            elif seen is not None and seen.pid == pid and seen.state == REGISTERED:
+                return None  # registered by a leader of ours: it is in the journal
+            else:
+                follow = None
+                serial = self.serial()
+                board.announce(h, pid, serial)
+        finally:
+            lock.abort()
+        if follow is not None:
+            return self._await_leader(board, h, follow)
         leader = Leader(self, key, None, board_hash=h, serial=serial)
         self._local[key] = leader
         self._arm()
         return leader
+
+    def _lock(self) -> Txn:
+        """The coalescing journal's writer lock, held by a write transaction nothing is written
+        in (abort it to let go): LMDB's robust process-shared mutex, ~0.3 µs uncontended, freed
+        by LMDB if its holder dies. Board decisions are taken under it (ntonix.cache.board)."""
+        with translated():
+            return self.handles().env.begin(write=True)
 
     def _await_leader(self, board: Board, h: int, seen: Seen) -> Follower | None:
         """Raise ``want`` on another worker's unregistered leader, wait (bounded) until it has
         decided, and take a seat in its flight if it registered one; ``None`` if it ended
         without us (module docstring, "The handshake")."""
         pid, serial = seen.pid, seen.serial
-        board.want(h, pid, serial)
-        fence()  # our want is visible before we read the leader's state
+        try:
+            lock = self._lock()
+        except StoreError:
+            return None  # no journal to follow through
+        try:
+            wanting = board.want(h, pid, serial)  # ordered with the leader's leave by the lock
+        finally:
+            lock.abort()
         deadline = self.clock() + _REGISTER_WAIT_S
-        while True:
+        while wanting:
             now = board.peek(h)
             if now is None or (now.pid, now.serial) != (pid, serial) or now.state == REGISTERED:
                 break  # it decided: registered (for us or anyone), or left the board
@@ -357,7 +375,7 @@ class Coalescer:
             if self.clock() >= deadline:
                 # Nobody answered: e.g. a slot left by a killed worker whose pid a live process
                 # has now. Clear it, so that the next request for the key does not wait again.
-                board.clear(h, pid, serial)
+                self._clear(board, h, pid, serial)
                 break
             self.sleep(self.poll_interval_s)
         return self._seat(_TOKEN.pack(pid, serial))
@@ -394,8 +412,20 @@ class Coalescer:
         if self._local.get(leader.key) is leader:
             del self._local[leader.key]
         if leader.board_hash and self._board is not None and self._board_pid == Process.pid:
-            self._board.clear(leader.board_hash, Process.pid, leader.serial)
+            self._clear(self._board, leader.board_hash, Process.pid, leader.serial)
         leader.lazy, leader.board_hash = False, 0
+
+    def _clear(self, board: Board, h: int, pid: int, serial: int) -> None:
+        """Clear a slot under the writer lock: never a newer announcement in the same slot."""
+        try:
+            lock = self._lock()
+        except StoreError:
+            board.clear(h, pid, serial)  # no journal, so nobody can be following through it
+            return
+        try:
+            board.clear(h, pid, serial)
+        finally:
+            lock.abort()
 
     def tick(self) -> None:
         """Every poll interval while this process has unregistered leaders: if another worker
@@ -636,11 +666,21 @@ class Leader:
         (by token only, reserved) before the slot is cleared; otherwise nobody follows."""
         c = self._c
         board = c._board
-        if board is not None and c._board_pid == Process.pid and board.leave(
-                self.board_hash, Process.pid, self.serial):
+        wanted = False
+        if board is not None and c._board_pid == Process.pid:
+            try:
+                lock = c._lock()
+            except StoreError:
+                pass  # nothing can be registered: go alone (a waiting request finds no flight)
+            else:
+                try:
+                    wanted = board.leave(self.board_hash, Process.pid, self.serial)
+                finally:
+                    lock.abort()
+        if wanted:
             self.register(joinable=False)
         else:
-            self.board_hash = 0  # the slot is cleared (or another key's now)
+            self.board_hash = 0  # cleared by leave (or another key's slot now)
             self._end()
 
     def register(self, *, joinable: bool = True) -> None:

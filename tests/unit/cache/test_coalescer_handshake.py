@@ -153,8 +153,8 @@ def test_a_follower_waits_while_the_leader_is_deciding(w: Workers) -> None:
     leader = lead(w, A)
     h = key_hash("k")
     w.run(A, lambda: w.c[A].board().set_state(h, A, leader.serial, ENDING))
-    # Still ENDING for two polls (the leader is between its write and its read of want), then
-    # it registers for the want it read and leaves the board.
+    # ENDING for two polls (the leader left the board with a want and is registering), then it
+    # has registered and cleared the slot.
     w.later(A, lambda: None)
     w.later(A, lambda: (w.c[A].board().set_state(h, A, leader.serial, RUNNING), answer(leader, 200, b"{}")))
     follower = w.run(B, w.c[B].join, "k")
