@@ -6,7 +6,7 @@ follower's polling ``sleep`` runs the leader's scripted steps, with a fake clock
 no real sleeps. Invariant under test (ntonix/cache/coalescer.py, "The handshake"): a request
 that raised ``want`` on a leader's slot either takes a seat in the flight that leader
 registered, from its first record, whatever the outcome (200, error, client gone), or the
-leader never registered it and the request saw the leader leave.
+leader had left the board before the want, registering nothing for it.
 """
 
 from __future__ import annotations
