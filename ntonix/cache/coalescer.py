@@ -211,6 +211,7 @@ class Coalescer:
         self._timer_pid = -1
         self._serial = -1
         self._serial_pid = -1
+        self._reserved_ended_at = 0.0  # when a reserved flight last ended here (0: swept since)
 
     def handles(self) -> _Handles:
         if self._handles is None or self._pid != Process.pid:
@@ -440,6 +441,19 @@ class Coalescer:
             import gevent
 
             gevent.spawn(self.register_wanted)
+        if self._reserved_ended_at and self.clock() - self._reserved_ended_at > RESERVE_S:
+            # Reserved flights are swept once their seats can no longer come (RESERVE_S).
+            self._reserved_ended_at = 0.0
+            import gevent
+
+            gevent.spawn(self._sweep_quietly)
+
+    def _sweep_quietly(self) -> None:
+        try:
+            self._swept_at = self.clock()
+            self.sweep()
+        except StoreError as exc:
+            self.warn("coalesce.unavailable", exc)
 
     def register_wanted(self) -> int:
         """Register every unregistered leader of ours some request on the board waits for."""
@@ -741,6 +755,8 @@ class Leader:
         """Publish nothing more; let followers know at once (the lock) and free the memory."""
         self.finished = True
         self._pending = []
+        if self._reserved:
+            self._c._reserved_ended_at = self._c.clock()  # the tick sweeps it RESERVE_S later
         if self.board_hash or self.lazy:
             self._c._forget(self)  # after the journal says DONE: a waiter then finds it stored
         if self.token is not None and self._c._handles is not None:

@@ -228,3 +228,25 @@ def test_a_leader_that_fails_after_a_want_lets_the_follower_lead(w: Workers) -> 
     w.later(A, lambda: answer(leader, 200, b"{", ok=False))  # e.g. the backend broke off
     role = w.run(B, w.c[B].join, "k")
     assert isinstance(role, Leader) and role.lazy  # nothing to share: B goes to a backend
+
+
+def test_the_leaders_tick_sweeps_a_reserved_flight_once_no_seat_can_come(w: Workers) -> None:
+    import gevent
+
+    leader = lead(w, A)
+    w.later(A, answer, leader, 200, b"{}")
+    follower = w.run(B, w.c[B].join, "k")
+    assert isinstance(follower, Follower)
+    read_all(w, B, follower)
+    assert w.rows() == (0, 1, 2)
+    other = lead(w, A, "other")  # the tick runs while the worker leads something
+    w.clock.advance(RESERVE_S / 2)
+    w.run(A, w.c[A].tick)
+    gevent.sleep(0)
+    assert w.rows() == (0, 1, 2)  # a request that wanted it may still take its seat
+    w.clock.advance(RESERVE_S)
+    with w.as_(A):
+        w.c[A].tick()
+        gevent.sleep(0)  # the sweep runs in a greenlet (the tick runs in the hub)
+    assert w.rows() == (0, 0, 0)
+    w.run(A, other.finish, False)
