@@ -722,9 +722,9 @@ class Leader:
                     # Someone else's flight answering the key already: ours stays private.
                     held = ((not joinable or live_flight(c, hs, txn, k, now) is None)
                             and start_flight(hs, txn, k, mine, now, joinable=joinable, reserved=True))
-                    if not held:
-                        self._end()
-                        return
+            if not held:
+                self._end()  # after the transaction: clearing the slot takes the writer lock
+                return
         except BaseException as exc:
             if held:
                 hs.locks.release(mine)
@@ -782,24 +782,15 @@ class Leader:
                         return
                 with h.env.begin(write=True) as txn:
                     raw = txn.get(self.token, db=h.flights)
-                    if raw is None or _Flight.unpack(raw).state != RUNNING:
-                        self._end()
-                        return
-                    if over:
-                        self._reserved = False  # nobody can take a seat in a capped flight
-                    flight = _Flight.unpack(raw)._replace(heartbeat=now, reserved=self._reserved)
-                    self._journaling = flight.followers > 0 or self._reserved
-                    if over:
-                        self._cap(h, txn)
-                        flight = flight._replace(capped=True)
-                        if not self._journaling and end is None:
-                            end = FAILED  # nobody follows and nobody can join: nothing to publish
-                    if self._journaling and end != FAILED:
-                        self._write(h, txn)
-                        flight = flight._replace(published=self._published)
-                    elif self._capped and end is None:
-                        end = FAILED  # every follower left a capped flight: nobody can join it
-                    settle(h, txn, self.token, flight if end is None else flight._replace(state=end))
+                    gone = raw is None or _Flight.unpack(raw).state != RUNNING
+                    if not gone:
+                        assert raw is not None
+                        end = self._publish(h, txn, _Flight.unpack(raw), now, over, end)
+                if gone:
+                    self._end()  # after the transaction: clearing the slot takes the writer lock
+                    return
+                if self._capped and self.board_hash:
+                    c._forget(self)  # nobody may join a capped flight: new requests lead themselves
                 self._beat = now
                 if end is not None:
                     self._end()
@@ -811,6 +802,27 @@ class Leader:
             if end is None:
                 self._abandon()
 
+    def _publish(self, h: _Handles, txn: Txn, flight: _Flight, now: float, over: bool,
+                 end: int | None) -> int | None:
+        """``_sync``'s write transaction on a running flight; returns how the flight ends now."""
+        assert self.token is not None
+        if over:
+            self._reserved = False  # nobody can take a seat in a capped flight
+        flight = flight._replace(heartbeat=now, reserved=self._reserved)
+        self._journaling = flight.followers > 0 or self._reserved
+        if over:
+            self._cap(h, txn)
+            flight = flight._replace(capped=True)
+            if not self._journaling and end is None:
+                end = FAILED  # nobody follows and nobody can join: nothing to publish
+        if self._journaling and end != FAILED:
+            self._write(h, txn)
+            flight = flight._replace(published=self._published)
+        elif self._capped and end is None:
+            end = FAILED  # every follower left a capped flight: nobody can join it
+        settle(h, txn, self.token, flight if end is None else flight._replace(state=end))
+        return end
+
     def _cap(self, h: _Handles, txn: Txn) -> None:
         """Past ``max_bytes``: no new follower may join (it would need records we drop)."""
         assert self.token is not None
@@ -818,8 +830,6 @@ class Leader:
         k = self.key.encode()
         if txn.get(k, db=h.inflight) == self.token:
             txn.delete(k, db=h.inflight)
-        if self.board_hash:
-            self._c._forget(self)
 
     def _write(self, h: _Handles, txn: Txn) -> None:
         """Journal the pending records; on a capped flight drop what every follower has read."""

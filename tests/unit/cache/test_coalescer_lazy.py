@@ -162,3 +162,28 @@ def test_an_announcement_nobody_answers_is_waited_for_once(tmp_path: Path) -> No
     again = c.join("k")
     assert isinstance(again, Leader) and slept == []
     again.finish(False)
+
+
+def test_a_registered_leader_leaves_the_board_when_capped_or_taken_over(tmp_path: Path) -> None:
+    """Clearing the slot takes the journal's writer lock, so it happens after the write
+    transaction that capped or found the flight gone (py-lmdb refuses a second one)."""
+    c = Coalescer(str(tmp_path), sleep=time.sleep, lazy=True, max_bytes=4)
+    leader = c.join("k")
+    assert isinstance(leader, Leader)
+    follower = c.join("k")  # registers the leader, joinable: the slot says REGISTERED
+    assert isinstance(follower, Follower)
+    leader.publish_head(200, HEAD)
+    leader.publish_chunk(b"12345")  # past max_bytes: capped, off the board
+    assert c.board().peek(key_hash("k")) is None and not leader.finished
+    follower.close()
+    leader.finish(True)
+
+    taken = c.join("t")
+    assert isinstance(taken, Leader)
+    taken.register()
+    h = c.handles()
+    assert taken.token is not None
+    with h.env.begin(write=True) as txn:  # what a takeover of a stale flight leaves
+        txn.delete(taken.token, db=h.flights)
+    taken.publish_head(200, HEAD)
+    assert taken.finished and c.board().peek(key_hash("t")) is None
