@@ -39,14 +39,39 @@ by ``max_bytes`` plus what the slowest attached follower has not read yet.
 
 Unregistered leaders (issue #14; ``lazy=True``, as the gateway runs it): almost no miss ever
 gets a follower, so a leader starts outside the journal: ``join`` announces it on the board
-(``ntonix.cache.board``, 16 bytes in shared memory) and writes nothing to LMDB; a solo miss
-then costs no journal transaction at all (it was two writes and a read per chunk). A second
-request for the key in the same process registers the leader (the write ``join`` used to do)
-and follows it through the journal; one in another worker finds the announcement, rings the
-leader's bell and waits until the leader's process registers the flight (it checks its bell
-every ``poll_interval_s``) or ends it. The leader keeps what it published meanwhile, so a
-follower still gets the answer from its first byte. Whoever misses an announcement (two keys
-sharing a slot) goes to the backend itself, as without coalescing.
+(``ntonix.cache.board``, one slot in shared memory: key hash, pid, flight serial, state, want)
+and writes nothing to LMDB, takes no lock; a solo miss costs no journal transaction at all (it
+was two writes and a read per chunk, plus a liveness lock taken and released). A second request
+for the key in the same process registers the leader (the write ``join`` used to do) and
+follows it through the journal; one in another worker finds the slot, raises its ``want``,
+rings the leader's bell and waits; the leader's process checks its bell every
+``poll_interval_s`` and registers the flights that are wanted. The leader keeps what it
+published meanwhile (up to ``LAZY_MAX_BYTES``), so a follower still gets the answer from its
+first byte. A flight registered this way is *reserved*: a request that raised ``want`` takes
+its seat by the flight's token (pid and serial, both in the slot), even after the flight ended,
+so it is kept until the sweep (``RESERVE_S``) rather than deleted by the last one out.
+
+The handshake. Invariant: *a request that raised ``want`` on a leader's slot either takes a
+seat, by token, in the flight that leader registered (whatever its outcome: a 200, an error, an
+answer finished for it after the leader's client left), or that leader left the board before
+the want was raised, registering nothing for it; and at most one request at a time is
+announced as a key's leader on the host.* It holds by construction, not by timing: every
+decision on a slot is taken under the journal's writer lock (``Coalescer._lock``: LMDB's robust
+process-shared mutex, a write transaction begun and aborted, ~0.3 µs), so the decisions are
+totally ordered: the election (read the slot; announce, or follow the live leader it names),
+a follower raising ``want``, and the leader leaving the board (an error head: no later request
+may follow; the answer complete; the in-memory bound reached). Leaving, the leader reads
+``want``: zero, it clears the slot, and any later ``want`` finds the slot gone and the request
+goes on anew (a 200 is in the cache by then: stored before ``finish``); non-zero, it marks the
+slot ENDING, registers the flight (reserved), then clears the slot, and the waiting requests
+look the token up once the slot no longer says RUNNING or ENDING. A leader that dies leaves its
+slot (LMDB frees the lock); followers test its pid. A registered leader's end is ordered by the
+journal's own transactions as before. A leader whose answer fails (``finish(False)``) registers
+nothing: requests that wanted it lead or follow anew, as followers of a failed flight do.
+
+What is left to chance costs only a second backend call, never a wrong or lost answer: a key
+whose slot another key overwrote (4,096 slots) is not seen; a follower whose seat comes after
+its flight was capped (past ``max_bytes``) or failed goes to a backend itself.
 
 Staleness: the leader refreshes its heartbeat at most once a second, but only while it
 publishes, so ``stale_after_s`` must exceed the longest silence of a live backend (the
@@ -54,8 +79,11 @@ proxy's read timeout). A dead leader, and a live one that stopped publishing (a 
 write: disk full), is noticed at once through its liveness lock (``ntonix.cache.flight_lock``),
 which needs no write: a leader that cannot write cannot mark its flight failed either.
 Followers test it whenever they find nothing new, ``join`` before following, so nobody
-joins a flight that cannot be written. Transactions never span a sleep or a ``yield``:
-records are copied out first.
+joins a flight that cannot be written. Only registered flights hold that lock (taken in the
+transaction that registers them): an unregistered leader has nobody to tell, and a request
+waiting for one tests its pid; if registering fails (disk full), the leader goes on alone and
+the waiting requests, finding no flight, go to a backend themselves. Transactions never span
+a sleep or a ``yield``: records are copied out first.
 """
 
 from __future__ import annotations
@@ -72,7 +100,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import xxhash
 
-from ntonix.cache.board import REGISTERED, WANTED, Board
+from ntonix.cache.board import REGISTERED, Board, Seen
 from ntonix.cache.flight_lock import LeaderLocks
 from ntonix.cache.lmdb_env import MiB, Process, StoreError, ensure_private_dir, explain, open_env, translated
 from ntonix.core.cache_entry import Headers
@@ -92,6 +120,10 @@ _COUNT = struct.Struct(">I")
 _TOKEN = struct.Struct(">II")  # a flight token: leader's pid, per-process counter
 RUNNING, DONE, FAILED = 0, 1, 2
 _CAPPED = 0x10  # flag in the state byte: past max_bytes, records are dropped once read
+# Flag in the state byte: registered for followers on other workers who may not have taken
+# their seat yet; kept after it ends, even with no follower, until the sweep (RESERVE_S later).
+_RESERVED = 0x20
+RESERVE_S = 5.0
 _LAG_BYTES = 2 * MiB  # a capped flight's leader waits while a follower is further behind
 # An unregistered leader keeps what it published for a follower who might come, up to this
 # much (then nobody may join): the worker's memory stays flat whatever the answer's size.
@@ -114,16 +146,17 @@ class _Flight(NamedTuple):
     state: int
     key: bytes
     capped: bool = False
+    reserved: bool = False
 
     def pack(self) -> bytes:
-        state = self.state | (_CAPPED if self.capped else 0)
+        state = self.state | (_CAPPED if self.capped else 0) | (_RESERVED if self.reserved else 0)
         return _RECORD.pack(self.pid, self.heartbeat, self.followers, self.published, state) + self.key
 
     @classmethod
     def unpack(cls, raw: bytes) -> _Flight:
         pid, heartbeat, followers, published, state = _RECORD.unpack_from(raw)
-        return cls(pid, heartbeat, followers, published, state & ~_CAPPED, raw[_RECORD.size :],
-                   bool(state & _CAPPED))
+        return cls(pid, heartbeat, followers, published, state & ~(_CAPPED | _RESERVED), raw[_RECORD.size :],
+                   bool(state & _CAPPED), bool(state & _RESERVED))
 
 
 class _Handles(NamedTuple):
@@ -178,6 +211,7 @@ class Coalescer:
         self._timer_pid = -1
         self._serial = -1
         self._serial_pid = -1
+        self._reserved_ended_at = 0.0  # when a reserved flight last ended here (0: swept since)
 
     def handles(self) -> _Handles:
         if self._handles is None or self._pid != Process.pid:
@@ -197,31 +231,38 @@ class Coalescer:
                 or not self.handles().locks.held(token))
 
     def join(self, key: str) -> Leader | Follower:
-        """Follow the live flight for ``key``, or lead a new one (one write transaction; none
-        for an unregistered leader, see the module docstring)."""
+        """Follow the live flight for ``key``, or lead a new one: unregistered (nothing written,
+        module docstring) when ``lazy``, else registered at once (one write transaction)."""
         if self.lazy:
-            lazy = self._join_lazily(key)
-            if lazy is not None:
-                return lazy
+            for _ in range(3):  # each round waited for a leader that ended without us
+                role = self._join_lazily(key)
+                if role is None:
+                    role = self._join_journal(key, lead=False)
+                if role is not None:
+                    return role
+        role = self._join_journal(key, lead=True)
+        assert role is not None
+        return role
+
+    def _join_journal(self, key: str, *, lead: bool) -> Leader | Follower | None:
+        """Follow the key's live flight in the journal; else lead it, registered (``lead``), or
+        ``None``. A journal that cannot be used gives a leader nobody can follow."""
         k = key.encode()
         now = self.clock()
         mine: bytes | None = None
         try:
-            if now - self._swept_at > self.stale_after_s:
-                self._swept_at = now
-                self.sweep()
+            self._maybe_sweep(now)
             with translated():
                 h = self.handles()
                 with h.env.begin(write=True) as txn:
                     live = live_flight(self, h, txn, k, now)
                     if live is not None:
                         token, flight = live
-                        txn.put(token, flight._replace(followers=flight.followers + 1).pack(), db=h.flights)
-                        fid = self.token()[4:]
-                        txn.put(token + fid, _READER.pack(Process.pid, 0), db=h.readers)
-                        return Follower(self, token, fid)
+                        return self._add_follower(h, txn, token, flight)
+                    if not lead:
+                        return None
                     mine = self.token()
-                    if not start_flight(h, txn, k, mine, now):
+                    if not start_flight(h, txn, k, mine, now, joinable=True):
                         mine = None
                         return Leader(self, key, None)
             return Leader(self, key, mine)
@@ -233,26 +274,41 @@ class Coalescer:
             self.warn("coalesce.unavailable", exc)
             return Leader(self, key, None)  # nobody can follow: the request just goes alone
 
-    def token(self) -> bytes:
-        """A flight token unique on this host: pid and a per-process counter (8 bytes). The
-        counter starts at random, so a restarted worker that gets an old pid back does not
-        reuse the tokens of a flight its predecessor left behind."""
+    def _add_follower(self, h: _Handles, txn: Txn, token: bytes, flight: _Flight) -> Follower:
+        txn.put(token, flight._replace(followers=flight.followers + 1).pack(), db=h.flights)
+        fid = self.token()[4:]
+        txn.put(token + fid, _READER.pack(Process.pid, 0), db=h.readers)
+        return Follower(self, token, fid)
+
+    def _maybe_sweep(self, now: float) -> None:
+        if now - self._swept_at > min(self.stale_after_s, RESERVE_S):
+            self._swept_at = now
+            self.sweep()
+
+    def serial(self) -> int:
+        """The next flight serial of this process. It starts at random, so a restarted worker
+        that gets an old pid back does not reuse the tokens of a flight its predecessor left."""
         if self._serial_pid != Process.pid:
             self._serial_pid, self._serial = Process.pid, int.from_bytes(secrets.token_bytes(4), "big")
         self._serial = (self._serial + 1) & 0xFFFFFFFF
-        return _TOKEN.pack(Process.pid, self._serial)
+        return self._serial
+
+    def token(self) -> bytes:
+        """A flight token unique on this host: pid and a per-process serial (8 bytes)."""
+        return _TOKEN.pack(Process.pid, self.serial())
 
     # -- unregistered leaders -------------------------------------------------------------
 
     def board(self) -> Board:
         if self._board is None or self._board_pid != Process.pid:
-            self._board = Board(os.path.join(ensure_private_dir(self.path), "pending"))
+            self._board = Board(os.path.join(ensure_private_dir(self.path), "board"))
             self._board_pid = Process.pid
         return self._board
 
-    def _join_lazily(self, key: str) -> Leader | None:
-        """A new unregistered leader for ``key``, or ``None``: then a journal join follows (a
-        leader of ours or another worker's is registered for the key by then, or given up on)."""
+    def _join_lazily(self, key: str) -> Leader | Follower | None:
+        """A new unregistered leader for ``key``, a follower of another worker's leader that
+        registered for us, or ``None``: then look in the journal (a leader of ours or another
+        worker's is registered for the key by then, or ended without us)."""
         local = self._local.get(key)
         if local is not None:
             local.register()  # a follower in our own process: it reads the journal
@@ -263,39 +319,114 @@ class Coalescer:
             self.warn("coalesce.unavailable", StoreError(f"cache directory: {exc}"))
             return None
         h = key_hash(key)
-        seen = board.peek(h)
         pid = Process.pid
-        if seen is not None and seen[1] & REGISTERED:
-            return None  # in the journal (a leader of ours or another worker's)
-        if seen is not None and seen[0] != pid and self.is_alive(seen[0]):
-            board.want(h, seen[0])
-            self._await_registration(board, h, seen[0])
+        try:
+            lock = self._lock()
+        except StoreError as exc:
+            self.warn("coalesce.unavailable", exc)
             return None
-        leader = Leader(self, key, None, board_hash=h)
+        try:  # the election: one at a time on the host (the journal's writer lock)
+            seen = board.peek(h)
+            if seen is not None and seen.pid != pid and self.is_alive(seen.pid):
+                if seen.state == REGISTERED:
+                    return None
+                follow: Seen | None = seen
+            elif seen is not None and seen.pid == pid and seen.state == REGISTERED:
+                return None  # registered by a leader of ours: it is in the journal
+            else:
+                follow = None
+                serial = self.serial()
+                board.announce(h, pid, serial)
+        finally:
+            lock.abort()
+        if follow is not None:
+            return self._await_leader(board, h, follow)
+        leader = Leader(self, key, None, board_hash=h, serial=serial)
         self._local[key] = leader
-        board.announce(h, pid)
         self._arm()
         return leader
 
-    def _await_registration(self, board: Board, h: int, pid: int) -> None:
-        """Wait (bounded) until ``pid``'s leader for ``h`` is in the journal or gone."""
+    def _lock(self) -> Txn:
+        """The coalescing journal's writer lock, held by a write transaction nothing is written
+        in (abort it to let go): LMDB's robust process-shared mutex, ~0.3 µs uncontended, freed
+        by LMDB if its holder dies. Board decisions are taken under it (ntonix.cache.board)."""
+        with translated():
+            return self.handles().env.begin(write=True)
+
+    def _await_leader(self, board: Board, h: int, seen: Seen) -> Follower | None:
+        """Raise ``want`` on another worker's unregistered leader, wait (bounded) until it has
+        decided, and take a seat in its flight if it registered one; ``None`` if it ended
+        without us (module docstring, "The handshake")."""
+        pid, serial = seen.pid, seen.serial
+        try:
+            lock = self._lock()
+        except StoreError:
+            return None  # no journal to follow through
+        try:
+            wanting = board.want(h, pid, serial)  # ordered with the leader's leave by the lock
+        finally:
+            lock.abort()
         deadline = self.clock() + _REGISTER_WAIT_S
-        while self.clock() < deadline:
+        while wanting:
+            now = board.peek(h)
+            if now is None or (now.pid, now.serial) != (pid, serial) or now.state == REGISTERED:
+                break  # it decided: registered (for us or anyone), or left the board
+            if not self.is_alive(pid):
+                break
+            if self.clock() >= deadline:
+                # Nobody answered: e.g. a slot left by a killed worker whose pid a live process
+                # has now. Clear it, so that the next request for the key does not wait again.
+                self._clear(board, h, pid, serial)
+                break
             self.sleep(self.poll_interval_s)
-            seen = board.peek(h)
-            if seen is None or seen[0] != pid or seen[1] & REGISTERED or not self.is_alive(pid):
-                return
-        # Nobody answered: e.g. a slot left by a killed worker whose pid a live process has now.
-        # Clear it, so that the next request for the key does not wait again.
-        board.clear(h, pid)
+        return self._seat(_TOKEN.pack(pid, serial))
+
+    def _seat(self, token: bytes) -> Follower | None:
+        """A follower of flight ``token`` if it is in the journal and can still be read from
+        its first record (not failed, not capped, its leader alive), else ``None``."""
+        now = self.clock()
+        try:
+            self._maybe_sweep(now)
+            with translated():
+                h = self.handles()
+                with h.env.begin(write=True) as txn:
+                    raw = txn.get(token, db=h.flights)
+                    if raw is None:
+                        return None
+                    flight = _Flight.unpack(raw)
+                    if (flight.state == FAILED or flight.capped
+                            or (flight.state == RUNNING and self.stale(token, flight, now))):
+                        return None
+                    return self._add_follower(h, txn, token, flight)
+        except StoreError as exc:
+            self.warn("coalesce.unavailable", exc)
+            return None
+
+    def wanted(self, leader: Leader) -> bool:
+        """Has a request on another worker raised ``want`` on ``leader``'s slot?"""
+        board = self._board
+        return (board is not None and self._board_pid == Process.pid and leader.board_hash != 0
+                and board.wanted(leader.board_hash, Process.pid, leader.serial))
 
     def _forget(self, leader: Leader) -> None:
-        """``leader`` has ended: off the local map and the board."""
+        """``leader`` is off the board: off the local map, its slot cleared."""
         if self._local.get(leader.key) is leader:
             del self._local[leader.key]
         if leader.board_hash and self._board is not None and self._board_pid == Process.pid:
-            self._board.clear(leader.board_hash, Process.pid)
+            self._clear(self._board, leader.board_hash, Process.pid, leader.serial)
         leader.lazy, leader.board_hash = False, 0
+
+    def _clear(self, board: Board, h: int, pid: int, serial: int) -> None:
+        """Clear a slot under the writer lock: never a newer announcement in the same slot."""
+        try:
+            lock = self._lock()
+        except StoreError:
+            board.clear(h, pid, serial)  # no journal, so nobody can be following through it
+            return
+        try:
+            board.clear(h, pid, serial)
+        finally:
+            lock.abort()
 
     def tick(self) -> None:
         """Every poll interval while this process has unregistered leaders: if another worker
@@ -310,13 +441,25 @@ class Coalescer:
             import gevent
 
             gevent.spawn(self.register_wanted)
+        if self._reserved_ended_at and self.clock() - self._reserved_ended_at > RESERVE_S:
+            # Reserved flights are swept once their seats can no longer come (RESERVE_S).
+            self._reserved_ended_at = 0.0
+            import gevent
+
+            gevent.spawn(self._sweep_quietly)
+
+    def _sweep_quietly(self) -> None:
+        try:
+            self._swept_at = self.clock()
+            self.sweep()
+        except StoreError as exc:
+            self.warn("coalesce.unavailable", exc)
 
     def register_wanted(self) -> int:
         """Register every unregistered leader of ours some request on the board waits for."""
-        board, pid, n = self.board(), Process.pid, 0
+        n = 0
         for leader in list(self._local.values()):
-            seen = board.peek(leader.board_hash)
-            if seen is not None and seen[0] == pid and seen[1] & WANTED:
+            if self.wanted(leader):
                 leader.register()
                 n += 1
         return n
@@ -353,7 +496,10 @@ class Coalescer:
             with h.env.begin(write=True) as txn:
                 for token, raw in list(txn.cursor(db=h.flights)):
                     flight = _Flight.unpack(raw)
-                    if flight.state != RUNNING and now - flight.heartbeat > self.stale_after_s:
+                    # A finished flight kept for followers who wanted it (RESERVE_S), or one
+                    # whose followers died without closing (stale_after_s).
+                    keep_s = RESERVE_S if flight.reserved and flight.followers == 0 else self.stale_after_s
+                    if flight.state != RUNNING and now - flight.heartbeat > keep_s:
                         drop(h, txn, token, flight.key)  # its followers died without closing
                         removed += 1
                     elif flight.state == RUNNING and self.stale(token, flight, now):
@@ -379,14 +525,17 @@ def live_flight(c: Coalescer, h: _Handles, txn: Txn, k: bytes, now: float) -> tu
     return None
 
 
-def start_flight(h: _Handles, txn: Txn, k: bytes, token: bytes, now: float) -> bool:
-    """Make ``token`` the running flight for ``k`` (False: its liveness lock cannot be held).
-    The lock is held before the flight is visible (nobody reads it before we commit), so a
+def start_flight(h: _Handles, txn: Txn, k: bytes, token: bytes, now: float, *, joinable: bool,
+                 reserved: bool = False) -> bool:
+    """Make ``token`` a running flight answering ``k`` (False: its liveness lock cannot be held),
+    the key's flight for new requests if ``joinable`` (else only followers given the token join
+    it). The lock is held before the flight is visible (nobody reads it before we commit), so a
     running flight without its lock is always a dead one."""
     if not h.locks.hold(token):
         return False
-    txn.put(k, token, db=h.inflight)
-    txn.put(token, _Flight(Process.pid, now, 0, 0, RUNNING, k).pack(), db=h.flights)
+    if joinable:
+        txn.put(k, token, db=h.inflight)
+    txn.put(token, _Flight(Process.pid, now, 0, 0, RUNNING, k, reserved=reserved).pack(), db=h.flights)
     return True
 
 
@@ -397,7 +546,7 @@ def settle(h: _Handles, txn: Txn, token: bytes, flight: _Flight) -> int:
         return 0
     if txn.get(flight.key, db=h.inflight) == token:
         txn.delete(flight.key, db=h.inflight)
-    if flight.followers > 0:
+    if flight.followers > 0 or flight.reserved:  # a reserved one waits for the sweep
         txn.put(token, flight.pack(), db=h.flights)
         return 0
     drop(h, txn, token, flight.key)
@@ -459,10 +608,12 @@ class Leader:
     answer themselves.
     """
 
-    def __init__(self, coalescer: Coalescer, key: str, token: bytes | None, board_hash: int = 0) -> None:
+    def __init__(self, coalescer: Coalescer, key: str, token: bytes | None, board_hash: int = 0,
+                 serial: int = 0) -> None:
         self._c = coalescer
         self.key, self.token = key, token
         self.board_hash = board_hash  # announced on the board under this hash (0: not)
+        self.serial = serial  # the flight's serial on the board (its token once registered)
         self.lazy = bool(board_hash)  # not in the journal (yet): nobody can follow
         self._pending: list[bytes] = []  # records not in the journal yet
         self._published = 0  # records in the journal (the first pending one's number)
@@ -471,6 +622,7 @@ class Leader:
         self._kept_bytes = 0
         self._bytes = 0  # body bytes taken so far
         self._capped = False
+        self._reserved = False  # registered for followers on other workers: journal everything
         self._journaling = False
         self._has_head = False
         self._beat = coalescer.clock()
@@ -478,8 +630,11 @@ class Leader:
 
     @property
     def has_followers(self) -> bool:
-        """Whether anyone follows (as of the last publish): a leader whose own client left
-        may keep reading the backend for them."""
+        """Whether anyone follows (as of the last publish), or wants to (another worker's request
+        on the board: the flight is registered for it now): a leader whose own client left may
+        keep reading the backend for them."""
+        if self.lazy and not self.finished and self._c.wanted(self):
+            self.register()
         return self._journaling and not self.finished
 
     def publish_head(self, status: int, headers: Headers) -> None:
@@ -489,10 +644,12 @@ class Leader:
         if not self.finished:
             self._pending.append(orjson.dumps([status, headers]))
             if status != 200:
+                # An answer that will not be cached: shared with whoever waits for it already,
+                # never with a request arriving from now on.
                 if self.lazy:
-                    self._end()  # nobody follows yet, and nobody may from now on
-                    return
-                self._detach()
+                    self._leave_board()
+                else:
+                    self._detach()
             self._sync(None)
 
     def publish_chunk(self, data: bytes) -> None:
@@ -502,41 +659,72 @@ class Leader:
             self._pending.append(bytes(data))
             self._bytes += len(data)
             if self.lazy and self._bytes > min(self._c.max_bytes, LAZY_MAX_BYTES):
-                # Too much to keep in memory for a follower who might come: nobody may join.
-                self._end()
-                return
+                # Too much to keep in memory for a follower who might come: nobody may join
+                # from now on (whoever wants it already gets it through the journal).
+                self._leave_board()
             self._sync(None)
 
     def finish(self, ok: bool) -> None:
         """End the flight (idempotent): ``ok`` means the answer is complete."""
         if not self.finished:
+            complete = ok and bool(self._published or self._pending)
+            if self.lazy and complete:
+                self._leave_board()  # registers it if a request on another worker wants it
             if self.token is not None:
-                self._sync(DONE if ok and (self._published or self._pending) else FAILED)
+                self._sync(DONE if complete else FAILED)
             self._end()
 
-    def register(self) -> None:
+    def _leave_board(self) -> None:
+        """An unregistered leader stops being joinable: the leader's half of the handshake
+        (module docstring). If some request raised ``want``, the flight is registered for it
+        (by token only, reserved) before the slot is cleared; otherwise nobody follows."""
+        c = self._c
+        board = c._board
+        wanted = False
+        if board is not None and c._board_pid == Process.pid:
+            try:
+                lock = c._lock()
+            except StoreError:
+                pass  # nothing can be registered: go alone (a waiting request finds no flight)
+            else:
+                try:
+                    wanted = board.leave(self.board_hash, Process.pid, self.serial)
+                finally:
+                    lock.abort()
+        if wanted:
+            self.register(joinable=False)
+        else:
+            self.board_hash = 0  # cleared by leave (or another key's slot now)
+            self._end()
+
+    def register(self, *, joinable: bool = True) -> None:
         """Put an unregistered leader's flight into the journal, so that followers can read it
-        (one write transaction, as ``Coalescer.join`` without the board). If another worker's
-        flight for the key is in the journal already, this one goes on alone."""
+        (one write transaction, as ``Coalescer.join`` without the board). It is *reserved*:
+        requests on other workers that raised ``want`` take their seat by token, maybe after it
+        ended, so it is kept until the sweep (``RESERVE_S``) even with no follower left.
+        ``joinable``: the key's flight for new requests too. If another worker's flight for the
+        key is in the journal already, this one goes on alone. The slot says REGISTERED (or is
+        cleared) only after the commit."""
         if not self.lazy or self.finished:
             return
         c = self._c
-        self.lazy = False
         if c._local.get(self.key) is self:
             del c._local[self.key]
         k = self.key.encode()
         now = c.clock()
-        mine = c.token()
+        mine = _TOKEN.pack(Process.pid, self.serial)
         held = False
         try:
+            c._maybe_sweep(now)
             with translated():
                 hs = c.handles()
                 with hs.env.begin(write=True) as txn:
                     # Someone else's flight answering the key already: ours stays private.
-                    held = live_flight(c, hs, txn, k, now) is None and start_flight(hs, txn, k, mine, now)
-                    if not held:
-                        self._end()
-                        return
+                    held = ((not joinable or live_flight(c, hs, txn, k, now) is None)
+                            and start_flight(hs, txn, k, mine, now, joinable=joinable, reserved=True))
+            if not held:
+                self._end()  # after the transaction: clearing the slot takes the writer lock
+                return
         except BaseException as exc:
             if held:
                 hs.locks.release(mine)
@@ -546,7 +734,12 @@ class Leader:
             c.warn("coalesce.unavailable", exc)
             return
         self.token, self._beat = mine, now
-        c.board().flag(self.board_hash, Process.pid, REGISTERED)  # after the commit: waiters find it
+        self._reserved = self._journaling = True
+        self.lazy = False
+        if joinable:
+            c.board().set_state(self.board_hash, Process.pid, self.serial, REGISTERED)
+        else:
+            c._forget(self)
 
     def close(self) -> None:
         """Mark the flight failed unless :meth:`finish` was called."""
@@ -562,6 +755,8 @@ class Leader:
         """Publish nothing more; let followers know at once (the lock) and free the memory."""
         self.finished = True
         self._pending = []
+        if self._reserved:
+            self._c._reserved_ended_at = self._c.clock()  # the tick sweeps it RESERVE_S later
         if self.board_hash or self.lazy:
             self._c._forget(self)  # after the journal says DONE: a waiter then finds it stored
         if self.token is not None and self._c._handles is not None:
@@ -587,22 +782,15 @@ class Leader:
                         return
                 with h.env.begin(write=True) as txn:
                     raw = txn.get(self.token, db=h.flights)
-                    if raw is None or _Flight.unpack(raw).state != RUNNING:
-                        self._end()
-                        return
-                    flight = _Flight.unpack(raw)._replace(heartbeat=now)
-                    self._journaling = flight.followers > 0
-                    if over:
-                        self._cap(h, txn)
-                        flight = flight._replace(capped=True)
-                        if not self._journaling and end is None:
-                            end = FAILED  # nobody follows and nobody can join: nothing to publish
-                    if self._journaling and end != FAILED:
-                        self._write(h, txn)
-                        flight = flight._replace(published=self._published)
-                    elif self._capped and end is None:
-                        end = FAILED  # every follower left a capped flight: nobody can join it
-                    settle(h, txn, self.token, flight if end is None else flight._replace(state=end))
+                    gone = raw is None or _Flight.unpack(raw).state != RUNNING
+                    if not gone:
+                        assert raw is not None
+                        end = self._publish(h, txn, _Flight.unpack(raw), now, over, end)
+                if gone:
+                    self._end()  # after the transaction: clearing the slot takes the writer lock
+                    return
+                if self._capped and self.board_hash:
+                    c._forget(self)  # nobody may join a capped flight: new requests lead themselves
                 self._beat = now
                 if end is not None:
                     self._end()
@@ -613,6 +801,27 @@ class Leader:
             self._end()
             if end is None:
                 self._abandon()
+
+    def _publish(self, h: _Handles, txn: Txn, flight: _Flight, now: float, over: bool,
+                 end: int | None) -> int | None:
+        """``_sync``'s write transaction on a running flight; returns how the flight ends now."""
+        assert self.token is not None
+        if over:
+            self._reserved = False  # nobody can take a seat in a capped flight
+        flight = flight._replace(heartbeat=now, reserved=self._reserved)
+        self._journaling = flight.followers > 0 or self._reserved
+        if over:
+            self._cap(h, txn)
+            flight = flight._replace(capped=True)
+            if not self._journaling and end is None:
+                end = FAILED  # nobody follows and nobody can join: nothing to publish
+        if self._journaling and end != FAILED:
+            self._write(h, txn)
+            flight = flight._replace(published=self._published)
+        elif self._capped and end is None:
+            end = FAILED  # every follower left a capped flight: nobody can join it
+        settle(h, txn, self.token, flight if end is None else flight._replace(state=end))
+        return end
 
     def _cap(self, h: _Handles, txn: Txn) -> None:
         """Past ``max_bytes``: no new follower may join (it would need records we drop)."""
@@ -682,6 +891,8 @@ class Leader:
                         txn.delete(k, db=h.inflight)
         except StoreError as exc:
             self._c.warn("coalesce.publish_failed", exc)
+        if self.board_hash:
+            self._c._forget(self)  # new requests lead themselves (not through the journal)
 
     def _abandon(self) -> None:
         """Best effort after a failed write (e.g. a full disk): fail the flight, free its journal.

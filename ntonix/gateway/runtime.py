@@ -74,10 +74,10 @@ class Runtime:
             ttl_s=config.cache.ttl_seconds, directory=cache_dir, redis_url=config.cache.redis_url or None,
             memory_max_bytes=int(min(config.cache.memory_max_mb, config.cache.max_size_mb / 4) * 1024 * 1024))
         self.coalescer: Coalescer | None = (
-            # lazy=False: unregistered leaders (ntonix/cache/board.py) cut a miss's coalescing cost
-            # but a follower on another worker could miss a leader whose answer failed fast.
+            # Leaders start unregistered (ntonix/cache/board.py): a miss nobody follows writes
+            # nothing to the coalescing journal (ntonix/cache/coalescer.py, "The handshake").
             Coalescer(cache_dir, stale_after_s=max(10.0, config.proxy.read_timeout_s),
-                      max_bytes=config.cache.max_entry_bytes, lazy=False)
+                      max_bytes=config.cache.max_entry_bytes, lazy=True)
             if config.cache.enabled else None)
         self.routing = RoutingState(config, run_dir(), sleep=_sleep)
         self._reaped_at = time.monotonic()

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ntonix.cache.board import REGISTERED, WANTED, Board
+from ntonix.cache.board import REGISTERED, RUNNING, Board
 from ntonix.cache.coalescer import Coalescer, Follower, Leader, key_hash
 from tests.live.procs import ROOT
 
@@ -44,13 +44,13 @@ def test_a_follower_in_the_same_process_registers_the_leader_and_gets_everything
     assert isinstance(follower, Follower)
     assert not leader.lazy and leader.token is not None
     seen = c.board().peek(key_hash("k"))
-    assert seen is not None and seen[1] & REGISTERED
+    assert seen is not None and seen.state == REGISTERED
     leader.publish_chunk(b"part 2")
     leader.finish(True)
     assert follower.wait_head(1) == (200, HEAD)
     assert b"".join(follower.chunks(1)) == b"part 1 part 2"
     follower.close()
-    assert rows(c) == (0, 0, 0)
+    assert rows(c) == (0, 1, 3)  # reserved for followers on other workers until the sweep
     assert c.board().peek(key_hash("k")) is None
 
 
@@ -70,17 +70,18 @@ def test_an_error_or_an_oversized_answer_is_never_registered(tmp_path: Path) -> 
 
 
 def test_board_slots_hold_one_leader_per_hash_and_bells_count(tmp_path: Path) -> None:
-    board = Board(str(tmp_path / "pending"))
-    board.announce(7, 100)
-    assert board.peek(7) == (100, 0)
+    board = Board(str(tmp_path / "board"))
+    board.announce(7, 100, 5)
+    assert board.peek(7) == (100, 5, RUNNING, 0)
     assert board.peek(7 + 4096) is None  # same slot, other hash
     before = board.bell(100)
-    board.want(7, 100)
-    assert board.peek(7) == (100, WANTED) and board.bell(100) == before + 1
+    board.want(7, 100, 5)
+    assert board.peek(7) == (100, 5, RUNNING, 1) and board.bell(100) == before + 1
+    assert board.wanted(7, 100, 5) and not board.wanted(7, 100, 6)  # another flight of that worker
     board.clear(7, 101)  # not the owner: left alone
-    assert board.peek(7) == (100, WANTED)
+    assert board.set_state(7, 100, 5, REGISTERED) and board.peek(7) == (100, 5, REGISTERED, 1)
     board.clear(7, 100)
-    assert board.peek(7) is None
+    assert board.peek(7) is None and not board.set_state(7, 100, 5, RUNNING)
 
 
 LAZY_LEADER = r"""
@@ -152,12 +153,37 @@ def test_an_announcement_nobody_answers_is_waited_for_once(tmp_path: Path) -> No
         now[0] += seconds
 
     c = Coalescer(str(tmp_path), sleep=sleep, clock=lambda: now[0], lazy=True)
-    c.board().announce(key_hash("k"), 1)
+    c.board().announce(key_hash("k"), 1, 77)
     first = c.join("k")
-    assert isinstance(first, Leader) and first.token is not None  # led through the journal
+    assert isinstance(first, Leader) and first.lazy  # leads itself, announced in the slot it cleared
     assert 0.9 <= sum(slept) <= 1.1
     first.finish(False)
     slept.clear()
     again = c.join("k")
     assert isinstance(again, Leader) and slept == []
     again.finish(False)
+
+
+def test_a_registered_leader_leaves_the_board_when_capped_or_taken_over(tmp_path: Path) -> None:
+    """Clearing the slot takes the journal's writer lock, so it happens after the write
+    transaction that capped or found the flight gone (py-lmdb refuses a second one)."""
+    c = Coalescer(str(tmp_path), sleep=time.sleep, lazy=True, max_bytes=4)
+    leader = c.join("k")
+    assert isinstance(leader, Leader)
+    follower = c.join("k")  # registers the leader, joinable: the slot says REGISTERED
+    assert isinstance(follower, Follower)
+    leader.publish_head(200, HEAD)
+    leader.publish_chunk(b"12345")  # past max_bytes: capped, off the board
+    assert c.board().peek(key_hash("k")) is None and not leader.finished
+    follower.close()
+    leader.finish(True)
+
+    taken = c.join("t")
+    assert isinstance(taken, Leader)
+    taken.register()
+    h = c.handles()
+    assert taken.token is not None
+    with h.env.begin(write=True) as txn:  # what a takeover of a stale flight leaves
+        txn.delete(taken.token, db=h.flights)
+    taken.publish_head(200, HEAD)
+    assert taken.finished and c.board().peek(key_hash("t")) is None
