@@ -117,6 +117,7 @@ class Relay:
     def __init__(self, remote: ClusterFollower, local: LocalLeader) -> None:
         self.remote, self.local = remote, local
         self._complete = False
+        self._timeout_s = 0.0  # of the last chunks() call
         self.closed = False
 
     def wait_head(self, timeout_s: float) -> tuple[int, Headers] | None:
@@ -126,6 +127,7 @@ class Relay:
         return head
 
     def chunks(self, timeout_s: float) -> Iterator[bytes]:
+        self._timeout_s = timeout_s
         try:
             for chunk in self.remote.chunks(timeout_s):
                 self.local.publish_chunk(chunk)
@@ -137,10 +139,22 @@ class Relay:
         self.local.finish(True)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.remote.close()
-            self.local.finish(self._complete)
+        if self.closed:
+            return
+        self.closed = True
+        if not self._complete and self._timeout_s and self.local.has_followers:
+            # Our own request ended before the answer did (its client left, or had every byte
+            # of a sized answer and hung up before the other gateway's end marker came), but
+            # this host's followers read it through us: take the rest for them, as a leader
+            # of this host finishes its answer for its followers (nothing is sent to our client).
+            try:
+                for _ in self.chunks(self._timeout_s):
+                    pass
+            except LeaderFailed:
+                pass  # chunks() ended the host's flight as failed: its followers go on alone
+        self.remote.close()
+        if not self._complete:
+            self.local.finish(False)
 
     def __repr__(self) -> str:
         return f"<Relay {self.remote!r} -> {self.local!r}>"

@@ -75,6 +75,38 @@ def test_one_backend_request_for_two_hosts_and_the_hosts_followers_ride_along(ho
     assert results == {"relay": (HEAD, EVENTS), "rider": (HEAD, EVENTS)}
 
 
+def test_a_relay_whose_own_client_leaves_early_finishes_the_answer_for_the_hosts_riders(
+        hosts: tuple[Host, Host]) -> None:
+    """The relay's own client had every byte of a sized answer and hung up before the other
+    gateway's end marker came (the gateway's disconnect watch then closes the relay): the
+    host's riders still get the whole answer, complete, not a failed flight (which sent them to
+    a backend of their own: test_cluster_gateways flaked that way under load)."""
+    a, b = hosts
+    leader = a.join("early")
+    assert isinstance(leader, Fanout)
+    relay = b.join("early")
+    assert isinstance(relay, Relay)
+    rider = b.join("early")
+    assert isinstance(rider, LocalFollower)
+    got: dict[str, object] = {}
+    reader = threading.Thread(target=lambda: got.update(rider=read_all(rider)))
+    reader.start()
+    wait_until(lambda: leader.cluster.followers_seen, timeout=5, what="a's keeper saw b")
+    leader.publish_head(*HEAD)
+    leader.publish_chunk(EVENTS[0])
+    assert relay.wait_head(5) == HEAD
+    chunks = relay.chunks(5)
+    assert next(chunks) == EVENTS[0]
+    closer = threading.Thread(target=relay.close)  # our client left: close() takes the rest for the rider
+    closer.start()
+    for e in EVENTS[1:]:
+        leader.publish_chunk(e)
+    leader.finish(True)
+    closer.join(10)
+    reader.join(10)
+    assert got == {"rider": (HEAD, EVENTS)}
+
+
 def test_a_broken_answer_from_the_other_host_is_broken_for_the_riders_too(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     leader = a.join("broken")
