@@ -101,16 +101,18 @@ class ResponseCache:
             entry = None
         return entry
 
-    def lookup_below_memory(self, key: str, *, count: bool = True, remote: bool = True) -> CachedResponse | None:
+    def lookup_below_memory(self, key: str, *, count: bool = True, remote: bool = True,
+                            local: bool = True) -> CachedResponse | None:
         """The rest of :meth:`lookup` once :meth:`lookup_memory` missed: L2, then Redis. Safe
         however long after that miss: L1 only holds copies of the tiers below (an answer whose
-        L2 write is still deferred is found by the coalescer's second look, ``Proxy._join``)."""
+        L2 write is still deferred is found by the coalescer's second look, ``Proxy._join``).
+        ``local=False`` skips L2 too (the caller read it already)."""
         if not self.enabled:
             return None
         memory, shared = self.memory, self.shared
         remote_tier = self.remote if remote else None
         entry = None
-        if shared is not None:
+        if shared is not None and local:
             entry = self._l2(lambda s: s.get(key, touch=not count), None)
             if entry is not None and memory is not None:
                 memory.put(key, entry, age_s=self._clock() - entry.created)
@@ -154,14 +156,19 @@ class ResponseCache:
         if not self.enabled or entry.status != 200:
             return
         self._check_generation()
-        if self.memory is not None:
-            self.memory.put(key, entry, age_s=self._clock() - entry.created)
+        # L1 holds the worker's hot set: an answer enters it on its first hit (from L2, which
+        # every worker reads), not when it is stored, so a miss nobody asks for again costs no
+        # memory in any worker (1,000 streamed answers stored during an SSE run held ~20 MB of
+        # L1, docs/performance.md). Without L2, or when it failed, L1 is the tier that serves.
+        memory = self.memory
         if defer is not None and self.shared is not None:
+            if memory is not None:
+                memory.put(key, entry, age_s=self._clock() - entry.created)
             self._queued[key] = entry
             if len(self._queued) == 1:
                 defer(self.flush)
-        else:
-            self._l2(lambda s: s.put(key, entry), 0)
+        elif self._l2(lambda s: s.put(key, entry), -1) < 0 and memory is not None:
+            memory.put(key, entry, age_s=self._clock() - entry.created)
         if self.remote is not None and remote:
             self.remote.put(key, entry)
 

@@ -216,6 +216,10 @@ class Proxy:
             key = known[0]
         entry = cache.lookup_memory(key)
         if entry is None:
+            # L1 takes an answer on its first hit, not when it is stored (ResponseCache.store):
+            # that first hit is read from L2 here (and is in L1 from then on).
+            entry = cache.lookup_below_memory(key, count=False, remote=False)
+        if entry is None:
             self._probe = _Probe(body, key, parsed)
             return None
         if known is None:
@@ -284,7 +288,7 @@ class Proxy:
             # all workers): no write to the shared store per lookup. Across gateways, the Redis
             # tier is read in the cluster's join instead (_join): one round trip, not two.
             remote = rt.flights is None
-            entry = (rt.cache.lookup_below_memory(key, count=False, remote=remote) if probed
+            entry = (rt.cache.lookup_below_memory(key, count=False, remote=remote, local=False) if probed
                      else rt.cache.lookup(key, count=False, remote=remote))
             # Two rounds: followers whose leader failed before answering regroup behind a new
             # leader (one of them) instead of all going to the backend at once.
