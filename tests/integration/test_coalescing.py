@@ -150,11 +150,18 @@ def steered_burst(gw: Gateway, workers: list[int], body: dict[str, Any], headers
         calls = start_calls(gw, 1, body, headers, t0)
         wait_until(leader_at_backend, timeout=5, interval=0.01, what="the leader at the backend")
         calls += start_calls(gw, N // 2 - 1, body, headers, t0)
-        time.sleep(0.15)  # accepted and joined (each costs a few ms)
+        _until_active(gw, N // 2)  # accepted and joined by a (fixed sleeps lost some to b under load)
     with only_worker(gw, b, workers):
         calls += start_calls(gw, N - N // 2, body, headers, t0)
-        time.sleep(0.2)
+        _until_active(gw, N)
     return calls, t0
+
+
+def _until_active(gw: Gateway, n: int) -> None:
+    """Until ``n`` requests are in progress in the gateway (the /metrics request asking aside):
+    accepted and counted by the worker that is not stopped."""
+    wait_until(lambda: gw.metrics()["requests_active"] >= n + 1, timeout=10, interval=0.01,
+               what=f"{n} requests in progress")
 
 
 def pids_of(gw: Gateway, calls: list[Call]) -> dict[str, int]:
