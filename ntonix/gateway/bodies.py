@@ -92,6 +92,12 @@ class UpstreamBody:
         # once. A sized body waits for its bytes, so a backend dying in between costs a clean
         # error rather than a truncated 200.
         self._head_flushed = resp.content_length is not None
+        # A sized answer to store is stored as soon as its last byte is in, before gunicorn
+        # writes it: once the client has every byte, a request it sends at once to another
+        # worker must find the answer (storing only at close() left the OS a moment to
+        # preempt this worker in between).
+        self._whole_at: int | None = resp.content_length if self.chunks is not None else None
+        self._stored = False
 
     def __iter__(self) -> UpstreamBody:
         return self
@@ -126,6 +132,8 @@ class UpstreamBody:
             rec.ttft_ms = (time.perf_counter() - rec.started) * 1000.0
         rec.bytes_sent += len(chunk)
         self._take(chunk)
+        if self._whole_at is not None and self.recorded >= self._whole_at and self.chunks is not None:
+            self._store()
         return chunk
 
     def _take(self, chunk: bytes) -> None:
@@ -206,8 +214,14 @@ class UpstreamBody:
         else:
             rt.backend_succeeded(self.attempt, rec.backend_latency_ms or 0.0)
             rec.backend_ok = True
-        if self.store_key is None or rt.cache is None:
+        self._store()
+
+    def _store(self) -> None:
+        """Keep the answer in the cache (once): at close(), or as soon as a sized one is whole."""
+        rt, rec = self.rt, self.rec
+        if self._stored or self.store_key is None or rt.cache is None:
             return
+        self._stored = True
         if self.recorder is not None:
             if not self.recorder.done:
                 return  # a stream without its [DONE] is never stored

@@ -140,6 +140,23 @@ def test_a_stream_is_cached_only_with_its_done_event(tmp_path: Path) -> None:
     assert len(flow.transport.exchanges) == 2
 
 
+def test_a_sized_answer_is_stored_before_its_last_byte_goes_to_the_client(tmp_path: Path) -> None:
+    """Once the client has every byte, a request it sends at once to another worker must find the
+    answer: the store may not wait for close() (the OS can preempt the worker in between)."""
+    flow = Flow(tmp_path, B1, cache=True)
+    flow.transport.script(B1, Reply(200, chunks=[b'{"a":', b"1}"]))
+    body = chat(content="stored early")
+    answer = flow.request(body=body)
+    assert answer.next() == b'{"a":'
+    assert flow.runtime.cache is not None and flow.runtime.cache.lookup(key_of(body), count=False) is None
+    assert answer.next() == b"1}"  # the last byte, handed to gunicorn: stored already
+    stored = flow.runtime.cache.lookup(key_of(body), count=False)
+    assert stored is not None and stored.body == b'{"a":1}'
+    assert answer.read() == b""  # close(): nothing stored twice, the request settles as usual
+    assert flow.request(body=body).header("X-Cache") == "HIT"
+    settled(flow)
+
+
 def test_an_error_answer_is_relayed_but_neither_cached_nor_a_success(tmp_path: Path) -> None:
     flow = Flow(tmp_path, B1, cache=True)
     flow.transport.script(B1, Reply(500, chunks=[b'{"error":"x"}']), Reply(200, chunks=[b"{}"]))
