@@ -96,9 +96,16 @@ def test_identical_requests_split_across_two_gateways_reach_the_backend_once(
     assert all(cluster(gw)["redis_available"] for gw in (a, b))
 
 
+def stored_answers(redis: RedisServer) -> int:
+    return int(redis.command("EVAL", "return #redis.call('KEYS', 'ntonix:cache:*')", "0")[1:].split(b"\r\n")[0])
+
+
 def test_prometheus_text_shows_the_cluster(pair: tuple[Gateway, Gateway], clean_redis: RedisServer) -> None:
     a, _ = pair
     post(a, chat_body())
+    # The answer reaches Redis with the keeper's next batch (up to tick_s after the client has
+    # it): wait, or the next test's emptied Redis could receive it after being emptied.
+    wait_until(lambda: stored_answers(clean_redis) >= 1, timeout=5, interval=0.02, what="the answer in Redis")
     status, _, text = a.request("GET", "/metrics?format=prometheus")
     assert status == 200
     assert b'ntonix_cluster_flights_total{outcome="led"}' in text
@@ -109,10 +116,6 @@ def worker_pid(gw: Gateway) -> int:
     pid = int(gw.metrics()["worker_pid"])
     assert pid != gw.pid
     return pid
-
-
-def stored_answers(redis: RedisServer) -> int:
-    return int(redis.command("EVAL", "return #redis.call('KEYS', 'ntonix:cache:*')", "0")[1:].split(b"\r\n")[0])
 
 
 @pytest.mark.parametrize("when", ["before-head", "mid-stream"])
