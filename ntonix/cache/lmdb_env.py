@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import lmdb
 
+from ntonix.pid import Process
+
 if TYPE_CHECKING:
     from lmdb import _Database
 
@@ -193,19 +195,6 @@ def explain(error: BaseException, path: str, statvfs: Callable[[str], Any] = os.
     if "Input/output error" in text:
         return text.replace("Input/output error", f"No space left on device {where}")
     return f"{text}: No space left on device {where}"
-
-
-class Process:
-    """This process's pid, refreshed in a forked child (``os.getpid()`` is a system call)."""
-
-    pid = os.getpid()
-
-    @classmethod
-    def _forked(cls) -> None:
-        cls.pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=Process._forked)
 
 
 def read_counter(txn: Txn, db: _Database, name: bytes) -> int:

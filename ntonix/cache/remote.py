@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ntonix.core.cache_entry import CachedResponse, DecodeError
+from ntonix.pid import Process
 
 log = logging.getLogger("ntonix.cache")
 
@@ -149,7 +149,7 @@ class RedisStore:
         return removed
 
     def close(self) -> None:
-        if self._client is not None and self._pid == os.getpid():
+        if self._client is not None and self._pid == Process.pid:
             self._client.close()
         self._client = None
 
@@ -158,7 +158,7 @@ class RedisStore:
     def _ready(self) -> redis.Redis | None:
         if self._clock() < self._down_until:
             return None
-        if self._client is None or self._pid != os.getpid():
+        if self._client is None or self._pid != Process.pid:
             try:
                 self._client = redis.Redis.from_url(
                     self.url,
@@ -170,7 +170,7 @@ class RedisStore:
             except (redis.RedisError, ValueError) as exc:
                 self._failed(exc)
                 return None
-            self._pid = os.getpid()
+            self._pid = Process.pid
         return self._client
 
     def _failed(self, exc: BaseException) -> None:

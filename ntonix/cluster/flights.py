@@ -40,7 +40,6 @@ followers see :class:`LeaderFailed` (or ``None`` before the head), leaders stop 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
@@ -52,8 +51,9 @@ import redis
 
 from ntonix.cluster.follower import Follower
 from ntonix.cluster.lua import FINISH, SCRIPTS, SHAS
-from ntonix.cluster.resp import ERRORS, Pool, RespError, redis_py
+from ntonix.cluster.resp import ERRORS, AutoPipeline, Pool, RespError, evalsha, redis_py
 from ntonix.core.cache_entry import Headers
+from ntonix.pid import Process
 
 log = logging.getLogger("ntonix.cluster")
 
@@ -113,6 +113,11 @@ class Flights:
         self._fast: redis.Redis | None = None
         self._blocking: redis.Redis | None = None
         self._raw: Pool | None = None
+        self._auto: AutoPipeline | None = None
+        # Inside a gevent worker (ntonix/gateway/runtime.py ``start``): the joins and finishes of
+        # one turn of the event loop share one round trip (resp.py ``AutoPipeline``).
+        self.auto_pipeline = False
+        self._serial = 0
         self._down_until = 0.0
         self._outage = False
         self._leaders: dict[str, Leader] = {}
@@ -145,7 +150,8 @@ class Flights:
         if self._following >= self.max_followers or not self._ready():
             self.stats["alone"] += 1
             return Leader(self, key, None)
-        token = secrets.token_hex(8)
+        self._serial += 1
+        token = f"{self._proc}{self._serial:x}"  # unique: _proc is new per process and per Redis failure
         value = f"{token} {self._proc}"
         keys = [self.prefix + "k:" + key, self.prefix + "f:" + token, self.prefix + "a:" + self._proc]
         try:
@@ -255,11 +261,11 @@ class Flights:
 
     def close(self) -> None:
         self.stopped = True
-        if self._pid == os.getpid():
-            for client in (self._fast, self._blocking, self._raw):
+        if self._pid == Process.pid:
+            for client in (self._fast, self._blocking, self._raw, self._auto):
                 if client is not None:
                     client.close()
-        self._fast = self._blocking = self._raw = None
+        self._fast = self._blocking = self._raw = self._auto = None
 
     def __repr__(self) -> str:
         state = "backing-off" if not self.available else ("outage" if self._outage else "ok")
@@ -271,7 +277,7 @@ class Flights:
     def _ready(self) -> bool:
         if self.clock() < self._down_until or self.stopped:
             return False
-        if self._fast is None or self._pid != os.getpid():
+        if self._fast is None or self._pid != Process.pid:
             try:
                 self._fast = redis_py(self.url, self.timeout_s)
                 # XREAD BLOCK holds its connection for block_s: a longer timeout, its own pool.
@@ -280,7 +286,8 @@ class Flights:
                 self._failed(exc)
                 return False
             self._raw = Pool(self.url, self.timeout_s)
-            self._pid, self._proc = os.getpid(), secrets.token_hex(6)
+            self._auto = AutoPipeline(self._raw) if self.auto_pipeline else None
+            self._pid, self._proc = Process.pid, secrets.token_hex(6)
             self._leaders = {}
         return True
 
@@ -289,10 +296,11 @@ class Flights:
         return self._fast
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        assert self._raw is not None
-        return self._raw.evalsha(SHAS[name], SCRIPTS[name], keys, args)
+        return evalsha(self._raw_call, SHAS[name], SCRIPTS[name], keys, args)
 
     def _raw_call(self, *args: Any) -> Any:
+        if self._auto is not None:
+            return self._auto.call(*args)
         assert self._raw is not None
         return self._raw.call(*args)
 
@@ -301,8 +309,8 @@ class Flights:
         return self._blocking
 
     def _ensure_keeper(self) -> None:
-        if self.spawn is not None and self._keeper_pid != os.getpid():
-            self._keeper_pid = os.getpid()
+        if self.spawn is not None and self._keeper_pid != Process.pid:
+            self._keeper_pid = Process.pid
             self.spawn(self.keep)
 
     def _maybe_beat(self) -> None:
@@ -313,7 +321,7 @@ class Flights:
     def _failed(self, exc: BaseException) -> None:
         self.stats["redis_errors"] += 1
         self._down_until = self.clock() + self.backoff_s
-        if self._pid == os.getpid():
+        if self._pid == Process.pid:
             # A new identity for this process: whatever it led may have been left half-written
             # (a finish, a chunk or an end that did not go through) and must never look alive
             # again. Those flights' liveness lapses within lease_s; their followers regroup,

@@ -125,6 +125,7 @@ class Runtime:
         flights = self.flights
         if flights is not None:
             flights.spawn = spawn
+            flights.auto_pipeline = True
             self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
         board, merge = self.affinity, self._merge
         if board is not None and merge is not None:

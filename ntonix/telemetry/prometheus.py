@@ -41,21 +41,15 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 
 from ntonix.core.figures import LATENCY_BUCKETS, OTHER_STATUS, STATUS_CLASSES, TTFT_BUCKETS, Extras
+from ntonix.pid import Process
 
 log = logging.getLogger("ntonix.metrics")
 
-# prometheus_client's mmap values call os.getpid() (a system call) on every inc/observe to
-# notice a fork. The pid only changes at a fork, so keep it and refresh it there.
-_pid = os.getpid()
-
-
-def _after_fork() -> None:
-    global _pid
-    _pid = os.getpid()
-
 
 def _cached_pid() -> int:
-    return _pid
+    """prometheus_client's mmap values call os.getpid() (a system call) on every inc/observe
+    to notice a fork; ntonix/pid.py refreshes its copy at a fork."""
+    return Process.pid
 
 
 class _NoLock:
@@ -84,7 +78,6 @@ def _value_lock() -> Any:
     return threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork)
 if getattr(_values.ValueClass, "_multiprocess", False):
     _saved_lock = getattr(_values, "Lock")  # noqa: B009 - not exported: mypy would refuse _values.Lock
     setattr(_values, "Lock", _value_lock)  # noqa: B010 - read once, by MultiProcessValue below
@@ -124,10 +117,10 @@ class _Slot:
         self._file = value._file
         self._file.write_value(value._key, value._value, value._timestamp)  # the slot exists
         self._pos = self._file._positions[value._key]
-        self._pid = _pid
+        self._pid = Process.pid
 
     def inc(self, amount: float = 1) -> None:
-        if self._pid != _pid:
+        if self._pid != Process.pid:
             self._slow(amount)
             return
         v = self._value

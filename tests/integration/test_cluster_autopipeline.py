@@ -1,0 +1,122 @@
+"""The auto-pipelined Redis connection of a gevent worker (ntonix/cluster/resp.py ``AutoPipeline``)
+against a real redis-server, with gevent's cooperative sockets as inside a worker.
+
+Each test runs its greenlets in this (unpatched) process: ``resp.socket`` is replaced by
+``gevent.socket`` so a wait for Redis yields to the other greenlets, as under monkey-patching.
+"""
+
+from __future__ import annotations
+
+import socket as std_socket
+from collections.abc import Iterator
+
+import gevent
+import gevent.socket
+import pytest
+
+from ntonix.cluster import resp
+from ntonix.cluster.flights import Flights, Leader
+from ntonix.cluster.follower import Follower
+from ntonix.cluster.resp import ERRORS, AutoPipeline, Pool, RespError
+from tests.live.servers import RedisServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.redis]
+
+
+@pytest.fixture(autouse=True)
+def cooperative_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resp, "socket", gevent.socket)
+
+
+@pytest.fixture
+def auto(clean_redis: RedisServer) -> Iterator[AutoPipeline]:
+    pipe = AutoPipeline(Pool(clean_redis.url, timeout_s=0.5))
+    yield pipe
+    pipe.close()
+    pipe.pool.close()
+
+
+def test_the_calls_of_one_turn_share_a_write_and_each_caller_gets_its_own_reply(auto: AutoPipeline) -> None:
+    n = 300
+    setters = [gevent.spawn(auto.call, "SET", f"k{i}", f"v{i}") for i in range(n)]
+    gevent.joinall(setters, timeout=10, raise_error=True)
+    assert [g.value for g in setters] == [b"OK"] * n
+    writes = auto.batches
+    getters = [gevent.spawn(auto.call, "GET", f"k{i}") for i in range(n)]
+    gevent.joinall(getters, timeout=10, raise_error=True)
+    assert [g.value for g in getters] == [f"v{i}".encode() for i in range(n)]
+    # 300 calls started in one turn: a handful of writes, not one each.
+    assert auto.batches - writes <= 3, auto.batches - writes
+
+
+def test_an_error_reply_fails_only_its_own_call(auto: AutoPipeline) -> None:
+    calls = [gevent.spawn(auto.call, "SET", "a", "1"), gevent.spawn(auto.call, "NOSUCHCOMMAND", "x"),
+             gevent.spawn(auto.call, "GET", "a")]
+    gevent.joinall(calls, timeout=10)
+    assert calls[0].value == b"OK"
+    assert isinstance(calls[1].exception, RespError) and "unknown command" in str(calls[1].exception).lower()
+    assert calls[2].value == b"1"
+    assert auto.call("PING") == b"PONG"  # the connection stayed in step
+
+
+def test_a_caller_killed_while_waiting_leaves_the_replies_in_step(auto: AutoPipeline) -> None:
+    auto.call("SET", "mine", "yes")
+    auto.call("SET", "theirs", "no")
+    victim = gevent.spawn(auto.call, "GET", "theirs")
+    other = gevent.spawn(auto.call, "GET", "mine")
+    gevent.sleep(0)  # both are waiting now, their commands written or queued
+    victim.kill()
+    other.join(timeout=5)
+    assert other.value == b"yes"
+    assert auto.call("GET", "mine") == b"yes"
+
+
+def test_a_silent_redis_fails_every_waiting_call_within_the_timeout_then_a_new_connection_serves() -> None:
+    silent = std_socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts (the kernel does), never answers
+    port = silent.getsockname()[1]
+    pipe = AutoPipeline(Pool(f"redis://127.0.0.1:{port}/0", timeout_s=0.1))
+    try:
+        calls = [gevent.spawn(pipe.call, "GET", f"k{i}") for i in range(20)]
+        gevent.joinall(calls, timeout=5)
+        assert all(g.ready() for g in calls)
+        assert all(isinstance(g.exception, ERRORS) for g in calls), [g.exception for g in calls]
+        assert pipe._line is None  # dropped: the next call opens a new connection
+    finally:
+        pipe.close()
+        silent.close()
+
+
+def test_redis_restarted_between_calls_costs_one_failed_call_at_most(clean_redis: RedisServer) -> None:
+    pipe = AutoPipeline(Pool(clean_redis.url, timeout_s=0.5))
+    try:
+        assert pipe.call("PING") == b"PONG"
+        clean_redis.stop()
+        with pytest.raises(ERRORS):
+            pipe.call("PING")
+        clean_redis.start()
+        assert pipe.call("PING") == b"PONG"
+    finally:
+        pipe.close()
+
+
+def test_flights_joined_through_the_pipeline_lead_and_follow_as_without(clean_redis: RedisServer) -> None:
+    a, b = Flights(clean_redis.url), Flights(clean_redis.url)
+    a.auto_pipeline = b.auto_pipeline = True
+    try:
+        distinct = [gevent.spawn(a.join, f"key-{i}") for i in range(100)]
+        gevent.joinall(distinct, timeout=10, raise_error=True)
+        assert all(isinstance(g.value, Leader) and g.value.value for g in distinct)
+        assert len({g.value.token for g in distinct}) == 100
+        same = [gevent.spawn(b.join, f"key-{i}") for i in range(100)]
+        gevent.joinall(same, timeout=10, raise_error=True)
+        assert all(isinstance(g.value, Follower) for g in same)
+        assert a._auto is not None and a._auto.batches <= 5, a._auto and a._auto.batches
+        for g in distinct:
+            g.value.finish(False)
+        for g in same:
+            g.value.close()
+    finally:
+        a.close()
+        b.close()
