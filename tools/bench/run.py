@@ -306,6 +306,8 @@ class Bench:
                mode: str = "unique", stagger_ms: int = 0, measured: bool = True,
                after: Any = None) -> None:
         """Warm-up (unrecorded) per target, then ``--rounds`` interleaved rounds of wrk runs."""
+        if self.a.targets:
+            targets = [t for t in targets if t[0] in self.a.targets]
         if not stagger_ms:
             for _, proc in targets:
                 self.wrk(f"http://127.0.0.1:{proc.port}{CHAT}", conns, self.a.warmup, None, mode=mode)
@@ -514,6 +516,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", default="",
                    help="cache.redis_url of the gateways as shipped (and --baseline): e.g. the cross-gateway "
                         "path's cost, this tree against main, both on one redis-server (docs/scale-out.md)")
+    p.add_argument("--targets", default="",
+                   help="measure only these targets of the scenarios' wrk rounds, e.g. shipped,shipped+redis "
+                        "(a quicker A/B; the target check then covers what was measured)")
     p.add_argument("--proxy-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="also write every run's figures here")
@@ -539,6 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.slow_conns = [int(x) for x in a.slow_conns.split(",") if x]
     a.sse_streams = [int(x) for x in a.sse_streams.split(",") if x]
     a.only = {x.strip() for x in a.only.split(",") if x.strip()}
+    a.targets = {x.strip() for x in a.targets.split(",") if x.strip()}
     return a
 
 
