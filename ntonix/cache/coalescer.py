@@ -102,8 +102,9 @@ import xxhash
 
 from ntonix.cache.board import REGISTERED, Board, Seen
 from ntonix.cache.flight_lock import LeaderLocks
-from ntonix.cache.lmdb_env import MiB, Process, StoreError, ensure_private_dir, explain, open_env, translated
+from ntonix.cache.lmdb_env import MiB, StoreError, ensure_private_dir, explain, open_env, translated
 from ntonix.core.cache_entry import Headers
+from ntonix.pid import Process
 
 if TYPE_CHECKING:
     import lmdb

@@ -19,7 +19,7 @@ import fcntl
 import os
 import struct
 
-from ntonix.cache.lmdb_env import Process
+from ntonix.pid import Process
 
 # struct flock (Linux): l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), padding.
 _FLOCK = struct.Struct("@hhqqi4x")

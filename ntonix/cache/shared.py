@@ -47,7 +47,6 @@ import lmdb
 from ntonix.cache.lmdb_env import COUNTER as _COUNTER
 from ntonix.cache.lmdb_env import (
     MiB,
-    Process,
     Reservation,
     StoreError,
     add_counter,
@@ -57,6 +56,7 @@ from ntonix.cache.lmdb_env import (
     writemap_safe,
 )
 from ntonix.core.cache_entry import CachedResponse, DecodeError
+from ntonix.pid import Process
 
 __all__ = ["LmdbStore", "StoreError"]
 

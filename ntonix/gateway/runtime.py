@@ -90,6 +90,9 @@ class Runtime:
         self.affinity: AffinityBoard | None = None
         self._merge: Callable[[list[int], str], None] | None = None
         self._stopped = False
+        self._redis_url = config.cache.redis_url  # cache.* takes effect after a restart
+        self._spawn: Callable[[Callable[[], None]], object] | None = None
+        self._sleep: Callable[[float], object] = time.sleep
         self.share_routing(self.routing)
         self.started = time.time()
 
@@ -99,11 +102,11 @@ class Runtime:
         (ntonix/cluster/affinity.py; whether or not the cache is enabled, INTERFACE.md "Several
         gateways"). The composition root calls this once it built the routing state."""
         cfg = self.config
-        if cfg.routing.policy != "prefix" or not cfg.cache.redis_url:
+        if cfg.routing.policy != "prefix" or not self._redis_url:
             return
         if self.affinity is not None:
             self.affinity.close()
-        board = self.affinity = AffinityBoard(cfg.cache.redis_url, host=host_id(run_dir()))
+        board = self.affinity = AffinityBoard(self._redis_url, host=host_id(run_dir()))
         selector = state.selector
         selector.share = board.share
         self._merge = state.merge
@@ -127,10 +130,35 @@ class Runtime:
             flights.spawn = spawn
             flights.auto_pipeline = True
             self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
-        board, merge = self.affinity, self._merge
-        if board is not None and merge is not None:
+        self._spawn, self._sleep = spawn, sleep
+        self._run_affinity()
+
+    def _run_affinity(self) -> None:
+        """The affinity and load sync of the current board, until the worker stops or a reload
+        replaces or ends the board."""
+        board, merge, spawn, sleep = self.affinity, self._merge, self._spawn, self._sleep
+        if board is not None and merge is not None and spawn is not None:
             self.telemetry.watch_affinity(board.stats)
-            spawn(lambda: board.run(board.merger(merge), AFFINITY_SYNC_S, sleep, lambda: self._stopped))
+            spawn(lambda: board.run(board.merger(merge), AFFINITY_SYNC_S, sleep,
+                                    lambda: self._stopped or self.affinity is not board))
+
+    def _reshare(self) -> None:
+        """After a reload: start sharing prefix assignments and load with the other gateways when
+        the policy became ``prefix``, stop when it is no longer (INTERFACE.md: every routing key
+        can change on HUP)."""
+        wanted = self.config.routing.policy == "prefix" and bool(self._redis_url)
+        if wanted == (self.affinity is not None):
+            return
+        if wanted:
+            self.share_routing(self.routing)
+            self._run_affinity()
+            return
+        board, self.affinity, self._merge = self.affinity, None, None
+        selector = self.routing.selector
+        selector.share = None
+        selector.remote = {}
+        if board is not None:
+            board.close()
 
     def close(self) -> None:
         """At worker exit: Redis connections closed; the keeper and the affinity sync stop."""
@@ -233,6 +261,7 @@ class Runtime:
         self.trusted_proxies = parse_networks(config.proxy.trusted_proxies)
         self.metrics_allow = parse_networks(config.metrics.allow)
         self.routing.apply(config)
+        self._reshare()
         log.info("config.reloaded", extra={
             "backends": [b.address for b in self.registry.backends.values()],
             "added": [b.address for b in added], "removed": [b.address for b in removed]})

@@ -286,7 +286,11 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             raise StopIteration  # shutting down: no more keep-alive on this connection
         # gunicorn's keep-alive loop parses a pipelined or already-arrived next request without
         # yielding, so under saturation a few busy connections are served back to back while
-        # others wait seconds. One yield per request puts this connection at the back of the queue.
+        # others wait seconds. One yield per request puts this connection at the back of the queue
+        # (none when it is the worker's only connection: nobody to let ahead, and the yield's turn
+        # of the event loop would only delay its next request).
+        if len(self._conns) < 2:
+            return result
         try:
             gevent.sleep(0)
         except gevent.GreenletExit:

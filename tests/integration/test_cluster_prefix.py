@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import uuid
 
 import pytest
@@ -23,15 +24,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.redis]
 TURNS = 8
 
 
-def test_a_conversations_turns_on_two_gateways_land_on_one_backend(
-        mock_backend: MockBackendFactory, gateway: GatewayFactory, clean_redis: RedisServer) -> None:
-    backends = [mock_backend(f"p{i}") for i in range(3)]
-    env = {"NTONIX_ROUTING_POLICY": "prefix"}
-    config = {"cache": {"redis_url": clean_redis.url}}
-    a = gateway(backends, config=config, env=env)
-    b = gateway(backends, config=config, env=env)
+def conversations_on(a: Gateway, b: Gateway, count: int = 3) -> list[str]:
+    """``count`` conversations, their turns sent alternately to ``a`` and ``b``: the backend each
+    landed on (all of its turns on one, else the test fails)."""
     landed = []
-    for conversation in range(3):
+    for conversation in range(count):
         messages = [{"role": "system", "content": f"conversation {conversation} {uuid.uuid4()} " + "context " * 200}]
         served_by = []
         for turn in range(TURNS):
@@ -43,7 +40,46 @@ def test_a_conversations_turns_on_two_gateways_land_on_one_backend(
             messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
         assert len(set(served_by)) == 1, f"conversation {conversation}: turns went to {served_by}"
         landed.append(served_by[0])
-    print(f"conversations landed on {landed}")
+    return landed
+
+
+def test_a_conversations_turns_on_two_gateways_land_on_one_backend(
+        mock_backend: MockBackendFactory, gateway: GatewayFactory, clean_redis: RedisServer) -> None:
+    backends = [mock_backend(f"p{i}") for i in range(3)]
+    env = {"NTONIX_ROUTING_POLICY": "prefix"}
+    config = {"cache": {"redis_url": clean_redis.url}}
+    a = gateway(backends, config=config, env=env)
+    b = gateway(backends, config=config, env=env)
+    print(f"conversations landed on {conversations_on(a, b)}")
+
+
+def test_the_prefix_policy_turned_on_by_a_reload_shares_routing_and_turned_off_stops(
+        mock_backend: MockBackendFactory, gateway: GatewayFactory, clean_redis: RedisServer) -> None:
+    """INTERFACE.md: every routing key can change on HUP. Two gateways started with round-robin
+    begin to share prefix assignments and load once a reload makes the policy ``prefix``, and
+    stop when another makes it round-robin again."""
+    backends = [mock_backend(f"h{i}") for i in range(3)]
+    config = {"cache": {"redis_url": clean_redis.url}}
+    pair = (gateway(backends, config=config), gateway(backends, config=config))
+    assert all(gw.metrics()["cluster"].get("affinity") in (None, {}) for gw in pair)
+    for gw in pair:
+        gw.write_config({"routing": {"policy": "prefix"}})
+        gw.reload()
+    for gw in pair:
+        wait_until(lambda gw=gw: (gw.metrics()["cluster"].get("affinity") or {}).get("load_syncs", 0) >= 2,
+                   timeout=15, interval=0.1, what=f"{gw.port} sharing its routing after the reload")
+    conversations_on(*pair)
+    for gw in pair:
+        gw.write_config({"routing": {"policy": "round_robin"}})
+        gw.reload()
+
+    def syncing() -> bool:
+        before = [load_syncs(gw) for gw in pair]
+        time.sleep(0.5)  # ten sync intervals (AFFINITY_SYNC_S): a running sync counts more
+        return [load_syncs(gw) for gw in pair] != before
+
+    wait_until(lambda: not syncing(), timeout=15, interval=0.1, what="the sync stopped after the reload back")
+    assert not syncing()
 
 
 class Stream:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -449,6 +450,8 @@ class Bench:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 time.sleep(1)  # wrk's connections are up
+                if self.a.profile_syscalls:
+                    return self.count_syscalls(gw, workers[0], secs)
                 argv = ["taskset", "-c", str(self.a.load_cpu), spy, "record", "-p", str(workers[0]), "-d", str(secs),
                         "-r", "200", "-f", "raw", "-o", str(raw)]
                 if self.a.profile_native:
@@ -461,6 +464,30 @@ class Bench:
             return summarize_profile(raw.read_text())
         finally:
             self.stop(gw)
+
+    def count_syscalls(self, gw: Proc, worker: int, secs: int) -> str:
+        """``strace -c`` on the worker for ``secs`` under the load: system calls per request (strace
+        slows the worker: the counts are what to read, not the times)."""
+        if not shutil.which("strace"):
+            raise RuntimeError("strace not found (apt-get install strace)")
+
+        def served() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{gw.port}/metrics", timeout=10) as r:
+                return int(json.loads(r.read())["requests_total"])
+
+        before = served()
+        tracer = subprocess.Popen(["taskset", "-c", str(self.a.load_cpu), "strace", "-c", "-f", "-p", str(worker)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(secs)
+        tracer.send_signal(signal.SIGINT)
+        table = tracer.communicate(timeout=30)[1]
+        n = max(1, served() - before - 1)
+        out = [f"{n} requests while traced; system calls per request:"]
+        for line in table.splitlines():
+            cols = line.split()
+            if len(cols) >= 5 and cols[0][0].isdigit() and cols[3].isdigit():
+                out.append(f"  {int(cols[3]) / n:7.2f}  {cols[-1]}")
+        return "\n".join(out)
 
 
 # ============================================================================ main
@@ -532,6 +559,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --profile: which worker to sample")
     p.add_argument("--profile-mode", choices=("unique", "same"), default="unique",
                    help="with --profile: unique bodies (cache miss) or the same body (cache hit)")
+    p.add_argument("--profile-syscalls", action="store_true",
+                   help="with --profile: count the worker's system calls per request (strace -c) instead")
     p.add_argument("--profile-out", metavar="FILE", help="with --profile: keep py-spy's raw (collapsed) stacks")
     a = p.parse_args(argv)
     if a.quick:
