@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -236,13 +237,14 @@ class _Failed:
 
 class _Line:
     """One connection of an :class:`AutoPipeline` and the callers waiting for its replies, in
-    the order their commands were written."""
+    the order their commands were written, with when each was written."""
 
-    __slots__ = ("buf", "conn", "reading", "waiting")
+    __slots__ = ("buf", "conn", "reading", "sent", "waiting")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.waiting: deque[Waiter[Any]] = deque()
+        self.sent: deque[float] = deque()
         self.reading = False
         self.buf = b""
 
@@ -257,16 +259,23 @@ class AutoPipeline:
     path's largest cost, py-spy: ~12 % of a miss at c = 500). Used only inside gevent workers
     (ntonix/gateway/runtime.py ``start``); elsewhere callers use :class:`Pool` directly.
 
+    The write is a callback of the event loop, after the greenlets ready in this turn have run:
+    a non-blocking ``send`` of everything queued (a greenlet finishes it only when the socket
+    takes less, or a connection must be opened). The reader stays while replies are due and
+    for ``timeout_s`` after, so a steady stream of calls does not start one per batch.
+
     A failure (connect, write, a reply later than the pool's ``timeout_s``, a closed socket)
     fails every call waiting on that connection with the error and drops the connection; the
     next call opens a new one. Error replies (``-ERR``) fail only their own call.
     """
 
-    def __init__(self, pool: Pool, spawn: Callable[..., object] = gevent.spawn) -> None:
-        self.pool, self._spawn = pool, spawn
+    def __init__(self, pool: Pool, spawn: Callable[..., object] = gevent.spawn,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pool, self._spawn, self._clock = pool, spawn, clock
         self._line: _Line | None = None
         self._out: list[bytes] = []
         self._queued: list[Waiter[Any]] = []
+        self._rest: memoryview | None = None  # the part of a write the socket did not take at once
         self._writing = False
         self.batches = 0  # writes sent (for tests and figures): calls / batches = calls per write
 
@@ -278,7 +287,7 @@ class AutoPipeline:
         self._queued.append(waiter)
         if not self._writing:
             self._writing = True
-            self._spawn(self._write)  # runs once this greenlet and the others ready now have yielded
+            get_hub().loop.run_callback(self._flush)  # once the greenlets ready now have yielded
         value = waiter.get()
         if isinstance(value, _Failed):
             raise value.exc
@@ -291,36 +300,85 @@ class AutoPipeline:
         if line is not None:
             self._kill(line, ConnectionError("Redis pool closed"))
 
-    def _write(self) -> None:
+    def _take(self, line: _Line) -> bytes:
+        """What was queued, now due on ``line``."""
+        out, self._out = self._out, []
+        batch, self._queued = self._queued, []
+        line.waiting.extend(batch)
+        line.sent.extend([self._clock()] * len(batch))
+        self.batches += 1
+        return b"".join(out)
+
+    def _flush(self) -> None:
+        """In the event loop: the queued calls in one non-blocking send, when that is enough."""
+        line = self._line
+        # gevent's socket wraps a non-blocking one (``_sock``), which the loop may send on.
+        raw = getattr(line.conn.sock, "_sock", None) if line is not None else None
+        if line is None or raw is None or self._rest is not None:
+            self._spawn(self._write)
+            return
+        data = self._take(line)
         try:
-            while self._out:
-                out, self._out = self._out, []
-                batch, self._queued = self._queued, []
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._writing = False
+            self._kill(line, exc)
+            return
+        if sent < len(data):
+            self._rest = memoryview(data)[sent:]
+            self._spawn(self._write)  # finishes it, and sends what is queued meanwhile
+            return
+        self._writing = False
+        self._reader(line)
+
+    def _write(self) -> None:
+        """In a greenlet: what may block (a connection to open, a socket that takes less)."""
+        try:
+            rest, self._rest = self._rest, None
+            while rest is not None or self._out:
                 line = self._line
                 try:
+                    if rest is not None:
+                        if line is not None:  # else it failed meanwhile: its callers know
+                            line.conn.sock.sendall(rest)
+                        rest = None
+                        continue
                     if line is None:
                         line = self._line = _Line(Connection(
                             self.pool.host, self.pool.port, self.pool.timeout_s, self.pool.db, self.pool.username,
                             self.pool.password))
-                    line.waiting.extend(batch)
-                    self.batches += 1
-                    line.conn.sock.sendall(b"".join(out))
+                    line.conn.sock.sendall(self._take(line))
                 except ERRORS as exc:
+                    rest = None
                     if line is None:
+                        batch, self._out, self._queued = self._queued, [], []
                         _wake(batch, _Failed(exc))
                     else:
                         self._kill(line, exc)
                     continue
-                if not line.reading:
-                    line.reading = True
-                    self._spawn(self._read, line)
+                self._reader(line)
         finally:
             self._writing = False
 
+    def _reader(self, line: _Line) -> None:
+        if not line.reading:
+            line.reading = True
+            self._spawn(self._read, line)
+
     def _read(self, line: _Line) -> None:
+        timeout_s = self.pool.timeout_s
         try:
-            while line.waiting:
-                data = line.conn.sock.recv(65536)
+            while True:
+                try:
+                    data = line.conn.sock.recv(65536)  # the socket's timeout is timeout_s
+                except TimeoutError:
+                    if not line.waiting:
+                        return  # idle for timeout_s: the next batch starts a reader again
+                    if self._clock() - line.sent[0] >= timeout_s:
+                        raise
+                    continue
                 if not data:
                     raise ConnectionError("Redis closed the connection")
                 buf, pos = line.buf + data, 0
@@ -329,6 +387,7 @@ class AutoPipeline:
                     if got is None:
                         break
                     value, pos = got
+                    line.sent.popleft()
                     _wake([line.waiting.popleft()], value)
                 line.buf = buf[pos:]
         except ERRORS as exc:
@@ -339,7 +398,7 @@ class AutoPipeline:
     def _kill(self, line: _Line, exc: BaseException) -> None:
         if self._line is line:
             self._line = None
-        waiting, line.waiting = list(line.waiting), deque()
+        waiting, line.waiting, line.sent = list(line.waiting), deque(), deque()
         _wake(waiting, _Failed(exc))
         line.conn.close()
 

@@ -120,3 +120,32 @@ def test_flights_joined_through_the_pipeline_lead_and_follow_as_without(clean_re
     finally:
         a.close()
         b.close()
+
+
+def test_a_write_bigger_than_the_socket_takes_at_once_is_finished_in_order(auto: AutoPipeline) -> None:
+    """20 values of 1 MiB in one turn: the loop's non-blocking send takes part of the 20 MiB, a
+    writer greenlet the rest, and the calls queued meanwhile go after it."""
+    values = [bytes([i]) * (1 << 20) for i in range(20)]
+    setters = [gevent.spawn(auto.call, "SET", f"big{i}", v) for i, v in enumerate(values)]
+    gevent.sleep(0)  # the first write is under way: these queue behind it
+    more = [gevent.spawn(auto.call, "INCR", "after") for _ in range(10)]
+    gevent.joinall(setters + more, timeout=20, raise_error=True)
+    assert [g.value for g in setters] == [b"OK"] * 20
+    assert sorted(g.value for g in more) == list(range(1, 11))
+    getters = [gevent.spawn(auto.call, "GET", f"big{i}") for i in range(20)]
+    gevent.joinall(getters, timeout=20, raise_error=True)
+    assert [g.value for g in getters] == values
+
+
+def test_the_reader_leaves_when_idle_and_the_next_call_brings_it_back(clean_redis: RedisServer) -> None:
+    pipe = AutoPipeline(Pool(clean_redis.url, timeout_s=0.05))
+    try:
+        assert pipe.call("SET", "x", "1") == b"OK"
+        line = pipe._line
+        assert line is not None
+        gevent.sleep(0.3)  # several timeouts with nothing due
+        assert not line.reading
+        assert pipe.call("GET", "x") == b"1"
+        assert pipe._line is line  # the same connection, a new reader
+    finally:
+        pipe.close()

@@ -434,7 +434,8 @@ class Bench:
                 self.stop(p)
 
     def profile(self) -> str:
-        """py-spy on the gateway's (or the floor's) worker under scenario 1 or 2 load (c=500)."""
+        """py-spy on the gateway's (or the floor's) worker under scenario 1 or 2 load (c=500 unless
+        ``--profile-conns``)."""
         spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
         if not Path(spy).exists():
             raise RuntimeError("py-spy not found (pip install -r requirements-dev.txt)")
@@ -442,9 +443,10 @@ class Bench:
         gw = self.start_floor() if target == "floor" else self.start_gateway(f"{target}-profile", self.fast, target)
         try:
             workers = [p for p in tree(gw.pid) if p != gw.pid]
-            self.wrk(f"http://127.0.0.1:{gw.port}{CHAT}", 500, self.a.warmup, None, mode=mode)
+            conns = self.a.profile_conns
+            self.wrk(f"http://127.0.0.1:{gw.port}{CHAT}", conns, self.a.warmup, None, mode=mode)
             raw = self.dir / "profile.txt"
-            load = subprocess.Popen(["taskset", "-c", str(self.a.load_cpu), "wrk", "-t1", "-c500",
+            load = subprocess.Popen(["taskset", "-c", str(self.a.load_cpu), "wrk", "-t1", f"-c{conns}",
                                      f"-d{secs + 3}s", "-s", str(self.dir / "post.lua"),
                                      f"http://127.0.0.1:{gw.port}/", "--", mode, self.nonce, CHAT],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -559,6 +561,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --profile: which worker to sample")
     p.add_argument("--profile-mode", choices=("unique", "same"), default="unique",
                    help="with --profile: unique bodies (cache miss) or the same body (cache hit)")
+    p.add_argument("--profile-conns", type=int, default=500, metavar="N",
+                   help="with --profile: wrk's connections during the profile (500; 1 for the one-client path)")
     p.add_argument("--profile-syscalls", action="store_true",
                    help="with --profile: count the worker's system calls per request (strace -c) instead")
     p.add_argument("--profile-out", metavar="FILE", help="with --profile: keep py-spy's raw (collapsed) stacks")
