@@ -14,12 +14,15 @@ cheap local path stays first. Keys, all under ``prefix`` and all expiring:
   any Redis failure the process takes a new ``<proc>``, so a flight whose end may have been
   lost (Redis unreachable at that moment) can never look alive again
 * ``f:<token>``   -> how many followers joined (``INCR`` in the join script)
+* ``w:<proc>``    -> a set: the tokens of this process's flights that followers joined since its
+  keeper last looked (``SADD`` in the join script, ``SPOP`` by the keeper: one command per tick
+  whatever the number of flights)
 * ``s:<token>``   -> a Redis stream: ``h`` (head: JSON status and headers), ``c`` (a chunk of
   the body), then ``e`` (end: ``1`` complete, ``0`` failed). Followers ``XREAD BLOCK`` from
   ``0-0``, so a late joiner gets everything from the start
 
 Cheap when nobody follows (the common miss): a leader keeps its head and chunks in memory
-(bounded by ``max_bytes``) and writes nothing per chunk; it learns of followers from ``f`` (read
+(bounded by ``max_bytes``) and writes nothing per chunk; it learns of followers from ``w`` (popped
 by the keeper every ``tick_s``, or on a publish when no keeper runs), then writes what it has
 in one pipeline and each later chunk as it comes. A miss with no follower costs two round
 trips (the join script, the finish script). ``finish`` reads the follower count and ends the
@@ -60,6 +63,7 @@ log = logging.getLogger("ntonix.cluster")
 PREFIX = "ntonix:flight:"
 MiB = 1024 * 1024
 _HARD_FACTOR = 4  # followers already reading get at most this times max_bytes
+_POP_MAX = 100_000  # tokens of newly followed flights read per tick (more wait for the next)
 
 
 def redacted(url: str) -> str:
@@ -180,16 +184,16 @@ class Flights:
         """One keeper round: renew this process's liveness and tell leaders about followers
         (one pipeline; nothing when this process leads nothing). Returns the leaders that
         learnt of their first follower."""
-        leaders = [ld for ld in list(self._leaders.values()) if not ld.finished]
-        if not leaders or not self._ready():
+        if not self._leaders or not self._ready():
             return []
         assert self._raw is not None
         try:
-            # Raw RESP, one MGET: at a few hundred misses in flight this round runs ten times a
-            # second over all of them (through redis-py, one GET each cost ~10 % of a miss's CPU).
+            # One round trip whatever the number of flights this process leads: the followers'
+            # join script added the tokens of the flights they joined to w:<proc>; pop them all.
+            # (An MGET of every flight's follower count cost O(flights) ten times a second.)
             replies = self._raw.pipeline([
                 ("SET", self.prefix + "a:" + self._proc, b"1", "PX", int(self.lease_s * 1000)),
-                ("MGET", *[self.prefix + "f:" + ld.token for ld in leaders])])
+                ("SPOP", self.prefix + "w:" + self._proc, _POP_MAX)])
             for r in replies:
                 if isinstance(r, RespError):
                     raise r
@@ -198,10 +202,12 @@ class Flights:
             return []
         self._succeeded()
         self._beat_at = self.clock()
-        seen = [ld for ld, n in zip(leaders, replies[1], strict=True)
-                if n is not None and int(n) > 0 and not ld.followers_seen]
-        for ld in seen:
-            ld.followers_seen = True
+        seen = []
+        for token in replies[1] or ():
+            ld = self._leaders.get(token.decode())
+            if ld is not None and not ld.finished and not ld.followers_seen:
+                ld.followers_seen = True
+                seen.append(ld)
         return seen
 
     def flush(self) -> None:

@@ -7,6 +7,9 @@ from __future__ import annotations
 from ntonix.cluster.resp import sha1
 
 # KEYS: k, f, a(proc)[, cached answer]; ARGV: flight value, lease ms, flight ttl ms, prefix.
+# A follower also adds the flight's token to its leader process's set ``w:<proc>``, which that
+# process's keeper pops every tick: it learns which of its flights gained followers in one
+# command, whatever the number of flights it leads.
 # Returns {answer} when the optional 4th key holds one (the Redis cache tier's entry: the
 # re-check a miss makes after joining, in the same round trip), else the value of the flight
 # to follow, or nil when the caller now leads (under ARGV[1]).
@@ -22,6 +25,8 @@ if cur then
     local tok = string.match(cur, '^(%S+)')
     redis.call('INCR', ARGV[4] .. 'f:' .. tok)
     redis.call('PEXPIRE', ARGV[4] .. 'f:' .. tok, ARGV[3])
+    redis.call('SADD', ARGV[4] .. 'w:' .. proc, tok)
+    redis.call('PEXPIRE', ARGV[4] .. 'w:' .. proc, ARGV[3])
     return cur
   end
 end
