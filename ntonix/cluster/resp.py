@@ -51,11 +51,33 @@ def redis_py(url: str, timeout_s: float, read_timeout_s: float | None = None) ->
 
 def encode(*args: bytes | str | int) -> bytes:
     """One command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    out: list[bytes] = []
+    _encode_into(out, args)
     return b"".join(out)
+
+
+def encode_many(commands: list[tuple[bytes | str | int, ...]]) -> bytes:
+    """Commands one after the other (a pipeline), joined once: a value (a cached answer) is
+    copied once, into the result."""
+    out: list[bytes] = []
+    for args in commands:
+        _encode_into(out, args)
+    return b"".join(out)
+
+
+def _encode_into(out: list[bytes], args: tuple[bytes | str | int, ...]) -> None:
+    add = out.append
+    add(b"*%d\r\n" % len(args))
+    for a in args:
+        if isinstance(a, str):
+            b = a.encode()
+        elif isinstance(a, bytes):
+            b = a
+        else:
+            b = str(a).encode()
+        add(b"$%d\r\n" % len(b))
+        add(b)
+        add(b"\r\n")
 
 
 def parse(buf: bytes, pos: int = 0) -> tuple[Value, int] | None:
@@ -128,7 +150,7 @@ class Connection:
 
     def call_many(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Value]:
         """Pipelined: all commands in one write, then their replies (errors as values)."""
-        self.sock.sendall(b"".join(encode(*c) for c in commands))
+        self.sock.sendall(encode_many(commands))
         out: list[Value] = []
         while len(out) < len(commands):
             got = parse(self._buf) if self._buf else None
