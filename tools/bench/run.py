@@ -382,6 +382,8 @@ class Bench:
         try:
             targets: list[tuple[str, list[int], Proc | None]] = [("direct", [b.port for b in self.fast], None)]
             targets += [(v, [g.port], g) for v, g in gws] + [("nginx", [ngx.port], ngx)]
+            if self.a.targets:  # direct stays: TTFT is reported over it
+                targets = [t for t in targets if t[0] in self.a.targets or t[0] == "direct"]
             for streams in self.a.sse_streams:
                 for rnd in range(self.a.rounds):
                     for name, ports, proc in targets:
@@ -559,8 +561,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-native", action="store_true", help="with --profile: include native frames")
     p.add_argument("--profile-target", choices=(SHIPPED, STRIPPED, SHIPPED_REDIS, "floor"), default=SHIPPED,
                    help="with --profile: which worker to sample")
-    p.add_argument("--profile-mode", choices=("unique", "same"), default="unique",
-                   help="with --profile: unique bodies (cache miss) or the same body (cache hit)")
+    p.add_argument("--profile-mode", choices=("unique", "same", "stream"), default="unique",
+                   help="with --profile: unique bodies (cache miss), the same body (cache hit), or unique "
+                        "streamed requests (SSE misses: 20 events 50 ms apart, as scenario 4)")
     p.add_argument("--profile-conns", type=int, default=500, metavar="N",
                    help="with --profile: wrk's connections during the profile (500; 1 for the one-client path)")
     p.add_argument("--profile-syscalls", action="store_true",

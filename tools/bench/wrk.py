@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 WRK_LUA = r"""
--- args: mode ("unique" | "same"), nonce, path
+-- args: mode ("unique" | "same" | "stream": unique, streamed), nonce, path
 local mode, nonce, path = "unique", "0", "/v1/chat/completions"
 local counter = 0
 local headers = {["Content-Type"] = "application/json"}
@@ -22,8 +22,12 @@ function request()
     return wrk.format("POST", path, headers, same_body)
   end
   counter = counter + 1
+  local stream = ""
+  if mode == "stream" then
+    stream = ',"stream":true'
+  end
   return wrk.format("POST", path, headers, '{"model":"bench-model","messages":[{"role":"user","content":'
-    .. '"unique prompt ' .. nonce .. '-' .. counter .. ': say hello"}],"temperature":0}')
+    .. '"unique prompt ' .. nonce .. '-' .. counter .. ': say hello"}],"temperature":0' .. stream .. '}')
 end
 %STAGGER%
 function done(summary, latency, requests)

@@ -226,3 +226,33 @@ def test_recorder_empty() -> None:
     assert not r.done
     assert r.body == b""
     assert r.size == 0
+
+
+def done_by_events(body: bytes) -> bool:
+    """The definition, event by event: a [DONE] event, then nothing but whitespace."""
+    events, _ = split_all([body])
+    offset, done_end = 0, None
+    for e in events:
+        offset += len(e)
+        if is_done_event(e):
+            done_end = offset
+    return done_end is not None and not body[done_end:].strip()
+
+
+_pieces = st.sampled_from([b"data: [DONE]", b"data:[DONE]", b"data: x", b"id: 3", b": c", b"[DONE]", b" ", b"\t",
+                           b"\n", b"\r", b"\r\n", b"\n\n", b"data: [DONE]\n\n"])
+
+
+@given(st.lists(_pieces, max_size=12), st.data())
+def test_the_recorder_decides_at_the_end_as_the_events_do(parts: list[bytes], data: st.DataObject) -> None:
+    """done looks at the whole body once (the usual ending by its last bytes): the same answer as
+    splitting it into events and checking each, however the body arrived."""
+    body = b"".join(parts)
+    points = data.draw(st.lists(st.integers(0, len(body)), max_size=4))
+    assert record(cut(body, points)).done == done_by_events(body)
+
+
+@pytest.mark.parametrize("body", [LF_STREAM, CRLF_STREAM, CR_STREAM, MIXED_STREAM + b"data: [DONE]\n\n",
+                                  b"data: [DONE]\nid: 5\n\n", b"data: x\n\n\ndata: [DONE]\n\n", b"data: [DONE]\n\n"])
+def test_the_usual_and_the_unusual_endings(body: bytes) -> None:
+    assert record([body]).done == done_by_events(body) is True
