@@ -24,8 +24,10 @@ cheap local path stays first. Keys, all under ``prefix`` and all expiring:
 Cheap when nobody follows (the common miss): a leader keeps its head and chunks in memory
 (bounded by ``max_bytes``) and writes nothing per chunk; it learns of followers from ``w`` (popped
 by the keeper every ``tick_s``, or on a publish when no keeper runs), then writes what it has
-in one pipeline and each later chunk as it comes. A miss with no follower costs two round
-trips (the join script, the finish script). ``finish`` reads the follower count and ends the
+in one pipeline and each later chunk as it comes. A miss with no follower costs one round
+trip of its own (the join script; inside a worker, shared with the other joins of its event-loop
+turn, resp.py ``AutoPipeline``) and a share of the keeper's batch that runs the finish script.
+``finish`` reads the follower count and ends the
 flight in one script, so a follower can never miss the end.
 
 An answer that will not be cached (status other than 200) or grows past ``max_bytes``

@@ -233,9 +233,6 @@ class Pool:
         self._give_back(conn)
         return value
 
-    def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Value:
-        return evalsha(self.call, sha, script, keys, args)
-
     def _give_back(self, conn: Connection) -> None:
         if len(self._idle) < self.size and not self.closed:
             self._idle.append(conn)
