@@ -92,6 +92,8 @@ class ResponseCache:
         self._check_generation()
         memory, shared = self.memory, self.shared
         entry = memory.get(key) if memory is not None else None
+        if entry is None and self._queued:
+            return self._queued.get(key)  # stored by this worker, its L2 write still to come
         if (entry is not None and shared is not None and key not in self._queued
                 and self._l2(lambda s: s.touch(key), True) is False):
             # L2 is the host's LRU: an entry it evicted is gone for every worker, whatever
@@ -149,10 +151,10 @@ class ResponseCache:
 
         With ``defer`` (e.g. the gevent loop's ``run_callback``), the L2 write is queued and
         made by the callback ``defer`` is given, with every other answer stored meanwhile, in
-        one write transaction: after the current request is done, before the worker's next
-        turn of its event loop. Other workers see the answer that much later (this worker's
-        L1 at once). ``remote=False``: not the Redis tier (the caller writes it, see
-        :meth:`remote_set_args`)."""
+        one write transaction: once the current greenlet yields, before the worker's loop polls
+        again. Other workers see the answer that much later (the caller keeps them waiting on
+        its flight meanwhile); this worker's lookups find it in the queue. ``remote=False``:
+        not the Redis tier (the caller writes it, see :meth:`remote_set_args`)."""
         if not self.enabled or entry.status != 200:
             return
         self._check_generation()
@@ -162,8 +164,6 @@ class ResponseCache:
         # L1, docs/performance.md). Without L2, or when it failed, L1 is the tier that serves.
         memory = self.memory
         if defer is not None and self.shared is not None:
-            if memory is not None:
-                memory.put(key, entry, age_s=self._clock() - entry.created)
             self._queued[key] = entry
             if len(self._queued) == 1:
                 defer(self.flush)
@@ -175,8 +175,10 @@ class ResponseCache:
     def flush(self) -> None:
         """Write the answers :meth:`store` queued to L2, in one transaction."""
         queued, self._queued = self._queued, {}
-        if queued:
-            self._l2(lambda s: s.put_many(list(queued.items())), 0)
+        if queued and self._l2(lambda s: s.put_many(list(queued.items())), -1) < 0 and self.memory is not None:
+            now = self._clock()
+            for key, entry in queued.items():  # L2 failed: this worker's L1 serves them, as in store
+                self.memory.put(key, entry, age_s=now - entry.created)
 
     # -- operator -----------------------------------------------------------------------
 

@@ -638,6 +638,12 @@ class Leader:
             self.register()
         return self._journaling and not self.finished
 
+    @property
+    def solo_on_board(self) -> bool:
+        """Announced on the board and not registered: until it leaves, a request for the key on
+        any worker of the host waits for it (and then looks in the cache)."""
+        return self.lazy and self.token is None and not self.finished
+
     def publish_head(self, status: int, headers: Headers) -> None:
         if self._has_head:
             raise ValueError("publish_head: the head is already published")

@@ -36,6 +36,9 @@ class Publisher(Protocol):
     @property
     def has_followers(self) -> bool: ...
 
+    @property
+    def solo_on_board(self) -> bool: ...
+
     def publish_head(self, status: int, headers: Headers) -> None: ...
 
     def publish_chunk(self, data: bytes) -> None: ...
@@ -86,6 +89,13 @@ class Fanout:
     @property
     def finished(self) -> bool:
         return self.local.finished and self.cluster.finished
+
+    @property
+    def solo_on_board(self) -> bool:
+        """The host's flight is only on the board (ntonix/cache/coalescer.py): its L2 write may
+        wait, as long as both flights end after it (the other gateways read Redis, written
+        with the cluster's end)."""
+        return self.local.solo_on_board
 
     def publish_head(self, status: int, headers: Headers) -> None:
         self.local.publish_head(status, headers)

@@ -12,6 +12,7 @@ A body that breaks after its headers went out cuts the client connection
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -98,6 +99,7 @@ class UpstreamBody:
         # preempt this worker in between).
         self._whole_at: int | None = resp.content_length if self.chunks is not None else None
         self._stored = False
+        self._deferred: Callable[[Callable[[], None]], object] | None = None  # the L2 write waits
 
     def __iter__(self) -> UpstreamBody:
         return self
@@ -200,7 +202,13 @@ class UpstreamBody:
             self.attempt.abandoned()
             rec.error = rec.error or "client closed the connection"
         if self.leader is not None:
-            self.leader.finish(self.ended)
+            if self._deferred is not None:
+                # After the batched L2 write (queued before this, run in order): a request that
+                # waits on the flight then finds the answer in L2 (ntonix/cache/coalescer.py,
+                # "The handshake": a 200 is in the cache before the leader leaves the board).
+                self._deferred(functools.partial(self.leader.finish, self.ended))
+            else:
+                self.leader.finish(self.ended)
         if not rec.finished:
             self._done(rec)
         if backend.removed and backend.in_flight == 0:
@@ -230,9 +238,6 @@ class UpstreamBody:
             body = b"".join(self.chunks)
         else:
             return
-        # Stored now, before this request is done: an identical request the client sends at once,
-        # to any worker, must find it. (Deferring the L2 write to the loop's next turn, batched,
-        # saved ~6 % of a miss but let such a request miss: ntonix/cache/__init__.py ``store``.)
         entry = CachedResponse(status=rec.status, headers=self.replay_headers, body=body, created=time.time(),
                                streamed=self.recorder is not None)
         # Leading across gateways: the Redis tier's copy goes with the flight's end, in the
@@ -241,7 +246,14 @@ class UpstreamBody:
         if isinstance(self.leader, Fanout):
             args = rt.cache.remote_set_args(self.store_key, entry)
             remote = args is None or not self.leader.cluster.store_at_end(*args)
-        rt.cache.store(self.store_key, entry, remote=remote)
+        # The L2 write of a solo leader's answer waits for the end of the loop's turn, in one
+        # write transaction with every answer stored meanwhile (ntonix/cache/__init__.py
+        # ``store``); its flight ends after that write (_settle), so an identical request the
+        # client sends at once, to any worker, finds the flight or the answer. Any other flight
+        # (registered: others follow it; off the board; leading across gateways) stores at once.
+        defer = rt.defer if self.leader is not None and self.leader.solo_on_board else None
+        self._deferred = defer
+        rt.cache.store(self.store_key, entry, remote=remote, defer=defer)
 
 
 class FollowerBody:

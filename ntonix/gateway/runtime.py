@@ -93,6 +93,9 @@ class Runtime:
         self._redis_url = config.cache.redis_url  # cache.* takes effect after a restart
         self._spawn: Callable[[Callable[[], None]], object] | None = None
         self._sleep: Callable[[float], object] = time.sleep
+        # Runs a callable once the current greenlet yields, before the loop polls again (the
+        # gevent loop's run_callback in a worker; None elsewhere: stores are written at once).
+        self.defer: Callable[[Callable[[], None]], object] | None = None
         self.share_routing(self.routing)
         self.started = time.time()
 
@@ -120,9 +123,11 @@ class Runtime:
         board.on_remote = take_remote
 
     def start(self, spawn: Callable[[Callable[[], None]], object],
-              sleep: Callable[[float], object] = time.sleep) -> None:
+              sleep: Callable[[float], object] = time.sleep,
+              defer: Callable[[Callable[[], None]], object] | None = None) -> None:
         """Background work of a serving worker (``spawn`` starts a greenlet; ``sleep`` is
-        gevent's in a worker, where time.sleep is patched to it): the cluster's keeper, which
+        gevent's in a worker, where time.sleep is patched to it; ``defer`` the loop's
+        ``run_callback``, which batches the cache's L2 writes): the cluster's keeper, which
         renews this process's leases and batches its finishes; the affinity and load sync, every
         ``AFFINITY_SYNC_S``."""
         flights = self.flights
@@ -130,7 +135,7 @@ class Runtime:
             flights.spawn = spawn
             flights.auto_pipeline = True
             self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
-        self._spawn, self._sleep = spawn, sleep
+        self._spawn, self._sleep, self.defer = spawn, sleep, defer
         self._run_affinity()
 
     def _run_affinity(self) -> None:

@@ -189,7 +189,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         rt = self.wsgi.rt
         self._prober = Prober(rt.registry, lambda: rt.config.health, rt.probe_result, rt.models_result)
         self._prober.start()
-        rt.start(gevent.spawn)
+        rt.start(gevent.spawn, defer=gevent.get_hub().loop.run_callback)
 
         while self.alive:
             self.notify()

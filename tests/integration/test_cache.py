@@ -314,6 +314,61 @@ def test_two_workers_twenty_fresh_connections_all_hit(gw: Gateway, mock: MockBac
     assert backend_calls(mock) == before + 1
 
 
+def _keep_alive(gw: Gateway, pid: int, workers: list[int]) -> http.client.HTTPConnection:
+    """A keep-alive connection that worker ``pid`` accepted (and so serves to its end)."""
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    with only_worker(gw, pid, workers):
+        conn.connect()
+        rid = f"ka{uuid.uuid4().hex}"
+        status, _, _ = _post_on(conn, json.dumps(chat_body()).encode(), rid)
+        assert status == 200
+        assert served_by(gw, {rid})[rid]["pid"] == pid
+    return conn
+
+
+def _post_on(conn: http.client.HTTPConnection, data: bytes, rid: str) -> tuple[int, str, bytes]:
+    conn.request("POST", CHAT, data, {"Content-Type": "application/json", "X-Request-ID": rid})
+    resp = conn.getresponse()
+    return resp.status, resp.getheader("X-Cache") or "", resp.read()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_an_answer_is_a_hit_for_an_identical_request_sent_at_once_to_the_other_worker(
+        gw: Gateway, mock: MockBackend, stream: bool) -> None:
+    """A worker writes its answers to the host's store in batches, once per turn of its event
+    loop: the flight stays up until then, so a request the client sends the moment it has the
+    answer, to the other worker, follows it or finds it stored; it never reaches the backend.
+    Misses from other clients keep both workers busy meanwhile (longer turns)."""
+    workers = worker_pids(gw)
+    a, b = (_keep_alive(gw, pid, workers) for pid in workers)
+    settled(gw)
+    stop = threading.Event()
+
+    def load() -> None:
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            post(gw, chat_body())
+
+    loaders = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for t in loaders:
+        t.start()
+    outcomes = []
+    try:
+        for i in range(150):
+            first, second = (a, b) if i % 2 == 0 else (b, a)
+            data = json.dumps(chat_body(stream=True) if stream else chat_body()).encode()
+            s1, c1, b1 = _post_on(first, data, f"x{uuid.uuid4().hex}")
+            s2, c2, b2 = _post_on(second, data, f"y{uuid.uuid4().hex}")
+            outcomes.append((s1, c1, s2, c2, b2 == b1))
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(timeout=15)
+        a.close()
+        b.close()
+    assert [o for o in outcomes if o != (200, "MISS", 200, "HIT", True)] == []
+
+
 def test_stats_cover_the_whole_gateway(gw: Gateway, mock: MockBackend) -> None:
     workers = worker_pids(gw)
     # The previous test's last answer is counted when its request ends, just after the client

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ntonix.cache import ResponseCache, build_cache
+from ntonix.cache.lmdb_env import StoreError
 from ntonix.cache.memory import MemoryLRU
 from ntonix.cache.remote import RedisStore
 from ntonix.cache.shared import LmdbStore
@@ -231,3 +233,27 @@ def test_a_batch_evicts_older_entries_never_its_own(tmp_path: Path, clocks: Cloc
     assert [store.get(f"new{i}", touch=False) is not None for i in range(3)] == [True] * 3
     assert store.get("old0", touch=False) is None  # the least recently used went
     assert store.stats()["entries"] < 6
+
+
+def test_a_deferred_store_keeps_the_answer_out_of_l1_and_l1_takes_it_when_l2_fails(
+        tmp_path: Path, clocks: Clocks, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = worker(tmp_path, clocks)
+    assert a.memory is not None and a.shared is not None
+    scheduled: list[Callable[[], None]] = []
+    a.store("k1", entry(b'{"n":1}'), defer=scheduled.append)
+    assert a.memory.entries == 0  # L1 holds the hot set: an answer enters it on a hit
+    found = a.lookup_memory("k1")  # this worker's request for it finds the queued answer
+    assert found is not None and found.body == b'{"n":1}'
+    scheduled.pop()()
+    assert a.memory.entries == 0 and a.shared.get("k1", touch=False) is not None
+
+    def refused(entries: object) -> int:
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(a.shared, "put_many", refused)
+    monkeypatch.setattr(a.shared, "touch", refused)  # the whole store fails (disk, permissions)
+    a.store("k2", entry(b'{"n":2}'), defer=scheduled.append)
+    scheduled.pop()()  # the write fails: this worker's L1 serves the answer, as without deferral
+    assert a.memory.entries == 1
+    found = a.lookup_memory("k2")
+    assert found is not None and found.body == b'{"n":2}'
