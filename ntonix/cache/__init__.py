@@ -105,15 +105,16 @@ class ResponseCache:
 
     def lookup_below_memory(self, key: str, *, count: bool = True, remote: bool = True,
                             local: bool = True) -> CachedResponse | None:
-        """The rest of :meth:`lookup` once :meth:`lookup_memory` missed: L2, then Redis. Safe
-        however long after that miss: L1 only holds copies of the tiers below (an answer whose
-        L2 write is still deferred is found by the coalescer's second look, ``Proxy._join``).
-        ``local=False`` skips L2 too (the caller read it already)."""
+        """The rest of :meth:`lookup` once :meth:`lookup_memory` missed: this worker's queued
+        writes, L2, then Redis. Safe however long after that miss: L1 only holds copies of
+        those tiers. ``local=False`` skips L2 too (the caller read it already)."""
         if not self.enabled:
             return None
         memory, shared = self.memory, self.shared
         remote_tier = self.remote if remote else None
-        entry = None
+        entry = self._queued.get(key) if self._queued else None
+        if entry is not None:
+            return entry  # stored by this worker, its L2 write still to come
         if shared is not None and local:
             entry = self._l2(lambda s: s.get(key, touch=not count), None)
             if entry is not None and memory is not None:

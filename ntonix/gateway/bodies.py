@@ -95,8 +95,8 @@ class UpstreamBody:
         self._head_flushed = resp.content_length is not None
         # A sized answer to store is stored as soon as its last byte is in, before gunicorn
         # writes it: once the client has every byte, a request it sends at once to another
-        # worker must find the answer (storing only at close() left the OS a moment to
-        # preempt this worker in between).
+        # worker must find the answer or its flight (a solo leader's L2 write then waits for
+        # the loop's turn, its flight ends after it: _store, _settle).
         self._whole_at: int | None = resp.content_length if self.chunks is not None else None
         self._stored = False
         self._deferred: Callable[[Callable[[], None]], object] | None = None  # the L2 write waits

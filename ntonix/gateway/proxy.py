@@ -341,7 +341,8 @@ class Proxy:
         if isinstance(role, Follower):
             return role, None
         flights = rt.flights
-        entry = rt.cache.lookup(key, count=False, remote=flights is None)
+        # The caller looked in L1 a moment ago: L1 only ever copies the tiers looked in here.
+        entry = rt.cache.lookup_below_memory(key, count=False, remote=flights is None)
         if entry is None and flights is not None:
             widened = widen(role, flights, key, REMOTE_PREFIX + key)
             if isinstance(widened, bytes):
