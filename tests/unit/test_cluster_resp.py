@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ntonix.cluster.resp import Pool, ProtocolError, RespError, encode, parse
+from ntonix.cluster.resp import Pool, ProtocolError, RespError, encode, encode_many, parse
 
 
 def test_encode_is_an_array_of_bulk_strings() -> None:
     assert encode("GET", b"k\r\n", 12) == b"*3\r\n$3\r\nGET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n"
+
+
+_ARG = st.one_of(st.text(), st.binary(), st.integers())
+
+
+def _bulk(a: bytes | str | int) -> bytes:
+    b = a if isinstance(a, bytes) else str(a).encode()
+    return b"$%d\r\n" % len(b) + b + b"\r\n"
+
+
+@given(st.lists(st.lists(_ARG, min_size=1, max_size=8), min_size=1, max_size=4))
+def test_encode_frames_any_text_bytes_and_numbers_as_resp_defines(commands: list[list[bytes | str | int]]) -> None:
+    """Text (ASCII or not), bytes with CR LF inside, and integers: each argument a bulk string
+    of its UTF-8 bytes; a pipeline is the commands one after the other."""
+    expected = [b"*%d\r\n" % len(c) + b"".join(_bulk(a) for a in c) for c in commands]
+    assert [encode(*c) for c in commands] == expected
+    assert encode_many([tuple(c) for c in commands]) == b"".join(expected)
+    for c, raw in zip(commands, expected, strict=True):
+        parsed = parse(raw)
+        assert parsed is not None and parsed[0] == [_bulk(a)[_bulk(a).index(b"\n") + 1:-2] for a in c]
 
 
 @pytest.mark.parametrize(("raw", "value"), [
