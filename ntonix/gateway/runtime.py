@@ -166,8 +166,11 @@ class Runtime:
             board.close()
 
     def close(self) -> None:
-        """At worker exit: Redis connections closed; the keeper and the affinity sync stop."""
+        """At worker exit: answers still queued for L2 written; Redis connections closed; the
+        keeper and the affinity sync stop."""
         self._stopped = True
+        if self.cache is not None:
+            self.cache.flush()
         if self.flights is not None:
             self.flights.close()
         if self.affinity is not None:

@@ -4,14 +4,16 @@ a follower's body whose leader stops publishing midway going on from a resumed a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 import xxhash
 
-from ntonix.cache.coalescer import Coalescer, Follower, Leader, LeaderFailed
+from ntonix.cache.coalescer import Coalescer, Follower, Leader, LeaderFailed, key_hash
+from ntonix.cache.shared import LmdbStore
 from ntonix.core.breaker import BreakerState
 from ntonix.core.cache_key import cache_key
 from ntonix.core.record import RequestRecord
@@ -155,6 +157,43 @@ def test_a_sized_answer_is_stored_before_its_last_byte_goes_to_the_client(tmp_pa
     assert answer.read() == b""  # close(): nothing stored twice, the request settles as usual
     assert flow.request(body=body).header("X-Cache") == "HIT"
     settled(flow)
+
+
+@pytest.mark.parametrize("sse", [False, True], ids=["sized", "stream"])
+def test_a_batched_l2_write_comes_before_the_flights_end(tmp_path: Path, sse: bool) -> None:
+    """With the worker's loop to defer to, a solo leader's answer waits in this worker's write
+    queue (its own lookups find it there) and reaches L2 in the loop's next turn; its flight
+    stays on the board until after that write, so another worker's request for it finds the
+    flight or the answer, never neither. ``Runtime.close`` writes what is still queued."""
+    flow = Flow(tmp_path, B1, cache=True)
+    turn: list[Callable[[], None]] = []
+    flow.runtime.defer = turn.append
+    flow.transport.script(B1, stream() if sse else Reply(200, chunks=[b'{"a":', b"1}"]))
+    body = chat(content=f"batched {sse}", stream=sse)
+    key = key_of(body)
+    rt = flow.runtime
+    assert rt.cache is not None and rt.coalescer is not None
+    other_worker = LmdbStore(str(tmp_path / "cache" / "store"), 1 << 20, 60)
+    answer = flow.request(body=body)
+    sent = answer.read()  # every byte handed to gunicorn, and close(): the request is done
+    assert other_worker.get(key, touch=False) is None
+    on_board = rt.coalescer.board().peek(key_hash(key))
+    assert on_board is not None and on_board.pid == os.getpid()  # the flight is still up
+    assert (found := rt.cache.lookup(key, count=False)) is not None and found.body == sent
+    flush, finish = turn  # the write first, then the flight's end
+    flush()
+    assert (stored := other_worker.get(key, touch=False)) is not None and stored.body == sent
+    assert rt.coalescer.board().peek(key_hash(key)) is not None
+    finish()
+    assert rt.coalescer.board().peek(key_hash(key)) is None
+    settled(flow)
+    # What a worker leaving still has queued is written as it closes.
+    flow.transport.script(B1, Reply(200, chunks=[b'{"b":2}']))
+    last = chat(content=f"queued at exit {sse}")
+    assert flow.request(body=last).read() == b'{"b":2}'
+    assert other_worker.get(key_of(last), touch=False) is None
+    rt.close()
+    assert other_worker.get(key_of(last), touch=False) is not None
 
 
 def test_an_error_answer_is_relayed_but_neither_cached_nor_a_success(tmp_path: Path) -> None:
