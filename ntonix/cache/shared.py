@@ -291,7 +291,9 @@ class LmdbStore:
             add_counter(txn, h.stats, b"entries", count)
             total = add_counter(txn, h.stats, b"bytes", added)
             self._sweep_expired(h, txn, now)
-            return self._evict(h, txn, total, self.max_bytes, keep={k for k, _, _ in rows})
+            # Least recently used first: the batch's own entries are the newest, so they go only
+            # after every older one, and the bound holds even for a batch larger than it.
+            return self._evict(h, txn, total, self.max_bytes, keep={rows[-1][0]})
 
     def _shrink(self) -> None:
         h = self._open()
@@ -301,7 +303,7 @@ class LmdbStore:
 
     def _evict(self, h: _Handles, txn: Txn, total: int, budget: int, keep: set[bytes]) -> int:
         """Remove least recently used entries until ``total`` bytes fit ``budget`` (never one
-        of ``keep``: the entries just stored, the most recent ones)."""
+        of ``keep``: the entry just stored, the most recent one)."""
         evicted = 0
         while total > budget and (victim := self._oldest(h, txn)) is not None and victim[0] not in keep:
             total = self._remove(h, txn, victim[0], victim[1], counter=b"evictions")

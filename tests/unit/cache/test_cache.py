@@ -257,3 +257,14 @@ def test_a_deferred_store_keeps_the_answer_out_of_l1_and_l1_takes_it_when_l2_fai
     assert a.memory.entries == 1
     found = a.lookup_memory("k2")
     assert found is not None and found.body == b'{"n":2}'
+
+
+def test_a_batch_larger_than_the_bound_keeps_the_bound_and_its_newest(tmp_path: Path, clocks: Clocks) -> None:
+    store = LmdbStore(str(tmp_path), 40_000, 60, clock=clocks.wall)
+    store.put("old", entry(b"x" * 9_000))
+    clocks.advance(1)
+    store.put_many([(f"new{i}", entry(b"y" * 9_000, created=clocks.wall())) for i in range(6)])
+    assert store.stats()["size_bytes"] <= 40_000
+    kept = [i for i in range(6) if store.get(f"new{i}", touch=False) is not None]
+    assert kept == list(range(6 - len(kept), 6)) and len(kept) >= 4  # the oldest of the batch went
+    assert store.get("old", touch=False) is None
