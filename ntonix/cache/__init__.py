@@ -174,7 +174,9 @@ class ResponseCache:
             self.remote.put(key, entry)
 
     def flush(self) -> None:
-        """Write the answers :meth:`store` queued to L2, in one transaction."""
+        """Write the answers :meth:`store` queued to L2, in one transaction (none if the cache
+        was purged meanwhile, by any worker)."""
+        self._check_generation()
         queued, self._queued = self._queued, {}
         if queued and self._l2(lambda s: s.put_many(list(queued.items())), -1) < 0 and self.memory is not None:
             now = self._clock()
@@ -225,12 +227,16 @@ class ResponseCache:
     # -- internals ----------------------------------------------------------------------
 
     def _check_generation(self) -> None:
-        if self.memory is None:
+        """A purge (or a replaced answer) in any worker since the last look: this worker's L1
+        and its queued L2 writes (stored before it) go."""
+        if self.shared is None:
             return
         generation = self._l2(lambda s: s.generation(), None)
         if generation is not None and generation != self._generation:
             if self._generation is not None:
-                self.memory.clear()
+                if self.memory is not None:
+                    self.memory.clear()
+                self._queued.clear()
             self._generation = generation
 
     def record(self, key: str | None, hit: bool) -> None:

@@ -88,6 +88,7 @@ a sleep or a ``yield``: records are copied out first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -680,6 +681,12 @@ class Leader:
             if self.token is not None:
                 self._sync(DONE if complete else FAILED)
             self._end()
+
+    def finish_after(self, ok: bool, defer: Callable[[Callable[[], None]], object]) -> None:
+        """:meth:`finish` from the callback ``defer`` is given (the worker's loop turn: after the
+        batched L2 write queued before it). Safe there: ending never waits (no journal
+        backpressure at the end) and talks to nothing but the journal and the board."""
+        defer(functools.partial(self.finish, ok))
 
     def _leave_board(self) -> None:
         """An unregistered leader stops being joinable: the leader's half of the handshake

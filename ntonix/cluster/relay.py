@@ -16,7 +16,7 @@ Both keep the API the proxy already uses (``publish_head``/``publish_chunk``/``f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from ntonix.cache.coalescer import Follower as LocalFollower
@@ -44,6 +44,8 @@ class Publisher(Protocol):
     def publish_chunk(self, data: bytes) -> None: ...
 
     def finish(self, ok: bool) -> None: ...
+
+    def finish_after(self, ok: bool, defer: Callable[[Callable[[], None]], object]) -> None: ...
 
 
 class Subscriber(Protocol):
@@ -108,6 +110,13 @@ class Fanout:
     def finish(self, ok: bool) -> None:
         self.local.finish(ok)
         self.cluster.finish(ok)
+
+    def finish_after(self, ok: bool, defer: Callable[[Callable[[], None]], object]) -> None:
+        """The host's flight ends from ``defer``'s callback (after the batched L2 write); the
+        cluster's ends now, in this greenlet: its end may wait on Redis, which a loop callback
+        may not. The other gateways read Redis, whose copy goes with the cluster's end."""
+        self.cluster.finish(ok)
+        self.local.finish_after(ok, defer)
 
     def close(self) -> None:
         self.finish(False)

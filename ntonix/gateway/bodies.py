@@ -12,7 +12,6 @@ A body that breaks after its headers went out cuts the client connection
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 import time
@@ -204,9 +203,9 @@ class UpstreamBody:
         if self.leader is not None:
             if self._deferred is not None:
                 # After the batched L2 write (queued before this, run in order): a request that
-                # waits on the flight then finds the answer in L2 (ntonix/cache/coalescer.py,
+                # waits on the host's flight then finds the answer in L2 (ntonix/cache/coalescer.py,
                 # "The handshake": a 200 is in the cache before the leader leaves the board).
-                self._deferred(functools.partial(self.leader.finish, self.ended))
+                self.leader.finish_after(self.ended, self._deferred)
             else:
                 self.leader.finish(self.ended)
         if not rec.finished:
@@ -249,8 +248,9 @@ class UpstreamBody:
         # The L2 write of a solo leader's answer waits for the end of the loop's turn, in one
         # write transaction with every answer stored meanwhile (ntonix/cache/__init__.py
         # ``store``); its flight ends after that write (_settle), so an identical request the
-        # client sends at once, to any worker, finds the flight or the answer. Any other flight
-        # (registered: others follow it; off the board; leading across gateways) stores at once.
+        # client sends at once, to any worker, finds the flight or the answer (a flight across
+        # gateways ends at once: Fanout.finish_after). Any other flight (registered: others
+        # follow it; off the board) stores at once.
         defer = rt.defer if self.leader is not None and self.leader.solo_on_board else None
         self._deferred = defer
         rt.cache.store(self.store_key, entry, remote=remote, defer=defer)

@@ -8,15 +8,20 @@ Each test runs its greenlets in this (unpatched) process: ``resp.socket`` is rep
 from __future__ import annotations
 
 import socket as std_socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import gevent
 import gevent.socket
 import pytest
 
+from ntonix.cache.coalescer import Coalescer
+from ntonix.cache.coalescer import Leader as HostLeader
 from ntonix.cluster import resp
 from ntonix.cluster.flights import Flights, Leader
 from ntonix.cluster.follower import Follower
+from ntonix.cluster.relay import Fanout
 from ntonix.cluster.resp import ERRORS, AutoPipeline, Pool, RespError
 from tests.live.servers import RedisServer
 
@@ -149,3 +154,39 @@ def test_the_reader_leaves_when_idle_and_the_next_call_brings_it_back(clean_redi
         assert pipe._line is line  # the same connection, a new reader
     finally:
         pipe.close()
+
+
+def test_a_host_leader_solo_on_its_board_ends_the_clusters_flight_at_once_and_its_own_after_the_turn(
+        clean_redis: RedisServer, tmp_path: Path) -> None:
+    """The batched L2 write (ntonix/gateway/bodies.py): the host's flight ends from a loop
+    callback, after the write; the cluster's flight ends in the request's greenlet, because its
+    end may wait on Redis (here: a follower on another gateway reads it, so the end is a round
+    trip of its own), which a loop callback may not do."""
+    a = Flights(clean_redis.url, sleep=gevent.sleep, spawn=gevent.spawn)
+    b = Flights(clean_redis.url, sleep=gevent.sleep, spawn=gevent.spawn)
+    a.auto_pipeline = b.auto_pipeline = True
+    host = Coalescer(str(tmp_path), lazy=True)
+    try:
+        local = host.join("k")
+        assert isinstance(local, HostLeader) and local.solo_on_board
+        cluster = a.join("k")
+        assert isinstance(cluster, Leader) and cluster.value
+        fan = Fanout(local, cluster)
+        follower = b.join("k")  # another gateway's request for the same answer
+        assert isinstance(follower, Follower)
+        fan.publish_head(200, (("Content-Type", "application/json"),))
+        fan.publish_chunk(b'{"a":')
+        deadline = time.monotonic() + 5
+        while not cluster.has_followers and time.monotonic() < deadline:
+            gevent.sleep(0.02)  # the keeper learns of the follower and sends what it missed
+        assert cluster.has_followers
+        fan.publish_chunk(b"1}")
+        fan.finish_after(True, gevent.get_hub().loop.run_callback)
+        assert not local.finished  # the host's flight waits for the loop's turn
+        gevent.sleep(0)
+        assert follower.wait_head(2) == (200, (("Content-Type", "application/json"),))
+        assert b"".join(follower.chunks(2)) == b'{"a":1}'  # the other gateway got it all
+        assert local.finished and cluster.finished
+    finally:
+        a.close()
+        b.close()

@@ -268,3 +268,27 @@ def test_a_batch_larger_than_the_bound_keeps_the_bound_and_its_newest(tmp_path: 
     kept = [i for i in range(6) if store.get(f"new{i}", touch=False) is not None]
     assert kept == list(range(6 - len(kept), 6)) and len(kept) >= 4  # the oldest of the batch went
     assert store.get("old", touch=False) is None
+
+
+def test_a_purge_by_another_worker_drops_the_answers_queued_before_it(tmp_path: Path, clocks: Clocks) -> None:
+    a, b = worker(tmp_path, clocks), worker(tmp_path, clocks)
+    scheduled: list[Callable[[], None]] = []
+    a.store("k1", entry(b'{"n":1}'), defer=scheduled.append)
+    assert a.lookup_memory("k1") is not None
+    b.purge()
+    assert a.lookup_memory("k1") is None  # not served from the queue after the purge
+    a.store("k2", entry(b'{"n":2}'), defer=scheduled.append)  # stored after it: kept
+    for callback in scheduled:
+        callback()
+    assert b.lookup("k1") is None
+    found = b.lookup("k2")
+    assert found is not None and found.body == b'{"n":2}'
+
+
+def test_a_purge_between_the_store_and_the_write_leaves_nothing_behind(tmp_path: Path, clocks: Clocks) -> None:
+    a, b = worker(tmp_path, clocks), worker(tmp_path, clocks)
+    scheduled: list[Callable[[], None]] = []
+    a.store("k1", entry(b'{"n":1}'), defer=scheduled.append)
+    b.purge()
+    scheduled.pop()()  # the write comes after the purge: the answer stored before it is not written
+    assert b.lookup("k1") is None and a.lookup("k1") is None
