@@ -96,6 +96,31 @@ def test_identical_requests_split_across_two_gateways_reach_the_backend_once(
     assert all(cluster(gw)["redis_available"] for gw in (a, b))
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_request_alone_on_its_gateway_leads_the_others_followers_to_the_end(
+        pair: tuple[Gateway, Gateway], mock: MockBackend, stream: bool) -> None:
+    """The leader is the only request for its key on its own gateway, so its host writes the
+    answer to L2 in the loop's next turn (ntonix/gateway/bodies.py): the cluster's flight must
+    still end properly for the followers on the other gateway (it ends in the request's
+    greenlet: a loop callback may not wait on Redis)."""
+    a, b = pair
+    body = chat_body(stream=True) if stream else chat_body()
+    headers = SLOW_STREAM if stream else SLOW
+    before = requests_for(mock)
+    led = cluster(a)["flights"].get("led", 0)
+    t0 = time.monotonic()
+    leader = start_calls(a, 1, body, headers, t0)
+    wait_until(lambda: cluster(a)["flights"].get("led", 0) > led, timeout=5, what="a's request leading")
+    followers = start_calls(b, 3, body, headers, t0)
+    calls = leader + followers
+    finish(calls, timeout=20)
+    assert [c.error for c in calls if c.error] == []
+    assert [(c.status, c.complete) for c in calls] == [(200, True)] * 4
+    assert len({c.body for c in calls}) == 1, "followers got a different answer than the leader"
+    assert [c.cache for c in calls] == ["MISS", "HIT", "HIT", "HIT"]
+    assert requests_for(mock) - before == 1, "the other gateway's requests reached the backend"
+
+
 def stored_answers(redis: RedisServer) -> int:
     return int(redis.command("EVAL", "return #redis.call('KEYS', 'ntonix:cache:*')", "0")[1:].split(b"\r\n")[0])
 
