@@ -117,7 +117,9 @@ def test_flights_joined_through_the_pipeline_lead_and_follow_as_without(clean_re
         same = [gevent.spawn(b.join, f"key-{i}") for i in range(100)]
         gevent.joinall(same, timeout=10, raise_error=True)
         assert all(isinstance(g.value, Follower) for g in same)
-        assert a._auto is not None and a._auto.batches <= 5, a._auto and a._auto.batches
+        # A handful of writes for 100 joins, not one each (6 were seen once on a loaded CI
+        # machine: a new connection's connect yields, and callers queue behind it in turns).
+        assert a._auto is not None and a._auto.batches <= 10, a._auto and a._auto.batches
         for g in distinct:
             g.value.finish(False)
         for g in same:
