@@ -92,8 +92,6 @@ class ResponseCache:
         self._check_generation()
         memory, shared = self.memory, self.shared
         entry = memory.get(key) if memory is not None else None
-        if entry is None and self._queued:
-            return self._queued.get(key)  # stored by this worker, its L2 write still to come
         if (entry is not None and shared is not None and key not in self._queued
                 and self._l2(lambda s: s.touch(key), True) is False):
             # L2 is the host's LRU: an entry it evicted is gone for every worker, whatever

@@ -95,8 +95,8 @@ class Fanout:
     @property
     def solo_on_board(self) -> bool:
         """The host's flight is only on the board (ntonix/cache/coalescer.py): its L2 write may
-        wait, as long as both flights end after it (the other gateways read Redis, written
-        with the cluster's end)."""
+        wait, as long as the host's flight ends after it (:meth:`finish_after`; the other
+        gateways read Redis, whose copy goes with the cluster's end)."""
         return self.local.solo_on_board
 
     def publish_head(self, status: int, headers: Headers) -> None:
