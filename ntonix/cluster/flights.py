@@ -49,6 +49,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 import orjson
@@ -81,14 +82,30 @@ class _Ending(NamedTuple):
     keys: list[str]
     value: str
     ok: int
-    records: list[tuple[bytes, bytes]]
+    records: list[Record]
     size: int
     store: tuple[str, bytes, int] | None  # the answer for the Redis cache tier: SET key value PX ms
 
 
-def _set(store: tuple[str, bytes, int]) -> tuple[str, str, bytes, str, int]:
-    key, value, px_ms = store
-    return ("SET", key, value, "PX", px_ms)
+# A record held for followers that may come: the head as (status, headers), encoded only if
+# somebody reads it (most misses are followed by nobody), or a chunk of the body.
+Record = tuple[bytes, "bytes | tuple[int, Headers]"]
+
+
+def _wire(records: list[Record]) -> list[tuple[bytes, bytes]]:
+    """Records as the stream's fields: the head as JSON."""
+    return [(kind, orjson.dumps(data) if isinstance(data, tuple) else data) for kind, data in records]
+
+
+def _finish_call(keys: list[str], value: str, journaling: int, ok: int, grace_ms: int,
+                 store: tuple[str, bytes, int] | None,
+                 records: list[Record] | None = None) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the finish script (lua.py FINISH): the answer for the cache tier goes
+    in the same script, just before the end (no ``SET`` of its own)."""
+    args: list[Any] = [value, journaling, ok, grace_ms, *(store[1:] if store else ("", 0))]
+    if records:
+        args.extend(x for rec in _wire(records) for x in rec)
+    return ([*keys, store[0]] if store else keys), args
 
 
 class Flights:
@@ -104,13 +121,15 @@ class Flights:
                  flight_ttl_s: float = 600.0, grace_s: float = 60.0, max_followers: int = 256,
                  max_pending_bytes: int = 16 * MiB,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 spawn: Callable[[Callable[[], None]], object] | None = None, prefix: str = PREFIX) -> None:
+                 spawn: Callable[[Callable[[], None]], object] | None = None, prefix: str = PREFIX,
+                 lock: Callable[[], AbstractContextManager[Any]] = threading.RLock) -> None:
         self.url, self.prefix = url, prefix
         self.timeout_s, self.backoff_s, self.lease_s, self.tick_s = timeout_s, backoff_s, lease_s, tick_s
         self.block_s, self.max_bytes, self.max_followers = block_s, max_bytes, max_followers
         self.max_pending_bytes = max_pending_bytes
         self.flight_ttl_ms, self.grace_ms = int(flight_ttl_s * 1000), int(grace_s * 1000)
         self.clock, self.sleep, self.spawn = clock, sleep, spawn
+        self.lock = lock  # each leader's (a gevent worker sets gevent's: ntonix/gateway/runtime.py)
         self.stats: dict[str, int] = dict.fromkeys(
             ("led", "followed", "alone", "hits", "detached", "leader_failed", "redis_errors", "batched_finishes"),
             0)
@@ -218,28 +237,23 @@ class Flights:
         if not pending or not self._ready():
             return
         try:
-            # The answers for the cache tier first, then the ends: a gateway asking meanwhile
-            # finds either the flight (and follows it) or the stored answer, never neither.
-            replies = self._batch([(e.keys, [e.value, 0, e.ok, self.grace_ms]) for e in pending],
-                                  [_set(e.store) for e in pending if e.store is not None])
+            # Each script stores the answer for the cache tier, then ends the flight: a gateway
+            # asking meanwhile finds either the flight (and follows it) or the stored answer.
+            replies = self._batch([_finish_call(e.keys, e.value, 0, e.ok, self.grace_ms, e.store) for e in pending])
             # Followers joined after all: everything, then the end, in one go.
             late = [e for e, r in zip(pending, replies, strict=True) if r == 1]
             if late:
-                self._batch([(e.keys, [e.value, 1, 1, self.grace_ms, *[x for rec in e.records for x in rec]])
-                             for e in late])
+                self._batch([_finish_call(e.keys, e.value, 1, 1, self.grace_ms, e.store, e.records) for e in late])
         except ERRORS as exc:
             self._failed(exc)
             return
         self.stats["batched_finishes"] += len(pending)
 
-    def _batch(self, calls: list[tuple[list[str], list[Any]]],
-               before: list[tuple[Any, ...]] | None = None) -> list[Any]:
-        """The finish script for each of ``calls`` in one pipeline, after the commands
-        ``before`` (cache-tier SETs: a refused one, e.g. Redis at maxmemory, leaves that answer
-        unshared, as a failed ``RedisStore.put`` does; it fails no flight)."""
+    def _batch(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The finish script for each of ``calls`` in one pipeline."""
         assert self._raw is not None
         cmds = [("EVALSHA", SHAS["finish"], len(keys), *keys, *args) for keys, args in calls]
-        replies = self._raw.pipeline([*(before or []), *cmds])[len(before or []):]
+        replies = self._raw.pipeline(cmds)
         if any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT") for r in replies):
             self._raw.call("SCRIPT", "LOAD", FINISH)
             replies = self._raw.pipeline(cmds)
@@ -367,7 +381,7 @@ class Leader:
         self.token = value.split(" ", 1)[0] if value else ""
         self.finished = value is None
         self.followers_seen = False  # set by the keeper
-        self._records: list[tuple[bytes, bytes]] = []
+        self._records: list[Record] = []
         self._held = 0  # bytes in _records
         self._published = 0  # bytes written to the stream
         self._journaling = False
@@ -375,9 +389,9 @@ class Leader:
         self._closed = False  # detached for size: followers already reading still get it all
         self._has_head = False
         self._store: tuple[str, bytes, int] | None = None  # see store_at_end
-        self._checked = flights.clock()
+        self._checked = flights.clock() if flights.spawn is None else 0.0
         # The keeper's catch-up and the request's publishes must not interleave their writes.
-        self._lock = threading.RLock()
+        self._lock = flights.lock()
 
     @property
     def has_followers(self) -> bool:
@@ -388,7 +402,7 @@ class Leader:
         if self._has_head:
             raise ValueError("publish_head: the head is already published")
         self._has_head = True
-        self._publish(b"h", orjson.dumps([status, headers]))
+        self._publish(b"h", (status, headers))
         if status != 200 and not self.finished:
             self._detach()
 
@@ -429,14 +443,11 @@ class Leader:
             # who joins until then still gets the whole answer from these records.
             self._records = []
             return
-        args: list[Any] = [self.value, int(self._journaling), int(ok), f.grace_ms]
         try:
-            if store is not None:
-                f._raw_call(*_set(store))
-            if f._script("finish", keys, args) == 1:
+            if f._script("finish", *_finish_call(keys, self.value, int(self._journaling), int(ok), f.grace_ms,
+                                                 store)) == 1:
                 # Followers joined but never got a byte: everything, then the end, in one go.
-                flat = [x for rec in self._records for x in rec]
-                f._script("finish", keys, [self.value, 1, 1, f.grace_ms, *flat])
+                f._script("finish", *_finish_call(keys, self.value, 1, 1, f.grace_ms, store, self._records))
         except ERRORS as exc:
             f._failed(exc)
         self._records = []
@@ -450,7 +461,7 @@ class Leader:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.finish(False)
 
-    def _publish(self, kind: bytes, data: bytes) -> None:
+    def _publish(self, kind: bytes, data: bytes | tuple[int, Headers]) -> None:
         with self._lock:
             if self.finished:
                 return
@@ -460,13 +471,15 @@ class Leader:
                 return
             if not self._overflow:
                 self._records.append((kind, data))
-                self._held += len(data)
-                if self._held > f.max_bytes:
-                    self._overflowed()
-            now = f.clock()
-            if not self.followers_seen and now - self._checked >= f.tick_s:
-                self._checked = now
-                f._maybe_beat()  # without a keeper: renews liveness and reads follower counts
+                if isinstance(data, bytes):
+                    self._held += len(data)
+                    if self._held > f.max_bytes:
+                        self._overflowed()
+            if f.spawn is None and not self.followers_seen:
+                now = f.clock()
+                if now - self._checked >= f.tick_s:
+                    self._checked = now
+                    f._maybe_beat()  # without a keeper: renews liveness and reads follower counts
             self._catch_up()
 
     def catch_up(self) -> None:
@@ -484,12 +497,12 @@ class Leader:
             self._write(self._records)
             self._records, self._held = [], 0
 
-    def _write(self, records: list[tuple[bytes, bytes]]) -> None:
+    def _write(self, records: list[Record]) -> None:
         f = self._f
         stream = f.prefix + "s:" + self.token
         try:
             pipe = f._client().pipeline(transaction=False)
-            for kind, data in records:
+            for kind, data in _wire(records):
                 pipe.xadd(stream, {kind: data})
                 self._published += len(data)
             pipe.pexpire(stream, f.flight_ttl_ms)

@@ -35,17 +35,21 @@ redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 return false
 """
 
-# KEYS: k, f, s; ARGV: flight value, journaling 0/1, ok 0/1, grace ms, then kind, data pairs.
+# KEYS: k, f, s[, the answer's key in the cache tier]; ARGV: flight value, journaling 0/1, ok 0/1,
+# grace ms, the answer and its lifetime in ms (with the 4th key; else "" and 0), then kind, data
+# pairs. The answer is stored before the flight ends, so a gateway asking in between finds one or
+# the other; a refused SET (e.g. Redis at maxmemory) leaves it unshared and still ends the flight.
 # Returns 1 when followers exist but the leader has not published: call again with records.
 FINISH = """
 local n = tonumber(redis.call('GET', KEYS[2]) or '0')
-if ARGV[2] == '0' and n > 0 and ARGV[3] == '1' and #ARGV == 4 then return 1 end
+if ARGV[2] == '0' and n > 0 and ARGV[3] == '1' and #ARGV == 6 then return 1 end
+if #KEYS >= 4 then redis.pcall('SET', KEYS[4], ARGV[5], 'PX', ARGV[6]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 if ARGV[2] == '0' and n == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
   return 0
 end
-for i = 5, #ARGV, 2 do redis.call('XADD', KEYS[3], '*', ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('XADD', KEYS[3], '*', ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ntonix.cache import ResponseCache, build_cache
@@ -124,16 +125,20 @@ class Runtime:
 
     def start(self, spawn: Callable[[Callable[[], None]], object],
               sleep: Callable[[float], object] = time.sleep,
-              defer: Callable[[Callable[[], None]], object] | None = None) -> None:
+              defer: Callable[[Callable[[], None]], object] | None = None,
+              lock: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
         """Background work of a serving worker (``spawn`` starts a greenlet; ``sleep`` is
         gevent's in a worker, where time.sleep is patched to it; ``defer`` the loop's
-        ``run_callback``, which batches the cache's L2 writes): the cluster's keeper, which
+        ``run_callback``, which batches the cache's L2 writes; ``lock`` the lock type of the
+        cluster's leaders, gevent's in a worker: half the cost of threading's): the cluster's keeper, which
         renews this process's leases and batches its finishes; the affinity and load sync, every
         ``AFFINITY_SYNC_S``."""
         flights = self.flights
         if flights is not None:
             flights.spawn = spawn
             flights.auto_pipeline = True
+            if lock is not None:
+                flights.lock = lock
             self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
         self._spawn, self._sleep, self.defer = spawn, sleep, defer
         self._run_affinity()

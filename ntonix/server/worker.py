@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any
 
 import gevent
+import gevent.lock
 import gevent.select
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -189,7 +190,7 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         rt = self.wsgi.rt
         self._prober = Prober(rt.registry, lambda: rt.config.health, rt.probe_result, rt.models_result)
         self._prober.start()
-        rt.start(gevent.spawn, defer=gevent.get_hub().loop.run_callback)
+        rt.start(gevent.spawn, defer=gevent.get_hub().loop.run_callback, lock=gevent.lock.RLock)
 
         while self.alive:
             self.notify()

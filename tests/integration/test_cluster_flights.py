@@ -193,6 +193,28 @@ def test_the_answer_for_the_cache_tier_goes_with_the_flights_end_and_never_after
         b.close()
 
 
+def test_an_answer_redis_refuses_to_store_still_ends_its_flight(clean_redis: RedisServer) -> None:
+    """The answer's SET runs inside the finish script: refused (Redis at maxmemory), the
+    answer stays unshared but the flight still ends, so the next request leads a new one."""
+    a = Flights(clean_redis.url, spawn=lambda fn: None)  # a keeper that never runs: flush() by hand
+    try:
+        leader = lead(a, "full")
+        assert leader.store_at_end("ntonix:cache:full", b"x" * 10_000, 60_000)
+        stream_answer(leader, EVENTS[:2], 0)
+        clean_redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        clean_redis.command("CONFIG", "SET", "maxmemory", "1")
+        try:
+            a.flush()
+        finally:
+            clean_redis.command("CONFIG", "SET", "maxmemory", "0")
+        assert a.stats["redis_errors"] == 0 and a.stats["batched_finishes"] == 1
+        assert clean_redis.command("GET", "ntonix:cache:full") == b"$-1\r\n"  # not stored
+        assert flight_keys(clean_redis) == []  # but ended
+        lead(a, "full").finish(False)
+    finally:
+        a.close()
+
+
 def test_the_cache_recheck_and_the_join_are_one_round_trip(gateways: tuple[Flights, Flights],
                                                              clean_redis: RedisServer) -> None:
     a, b = gateways
