@@ -130,6 +130,9 @@ class Flights:
         self.flight_ttl_ms, self.grace_ms = int(flight_ttl_s * 1000), int(grace_s * 1000)
         self.clock, self.sleep, self.spawn = clock, sleep, spawn
         self.lock = lock  # each leader's (a gevent worker sets gevent's: ntonix/gateway/runtime.py)
+        # Set inside a gevent worker: greenlets switch only where one waits (on I/O), so a
+        # leader nobody follows yet, which only holds its records in memory, takes no lock.
+        self.cooperative = False
         self.stats: dict[str, int] = dict.fromkeys(
             ("led", "followed", "alone", "hits", "detached", "leader_failed", "redis_errors", "batched_finishes"),
             0)
@@ -390,8 +393,10 @@ class Leader:
         self._has_head = False
         self._store: tuple[str, bytes, int] | None = None  # see store_at_end
         self._checked = flights.clock() if flights.spawn is None else 0.0
-        # The keeper's catch-up and the request's publishes must not interleave their writes.
-        self._lock = flights.lock()
+        # The keeper's catch-up and the request's publishes must not interleave their writes
+        # (cooperative: made when first needed, once a follower is seen; most leaders never need it).
+        self._cooperative = flights.cooperative
+        self._lock: AbstractContextManager[Any] | None = None if self._cooperative else flights.lock()
 
     @property
     def has_followers(self) -> bool:
@@ -416,16 +421,35 @@ class Leader:
         """Send ``SET key value PX px_ms`` (the answer for the Redis cache tier) with the end of
         this flight, before it: in the keeper's batch, no round trip of its own. False when
         this leader has no flight (alone, finished): the caller stores it itself."""
-        with self._lock:
-            if self.finished or self.value is None:
-                return False
-            self._store = (key, value, px_ms)
-            return True
+        if self._unfollowed():
+            return self._keep_store(key, value, px_ms)
+        with self._locked():
+            return self._keep_store(key, value, px_ms)
+
+    def _keep_store(self, key: str, value: bytes, px_ms: int) -> bool:
+        if self.finished or self.value is None:
+            return False
+        self._store = (key, value, px_ms)
+        return True
 
     def finish(self, ok: bool) -> None:
         """End the flight (idempotent): ``ok`` means the answer is complete."""
-        with self._lock:
+        if self._unfollowed():
+            self._finish(ok)  # no keeper's catch-up can be under way (see _unfollowed)
+            return
+        with self._locked():
             self._finish(ok)
+
+    def _unfollowed(self) -> bool:
+        """Cooperative (gevent) and no follower seen: the keeper's catch-up, the only other
+        writer, starts only for a leader whose followers it saw, so no lock is needed."""
+        return self._cooperative and not self.followers_seen
+
+    def _locked(self) -> AbstractContextManager[Any]:
+        lock = self._lock
+        if lock is None:
+            lock = self._lock = self._f.lock()
+        return lock
 
     def _finish(self, ok: bool) -> None:
         if self.finished:
@@ -462,7 +486,15 @@ class Leader:
         self.finish(False)
 
     def _publish(self, kind: bytes, data: bytes | tuple[int, Headers]) -> None:
-        with self._lock:
+        f = self._f
+        if (self._unfollowed() and not self.finished and not self._overflow and f.spawn is not None
+                and (not isinstance(data, bytes) or self._held + len(data) <= f.max_bytes)):
+            # The common miss: held in memory only, nothing to write, no lock to take.
+            self._records.append((kind, data))
+            if isinstance(data, bytes):
+                self._held += len(data)
+            return
+        with self._locked():
             if self.finished:
                 return
             f = self._f
@@ -485,7 +517,7 @@ class Leader:
     def catch_up(self) -> None:
         """Once followers exist, publish what they have not seen (the keeper calls this, so a
         follower does not wait for the leader's next chunk)."""
-        with self._lock:
+        with self._locked():
             self._catch_up()
 
     def _catch_up(self) -> None:

@@ -129,8 +129,8 @@ class Runtime:
               lock: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
         """Background work of a serving worker (``spawn`` starts a greenlet; ``sleep`` is
         gevent's in a worker, where time.sleep is patched to it; ``defer`` the loop's
-        ``run_callback``, which batches the cache's L2 writes; ``lock`` the lock type of the
-        cluster's leaders, gevent's in a worker: half the cost of threading's): the cluster's keeper, which
+        ``run_callback``, which batches the cache's L2 writes; ``lock`` gevent's lock type in a
+        worker, for the cluster's leaders, which then take one only once followed): the cluster's keeper, which
         renews this process's leases and batches its finishes; the affinity and load sync, every
         ``AFFINITY_SYNC_S``."""
         flights = self.flights
@@ -138,7 +138,7 @@ class Runtime:
             flights.spawn = spawn
             flights.auto_pipeline = True
             if lock is not None:
-                flights.lock = lock
+                flights.lock, flights.cooperative = lock, True
             self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
         self._spawn, self._sleep, self.defer = spawn, sleep, defer
         self._run_affinity()

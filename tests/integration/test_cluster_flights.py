@@ -193,6 +193,47 @@ def test_the_answer_for_the_cache_tier_goes_with_the_flights_end_and_never_after
         b.close()
 
 
+def test_a_cooperative_leader_takes_a_lock_only_once_followed(clean_redis: RedisServer) -> None:
+    """In a gevent worker (cooperative), a leader nobody follows only holds its records in
+    memory: it makes no lock. Once the keeper sees a follower, catch-up and publishes lock."""
+    made: list[object] = []
+
+    def lock() -> threading.RLock:
+        made.append(threading.RLock())
+        return made[-1]  # type: ignore[return-value]
+
+    a = Flights(clean_redis.url, spawn=lambda fn: None, lock=lock)  # keeper's work by hand
+    a.cooperative = True
+    b = Flights(clean_redis.url)
+    try:
+        solo = lead(a, "solo")
+        solo.publish_head(*HEAD)
+        solo.publish_chunk(EVENTS[0])
+        assert solo.store_at_end("ntonix:cache:solo", b"entry", 60_000)
+        solo.finish(True)
+        a.flush()
+        assert made == [] and flight_keys(clean_redis) == []
+        assert b.join_or_hit("solo", "ntonix:cache:solo") == b"entry"
+
+        leader = lead(a, "followed")
+        leader.publish_head(*HEAD)
+        for e in EVENTS[:5]:
+            leader.publish_chunk(e)
+        follower = follow(b, "followed")
+        assert [ld.key for ld in a.tick()] == ["followed"]
+        leader.catch_up()
+        assert len(made) == 1 and leader.has_followers
+        for e in EVENTS[5:]:
+            leader.publish_chunk(e)
+        leader.finish(True)
+        assert len(made) == 1
+        assert follower.wait_head(2) == HEAD
+        assert list(follower.chunks(2)) == EVENTS
+    finally:
+        a.close()
+        b.close()
+
+
 def test_an_answer_redis_refuses_to_store_still_ends_its_flight(clean_redis: RedisServer) -> None:
     """The answer's SET runs inside the finish script: refused (Redis at maxmemory), the
     answer stays unshared but the flight still ends, so the next request leads a new one."""
