@@ -57,7 +57,7 @@ import redis
 
 from ntonix.cluster.follower import Follower
 from ntonix.cluster.lua import FINISH, SCRIPTS, SHAS
-from ntonix.cluster.resp import ERRORS, AutoPipeline, Pool, RespError, evalsha, redis_py
+from ntonix.cluster.resp import ERRORS, AutoPipeline, Command, Encoded, Pool, RespError, bulk, evalsha, redis_py
 from ntonix.core.cache_entry import Headers
 from ntonix.pid import Process
 
@@ -99,13 +99,29 @@ def _wire(records: list[Record]) -> list[tuple[bytes, bytes]]:
 
 def _finish_call(keys: list[str], value: str, journaling: int, ok: int, grace_ms: int,
                  store: tuple[str, bytes, int] | None,
-                 records: list[Record] | None = None) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of the finish script (lua.py FINISH): the answer for the cache tier goes
-    in the same script, just before the end (no ``SET`` of its own)."""
+                 records: list[Record] | None = None) -> Command:
+    """The finish script (lua.py FINISH) as EVALSHA's arguments: the answer for the cache tier
+    goes in the same script, just before the end (no ``SET`` of its own)."""
     args: list[Any] = [value, journaling, ok, grace_ms, *(store[1:] if store else ("", 0))]
     if records:
         args.extend(x for rec in _wire(records) for x in rec)
-    return ([*keys, store[0]] if store else keys), args
+    if store:
+        keys = [*keys, store[0]]
+    return ("EVALSHA", SHAS["finish"], len(keys), *keys, *args)
+
+
+class _Frames:
+    """The parts of the join and finish commands that stay the same for a process identity,
+    framed once (resp.py :class:`Encoded`): a miss frames only its own keys and values."""
+
+    def __init__(self, f: Flights) -> None:
+        self.proc = f._proc
+        self.ascii = f.prefix.isascii()
+        self.join = bulk("EVALSHA") + bulk(SHAS["join"])
+        self.finish = bulk("EVALSHA") + bulk(SHAS["finish"])
+        self.a = bulk(f.prefix + "a:" + f._proc)
+        self.join_tail = bulk(str(f.lease_ms)) + bulk(str(f.flight_ttl_ms)) + bulk(f.prefix)
+        self.grace = bulk(str(f.grace_ms))
 
 
 class Flights:
@@ -128,6 +144,7 @@ class Flights:
         self.block_s, self.max_bytes, self.max_followers = block_s, max_bytes, max_followers
         self.max_pending_bytes = max_pending_bytes
         self.flight_ttl_ms, self.grace_ms = int(flight_ttl_s * 1000), int(grace_s * 1000)
+        self.lease_ms = int(lease_s * 1000)
         self.clock, self.sleep, self.spawn = clock, sleep, spawn
         self.lock = lock  # each leader's (a gevent worker sets gevent's: ntonix/gateway/runtime.py)
         # Set inside a gevent worker: greenlets switch only where one waits (on I/O), so a
@@ -154,6 +171,7 @@ class Flights:
         self._pending_bytes = 0
         self._keeper_pid = -1
         self._beat_at = -1e9
+        self._frames: _Frames | None = None
         self.stopped = False
 
     # -- public ----------------------------------------------------------------------
@@ -181,10 +199,8 @@ class Flights:
         self._serial += 1
         token = f"{self._proc}{self._serial:x}"  # unique: _proc is new per process and per Redis failure
         value = f"{token} {self._proc}"
-        keys = [self.prefix + "k:" + key, self.prefix + "f:" + token, self.prefix + "a:" + self._proc]
         try:
-            found = self._script("join", [*keys, cache_key] if cache_key else keys,
-                                 [value, int(self.lease_s * 1000), self.flight_ttl_ms, self.prefix])
+            found = self._script("join", self._join_command(key, token, value, cache_key))
         except ERRORS as exc:
             self._failed(exc)
             self.stats["alone"] += 1
@@ -204,6 +220,43 @@ class Flights:
         self._ensure_keeper()
         return leader
 
+    def _join_command(self, key: str, token: str, value: str, cache_key: str | None) -> Command:
+        """KEYS: k, f, a[, cache key]; ARGV: value, lease ms, flight ttl ms, prefix (lua.py JOIN)."""
+        fr = self._framed()
+        p = self.prefix
+        if fr.ascii and key.isascii() and (cache_key is None or cache_key.isascii()):
+            n = 3 if cache_key is None else 4
+            return Encoded((f"*{n + 7}\r\n{fr.join}$1\r\n{n}\r\n" + bulk(p + "k:" + key) + bulk(p + "f:" + token)
+                            + fr.a + ("" if cache_key is None else bulk(cache_key)) + bulk(value)
+                            + fr.join_tail).encode())
+        keys = [p + "k:" + key, p + "f:" + token, p + "a:" + self._proc]
+        if cache_key is not None:
+            keys.append(cache_key)
+        return ("EVALSHA", SHAS["join"], len(keys), *keys, value, self.lease_ms, self.flight_ttl_ms, p)
+
+    def _finish_command(self, e: _Ending) -> Command:
+        """The keeper's finish of a flight nobody followed (no records): :func:`_finish_call`,
+        framed from the process's constant parts."""
+        fr = self._framed()
+        store = e.store
+        k, f, s = e.keys
+        if not (fr.ascii and k.isascii() and (store is None or store[0].isascii())):
+            return _finish_call(e.keys, e.value, 0, e.ok, self.grace_ms, store)
+        n = 3 if store is None else 4
+        head = f"*{n + 9}\r\n{fr.finish}$1\r\n{n}\r\n" + bulk(k) + bulk(f) + bulk(s)
+        if store is None:
+            return Encoded((head + bulk(e.value) + f"$1\r\n0\r\n$1\r\n{e.ok}\r\n{fr.grace}$0\r\n\r\n$1\r\n0\r\n")
+                           .encode())
+        ck, answer, px = store
+        head += bulk(ck) + bulk(e.value) + f"$1\r\n0\r\n$1\r\n{e.ok}\r\n{fr.grace}${len(answer)}\r\n"
+        return Encoded(head.encode(), answer, ("\r\n" + bulk(str(px))).encode())
+
+    def _framed(self) -> _Frames:
+        fr = self._frames
+        if fr is None or fr.proc != self._proc:
+            fr = self._frames = _Frames(self)
+        return fr
+
     def tick(self) -> list[Leader]:
         """One keeper round: renew this process's liveness and tell leaders about followers
         (one pipeline; nothing when this process leads nothing). Returns the leaders that
@@ -216,7 +269,7 @@ class Flights:
             # join script added the tokens of the flights they joined to w:<proc>; pop them all.
             # (An MGET of every flight's follower count cost O(flights) ten times a second.)
             replies = self._raw.pipeline([
-                ("SET", self.prefix + "a:" + self._proc, b"1", "PX", int(self.lease_s * 1000)),
+                ("SET", self.prefix + "a:" + self._proc, b"1", "PX", self.lease_ms),
                 ("SPOP", self.prefix + "w:" + self._proc, _POP_MAX)])
             for r in replies:
                 if isinstance(r, RespError):
@@ -242,7 +295,7 @@ class Flights:
         try:
             # Each script stores the answer for the cache tier, then ends the flight: a gateway
             # asking meanwhile finds either the flight (and follows it) or the stored answer.
-            replies = self._batch([_finish_call(e.keys, e.value, 0, e.ok, self.grace_ms, e.store) for e in pending])
+            replies = self._batch([self._finish_command(e) for e in pending])
             # Followers joined after all: everything, then the end, in one go.
             late = [e for e, r in zip(pending, replies, strict=True) if r == 1]
             if late:
@@ -252,10 +305,9 @@ class Flights:
             return
         self.stats["batched_finishes"] += len(pending)
 
-    def _batch(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """The finish script for each of ``calls`` in one pipeline."""
+    def _batch(self, cmds: list[Command]) -> list[Any]:
+        """The finish scripts ``cmds`` in one pipeline."""
         assert self._raw is not None
-        cmds = [("EVALSHA", SHAS["finish"], len(keys), *keys, *args) for keys, args in calls]
         replies = self._raw.pipeline(cmds)
         if any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT") for r in replies):
             self._raw.call("SCRIPT", "LOAD", FINISH)
@@ -320,14 +372,14 @@ class Flights:
         assert self._fast is not None
         return self._fast
 
-    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return evalsha(self._raw_call, SHAS[name], SCRIPTS[name], keys, args)
+    def _script(self, name: str, command: Command) -> Any:
+        return evalsha(self._send, SCRIPTS[name], command)
 
-    def _raw_call(self, *args: Any) -> Any:
+    def _send(self, command: Command) -> Any:
         if self._auto is not None:
-            return self._auto.call(*args)
+            return self._auto.send(command)
         assert self._raw is not None
-        return self._raw.call(*args)
+        return self._raw.send(command)
 
     def _blocking_client(self) -> redis.Redis:
         assert self._blocking is not None
@@ -468,10 +520,10 @@ class Leader:
             self._records = []
             return
         try:
-            if f._script("finish", *_finish_call(keys, self.value, int(self._journaling), int(ok), f.grace_ms,
-                                                 store)) == 1:
+            if f._script("finish", _finish_call(keys, self.value, int(self._journaling), int(ok), f.grace_ms,
+                                                store)) == 1:
                 # Followers joined but never got a byte: everything, then the end, in one go.
-                f._script("finish", *_finish_call(keys, self.value, 1, 1, f.grace_ms, store, self._records))
+                f._script("finish", _finish_call(keys, self.value, 1, 1, f.grace_ms, store, self._records))
         except ERRORS as exc:
             f._failed(exc)
         self._records = []
@@ -562,7 +614,7 @@ class Leader:
         f = self._f
         f.stats["detached"] += 1
         try:
-            f._script("detach", [f.prefix + "k:" + self.key], [self.value])
+            f._script("detach", ("EVALSHA", SHAS["detach"], 1, f.prefix + "k:" + self.key, self.value or ""))
         except ERRORS as exc:
             self._broken(exc)
 

@@ -49,6 +49,25 @@ def redis_py(url: str, timeout_s: float, read_timeout_s: float | None = None) ->
                                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
 
+class Encoded:
+    """A command already framed in RESP, sent as it is: for the calls every miss makes, put
+    together from pieces the caller framed once (:func:`bulk`). The join's 11 arguments take
+    0.9 µs so instead of 3.5 µs through :func:`encode`."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, *parts: bytes) -> None:
+        self.parts = parts
+
+
+def bulk(text: str) -> str:
+    """One ASCII argument as a RESP bulk string (for ASCII, its length is its length in bytes)."""
+    return f"${len(text)}\r\n{text}\r\n"
+
+
+Command = tuple[bytes | str | int, ...] | Encoded
+
+
 def encode(*args: bytes | str | int) -> bytes:
     """One command as a RESP array of bulk strings."""
     out: list[bytes] = []
@@ -56,7 +75,7 @@ def encode(*args: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
-def encode_many(commands: list[tuple[bytes | str | int, ...]]) -> bytes:
+def encode_many(commands: list[Command]) -> bytes:
     """Commands one after the other (a pipeline), joined once: a value (a cached answer) is
     copied once, into the result."""
     out: list[bytes] = []
@@ -65,7 +84,10 @@ def encode_many(commands: list[tuple[bytes | str | int, ...]]) -> bytes:
     return b"".join(out)
 
 
-def _encode_into(out: list[bytes], args: tuple[bytes | str | int, ...]) -> None:
+def _encode_into(out: list[bytes], args: Command) -> None:
+    if isinstance(args, Encoded):
+        out.extend(args.parts)
+        return
     # ASCII text and numbers (names, keys, tokens: nearly every argument) are framed as one
     # str and encoded once; bytes (an answer) and other text are added as they are, uncopied.
     # (1.5 instead of 2.1-2.4 µs for the join's 11 arguments.)
@@ -138,7 +160,10 @@ class Connection:
             self.call("SELECT", db)
 
     def call(self, *args: bytes | str | int) -> Value:
-        self.sock.sendall(encode(*args))
+        return self.send(args)
+
+    def send(self, command: Command) -> Value:
+        self.sock.sendall(encode_many([command]))
         while True:
             got = parse(self._buf) if self._buf else None
             if got is not None:
@@ -152,7 +177,7 @@ class Connection:
                 raise ConnectionError("Redis closed the connection")
             self._buf += data
 
-    def call_many(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Value]:
+    def call_many(self, commands: list[Command]) -> list[Value]:
         """Pipelined: all commands in one write, then their replies (errors as values)."""
         self.sock.sendall(encode_many(commands))
         out: list[Value] = []
@@ -173,16 +198,16 @@ class Connection:
         self.sock.close()
 
 
-def evalsha(call: Callable[..., Value], sha: str, script: str, keys: list[str], args: list[Any]) -> Value:
-    """EVALSHA through ``call``, loading the script once if this Redis does not know it (e.g.
-    restarted)."""
+def evalsha(send: Callable[[Command], Value], script: str, command: Command) -> Value:
+    """``command`` (an EVALSHA of ``script``) through ``send``, loading the script once if this
+    Redis does not know it (e.g. restarted)."""
     try:
-        return call("EVALSHA", sha, len(keys), *keys, *args)
+        return send(command)
     except RespError as exc:
         if not str(exc).startswith("NOSCRIPT"):
             raise
-    call("SCRIPT", "LOAD", script)
-    return call("EVALSHA", sha, len(keys), *keys, *args)
+    send(("SCRIPT", "LOAD", script))
+    return send(command)
 
 
 class Pool:
@@ -213,7 +238,7 @@ class Pool:
         return self._idle.pop() if self._idle else Connection(
             self.host, self.port, self.timeout_s, self.db, self.username, self.password)
 
-    def pipeline(self, commands: list[tuple[bytes | str | int, ...]]) -> list[Value]:
+    def pipeline(self, commands: list[Command]) -> list[Value]:
         """Several commands in one round trip; error replies come back as RespError values."""
         conn = self._take()
         try:
@@ -225,9 +250,12 @@ class Pool:
         return values
 
     def call(self, *args: bytes | str | int) -> Value:
+        return self.send(args)
+
+    def send(self, command: Command) -> Value:
         conn = self._take()
         try:
-            value = conn.call(*args)
+            value = conn.send(command)
         except RespError:
             self._give_back(conn)  # an error reply leaves the connection in step
             raise
@@ -303,10 +331,15 @@ class AutoPipeline:
         self.batches = 0  # writes sent (for tests and figures): calls / batches = calls per write
 
     def call(self, *args: bytes | str | int) -> Value:
+        return self.send(args)
+
+    def send(self, command: Command) -> Value:
         if self.pool.closed:
             raise ConnectionError("Redis pool closed")
         waiter: Waiter[Any] = Waiter()
-        self._out.append(encode(*args))
+        parts: list[bytes] = []
+        _encode_into(parts, command)  # first: a command that fails to encode leaves _out whole
+        self._out += parts
         self._queued.append(waiter)
         if not self._writing:
             self._writing = True
