@@ -65,6 +65,7 @@ class ResponseCache:
         self._warned_at = -_WARN_EVERY_S
         # Deferred L2 writes (store); an L1 hit on one of them is not checked against L2 yet.
         self._queued: dict[str, CachedResponse] = {}
+        self._encoded: dict[str, bytes] = {}  # queued entries' encode(), when the caller had it
 
     # -- request path -------------------------------------------------------------------
 
@@ -145,7 +146,8 @@ class ResponseCache:
         return self.remote.set_args(key, entry)
 
     def store(self, key: str, entry: CachedResponse, *,
-              defer: Callable[[Callable[[], None]], object] | None = None, remote: bool = True) -> None:
+              defer: Callable[[Callable[[], None]], object] | None = None, remote: bool = True,
+              encoded: bytes | None = None) -> None:
         """Keep a complete answer in every tier; anything but status 200 is ignored.
 
         With ``defer`` (e.g. the gevent loop's ``run_callback``), the L2 write is queued and
@@ -153,7 +155,8 @@ class ResponseCache:
         one write transaction: once the current greenlet yields, before the worker's loop polls
         again. Other workers see the answer that much later (the caller keeps them waiting on
         its flight meanwhile); this worker's lookups find it in the queue. ``remote=False``:
-        not the Redis tier (the caller writes it, see :meth:`remote_set_args`)."""
+        not the Redis tier (the caller writes it, see :meth:`remote_set_args`; ``encoded`` is
+        then the ``entry.encode()`` it made for that, written to L2 as it is)."""
         if not self.enabled or entry.status != 200:
             return
         self._check_generation()
@@ -164,9 +167,13 @@ class ResponseCache:
         memory = self.memory
         if defer is not None and self.shared is not None:
             self._queued[key] = entry
+            if encoded is not None:
+                self._encoded[key] = encoded
+            else:
+                self._encoded.pop(key, None)
             if len(self._queued) == 1:
                 defer(self.flush)
-        elif self._l2(lambda s: s.put(key, entry), -1) < 0 and memory is not None:
+        elif self._l2(lambda s: s.put(key, entry, encoded), -1) < 0 and memory is not None:
             memory.put(key, entry, age_s=self._clock() - entry.created)
         if self.remote is not None and remote:
             self.remote.put(key, entry)
@@ -176,7 +183,8 @@ class ResponseCache:
         was purged meanwhile, by any worker)."""
         self._check_generation()
         queued, self._queued = self._queued, {}
-        if queued and self._l2(lambda s: s.put_many(list(queued.items())), -1) < 0 and self.memory is not None:
+        encoded, self._encoded = self._encoded, {}
+        if queued and self._l2(lambda s: s.put_many(list(queued.items()), encoded), -1) < 0 and self.memory is not None:
             now = self._clock()
             for key, entry in queued.items():  # L2 failed: this worker's L1 serves them, as in store
                 self.memory.put(key, entry, age_s=now - entry.created)
@@ -187,6 +195,7 @@ class ResponseCache:
         """Empty the cache for the whole gateway (and the shared Redis); returns entries removed."""
         removed = 0
         self._queued.clear()  # answers stored before the purge are not written after it
+        self._encoded.clear()
         if self.memory is not None:
             n = self.memory.clear()
             if self.shared is None:
@@ -235,6 +244,7 @@ class ResponseCache:
                 if self.memory is not None:
                     self.memory.clear()
                 self._queued.clear()
+                self._encoded.clear()
             self._generation = generation
 
     def record(self, key: str | None, hit: bool) -> None:

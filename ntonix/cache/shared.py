@@ -215,20 +215,24 @@ class LmdbStore:
                     self._touch(h, txn, _k(key), self._clock())
                 return count
 
-    def put(self, key: str, entry: CachedResponse) -> int:
+    def put(self, key: str, entry: CachedResponse, encoded: bytes | None = None) -> int:
         """Store ``entry`` (keeping its ``created``); returns how many entries were evicted.
+        ``encoded``: ``entry.encode()``, when the caller has it already.
 
         Entries larger than ``max_bytes`` or already expired are not stored.
         """
-        return self.put_many([(key, entry)])
+        return self.put_many([(key, entry)], {key: encoded} if encoded is not None else None)
 
-    def put_many(self, entries: list[tuple[str, CachedResponse]]) -> int:
+    def put_many(self, entries: list[tuple[str, CachedResponse]], encoded: dict[str, bytes] | None = None) -> int:
         """:meth:`put` for several entries in one write transaction (in order: a later one
-        under the same key replaces an earlier); returns how many entries were evicted."""
+        under the same key replaces an earlier); returns how many entries were evicted.
+        ``encoded``: the ``entry.encode()`` of some of them by key, made already."""
         now = self._clock()
         rows = []
         for key, entry in entries:
-            raw = entry.encode()
+            raw = encoded.get(key) if encoded else None
+            if raw is None:
+                raw = entry.encode()
             if len(raw) <= self.max_bytes and entry.created + self.ttl_s > now:
                 rows.append((_k(key), raw, entry.created))
         if not rows:

@@ -241,10 +241,12 @@ class UpstreamBody:
                                streamed=self.recorder is not None)
         # Leading across gateways: the Redis tier's copy goes with the flight's end, in the
         # keeper's batched round trip (ntonix/cluster/flights.py ``store_at_end``), not one of its own.
-        remote = True
+        remote, encoded = True, None
         if isinstance(self.leader, Fanout):
             args = rt.cache.remote_set_args(self.store_key, entry)
-            remote = args is None or not self.leader.cluster.store_at_end(*args)
+            if args is not None:
+                encoded = args[1]  # L2 stores the same bytes
+                remote = not self.leader.cluster.store_at_end(*args)
         # The L2 write of a solo leader's answer waits for the end of the loop's turn, in one
         # write transaction with every answer stored meanwhile (ntonix/cache/__init__.py
         # ``store``); its flight ends after that write (_settle), so an identical request the
@@ -253,7 +255,7 @@ class UpstreamBody:
         # follow it; off the board) stores at once.
         defer = rt.defer if self.leader is not None and self.leader.solo_on_board else None
         self._deferred = defer
-        rt.cache.store(self.store_key, entry, remote=remote, defer=defer)
+        rt.cache.store(self.store_key, entry, remote=remote, defer=defer, encoded=encoded)
 
 
 class FollowerBody:

@@ -223,6 +223,25 @@ def test_deferred_stores_reach_l2_together_when_the_callback_runs(tmp_path: Path
     assert len(scheduled) == 2  # a new batch, a new callback
 
 
+def test_l2_writes_the_encoding_the_caller_made_already(tmp_path: Path, clocks: Clocks,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``store(encoded=...)`` (the bytes made for the Redis tier): L2 writes them as they are,
+    queued or not, and encodes only the entries stored without them."""
+    a, b = worker(tmp_path, clocks), worker(tmp_path, clocks)
+    made = {k: entry(f'{{"n":"{k}"}}'.encode()).encode() for k in ("k1", "k2")}
+    encoded_now: list[bytes] = []
+    real = CachedResponse.encode
+    monkeypatch.setattr(CachedResponse, "encode", lambda self: encoded_now.append(self.body) or real(self))
+    scheduled: list[Callable[[], None]] = []
+    a.store("k1", entry(b"a stand-in the bytes replace"), defer=scheduled.append, encoded=made["k1"])
+    a.store("k2", entry(b"another stand-in"), encoded=made["k2"])
+    a.store("k3", entry(b'{"n":"k3"}'), defer=scheduled.append)
+    scheduled[0]()
+    assert [e.body for e in (b.lookup(k) for k in ("k1", "k2", "k3")) if e is not None] == [
+        b'{"n":"k1"}', b'{"n":"k2"}', b'{"n":"k3"}']
+    assert encoded_now == [b'{"n":"k3"}']
+
+
 def test_a_batch_evicts_older_entries_never_its_own(tmp_path: Path, clocks: Clocks) -> None:
     store = LmdbStore(str(tmp_path), 40_000, 60, clock=clocks.wall)
     for i in range(3):
@@ -247,7 +266,7 @@ def test_a_deferred_store_keeps_the_answer_out_of_l1_and_l1_takes_it_when_l2_fai
     scheduled.pop()()
     assert a.memory.entries == 0 and a.shared.get("k1", touch=False) is not None
 
-    def refused(entries: object) -> int:
+    def refused(*args: object) -> int:
         raise StoreError("disk full")
 
     monkeypatch.setattr(a.shared, "put_many", refused)
