@@ -90,6 +90,10 @@ def main() -> None:
 
         # As in a gateway: the keeper renews leases and sends finishes in batches.
         flights = Flights(f"redis://127.0.0.1:{port}/0", spawn=None if args.no_keeper else spawn)
+        if args.gevent:  # as a worker's Runtime.start sets it: gevent's locks, taken once followed
+            import gevent.lock
+
+            flights.lock, flights.cooperative = gevent.lock.RLock, True
         local = Coalescer(folder, sleep=time.sleep)
         head = (200, (("Content-Type", "application/json"),))
         chunk = b"x" * 200
