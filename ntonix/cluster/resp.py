@@ -52,7 +52,7 @@ def redis_py(url: str, timeout_s: float, read_timeout_s: float | None = None) ->
 class Encoded:
     """A command already framed in RESP, sent as it is: for the calls every miss makes, put
     together from pieces the caller framed once (:func:`bulk`). The join's 11 arguments take
-    0.9 µs so instead of 3.5 µs through :func:`encode`."""
+    1.0 µs so instead of 2.3 µs through :func:`encode` (measured apart, same run)."""
 
     __slots__ = ("parts",)
 
