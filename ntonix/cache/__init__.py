@@ -131,7 +131,7 @@ class ResponseCache:
     def snapshot(self) -> int | None:
         """L2's :meth:`LmdbStore.snapshot` (``None`` without L2, or when it failed): taken
         before a lookup that missed, it lets a later one skip L2 (``missed_at``)."""
-        return self._l2(lambda s: s.snapshot(), None)
+        return self._l2(LmdbStore.snapshot, None)
 
     def adopt(self, key: str, raw: bytes) -> CachedResponse | None:
         """The Redis tier's entry for ``key`` read as ``raw`` elsewhere (the cluster's join),
@@ -247,7 +247,7 @@ class ResponseCache:
         and its queued L2 writes (stored before it) go."""
         if self.shared is None:
             return
-        generation = self._l2(lambda s: s.generation(), None)
+        generation = self._l2(LmdbStore.generation, None)
         if generation is not None and generation != self._generation:
             if self._generation is not None:
                 if self.memory is not None:

@@ -183,8 +183,11 @@ class LmdbStore:
     def generation(self) -> int:
         """The purge generation: changes whenever :meth:`purge` ran in any process (or an
         answer was replaced); a read of shared memory, no transaction."""
-        with translated():
-            return int(_COUNTER.unpack_from(self._generation_map())[0])
+        shared = self._gen_map
+        if shared is None or self._gen_pid != Process.pid:
+            with translated():
+                shared = self._generation_map()
+        return int(_COUNTER.unpack_from(shared)[0])
 
     def _generation_map(self) -> mmap.mmap:
         if self._gen_map is None or self._gen_pid != Process.pid:
@@ -290,17 +293,25 @@ class LmdbStore:
         h = self._open()
         with h.write(sum(len(raw) for _, raw, _ in rows) + _WRITE_SLACK) as txn:
             added = count = 0
+            # The batch's stamps follow the newest one: one look at ``lru`` per batch. Each is
+            # still newer than every stamp in ``lru`` (an entry replaced in the batch had one
+            # of those), so the order of use stays exact.
+            access_us = _next_stamp(h, txn, now) - 1
             for k, raw, created in rows:
-                old = txn.get(k, db=h.meta)
-                if old is not None:
+                access_us += 1
+                meta = _META.pack(access_us, created, len(raw))
+                # A new key (nearly always): one descent of ``meta``, the put, instead of a get
+                # first.
+                if not txn.put(k, meta, db=h.meta, overwrite=False):
+                    old = txn.get(k, db=h.meta)
+                    assert old is not None
                     self._remove(h, txn, k, old, counter=None)
                     if _META.unpack(old)[1] != created:
                         # A new answer replaces an old one (e.g. after ``no-cache``): other
                         # workers' L1 copies of the old one must go, as after a purge.
                         self._bump_generation(h, txn)
-                access_us = _next_stamp(h, txn, now)
+                    txn.put(k, meta, db=h.meta)
                 txn.put(k, raw, db=h.data)
-                txn.put(k, _META.pack(access_us, created, len(raw)), db=h.meta)
                 txn.put(access_us.to_bytes(8, "big") + k, b"", db=h.lru)
                 added += len(raw)
                 count += 1
