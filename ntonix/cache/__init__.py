@@ -66,6 +66,8 @@ class ResponseCache:
         # Deferred L2 writes (store); an L1 hit on one of them is not checked against L2 yet.
         self._queued: dict[str, CachedResponse] = {}
         self._encoded: dict[str, bytes] = {}  # queued entries' encode(), when the caller had it
+        self._then: list[Callable[[], None]] = []  # to run right after the next deferred write
+        self._scheduled = False  # flush is queued in the loop
 
     # -- request path -------------------------------------------------------------------
 
@@ -180,23 +182,44 @@ class ResponseCache:
                 self._encoded[key] = encoded
             else:
                 self._encoded.pop(key, None)
-            if len(self._queued) == 1:
-                defer(self.flush)
+            self._schedule(defer)
         elif self._l2(lambda s: s.put(key, entry, encoded), -1) < 0 and memory is not None:
             memory.put(key, entry, age_s=self._clock() - entry.created)
         if self.remote is not None and remote:
             self.remote.put(key, entry)
 
+    def then(self, fn: Callable[[], None], defer: Callable[[Callable[[], None]], object]) -> None:
+        """Run ``fn`` right after the L2 write of the answers queued so far (:meth:`store` with
+        ``defer``), in the same callback of the loop: e.g. a coalesced flight's end, which must
+        come after its answer is in L2. With nothing queued, at the loop's next turn."""
+        self._then.append(fn)
+        self._schedule(defer)
+
+    def _schedule(self, defer: Callable[[Callable[[], None]], object]) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            defer(self.flush)
+
     def flush(self) -> None:
         """Write the answers :meth:`store` queued to L2, in one transaction (none if the cache
-        was purged meanwhile, by any worker)."""
-        self._check_generation()
-        queued, self._queued = self._queued, {}
-        encoded, self._encoded = self._encoded, {}
-        if queued and self._l2(lambda s: s.put_many(list(queued.items()), encoded), -1) < 0 and self.memory is not None:
-            now = self._clock()
-            for key, entry in queued.items():  # L2 failed: this worker's L1 serves them, as in store
-                self.memory.put(key, entry, age_s=now - entry.created)
+        was purged meanwhile, by any worker), then run what :meth:`then` was given, in order."""
+        self._scheduled = False
+        then, self._then = self._then, []
+        try:
+            self._check_generation()
+            queued, self._queued = self._queued, {}
+            encoded, self._encoded = self._encoded, {}
+            if (queued and self._l2(lambda s: s.put_many(list(queued.items()), encoded), -1) < 0
+                    and self.memory is not None):
+                now = self._clock()
+                for key, entry in queued.items():  # L2 failed: this worker's L1 serves them, as in store
+                    self.memory.put(key, entry, age_s=now - entry.created)
+        finally:
+            for fn in then:
+                try:
+                    fn()
+                except Exception:  # one flight's end must not keep the others from ending
+                    log.exception("cache.after_write_failed")
 
     # -- operator -----------------------------------------------------------------------
 

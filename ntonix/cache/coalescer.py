@@ -617,7 +617,9 @@ class Leader:
         self.board_hash = board_hash  # announced on the board under this hash (0: not)
         self.serial = serial  # the flight's serial on the board (its token once registered)
         self.lazy = bool(board_hash)  # not in the journal (yet): nobody can follow
-        self._pending: list[bytes] = []  # records not in the journal yet
+        # Records not in the journal yet; the head as (status, headers), JSON-encoded only if it
+        # is written (most flights never are: nobody follows).
+        self._pending: list[bytes | tuple[int, Headers]] = []
         self._published = 0  # records in the journal (the first pending one's number)
         self._trimmed = 0  # journal records below this were read by every follower and dropped
         self._kept: deque[int] = deque()  # sizes of journal records from _trimmed on (capped)
@@ -650,7 +652,7 @@ class Leader:
             raise ValueError("publish_head: the head is already published")
         self._has_head = True
         if not self.finished:
-            self._pending.append(orjson.dumps([status, headers]))
+            self._pending.append((status, headers))
             if status != 200:
                 # An answer that will not be cached: shared with whoever waits for it already,
                 # never with a request arriving from now on.
@@ -848,7 +850,8 @@ class Leader:
     def _write(self, h: _Handles, txn: Txn) -> None:
         """Journal the pending records; on a capped flight drop what every follower has read."""
         assert self.token is not None
-        for record in self._pending:
+        for pending in self._pending:
+            record = pending if isinstance(pending, bytes) else orjson.dumps(pending)
             txn.put(_seq(self.token, self._published), record, db=h.journal)
             self._published += 1
             if self._capped:

@@ -12,6 +12,7 @@ A body that breaks after its headers went out cuts the client connection
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -202,10 +203,11 @@ class UpstreamBody:
             rec.error = rec.error or "client closed the connection"
         if self.leader is not None:
             if self._deferred is not None:
-                # After the batched L2 write (queued before this, run in order): a request that
-                # waits on the host's flight then finds the answer in L2 (ntonix/cache/coalescer.py,
+                # Right after the batched L2 write, in its callback (ResponseCache.then): a request
+                # that waits on the host's flight then finds the answer in L2 (ntonix/cache/coalescer.py,
                 # "The handshake": a 200 is in the cache before the leader leaves the board).
-                self.leader.finish_after(self.ended, self._deferred)
+                assert rt.cache is not None
+                self.leader.finish_after(self.ended, functools.partial(rt.cache.then, defer=self._deferred))
             else:
                 self.leader.finish(self.ended)
         if not rec.finished:

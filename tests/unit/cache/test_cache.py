@@ -344,3 +344,32 @@ def test_a_broken_l2_has_no_snapshot(tmp_path: Path, clocks: Clocks) -> None:
     cache = ResponseCache(None, LmdbStore(str(tmp_path / "file" / "store"), 1000, 60), None, True)
     assert cache.snapshot() is None
     assert cache.lookup_below_memory("k", count=False, missed_at=None) is None
+
+
+def test_what_then_is_given_runs_right_after_the_deferred_write_in_order(tmp_path: Path, clocks: Clocks,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """``then``: e.g. a flight's end, which must come after its answer is in L2; one callback
+    for the write and everything after it, and a failing one does not keep the rest from running."""
+    a, b = worker(tmp_path, clocks), worker(tmp_path, clocks)
+    scheduled: list[Callable[[], None]] = []
+    ran: list[object] = []
+    a.then(lambda: ran.append("alone"), scheduled.append)  # nothing queued: still at the next turn
+    assert len(scheduled) == 1 and ran == []
+    scheduled.pop()()
+    assert ran == ["alone"]
+    a.store("k1", entry(b'{"n":1}'), defer=scheduled.append)
+    a.then(lambda: ran.append(b.lookup("k1", count=False) is not None), scheduled.append)
+
+    def broken() -> None:
+        raise RuntimeError("a flight's end that fails")
+
+    a.then(broken, scheduled.append)
+    a.store("k2", entry(b'{"n":2}'), defer=scheduled.append)
+    a.then(lambda: ran.append(b.lookup("k2", count=False) is not None), scheduled.append)
+    assert len(scheduled) == 1  # one callback for the batch and what follows it
+    with caplog.at_level(logging.ERROR, logger="ntonix.cache"):
+        scheduled.pop()()
+    assert ran == ["alone", True, True]  # each ran after the write, in order, past the failure
+    assert any(r.message == "cache.after_write_failed" for r in caplog.records)
+    a.then(lambda: ran.append("next"), scheduled.append)
+    assert len(scheduled) == 1  # a new turn, a new callback

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -180,12 +181,21 @@ def test_a_batched_l2_write_comes_before_the_flights_end(tmp_path: Path, sse: bo
     on_board = rt.coalescer.board().peek(key_hash(key))
     assert on_board is not None and on_board.pid == os.getpid()  # the flight is still up
     assert (found := rt.cache.lookup(key, count=False)) is not None and found.body == sent
-    flush, finish = turn  # the write first, then the flight's end
-    flush()
+    (flush,) = turn  # one callback: the write, then the flight's end (ResponseCache.then)
+    on_board_at_write: list[bool] = []
+    real_put = LmdbStore.put_many
+
+    def put_many(store: LmdbStore, *args: Any, **kw: Any) -> int:
+        assert rt.coalescer is not None
+        on_board_at_write.append(rt.coalescer.board().peek(key_hash(key)) is not None)
+        return real_put(store, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LmdbStore, "put_many", put_many)
+        flush()
+    assert on_board_at_write == [True]  # the flight was up while its answer was written
     assert (stored := other_worker.get(key, touch=False)) is not None and stored.body == sent
-    assert rt.coalescer.board().peek(key_hash(key)) is not None
-    finish()
-    assert rt.coalescer.board().peek(key_hash(key)) is None
+    assert rt.coalescer.board().peek(key_hash(key)) is None  # and ended right after
     settled(flow)
     # What a worker leaving still has queued is written as it closes.
     flow.transport.script(B1, Reply(200, chunks=[b'{"b":2}']))
