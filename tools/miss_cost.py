@@ -35,6 +35,24 @@ ANSWER = (b'{"id":"chatcmpl-bench","object":"chat.completion","created":17000000
 BACKEND = "127.0.0.1:9"
 
 
+def _no_coalescing(rt: Any) -> None:
+    rt.coalescer = None
+
+
+def _no_l2(rt: Any) -> None:
+    rt.cache.shared = None  # L1 only (each answer stored straight into it)
+
+
+# Diagnostics: the gateway as shipped without one piece (never a configuration users run).
+def _core(rt: Any) -> None:
+    _no_coalescing(rt)
+    _no_l2(rt)
+
+
+ABLATIONS = {"no access log": lambda rt: None, "no coalescing": _no_coalescing, "no L2 (L1 only)": _no_l2,
+             "none of the three": _core}
+
+
 def _gateway(shipped: bool, directory: str) -> Any:
     from ntonix.config.validate import build_config
     from ntonix.gateway.endpoints import Gateway
@@ -67,7 +85,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4000, help="misses per gateway per round")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=16, help="requests per turn of the event loop")
-    ap.add_argument("--only", choices=("shipped", "stripped"), help="one gateway (e.g. under py-spy)")
+    ap.add_argument("--only", help="one gateway: shipped, stripped or an ablation (e.g. under a profiler)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also shipped without each piece in turn (access log, coalescing, L2), in the same "
+                         "rounds: what each piece costs")
     args = ap.parse_args()
     from gevent import monkey
 
@@ -85,8 +106,13 @@ def main() -> None:
     ACCESS.configure(log_cfg, make_access_handler(log_cfg))
     logging.getLogger("ntonix").setLevel(logging.WARNING)
     loop = gevent.get_hub().loop
-    names = (args.only,) if args.only else ("shipped", "stripped")
-    gateways = {name: _gateway(name == "shipped", f"{work}/{name}") for name in names}
+    names: tuple[str, ...] = (args.only,) if args.only else ("shipped", "stripped")
+    if args.ablate and not args.only:
+        names += tuple(ABLATIONS)
+    gateways = {name: _gateway(name != "stripped", f"{work}/{name}") for name in names}
+    for name, (gw, _) in gateways.items():
+        if name in ABLATIONS:
+            ABLATIONS[name](gw.rt)
     for gw, _ in gateways.values():
         gw.rt.start(gevent.spawn, gevent.sleep, defer=loop.run_callback, lock=None)
     gc.collect()  # the worker's collector settings (ntonix/server/worker.py)
@@ -99,7 +125,7 @@ def main() -> None:
         gw, transport = gateways[name]
         transport.script(BACKEND, *(Reply(200, chunks=[ANSWER], headers=[("Content-Type", "application/json")])
                                     for _ in range(n)))
-        ACCESS.enabled = name == "shipped"
+        ACCESS.enabled = name not in ("stripped", "no access log", "none of the three")
         headers = {"HTTP_HOST": "127.0.0.1:8080", "HTTP_CONTENT_TYPE": "application/json"}
         bodies = []
         for _ in range(n):
@@ -137,6 +163,10 @@ def main() -> None:
     for name, values in per.items():
         print(f"{name:9s} median {statistics.median(values):6.1f}  least {min(values):6.1f} µs/miss  "
               f"(rounds {min(values):.1f}–{max(values):.1f})")
+    for name in ABLATIONS:
+        if name in per:
+            print(f"  {name:22s} saves  median {statistics.median(per['shipped']) - statistics.median(per[name]):5.1f}"
+                  f"  least {min(per['shipped']) - min(per[name]):5.1f} µs/miss")
     least = min(per["shipped"]) - min(per["stripped"])
     print(f"added     median {statistics.median(added):6.1f}  least {least:6.1f} µs/miss; shipped/stripped "
           f"{statistics.median(per['shipped']) / statistics.median(per['stripped']):.2f} × "

@@ -67,14 +67,20 @@ def cache_key(path: str, body: object, credential: str | None, *, variant: str =
     ``variant`` lets the caller fold in anything else the answer depends on (for example a
     normalised ``Accept-Encoding``); ``""`` adds nothing.
     """
-    partition = hashlib.blake2b((credential or "").encode("utf-8", "surrogateescape"), digest_size=16)
-    h = xxhash.xxh3_128()
-    h.update(partition.digest())
-    for part in (path.encode("utf-8", "surrogateescape"), variant.encode("utf-8", "surrogateescape")):
-        h.update(len(part).to_bytes(4, "big"))
-        h.update(part)
-    h.update(canonical_json(body))
-    return h.hexdigest()
+    # One hash over the concatenated parts (the same digest as feeding them in turn; made in
+    # one call, as the key is made on every cacheable request).
+    partition = _NO_CREDENTIAL if not credential else _partition(credential)
+    p = path.encode("utf-8", "surrogateescape")
+    v = variant.encode("utf-8", "surrogateescape")
+    return xxhash.xxh3_128_hexdigest(b"".join((partition, len(p).to_bytes(4, "big"), p, len(v).to_bytes(4, "big"), v,
+                                               canonical_json(body))))
+
+
+def _partition(credential: str) -> bytes:
+    return hashlib.blake2b(credential.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+_NO_CREDENTIAL = _partition("")
 
 
 def canonical_json(body: object) -> bytes:

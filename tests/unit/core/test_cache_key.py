@@ -212,3 +212,30 @@ def test_no_credential_value_is_recoverable_from_the_key() -> None:
     secret = "sk-secret-value-0123456789"
     key = cache_key(CHAT, BODY, credentials({"HTTP_X_API_KEY": secret}, KEYS))
     assert secret not in key and len(key) == 32
+
+
+def test_keys_are_the_same_across_versions() -> None:
+    """Keys outlive a process: L2 on disk and the Redis tier shared by gateways of different
+    versions. These were made by the first implementation (the parts fed to xxh3_128 in turn)."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert cache_key(CHAT, chat, None) == "a225b6a7c7afb17f412a4b15102cfe7f"
+    assert cache_key(CHAT, chat, "") == "a225b6a7c7afb17f412a4b15102cfe7f"
+    assert cache_key(CHAT, chat, "13:HTTP_X_API_KEY1:a") == "e6a05c0af417cc433db307fd8307f8fc"
+    assert cache_key("/v1/embeddings", {"input": "é"}, None, variant="gzip") == "5263d694e08e0f6db3e119edef2a7711"
+
+
+@given(st.text(), st.text(), st.one_of(st.none(), st.text()),
+       st.dictionaries(st.text(), st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(), st.booleans())))
+def test_the_key_is_xxh3_128_of_the_framed_parts(path: str, variant: str, credential: str | None,
+                                                 body: dict[str, object]) -> None:
+    import hashlib
+
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    h.update(hashlib.blake2b((credential or "").encode("utf-8", "surrogateescape"), digest_size=16).digest())
+    for part in (path.encode("utf-8", "surrogateescape"), variant.encode("utf-8", "surrogateescape")):
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    h.update(canonical_json(body))
+    assert cache_key(path, body, credential, variant=variant) == h.hexdigest()
