@@ -203,7 +203,7 @@ def test_log_level_warning_from_the_environment(gateway: GatewayFactory, backend
     for _ in range(5):
         assert gw.request("GET", "/echo/w")[0] == 200
     gw.metrics()
-    backend.stop()  # a warning-level event: the backend fails its health checks, then the breaker
+    backend.stop(quick=True)  # a warning-level event: the backend fails its health checks, then the breaker
     gw.request("GET", "/echo/w")
 
     def warnings() -> list[dict[str, Any]]:

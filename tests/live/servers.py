@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -146,8 +147,17 @@ class MockBackend(Listener):
     def output(self) -> str:
         return output_of(self.proc)
 
-    def stop(self) -> None:
+    def stop(self, *, quick: bool = False) -> None:
+        """TERM: gunicorn's graceful stop, as a backend taken down for an outage test (it waits up
+        to its graceful timeout, 5 s, for open keep-alive connections, e.g. a gateway's pool).
+        ``quick``: INT first, gunicorn's quick shutdown (a test's teardown: nothing to wait for)."""
         self.proc.signal(signal.SIGCONT)  # a paused process cannot act on TERM
+        if quick and self.proc not in _STOPPED and self.proc.alive():
+            self.proc.signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass  # stop_once: TERM, then KILL
         stop_once(self.proc)
 
     def start(self) -> None:
@@ -184,7 +194,7 @@ class MockBackendFactory:
 
     def close(self) -> None:
         for backend in reversed(self.started):
-            backend.stop()
+            backend.stop(quick=True)
         self.started.clear()
 
 
