@@ -121,8 +121,8 @@ def test_all_backends_down_gives_503_with_retry_after(mock_backend: Any, gateway
     a, b = mock_backend("a"), mock_backend("b")
     gw = gateway([a, b], workers=2, config={"health": FAST_HEALTH})
     assert gw.health()[0] == 200
-    a.stop()
-    b.stop()
+    a.stop(quick=True)  # outages: nothing to drain
+    b.stop(quick=True)
     # Each worker probes on its own: wait until every answer (new connections, any worker) agrees.
     wait_until(lambda: all(gw.health()[0] == 503 for _ in range(8)), timeout=5)
     status, body = gw.health()

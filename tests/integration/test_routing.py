@@ -74,7 +74,7 @@ def test_served_model_without_a_routable_backend_is_503(gateway: GatewayFactory,
     b = mock_backend("b")
     gw = gateway([entry(a, models=["m1"]), entry(b, models=["m2"])],
                  config={"health": {"interval_s": 0.2, "unhealthy_threshold": 1}})
-    a.stop()
+    a.stop(quick=True)
     wait_until(lambda: gw.health()[1]["backends"]["healthy"] == 1, timeout=15, what="a marked unhealthy")
     status, headers, body = gw.request("POST", "/v1/chat/completions", chat("m1", "down"))
     assert status == 503, body
@@ -103,7 +103,7 @@ def test_models_union_discovery_and_hup(gateway: GatewayFactory, mock_backend: M
     assert chats(b) == 0
 
     # b now serves another model; a HUP has every worker ask again at once.
-    b.stop()
+    b.stop(quick=True)  # restarted with other models: nothing to drain
     b.extra_args = ("--models", "m3")
     b.start()
     gw.reload()
