@@ -300,8 +300,10 @@ def test_prefix_keeps_a_conversation_on_one_backend_with_load_balanced(gateway: 
     gw.write_config({"routing": {"policy": "round_robin"}})
     gw.reload()
     wait_until(lambda: gw.output().count("config.reloaded") >= 2, timeout=10, what="the reload")
-    # (Four turns each: with two workers, each with its own rotation, two in a row may agree.)
-    scattered = [{_turn(gw, histories[u]) for _ in range(4)} for u in range(users)]
+    # (Four turns each, the users side by side: with two workers, each with its own rotation,
+    # two in a row may agree.)
+    with concurrent.futures.ThreadPoolExecutor(users) as pool:
+        scattered = list(pool.map(lambda u: {_turn(gw, histories[u]) for _ in range(4)}, range(users)))
     assert any(len(s) == 2 for s in scattered), scattered
 
 
