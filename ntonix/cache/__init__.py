@@ -105,12 +105,10 @@ class ResponseCache:
         return entry
 
     def lookup_below_memory(self, key: str, *, count: bool = True, remote: bool = True,
-                            local: bool = True, missed_at: int | None = None) -> CachedResponse | None:
+                            local: bool = True) -> CachedResponse | None:
         """The rest of :meth:`lookup` once :meth:`lookup_memory` missed: this worker's queued
         writes, L2, then Redis. Safe however long after that miss: L1 only holds copies of
-        those tiers. ``local=False`` skips L2 too (the caller read it already); so does
-        ``missed_at``, the :meth:`snapshot` taken before an L2 read that missed ``key``, when
-        L2 has not been written since (a read of L2's meta page instead of the key's)."""
+        those tiers. ``local=False`` skips L2 too (the caller read it already)."""
         if not self.enabled:
             return None
         memory, shared = self.memory, self.shared
@@ -118,8 +116,6 @@ class ResponseCache:
         entry = self._queued.get(key) if self._queued else None
         if entry is not None:
             return entry  # stored by this worker, its L2 write still to come
-        if local and missed_at is not None and self.snapshot() == missed_at:
-            local = False
         if shared is not None and local:
             entry = self._l2(lambda s: s.get(key, touch=not count), None)
             if entry is not None and memory is not None:
@@ -129,11 +125,6 @@ class ResponseCache:
         if count:
             self.record(key, entry is not None)
         return entry
-
-    def snapshot(self) -> int | None:
-        """L2's :meth:`LmdbStore.snapshot` (``None`` without L2, or when it failed): taken
-        before a lookup that missed, it lets a later one skip L2 (``missed_at``)."""
-        return self._l2(LmdbStore.snapshot, None)
 
     def adopt(self, key: str, raw: bytes) -> CachedResponse | None:
         """The Redis tier's entry for ``key`` read as ``raw`` elsewhere (the cluster's join),

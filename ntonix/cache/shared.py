@@ -168,18 +168,6 @@ class LmdbStore:
                     self._touch(h, txn, k, self._clock())
             return True
 
-    def snapshot(self) -> int:
-        """The id of the newest committed write transaction (LMDB's txnid). The same value later
-        means nothing was written since, by any process: a key that missed then still misses
-        (the cache miss's re-check after the coalescing join, ``ntonix.gateway.proxy``). A read
-        transaction begun and aborted: no B-tree is read."""
-        with translated():
-            txn = self._open().env.begin()
-            try:
-                return int(txn.id())
-            finally:
-                txn.abort()
-
     def generation(self) -> int:
         """The purge generation: changes whenever :meth:`purge` ran in any process (or an
         answer was replaced); a read of shared memory, no transaction."""

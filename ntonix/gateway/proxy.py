@@ -93,13 +93,11 @@ class CachedHit:
 class _Probe:
     """What cached_hit computed for a request it could not answer: handle() reuses it for the
     same request (the same ``body`` object) instead of computing the key and looking in L1
-    again; ``parsed`` is None when the key was known without parsing. ``missed_at``: L2's
-    snapshot before its read missed (``ResponseCache.lookup_below_memory``)."""
+    again; ``parsed`` is None when the key was known without parsing."""
 
     body: bytes
     key: str
     parsed: dict[str, Any] | None
-    missed_at: int | None
 
 
 
@@ -217,14 +215,12 @@ class Proxy:
         else:
             key = known[0]
         entry = cache.lookup_memory(key)
-        missed_at = None
         if entry is None:
             # L1 takes an answer on its first hit, not when it is stored (ResponseCache.store):
             # that first hit is read from L2 here (and is in L1 from then on).
-            missed_at = cache.snapshot()
             entry = cache.lookup_below_memory(key, count=False, remote=False)
         if entry is None:
-            self._probe = _Probe(body, key, parsed, missed_at)
+            self._probe = _Probe(body, key, parsed)
             return None
         if known is None:
             assert parsed is not None
@@ -276,6 +272,7 @@ class Proxy:
         probe, self._probe = self._probe, None
         if probe is not None and probe.body is not body:
             probe = None
+        probed = probe is not None
         if cacheable:
             parsed = probe.parsed if probe is not None and probe.parsed is not None else parse_json_body(body)
             rec.model = request_model(parsed) or ""
@@ -291,17 +288,13 @@ class Proxy:
             # all workers): no write to the shared store per lookup. Across gateways, the Redis
             # tier is read in the cluster's join instead (_join): one round trip, not two.
             remote = rt.flights is None
-            if probe is not None:
-                missed_at = probe.missed_at
-                entry = rt.cache.lookup_below_memory(key, count=False, remote=remote, local=False)
-            else:
-                missed_at = rt.cache.snapshot()
-                entry = rt.cache.lookup(key, count=False, remote=remote)
+            entry = (rt.cache.lookup_below_memory(key, count=False, remote=remote, local=False) if probed
+                     else rt.cache.lookup(key, count=False, remote=remote))
             # Two rounds: followers whose leader failed before answering regroup behind a new
             # leader (one of them) instead of all going to the backend at once.
             for _ in range(2 if entry is None and rt.coalescer is not None else 0):
                 assert rt.coalescer is not None
-                role, entry = self._join(key, missed_at)
+                role, entry = self._join(key)
                 if entry is not None:
                     break
                 if isinstance(role, (Follower, Relay)):
@@ -335,15 +328,12 @@ class Proxy:
                                           ("X-Request-ID", rec.request_id)])
         return Body([body], lambda: self._done(rec))
 
-    def _join(self, key: str, missed_at: int | None) -> tuple[Leader | Follower | Fanout | Relay,
-                                                              CachedResponse | None]:
+    def _join(self, key: str) -> tuple[Leader | Follower | Fanout | Relay, CachedResponse | None]:
         """This request's part in answering ``key``: lead or follow on this host, then (a host's
         leader only) across the gateways sharing Redis (ADR 0009); or the cached answer, if a
         previous leader stored it between our miss and the join (the leader role is then ended).
 
-        The re-check reads the host's tiers (L2 only if written since ``missed_at``, the
-        snapshot before our miss: a leader stores before it leaves the board, so an answer
-        stored after the miss has changed it), then Redis inside the cluster's join: one round
+        The re-check reads the host's tiers, then Redis inside the cluster's join: one round
         trip for both (ntonix/cluster/flights.py ``join_or_hit``)."""
         rt = self.rt
         assert rt.coalescer is not None and rt.cache is not None
@@ -352,7 +342,7 @@ class Proxy:
             return role, None
         flights = rt.flights
         # The caller looked in L1 a moment ago: L1 only ever copies the tiers looked in here.
-        entry = rt.cache.lookup_below_memory(key, count=False, remote=flights is None, missed_at=missed_at)
+        entry = rt.cache.lookup_below_memory(key, count=False, remote=flights is None)
         if entry is None and flights is not None:
             widened = widen(role, flights, key, REMOTE_PREFIX + key)
             if isinstance(widened, bytes):

@@ -313,39 +313,6 @@ def test_a_purge_between_the_store_and_the_write_leaves_nothing_behind(tmp_path:
     assert b.lookup("k1") is None and a.lookup("k1") is None
 
 
-def test_a_lookup_that_missed_needs_no_second_l2_read_until_l2_is_written(
-        tmp_path: Path, clocks: Clocks, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``missed_at`` (the snapshot before a miss): the re-check after the coalescing join reads
-    L2 again only if some worker wrote it since, and then finds what that worker stored."""
-    a, b = worker(tmp_path, clocks), worker(tmp_path, clocks)
-    reads: list[str] = []
-    real = LmdbStore.get
-    monkeypatch.setattr(LmdbStore, "get", lambda self, key, **kw: reads.append(key) or real(self, key, **kw))
-    missed_at = a.snapshot()
-    assert missed_at is not None and a.lookup_below_memory("k", count=False) is None
-    b.lookup("other", count=False)  # reads write nothing (counted lookups write their count)
-    assert a.lookup_below_memory("k", count=False, missed_at=missed_at) is None
-    assert reads == ["k", "other"]  # the re-check did not read
-    b.store("unrelated", entry(b'{"n":0}'))  # another worker's write: the key may be there now
-    assert a.lookup_below_memory("k", count=False, missed_at=missed_at) is None
-    assert reads[-1] == "k"
-    reads.clear()
-    missed_at = a.snapshot()
-    b.store("k", entry(b'{"n":1}'))  # stored between the miss and the re-check: found
-    found = a.lookup_below_memory("k", count=False, missed_at=missed_at)
-    assert found is not None and found.body == b'{"n":1}'
-    a.store("q", entry(b'{"n":2}'), defer=lambda flush: None)  # this worker's queued write: no read
-    assert a.lookup_below_memory("q", count=False, missed_at=a.snapshot()) is not None
-    assert reads == ["k"]
-
-
-def test_a_broken_l2_has_no_snapshot(tmp_path: Path, clocks: Clocks) -> None:
-    (tmp_path / "file").write_text("not a directory")
-    cache = ResponseCache(None, LmdbStore(str(tmp_path / "file" / "store"), 1000, 60), None, True)
-    assert cache.snapshot() is None
-    assert cache.lookup_below_memory("k", count=False, missed_at=None) is None
-
-
 def test_what_then_is_given_runs_right_after_the_deferred_write_in_order(tmp_path: Path, clocks: Clocks,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """``then``: e.g. a flight's end, which must come after its answer is in L2; one callback

@@ -245,16 +245,3 @@ def test_concurrent_writers_keep_the_books_straight(tmp_path: Path) -> None:
     assert counts == [st["entries"]] * 3
     assert st["size_bytes"] == sum(sizes) <= 50_000
     assert st["hits"] + st["misses"] == 1600
-
-
-def test_the_snapshot_moves_with_every_commit_of_any_process_and_only_then(tmp_path: Path,
-                                                                          clock: FakeClock) -> None:
-    a, b = store_at(tmp_path, clock), store_at(tmp_path, clock)
-    before = a.snapshot()
-    assert a.get("k") is None and b.get("k") is None and a.generation() == b.generation()
-    assert a.snapshot() == b.snapshot() == before  # reads commit nothing
-    b.put("k", entry(5))
-    after = a.snapshot()
-    assert after > before and b.snapshot() == after
-    b.delete("k")
-    assert a.snapshot() > after

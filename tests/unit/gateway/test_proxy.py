@@ -4,7 +4,6 @@ trials, coalescing, timeouts. Plain environ dicts, no gunicorn, no sockets (test
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import orjson
@@ -326,28 +325,3 @@ def test_a_probe_that_missed_is_used_only_by_its_own_request(tmp_path: Path) -> 
     assert orjson.loads(flow.transport.exchanges[0].body)["messages"][0]["content"] == "another"
     assert flow.request(body=first).read() == b'{"n":2}'
     assert hit_of(flow, other) is not None and hit_of(flow, first) is not None
-
-
-def test_an_answer_another_worker_stores_between_the_probe_and_the_join_is_served(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The re-check after the coalescing join reads L2 again only when L2 was written since the
-    probe missed: here another worker stored the answer meanwhile, so it is read and served."""
-    from ntonix.cache.shared import LmdbStore
-    from ntonix.core.cache_entry import CachedResponse
-
-    flow = Flow(tmp_path, B1, cache=True)
-    flow.transport.script(B1, Reply(200, chunks=[b'{"n":1}']))
-    reads: list[str] = []
-    real = LmdbStore.get
-    monkeypatch.setattr(LmdbStore, "get", lambda self, key, **kw: reads.append(key) or real(self, key, **kw))
-    quiet, raced = chat(content="nothing in between"), chat(content="raced")
-    assert hit_of(flow, quiet) is None
-    assert flow.call(flow.environ(body=quiet)).read() == b'{"n":1}'
-    assert reads == [key_of(quiet)]  # the probe's read only: nothing was written since it missed
-    assert hit_of(flow, raced) is None
-    elsewhere = LmdbStore(str(tmp_path / "cache" / "store"), 1 << 20, 3600)
-    elsewhere.put(key_of(raced), CachedResponse(200, (("Content-Type", "application/json"),), b'{"n":2}',
-                                                time.time(), False))
-    answer = flow.call(flow.environ(body=raced))
-    assert (answer.header("X-Cache"), answer.read()) == ("HIT", b'{"n":2}')
-    assert reads[1:] == [key_of(raced)] * 2 and len(flow.transport.exchanges) == 1
