@@ -46,7 +46,7 @@ for the key in the same process registers the leader (the write ``join`` used to
 follows it through the journal; one in another worker finds the slot, raises its ``want``,
 rings the leader's bell and waits; the leader's process checks its bell every
 ``poll_interval_s`` and registers the flights that are wanted. The leader keeps what it
-published meanwhile (up to ``LAZY_MAX_BYTES``), so a follower still gets the answer from its
+published meanwhile (up to ``max_bytes``), so a follower still gets the answer from its
 first byte. A flight registered this way is *reserved*: a request that raised ``want`` takes
 its seat by the flight's token (pid and serial, both in the slot), even after the flight ended,
 so it is kept until the sweep (``RESERVE_S``) rather than deleted by the last one out.
@@ -127,9 +127,6 @@ _CAPPED = 0x10  # flag in the state byte: past max_bytes, records are dropped on
 _RESERVED = 0x20
 RESERVE_S = 5.0
 _LAG_BYTES = 2 * MiB  # a capped flight's leader waits while a follower is further behind
-# An unregistered leader keeps what it published for a follower who might come, up to this
-# much (then nobody may join): the worker's memory stays flat whatever the answer's size.
-LAZY_MAX_BYTES = 1 * MiB
 _READ_BYTES = 512 * 1024  # what a follower copies out of the journal at once (at least a record)
 _HEARTBEAT_S = 1.0
 _WARN_EVERY_S = 60.0
@@ -668,9 +665,13 @@ class Leader:
         if data and not self.finished:
             self._pending.append(bytes(data))
             self._bytes += len(data)
-            if self.lazy and self._bytes > min(self._c.max_bytes, LAZY_MAX_BYTES):
-                # Too much to keep in memory for a follower who might come: nobody may join
-                # from now on (whoever wants it already gets it through the journal).
+            if self.lazy and self._bytes > self._c.max_bytes:
+                # Past cache.max_entry_bytes: not stored, and too much to keep for a follower who
+                # might come: nobody may join from now on (whoever wants it already gets it
+                # through the journal). Up to that bound, what is kept here is the very pieces
+                # the proxy records for the cache (no second copy), and the leader stays on the
+                # board until its answer is stored: an identical request arriving at any moment
+                # follows it or finds the answer.
                 self._leave_board()
             self._sync(None)
 

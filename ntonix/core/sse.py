@@ -88,31 +88,38 @@ class StreamRecorder:
     ``data: [DONE]``.
 
     Nothing is parsed while the stream flows (each event cost a split and a field parse, ~7 % of
-    a streaming worker's samples, py-spy): :attr:`done` looks once, at the end.
+    a streaming worker's samples, py-spy): :attr:`done` looks once, at the end. The pieces are
+    kept as given, not copied: a coalescing leader holds the same ``bytes`` objects for a
+    follower who may still join (ntonix/cache/coalescer.py), so the two share one copy.
     """
 
-    __slots__ = ("_body",)
+    __slots__ = ("_pieces", "_size")
 
     def __init__(self) -> None:
-        self._body = bytearray()
+        self._pieces: list[bytes] = []
+        self._size = 0
 
     def feed(self, data: bytes) -> None:
         """Record the next chunk of the body."""
-        self._body += data
+        self._pieces.append(data)
+        self._size += len(data)
 
     @property
     def body(self) -> bytes:
-        return bytes(self._body)
+        pieces = self._pieces
+        if len(pieces) != 1:
+            self._pieces = pieces = [b"".join(pieces)]
+        return bytes(pieces[0])
 
     @property
     def size(self) -> int:
-        """Bytes recorded so far (cheaper than ``len(body)``)."""
-        return len(self._body)
+        """Bytes recorded so far."""
+        return self._size
 
     @property
     def done(self) -> bool:
         """Has a [DONE] event arrived with nothing but whitespace after it?"""
-        return ends_with_done(self._body)
+        return ends_with_done(self.body)
 
 
 _USUAL_END = b"\n\ndata: " + _DONE + b"\n\n"

@@ -374,3 +374,47 @@ def test_followers_survive_the_leaders_client_leaving(gw: Gateway, mock: MockBac
         assert c.status == 200
         if c.complete:  # followed to the end, or asked the backend itself: a whole stream
             assert c.body.endswith(b"data: [DONE]\n\n")
+
+
+# A streamed answer of ~1.4 MB: above what a leader once kept for a follower who might come
+# (1 MiB), below cache.max_entry_bytes (4 MiB by default), so it is stored.
+BIG = {"X-Mock-Tokens": "7000", "X-Mock-Token-Delay": "0"}
+
+
+def test_a_large_stored_stream_is_a_hit_for_a_request_sent_right_after_it(gw: Gateway, mock: MockBackend) -> None:
+    """The client has read the whole stream and asks again at once, on a new connection (either
+    worker): the answer is in the cache or its flight is still there to follow, never a second
+    backend request."""
+    before = mock.stats()["requests"]
+    for _ in range(5):
+        body = chat_body(stream=True)
+        first = Call(gw.port, body, BIG, time.monotonic())
+        first.run()
+        assert (first.status, first.complete, first.cache) == (200, True, "MISS"), first.error
+        assert len(first.body) > 1_100_000 and first.body.endswith(b"data: [DONE]\n\n")
+        again = Call(gw.port, body, BIG, time.monotonic())
+        again.run()
+        assert (again.status, again.complete, again.cache) == (200, True, "HIT"), again.error
+        assert again.body == first.body
+    assert mock.stats()["requests"] - before == 5
+
+
+def test_an_identical_request_joins_a_large_stream_past_its_first_mebibyte(gw: Gateway, mock: MockBackend) -> None:
+    """Arriving when the leader has relayed more than 1 MiB of an answer the cache will store,
+    an identical request follows the flight from the answer's first byte."""
+    body = chat_body(stream=True)
+    headers = {"X-Mock-Tokens": "7000", "X-Mock-Token-Delay": "0.0004"}  # ~3 s of stream
+    before = mock.stats()["requests"]
+    t0 = time.monotonic()
+    leader = Call(gw.port, body, headers, t0)
+    leader.start()
+    wait_until(lambda: sum(len(p) for _, p in leader.pieces) > 1_100_000, timeout=10, interval=0.01,
+               what="the leader's client past 1.1 MB")
+    assert leader.is_alive(), "the stream ended before the second request could join it"
+    second = start_calls(gw, 1, body, headers, t0)[0]
+    finish([leader, second], timeout=20)
+    assert [leader.error, second.error] == ["", ""]
+    assert (leader.status, leader.complete, leader.cache) == (200, True, "MISS")
+    assert (second.status, second.complete, second.cache) == (200, True, "HIT")
+    assert second.body == leader.body and leader.body.endswith(b"data: [DONE]\n\n")
+    assert mock.stats()["requests"] - before == 1

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ntonix.cache import coalescer, lmdb_env
+from ntonix.cache import lmdb_env
 from ntonix.cache.board import ENDING, REGISTERED, RUNNING
 from ntonix.cache.coalescer import RESERVE_S, Coalescer, Follower, Leader, key_hash
 from ntonix.cache.lmdb_env import Process
@@ -207,14 +207,33 @@ def test_without_a_want_the_leaders_client_leaving_ends_the_flight(w: Workers) -
     assert w.slot() is None and w.rows() == (0, 0, 0)
 
 
-def test_an_answer_past_the_unregistered_bound_is_journaled_for_a_follower(
-        w: Workers, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(coalescer, "LAZY_MAX_BYTES", 4)  # what an unregistered leader keeps
+def test_an_answer_up_to_the_unregistered_bound_is_journaled_for_a_follower(w: Workers) -> None:
+    """The leader's worker did not look at its bell before the answer ended: what it kept
+    (everything, up to cache.max_entry_bytes) goes into the journal for the waiting request."""
+    for c in w.c.values():
+        c.max_bytes = 7
     leader = lead(w, A)
     w.later(A, answer, leader, 200, b"12", b"345", b"67")
     follower = w.run(B, w.c[B].join, "k")
     assert isinstance(follower, Follower)
     assert read_all(w, B, follower) == ((200, HEAD), b"1234567")
+
+
+def test_an_unregistered_leader_is_joinable_up_to_the_entry_bound(w: Workers) -> None:
+    """An answer the cache will store keeps its leader on the board to its end, however large;
+    past cache.max_entry_bytes (never stored) nobody may join any more."""
+    for c in w.c.values():
+        c.max_bytes = 4
+    leader = lead(w, A)
+    with w.as_(A):
+        leader.publish_head(200, HEAD)
+        leader.publish_chunk(b"1234")
+    assert w.slot() is not None and leader.solo_on_board  # at the bound: still joinable
+    with w.as_(A):
+        leader.publish_chunk(b"5")
+    assert w.slot() is None and not leader.solo_on_board  # past it: off the board
+    with w.as_(A):
+        leader.finish(True)
 
 
 def test_a_dead_leaders_slot_is_not_waited_for(w: Workers) -> None:
