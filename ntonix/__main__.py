@@ -6,14 +6,21 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from ntonix.config import ConfigError, load_config, parse_backends, text_value
 from ntonix.config.handover import CLI_ENV
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad option is an invalid configuration: one line on stderr, exit 2 (INTERFACE.md)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ntonix: invalid configuration: command line: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m ntonix",
         description="NTONIX: a gateway for local OpenAI-compatible LLM servers. Precedence: command line > "
                     "environment (NTONIX_*) > JSON file > built-in defaults.")

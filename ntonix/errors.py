@@ -31,6 +31,20 @@ class BadRequest(NtonixError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
 
+class IncompleteBody(BadRequest):
+    """The client ended its body short of its ``Content-Length``: nothing is forwarded."""
+
+    closes_connection = True
+
+
+class UnsupportedTransferCoding(NtonixError):
+    """A request ``Transfer-Encoding`` other than ``chunked`` (gzip, ...): the gateway cannot
+    pass on a body whose coding it would have to drop with the hop-by-hop header."""
+
+    status, type, code = 501, "server_error", "not_implemented"
+    closes_connection = True
+
+
 class Forbidden(NtonixError):
     status, type, code = 403, "permission_error", "forbidden"
 

@@ -299,8 +299,9 @@ TEMPLATE = """\
 
 # Configuration
 
-Every setting has a built-in default; a gateway with two mock backends on ports 8001 and 8002
-needs no configuration at all. This page lists every key with its type, default, environment
+Every setting but `backends` has a built-in default; the shipped `conf/ntonix.json` names the
+two mock backends `scripts/start` runs on ports 8001 and 8002, so that gateway needs no further
+configuration. This page lists every key with its type, default, environment
 variable and command-line flag, says when a change takes effect, and ends with recipes for
 timeouts, HTTPS with SNI, a shared Redis cache, statsd and logging.
 
@@ -424,7 +425,8 @@ What the gateway holds is bounded by its configuration. Per **worker** (`server.
   whole: the cache key and a retry on another backend need them);
 - a cacheable answer being relayed: recorded for the cache as it passes, up to
   `cache.max_entry_bytes` per answer (default 4 MiB); larger answers are relayed but neither
-  stored nor held;
+  stored nor held (a coalescing leader keeps those same pieces for a follower who may still
+  join: no second copy);
 - an open client connection or stream: about 20–30 KB (greenlet, parser, socket objects; 1,000
   open SSE streams add 20–28 MB, docs/performance.md), plus one 64 KiB read block while a read
   from its backend is in flight;

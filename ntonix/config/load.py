@@ -17,9 +17,11 @@ network stack.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,10 @@ def read_file_layer(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file: cannot read {path}: {exc.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file: invalid JSON in {path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file: invalid JSON in {path}: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise ConfigError(f"config file: invalid JSON in {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file: {path} must hold a JSON object")
     return data
@@ -148,8 +154,11 @@ def build_config(raw: Mapping[str, Any], base_dir: Path | None = None, source: s
 
 
 def _check_files(cfg: Config) -> None:
+    _check_host("server.host", cfg.server.host)
     if cfg.logging.file:
         _check_writable("logging.file", cfg.logging.file)
+    if cfg.cache.enabled and cfg.cache.dir:
+        _check_folder("cache.dir", cfg.cache.dir)
     if cfg.server.ssl_port:
         _check_file("ssl.cert_file", cfg.ssl.cert_file)
         _check_file("ssl.key_file", cfg.ssl.key_file)
@@ -166,6 +175,49 @@ def _check_writable(where: str, path: str) -> None:
         raise ConfigError(f"{where}: file not writable: {path}")
     if not os.path.exists(path) and not os.access(folder, os.W_OK):
         raise ConfigError(f"{where}: folder not writable: {folder}")
+
+
+def _check_host(where: str, host: str) -> None:
+    """A listen address: an IP literal, or a name that resolves here (else gunicorn retries
+    binding for seconds and exits 1)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"{where}: not an address this host can listen on: {host!r} "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _check_folder(where: str, path: str) -> None:
+    """A folder the gateway creates if missing and writes into."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{where}: not a folder: {path}")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where}: folder not writable: {path}")
+        return
+    # Try it: create the missing folders, then take them away again (the cache creates its own,
+    # mode 0700; permission bits alone would not tell, e.g. under /proc or on a read-only mount).
+    missing = []
+    parent = path
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(path, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot create {path}: {exc.strerror or exc}") from None
+    finally:
+        for made in missing:
+            try:
+                os.rmdir(made)
+            except OSError:
+                pass
 
 
 def _check_file(where: str, path: str) -> None:

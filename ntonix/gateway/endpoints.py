@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -106,11 +107,11 @@ class Gateway:
 
     def _metrics(self, environ: WSGIEnvironment) -> tuple[str, str, bytes]:
         self._allowed(environ)
-        query = environ.get("QUERY_STRING", "")
-        accept = environ.get("HTTP_ACCEPT", "")
+        fmt = dict(parse_qsl(environ.get("QUERY_STRING", ""))).get("format", "").lower()
+        accept = environ.get("HTTP_ACCEPT", "").lower()
         backends = self.rt.backend_states()
         load = self.rt.backend_load()
-        if "format=prometheus" in query or ("text/plain" in accept and "format=json" not in query):
+        if fmt == "prometheus" or (not fmt and "text/plain" in accept):
             return (status_line(200), "text/plain; version=0.0.4; charset=utf-8",
                     self.rt.telemetry.prometheus(backends, load))
         return status_line(200), "application/json", orjson.dumps(self.rt.telemetry.snapshot(backends, load))

@@ -49,10 +49,12 @@ from ntonix.core.usage import Usage, UsageTap, usage_of_body
 from ntonix.errors import (
     BackendsBusy,
     BadRequest,
+    IncompleteBody,
     NoHealthyBackend,
     NtonixError,
     PayloadTooLarge,
     RequestTimeout,
+    UnsupportedTransferCoding,
     UpstreamUnavailable,
     status_line,
 )
@@ -120,9 +122,15 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
         n = int(length)
         if n > limit:
             raise PayloadTooLarge(f"request body of {n} bytes is over the limit of {limit} bytes")
-        return stream.read(n) if n else b""
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        data: bytes = stream.read(limit + 1)
+        data = stream.read(n) if n else b""
+        if len(data) < n:
+            raise IncompleteBody(f"request body ended after {len(data)} of its {n} bytes (Content-Length)")
+        return data
+    coding = environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if coding:
+        if any(c.strip() not in ("chunked", "") for c in coding.split(",")):
+            raise UnsupportedTransferCoding(f"Transfer-Encoding {coding!r}: only chunked is supported")
+        data = bytes(stream.read(limit + 1))
         if len(data) > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
         return data

@@ -76,6 +76,10 @@ def reload_in_place(arbiter: Any) -> None:
     except ConfigError as exc:
         arbiter.log.error("config.reload_rejected: %s (the running configuration stays)", exc)
         return
+    except Exception as exc:  # a bug must not take the master down: the running one stays
+        arbiter.log.exception("config.reload_rejected: unexpected %s: %s (the running configuration stays)",
+                              type(exc).__name__, exc)
+        return
     old = _config
     assert old is not None  # configure() ran when gunicorn read its configuration
     _config = cfg

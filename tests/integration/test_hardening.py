@@ -232,6 +232,10 @@ SMUGGLING = {
     "te-unknown": b"POST /echo/s10 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
     "chunk-ext-bare-lf": b"POST /echo/s11 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                          b"5;a\nb\r\nhello\r\n0\r\n\r\n" + SMUGGLED,
+    # gunicorn takes the chunking off and the header is hop-by-hop: the backend would get
+    # gzip bytes with nothing saying so.
+    "te-gzip-chunked": b"POST /echo/s12 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                       b"3\r\nabc\r\n0\r\n\r\n" + SMUGGLED,
 }
 
 
@@ -245,6 +249,23 @@ def test_ambiguous_framing_is_refused_and_nothing_is_forwarded(gw: Gateway, fres
     assert raw.startswith(b"HTTP/1.1 %d %s" % (status, {400: b"Bad Request", 501: b"Not Implemented"}[status]))
     still_serves(gw)
     assert fresh.stats()["by_path"] == {"/echo/still-serving": 1}, "nothing of it may reach a backend"
+
+
+def test_a_body_cut_short_of_its_content_length_is_400_and_not_forwarded(gw: Gateway, fresh: MockBackend) -> None:
+    """The client sends 6 of its declared 10 bytes, then ends its side of the connection."""
+    for path in ("/echo/short", "/v1/chat/completions"):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 10\r\n\r\n{\"a\": " % path.encode())
+            s.shutdown(socket.SHUT_WR)
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        err = json_error(raw, 400)
+        assert "6 of its 10 bytes" in err["message"], err  # {"a": plus a space
+        assert raw.count(b"HTTP/1.") == 1
+    still_serves(gw)
+    assert fresh.stats()["by_path"] == {"/echo/still-serving": 1}, "a cut body reached a backend"
 
 
 # ----------------------------------------------------------------------------- hostile bodies

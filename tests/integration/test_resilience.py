@@ -185,6 +185,12 @@ def test_invalid_config_on_hup_keeps_serving(mock_backend: Any, gateway: Any) ->
     wait_until(lambda: "config.reload_rejected" in gw.output(), timeout=5)
     assert "backends[0].port" in gw.output()
     assert gw.request("GET", "/echo/still")[0] == 200
+    # A file that breaks the JSON parser itself (nesting deeper than Python's recursion limit).
+    gw.config_path.write_text('{"a":' * 100_000)
+    gw.reload()
+    wait_until(lambda: "nested too deeply" in gw.output(), timeout=5, what="the second HUP rejected")
+    assert gw.request("GET", "/echo/still")[0] == 200
+    assert gw.proc.alive()
 
 
 def test_sigterm_lets_a_stream_finish_and_exits_0_quickly(mock_backend: Any, gateway: Any) -> None:

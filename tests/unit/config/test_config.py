@@ -443,6 +443,8 @@ def test_cli_errors_name_the_key(tmp_path: Path, argv: list[str], key: str) -> N
     ("{not json", "invalid JSON"),
     ("[1, 2]", "must hold a JSON object"),
     ("\xff\xfe", "invalid JSON"),
+    ('{"a":' * 100_000, "nested too deeply"),  # RecursionError: no traceback, exit 2 (HUP: kept)
+    ('{"server": {"port": ' + "1" * 5000 + "}}", "invalid JSON"),  # int() digit limit
 ])
 def test_bad_file(tmp_path: Path, content: str, what: str) -> None:
     path = tmp_path / "ntonix.json"
@@ -475,3 +477,43 @@ def test_cache_partition_headers_and_entry_bound_from_file_and_environment(tmp_p
     cfg = load(tmp_path, env={"NTONIX_CACHE_PARTITION_HEADERS": "X-Tenant, X-User",
                               "NTONIX_CACHE_MAX_ENTRY_BYTES": "2048"})
     assert (cfg.cache.partition_headers, cfg.cache.max_entry_bytes) == (("X-Tenant", "X-User"), 2048)
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--port"], ["--config"], ["extra"]])
+def test_a_bad_command_line_is_one_line_on_stderr_and_exit_2(argv: list[str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from ntonix.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("ntonix: invalid configuration: command line: ") and err.count("\n") == 1, err
+
+
+def test_a_listen_address_that_is_no_address_is_a_config_error() -> None:
+    from ntonix.config import build_config
+
+    base = {"server": {"ssl_port": 0}, "backends": [{"host": "127.0.0.1", "port": 8001}]}
+    for good in ("127.0.0.1", "::1", "0.0.0.0", "localhost"):
+        assert build_config({**base, "server": {"ssl_port": 0, "host": good}}).server.host == good
+    with pytest.raises(ConfigError, match=r"^server\.host: not an address this host can listen on: 'not an address'"):
+        build_config({**base, "server": {"ssl_port": 0, "host": "not an address"}})
+
+
+def test_a_cache_dir_that_cannot_be_created_is_a_config_error(tmp_path: Path) -> None:
+    from ntonix.config import build_config
+
+    base = {"server": {"ssl_port": 0}, "backends": [{"host": "127.0.0.1", "port": 8001}]}
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"^cache\.dir: cannot create .*Not a directory"):
+        build_config({**base, "cache": {"dir": str(blocker / "cache")}})
+    with pytest.raises(ConfigError, match=r"^cache\.dir: cannot create"):
+        build_config({**base, "cache": {"dir": "/proc/ntonix-nonexistent/cache"}})
+    # A folder still to be made is checked by making it, then left as it was.
+    assert build_config({**base, "cache": {"dir": str(tmp_path / "a" / "b")}}).cache.dir
+    assert not (tmp_path / "a").exists()
+    # With the cache off, the folder is never used.
+    assert not build_config({**base, "cache": {"enabled": False, "dir": str(blocker / "c")}}).cache.enabled

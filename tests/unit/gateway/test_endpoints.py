@@ -42,6 +42,22 @@ def test_metrics_in_json_and_prometheus_text(tmp_path: Path) -> None:
     assert b'ntonix_responses_total{status_class="5xx"} 1.0' in text.read()
 
 
+def test_the_metrics_format_is_the_query_parameter_else_the_accept_header(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1)
+
+    def kind(target: str, accept: str | None = None) -> str:
+        path, _, query = target.partition("?")
+        environ = flow.environ("GET", path, b"", {"Accept": accept} if accept else None)
+        environ["QUERY_STRING"] = query
+        answer = flow.call(environ)
+        return "text" if answer.header("Content-Type").startswith("text/plain") else "json"
+
+    assert kind("/metrics?format=prometheus") == kind("/metrics?format=PROMETHEUS") == "text"
+    assert kind("/metrics", "TEXT/PLAIN") == kind("/metrics", "application/json;q=0.5, text/plain") == "text"
+    assert kind("/metrics?format=json", "text/plain") == "json"
+    assert kind("/metrics?xformat=prometheus") == kind("/metrics?a=1&format=jsonx") == "json"
+
+
 def test_metrics_and_cache_stats_only_from_allowed_addresses(tmp_path: Path) -> None:
     flow = Flow(tmp_path, B1, metrics={"allow": ["10.0.0.0/8"]})
     for path in ("/metrics", "/cache/stats"):
