@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 
 _META = struct.Struct(">QdQ")  # access µs, created (wall clock), stored bytes
 _SWEEP_PER_PUT = 16
+_SWEEP_ROUNDS_PER_STATS = 64  # /cache/stats sweeps at most 1,024 expired entries
 _MAP_FULL_RETRIES = 4
 _STAT_NAMES = (b"entries", b"bytes", b"hits", b"misses", b"evictions", b"expired", b"generation")
 
@@ -196,9 +197,17 @@ class LmdbStore:
         _COUNTER.pack_into(shared, 0, _COUNTER.unpack_from(shared)[0] + 1)
 
     def stats(self) -> dict[str, int]:
-        """Gateway-wide counters."""
+        """Gateway-wide counters; expired entries are swept first (a store sweeps a few each,
+        so with no store for a while they would still be counted)."""
         with translated():
             h = self._open()
+            now = self._clock()
+            if now >= self._no_expiry_before:
+                with h.write() as txn:
+                    for _ in range(_SWEEP_ROUNDS_PER_STATS):
+                        self._sweep_expired(h, txn, now)
+                        if now < self._no_expiry_before:
+                            break
             with h.env.begin() as txn:
                 out = {name.decode(): read_counter(txn, h.stats, name) for name in _STAT_NAMES}
         out["size_bytes"] = out.pop("bytes")

@@ -76,6 +76,16 @@ def test_put_sweeps_entries_untouched_for_a_ttl(tmp_path: Path, clock: FakeClock
     assert (st["entries"], st["expired"]) == (1, 5)
 
 
+def test_stats_sweep_what_expired_with_no_store_since(tmp_path: Path, clock: FakeClock) -> None:
+    s = store_at(tmp_path, clock, ttl=10)
+    for i in range(40):
+        s.put(f"k{i}", entry(10))
+    assert s.stats()["entries"] == 40
+    clock.advance(11)
+    st = s.stats()
+    assert (st["entries"], st["size_bytes"], st["expired"]) == (0, 0, 40)
+
+
 def test_byte_bound_holds_while_filling_far_past_it(tmp_path: Path, clock: FakeClock) -> None:
     s = store_at(tmp_path, clock, max_bytes=20_000, ttl=1e9)
     evicted = 0
