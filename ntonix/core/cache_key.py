@@ -13,7 +13,8 @@ A key is the hex xxh3_128 of three length-framed parts:
    keys of nested objects too) and no whitespace, so key order and formatting do not matter
    while every value does.
 
-Numbers are taken as written: ``1`` and ``1.0`` give different keys. Most backends treat
+An integer and a float differ: ``1`` and ``1.0`` give different keys (two spellings of one
+float, ``1e2`` and ``100.0``, are one number once parsed). Most backends treat
 them alike, but a needless miss costs one backend call while a wrong hit would serve an
 answer to a request that was not made; so the cache never decides two values are "equal
 enough".

@@ -287,8 +287,11 @@ class Proxy:
             stream = parsed.get("stream") is True
             if rt.cache is not None and rt.cache.enabled:
                 serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))
+                # The query string is part of the key (nginx's proxy_cache_key has $request_uri):
+                # ?api-version=... may change the answer. A request without one keys as before.
                 key = (probe.key if probe is not None
-                       else cache_key(path, parsed, credentials(environ, self._credential_keys)))
+                       else cache_key(path, parsed, credentials(environ, self._credential_keys),
+                                      variant=environ.get("QUERY_STRING", "")))
         rec.cache = "MISS" if serve_ok else "BYPASS"
         leader: Publisher | None = None
         if key is not None and serve_ok and rt.cache is not None:

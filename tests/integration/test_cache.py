@@ -231,6 +231,23 @@ def test_other_temperature_model_or_authorization_is_a_miss(
     assert (h["x-cache"], again) == ("HIT", original)
 
 
+def test_the_query_string_is_part_of_the_key(gw: Gateway, mock: MockBackend) -> None:
+    """``?api-version=...`` may change the answer: each query its own entry (the fast hit path
+    included), the request without one as before."""
+    body = chat_body()
+    before = backend_calls(mock)
+    targets = (CHAT, CHAT + "?api-version=1", CHAT + "?api-version=2")
+    for target in targets:
+        s, h, _ = post(gw, body, path=target)
+        assert (s, h["x-cache"]) == (200, "MISS"), target
+    assert backend_calls(mock) == before + 3
+    for _ in range(3):  # on both workers, through L2 and then the fast path's L1
+        for target in targets:
+            s, h, _ = post(gw, body, path=target)
+            assert (s, h["x-cache"]) == (200, "HIT"), target
+    assert backend_calls(mock) == before + 3
+
+
 # ----------------------------------------------------------------------------- Cache-Control
 
 
