@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layer = cli_layer(args)
         cfg = load_config(layer, config_path=args.config)
-        if args.check_config and cfg.server.ssl_port:
-            from ntonix.server.tls import build_server_context
+        if args.check_config:
+            from ntonix.server.hooks import check_for_start
 
-            build_server_context(cfg.ssl)
+            check_for_start(cfg)
     except ConfigError as exc:
         sys.stderr.write(f"ntonix: invalid configuration: {exc}\n")
         return 2

@@ -17,11 +17,9 @@ network stack.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import os
 import re
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -154,7 +152,6 @@ def build_config(raw: Mapping[str, Any], base_dir: Path | None = None, source: s
 
 
 def _check_files(cfg: Config) -> None:
-    _check_host("server.host", cfg.server.host)
     if cfg.logging.file:
         _check_writable("logging.file", cfg.logging.file)
     if cfg.cache.enabled and cfg.cache.dir:
@@ -175,21 +172,6 @@ def _check_writable(where: str, path: str) -> None:
         raise ConfigError(f"{where}: file not writable: {path}")
     if not os.path.exists(path) and not os.access(folder, os.W_OK):
         raise ConfigError(f"{where}: folder not writable: {folder}")
-
-
-def _check_host(where: str, host: str) -> None:
-    """A listen address: an IP literal, or a name that resolves here (else gunicorn retries
-    binding for seconds and exits 1)."""
-    try:
-        ipaddress.ip_address(host)
-        return
-    except ValueError:
-        pass
-    try:
-        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        raise ConfigError(f"{where}: not an address this host can listen on: {host!r} "
-                          f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def _check_folder(where: str, path: str) -> None:

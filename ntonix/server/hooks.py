@@ -9,9 +9,11 @@ in-place reload: validate, publish, signal the workers. See docs/adr/0004.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
+import socket
 import sys
 from typing import Any, NoReturn
 
@@ -23,9 +25,30 @@ from ntonix.telemetry import procstat
 
 def _load() -> Config:
     cfg = load_config(handover.cli_layer())
+    check_for_start(cfg)
+    return cfg
+
+
+def check_for_start(cfg: Config) -> None:
+    """What only the host can tell (the pure configuration cannot): the certificates load and
+    the listen address is one (else gunicorn retries binding for seconds, then exits 1)."""
     if cfg.server.ssl_port:
         build_server_context(cfg.ssl)  # a certificate that does not load is a config error
-    return cfg
+    check_listen_host("server.host", cfg.server.host)
+
+
+def check_listen_host(where: str, host: str) -> None:
+    """An IP literal, or a name that resolves here."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"{where}: not an address this host can listen on: {host!r} "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def _fail(exc: ConfigError) -> NoReturn:

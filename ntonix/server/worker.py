@@ -312,9 +312,10 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
         ``proxy.max_body_bytes``) has already arrived with its headers is looked at: reading
         it then never waits, so no body timeout, 413 or 408 arises here. Anything unusual
         (``Expect: 100-continue``, the PROXY protocol, a ``SCRIPT_NAME``, chunked bodies, a query
-        string, which is part of the key) is left to gunicorn. The gateway decides with the same key, policy and accounting as its
-        WSGI path (``Proxy.cached_hit``); the bytes written are those gunicorn's ``Response``
-        would write for ``Proxy._replay``'s answer (tests/integration/test_hit_fast_path.py).
+        string, which is part of the key) is left to gunicorn. The gateway decides with the same
+        key, policy and accounting as its WSGI path (``Proxy.cached_hit``); the bytes written are
+        those gunicorn's ``Response`` would write for ``Proxy._replay``'s answer
+        (tests/integration/test_hit_fast_path.py).
         """
         if (not self._fast_hits or req.method != "POST" or req.path not in CACHEABLE_PATHS or req.query
                 or req._expected_100_continue or req.proxy_protocol_info):

@@ -494,12 +494,13 @@ def test_a_bad_command_line_is_one_line_on_stderr_and_exit_2(argv: list[str],
 
 def test_a_listen_address_that_is_no_address_is_a_config_error() -> None:
     from ntonix.config import build_config
+    from ntonix.server.hooks import check_for_start
 
     base = {"server": {"ssl_port": 0}, "backends": [{"host": "127.0.0.1", "port": 8001}]}
     for good in ("127.0.0.1", "::1", "0.0.0.0", "localhost"):
-        assert build_config({**base, "server": {"ssl_port": 0, "host": good}}).server.host == good
+        check_for_start(build_config({**base, "server": {"ssl_port": 0, "host": good}}))
     with pytest.raises(ConfigError, match=r"^server\.host: not an address this host can listen on: 'not an address'"):
-        build_config({**base, "server": {"ssl_port": 0, "host": "not an address"}})
+        check_for_start(build_config({**base, "server": {"ssl_port": 0, "host": "not an address"}}))
 
 
 def test_a_cache_dir_that_cannot_be_created_is_a_config_error(tmp_path: Path) -> None:
