@@ -55,6 +55,7 @@ from ntonix.errors import (
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedTransferCoding,
+    UpstreamTimeout,
     UpstreamUnavailable,
     status_line,
 )
@@ -386,16 +387,25 @@ class Proxy:
         timeout = self.rt.config.proxy.read_timeout_s
         watch = disconnect.watch(environ.get("gunicorn.socket"))
         try:
-            head = follower.wait_head(timeout)
+            # The head is waited for within this request's own proxy.read_timeout_s, counted
+            # from its arrival (a regrouped follower has waited already).
+            head = follower.wait_head(max(0.0, timeout - (time.perf_counter() - rec.started)))
         except BaseException:
             follower.close()
             if watch is not None:
                 watch.cancel()
             raise
-        if head is None:  # the leader failed before answering: go to a backend ourselves
+        if head is None:  # the leader failed before answering: go to a backend ourselves ...
             follower.close()
             if watch is not None:
                 watch.cancel()
+            waited = time.perf_counter() - rec.started
+            if waited >= timeout / 2:
+                # ... unless most of our wait for response headers is gone: then the backend had
+                # that long for this very request and sent none (a stalled backend must not make
+                # each identical request wait read_timeout_s once more per regrouping).
+                raise UpstreamTimeout(f"no response headers within {waited:.1f}s "
+                                      f"(proxy.read_timeout_s {timeout:g}; an identical request was waiting for them)")
             return None
         status, headers = head
         rec.cache = "HIT"

@@ -418,3 +418,23 @@ def test_an_identical_request_joins_a_large_stream_past_its_first_mebibyte(gw: G
     assert (second.status, second.complete, second.cache) == (200, True, "HIT")
     assert second.body == leader.body and leader.body.endswith(b"data: [DONE]\n\n")
     assert mock.stats()["requests"] - before == 1
+
+
+def test_identical_requests_behind_a_stalled_backend_get_504_within_their_own_timeout(
+        mock: MockBackend, gateway_module: GatewayFactory) -> None:
+    """proxy.read_timeout_s bounds each request's wait for response headers, coalesced or not:
+    the followers of a leader that timed out answer 504 too, instead of regrouping behind a new
+    leader and waiting the timeout again (they did: 2, 4, 6 and 6 s for a timeout of 2 s)."""
+    gw = gateway_module([mock], workers=2, config={"proxy": {"read_timeout_s": 2}})
+    body = chat_body()
+    before = mock.stats()["requests"]
+    t0 = time.monotonic()
+    calls = start_calls(gw, 1, body, {"X-Mock-TTFT": "30"}, t0)
+    wait_until(lambda: mock.stats()["requests"] > before, timeout=5, interval=0.01, what="the leader at the backend")
+    calls += start_calls(gw, 3, body, {"X-Mock-TTFT": "30"}, t0)
+    finish(calls, timeout=20)
+    assert [c.error for c in calls if c.error] == []
+    assert [c.status for c in calls] == [504] * 4
+    ends = sorted(c.ended_at or 99.0 for c in calls)
+    assert ends[-1] < 3.5, f"answers at {ends} s for a timeout of 2 s"
+    assert mock.stats()["requests"] - before == 1
