@@ -239,7 +239,7 @@ def default_text(section: str, key: str, value: Any) -> str:
 
 def env_text(section: str, key: str, typ: Any) -> str:
     if type_name(typ) == "object":
-        return "— (file only)"  # an object has no text form
+        return f"`{model.env_name(section, key)}` (the object as JSON text)"
     names = [f"`{model.env_name(section, key)}`"]
     names += [f"`{short}`" for short, target in model.ENV_SHORTCUTS.items() if target == (section, key)]
     names += [f"`{model.env_name(s, a)}`" for (s, a), target in model.ALIASES.items() if target == (section, key)]

@@ -106,7 +106,8 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     known.update({env_name(s, a): canonical for (s, a), canonical in ALIASES.items()})
     known.update(ENV_SHORTCUTS)
     layer: dict[str, Any] = {}
-    for name, value in environ.items():
+    named_by: dict[tuple[str, str], str] = {}
+    for name, value in sorted(environ.items()):
         if not name.startswith("NTONIX_") or name == "NTONIX_CONFIG":
             continue
         if name == "NTONIX_BACKENDS":
@@ -115,6 +116,11 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
         if name not in known:
             raise ConfigError(f"{name}: unknown configuration variable")
         section, key = known[name]
+        other = named_by.setdefault((section, key), name)
+        if other != name and layer[section][key] != value:
+            # Two names for one key (NTONIX_PORT and NTONIX_SERVER_PORT, NTONIX_WORKERS and
+            # NTONIX_SERVER_THREADS): which one won would depend on the environment's order.
+            raise ConfigError(f"{section}.{key}: set twice with different values, by {other} and {name}")
         layer.setdefault(section, {})[key] = _EnvString(value)
     return layer
 
@@ -211,6 +217,19 @@ def _check_file(where: str, path: str) -> None:
         raise ConfigError(f"{where}: file not readable: {path}")
 
 
+def _canonical_names(layer: dict[str, Any]) -> dict[str, Any]:
+    """A file naming one key twice, by its name and its alias (``server.threads`` and
+    ``server.workers``), must give one value: which one won would depend on their order. (A
+    higher layer always sets the canonical name, after the file's keys in ``merge_layers``, so
+    it wins over either.)"""
+    for (section, alias), (_, canonical) in ALIASES.items():
+        given = layer.get(section)
+        if isinstance(given, dict) and alias in given and canonical in given and given[alias] != given[canonical]:
+            raise ConfigError(f"{section}.{canonical}: set twice with different values, "
+                              f"as {section}.{canonical} and {section}.{alias}")
+    return layer
+
+
 def load_config(
     cli_layer: Mapping[str, Any] | None = None,
     config_path: str | None = None,
@@ -226,7 +245,7 @@ def load_config(
     file_layer: dict[str, Any] = {}
     base_dir: Path | None = None
     if path:
-        file_layer = read_file_layer(path)
+        file_layer = _canonical_names(read_file_layer(path))
         base_dir = Path(path).resolve().parent
     elif explicit:  # pragma: no cover - explicit empty string
         raise ConfigError("config file: empty path")

@@ -152,6 +152,13 @@ def build_config(raw: Mapping[str, Any], base_dir: Path | None = None, source: s
 
 
 def _build_sni(value: Any, base_dir: Path | None) -> dict[str, SniEntry]:
+    if isinstance(value, _EnvString):  # NTONIX_SSL_SNI: the same object, as JSON text
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise ConfigError("ssl.sni: NTONIX_SSL_SNI must hold a JSON object of host name -> "
+                              "{cert_file, key_file}") from None
+        base_dir = None  # paths in the environment are taken from the working folder
     if not isinstance(value, Mapping):
         raise ConfigError(f"ssl.sni: must be an object of host name -> {{cert_file, key_file}}, got {_show(value)}")
     out = {}

@@ -518,3 +518,30 @@ def test_a_cache_dir_that_cannot_be_created_is_a_config_error(tmp_path: Path) ->
     assert not (tmp_path / "a").exists()
     # With the cache off, the folder is never used.
     assert not build_config({**base, "cache": {"enabled": False, "dir": str(blocker / "c")}}).cache.enabled
+
+
+def test_one_key_by_two_names_must_agree(tmp_path: Path) -> None:
+    env = {"NTONIX_BACKENDS": "127.0.0.1:8001", "NTONIX_SSL_PORT": "0"}
+    with pytest.raises(ConfigError, match=r"^server\.port: set twice with different values, by NTONIX_PORT and "
+                                          r"NTONIX_SERVER_PORT$"):
+        load_config({}, config_path=None, environ={**env, "NTONIX_SERVER_PORT": "9001", "NTONIX_PORT": "9000"})
+    same = load_config({}, environ={**env, "NTONIX_SERVER_PORT": "9000", "NTONIX_PORT": "9000"})
+    assert same.server.port == 9000
+    path = tmp_path / "ntonix.json"
+    path.write_text('{"server": {"threads": 2, "workers": 3, "ssl_port": 0}, '
+                    '"backends": [{"host": "127.0.0.1", "port": 8001}]}')
+    with pytest.raises(ConfigError, match=r"^server\.threads: set twice with different values"):
+        load_config({}, config_path=str(path), environ={})
+    path.write_text('{"server": {"workers": 3, "ssl_port": 0}, "backends": [{"host": "127.0.0.1", "port": 8001}]}')
+    assert load_config({}, config_path=str(path), environ={}).server.threads == 3
+    assert load_config({}, config_path=str(path), environ={"NTONIX_SERVER_THREADS": "5"}).server.threads == 5
+    assert load_config({}, config_path=str(path), environ={"NTONIX_WORKERS": "6"}).server.threads == 6
+
+
+def test_sni_from_the_environment_as_json(tmp_path: Path) -> None:
+    env = {"NTONIX_BACKENDS": "127.0.0.1:8001", "NTONIX_SSL_PORT": "0",
+           "NTONIX_SSL_SNI": '{"api.example.com": {"cert_file": "a.crt", "key_file": "a.key"}}'}
+    cfg = load_config({}, environ=env, check_files=False)
+    assert cfg.ssl.sni["api.example.com"].cert_file == "a.crt"  # from the working folder
+    with pytest.raises(ConfigError, match=r"^ssl\.sni: NTONIX_SSL_SNI must hold a JSON object"):
+        load_config({}, environ={**env, "NTONIX_SSL_SNI": "api.example.com=a.crt"}, check_files=False)
