@@ -209,8 +209,14 @@ class Router:
         factor = self.prefix.balance_factor
         allowed = [c for c in eligible
                    if c.total + 1 <= math.ceil(factor * (total_in + 1) * c.weight / total_weight)]
-        if not any(c.matched for c in allowed):  # a cold prompt
-            return rendezvous(anchor, allowed) if anchor is not None else self._least_loaded(allowed)
+        if not any(c.matched for c in allowed):
+            # A cold prompt: the least loaded, relative to weight (in flight per weight now);
+            # among equals (all idle, say) the anchor's rendezvous choice, which spreads new
+            # conversations by weight, and on which gateways and workers that see the same loads
+            # agree.
+            best_load = min(c.total / c.weight for c in allowed)
+            least = [c for c in allowed if c.total / c.weight == best_load]
+            return rendezvous(anchor, least) if anchor is not None else self._least_loaded(least)
         k = self.prefix.load_blocks
         best = max(c.matched - k * c.load for c in allowed)
         top = [c for c in allowed if c.matched - k * c.load == best]

@@ -206,3 +206,15 @@ def test_gateways_sharing_their_counts_decide_as_one_gateway_would(seed: int) ->
         assert choice(here, there) == one == choice(there, here)
         differ += choice(here, None) != one or choice(there, None) != one
     assert differ > 5  # the property is not vacuous: alone, the gateways disagree
+
+
+def test_prefix_sends_a_cold_prompt_to_the_least_loaded_backend_relative_to_weight() -> None:
+    """INTERFACE.md: a prompt with no known prefix goes to the least loaded suitable backend,
+    relative to weight; the anchor only chooses among equally loaded ones."""
+    r = Router("prefix")
+    for anchor in range(200):
+        assert r.choose([Candidate("a", in_flight=1), Candidate("b")], anchor).address == "b"
+        assert r.choose([Candidate("a", in_flight=1, weight=2), Candidate("b", in_flight=1)], anchor).address == "a"
+        assert r.choose([Candidate("a"), Candidate("b", remote=1)], anchor).address == "a"  # other gateways' too
+    idle = {r.choose([Candidate("a"), Candidate("b")], n).address for n in range(200)}
+    assert idle == {"a", "b"}  # all idle: the anchors spread them
