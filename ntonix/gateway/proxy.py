@@ -477,14 +477,21 @@ class Proxy:
         try:
             for _ in range(cfg.proxy.retries + 1):
                 try:
-                    lease = selector.acquire(backends, blocks, exclude=tried)
+                    lease = selector.acquire(backends, blocks, exclude=tried,
+                                             refresh=lambda: rt.serving(rec.model or None))
                 except BackendsBusy:
                     raise
                 except NoHealthyBackend:
                     if not tried:
                         raise  # backends serve the model, but none is routable: 503 + Retry-After
                     break
-                backend = next(b for b in backends if b.address == lease.address)
+                backend = next((b for b in backends if b.address == lease.address), None)
+                if backend is None:  # a backend that joined (HUP) while this request waited
+                    backends = rt.serving(rec.model or None)
+                    backend = next((b for b in backends if b.address == lease.address), None)
+                    if backend is None:  # and left again at once
+                        lease.release()
+                        continue
                 tried.append(backend.address)
                 attempt = rt.attempt(backend, lease)  # in flight, breaker permission, lease: one object
                 if attempt is None:

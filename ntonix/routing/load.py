@@ -250,6 +250,13 @@ class HostLoad:
                 local.remove(waiter)
             self._publish(col)
 
+    def now(self) -> float:
+        return self._clock()
+
+    def pause(self) -> None:
+        """One poll interval of a waiter."""
+        self._sleep(self.poll_s)
+
     def wait(self, limits: Mapping[str, int], timeout_s: float,
              pick: Callable[[Collection[str]], str | None] | None = None) -> str | None:
         """Wait first come, first served for a place on any of ``limits``; the address, or None on timeout."""

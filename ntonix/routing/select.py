@@ -99,8 +99,11 @@ class Selector:
         self.remote: Mapping[str, int] = {}
 
     def acquire(self, targets: Sequence[Routable], blocks: Sequence[int] = (),
-                exclude: Container[str] = ()) -> Lease:
-        """A place on the chosen backend; raises ``NoHealthyBackend`` or ``BackendsBusy`` (both 503)."""
+                exclude: Container[str] = (), refresh: Callable[[], Sequence[Routable]] | None = None) -> Lease:
+        """A place on the chosen backend; raises ``NoHealthyBackend`` or ``BackendsBusy`` (both 503).
+
+        ``refresh``: the targets as they are now (a HUP may replace the backend list or a limit,
+        health may change); a request waiting for a place follows them (``_wait``)."""
         if self.router.policy == "round_robin":
             lease = self._round_robin(targets, exclude)
             if lease is not None:
@@ -122,7 +125,7 @@ class Selector:
             limit = next(t.max_in_flight for t in targets if t.address == decision.address)
             if self.load.begin(decision.address, limit):
                 return self._granted(decision.address, blocks, matched, use_prefix, waited=False)
-        return self._wait(targets, blocks, matched, use_prefix)
+        return self._wait(targets, blocks, matched, use_prefix, refresh, exclude)
 
     def _round_robin(self, targets: Sequence[Routable], exclude: Container[str]) -> Lease | None:
         """The default policy without limits, on every request: no counts read, no lock taken.
@@ -143,21 +146,42 @@ class Selector:
                          self.remote.get(t.address, 0))
 
     def _wait(self, targets: Sequence[Routable], blocks: Sequence[int], matched: dict[str, int],
-              use_prefix: bool) -> Lease:
-        routable = {t.address: t for t in targets if t.routable}
+              use_prefix: bool, refresh: Callable[[], Sequence[Routable]] | None = None,
+              exclude: Container[str] = ()) -> Lease:
+        """First come, first served for a place on any routable target, up to the queue timeout.
+        When the targets change meanwhile (``refresh``: a HUP replaced the list or a limit, a
+        backend turned healthy or not), the request queues again for the new ones (a new
+        ticket: the change is rare, and waiting on for a backend that is gone would fail)."""
+        load = self.load
+        deadline = load.now() + self.queue_timeout_s
+        anchor = blocks[0] if use_prefix else None
+        while True:
+            routable = {t.address: t for t in targets if t.routable}
+            limits = {a: t.max_in_flight for a, t in routable.items()}
 
-        def pick(ready: Collection[str]) -> str | None:
-            # The head of the queue with room on ``ready``: the policy chooses among those.
-            anchor = blocks[0] if use_prefix else None
-            return self.router.choose([self._candidate(routable[a], matched, newcomer=False) for a in ready],
-                                      anchor).address
+            def pick(ready: Collection[str], routable: dict[str, Routable] = routable) -> str | None:
+                # The head of the queue with room on ``ready``: the policy chooses among those.
+                return self.router.choose([self._candidate(routable[a], matched, newcomer=False) for a in ready],
+                                          anchor).address
 
-        address = self.load.wait({a: t.max_in_flight for a, t in routable.items()}, self.queue_timeout_s, pick)
-        if address is None:
-            raise BackendsBusy(
-                f"every backend for this request is at its max_in_flight; waited {self.queue_timeout_s:g} s",
-                retry_after=max(1, math.ceil(self.retry_after_s)))
-        return self._granted(address, blocks, matched, use_prefix, waited=True)
+            waiter = load.enqueue(limits, max(0.0, deadline - load.now()))
+            try:
+                while True:
+                    address = load.try_admit(waiter, pick)
+                    if address is not None:
+                        return self._granted(address, blocks, matched, use_prefix, waited=True)
+                    if load.now() >= deadline:
+                        raise BackendsBusy(f"every backend for this request is at its max_in_flight; "
+                                           f"waited {self.queue_timeout_s:g} s",
+                                           retry_after=max(1, math.ceil(self.retry_after_s)))
+                    load.pause()
+                    if refresh is not None:
+                        now = [t for t in refresh() if t.address not in exclude]
+                        if {t.address: t.max_in_flight for t in now if t.routable} != limits:
+                            targets = now
+                            break
+            finally:
+                load.cancel(waiter)
 
     def _granted(self, address: str, blocks: Sequence[int], matched: dict[str, int], use_prefix: bool,
                  waited: bool) -> Lease:

@@ -15,6 +15,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from tests.live.procs import http, wait_until
 from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
@@ -180,6 +182,39 @@ def test_queue_timeout_is_503_with_retry_after(gateway: GatewayFactory, mock_bac
         assert 0.25 <= waited < 2.5
         assert slow.result(timeout=20)[0] == 200
     assert gw.request("POST", "/v1/chat/completions", chat("m", "after"))[0] == 200
+
+
+@pytest.mark.parametrize("change", ["limit", "backend"])
+def test_queued_requests_follow_a_hup_that_raises_their_limit_or_replaces_their_backend(
+        gateway: GatewayFactory, mock_backend: MockBackendFactory, change: str) -> None:
+    """Requests waiting for a place on a backend at its max_in_flight: a HUP that raises the
+    limit lets them in at once; one that replaces the backend sends them to the new one at once
+    (they waited out routing.queue_timeout_s and got 503 before)."""
+    a, b = mock_backend("a"), mock_backend("b")
+    gw = gateway([entry(a, max_in_flight=1)], workers=2,
+                 config={"cache": {"enabled": False}, "routing": {"queue_timeout_s": 20}})
+
+    def send(text: str, ttft: str = "0") -> tuple[int, float]:
+        status, _, _ = gw.request("POST", "/v1/chat/completions", chat("m", text), {"X-Mock-TTFT": ttft}, timeout=40)
+        return status, time.monotonic()
+
+    def queued() -> int:
+        return sum(int(x["queued"]) for x in gw.metrics()["backends"])
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        slow = pool.submit(send, "hold", "8")
+        wait_until(lambda: chats(a) >= 1, timeout=10, what="the slot held")
+        waiting = [pool.submit(send, f"wait {i}") for i in range(2)]
+        wait_until(lambda: queued() == 2, timeout=10, what="two requests queued")
+        gw.write_config({"backends": [entry(a, max_in_flight=3) if change == "limit" else entry(b, max_in_flight=1)]})
+        gw.reload()
+        hup = time.monotonic()
+        for w in waiting:
+            status, at = w.result(timeout=30)
+            assert status == 200
+            assert at - hup < 4.0, f"answered {at - hup:.1f} s after the HUP (the slot is held for 8 s)"
+        assert slow.result(timeout=30)[0] == 200
+    assert (chats(a), chats(b)) == ((3, 0) if change == "limit" else (1, 2))
 
 
 def _stream(gw: Gateway, text: str) -> tuple[int, bytes]:

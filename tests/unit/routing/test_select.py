@@ -103,6 +103,36 @@ def test_a_waiter_gets_the_place_that_frees(tmp_path: Path, clock: FakeClock) ->
     assert sel.load.in_flight(A) == 1
 
 
+def test_a_waiter_follows_the_targets_when_they_change(tmp_path: Path, clock: FakeClock) -> None:
+    """A HUP while requests wait: the backend they wait for is replaced by another, or its
+    limit is raised. They go on at once, not after the queue timeout."""
+    sel = selector(tmp_path, clock, policy="least_requests", timeout=10.0)
+    old = [Target(A, max_in_flight=1)]
+    held = sel.acquire(old)
+    now: list[Target] = old
+    start = clock()
+    clock_at_change = start + 0.5
+
+    def refresh() -> list[Target]:
+        return now if clock() < clock_at_change else [Target(B, max_in_flight=1)]
+
+    lease = sel.acquire(old, refresh=refresh)
+    assert lease.address == B and lease.waited
+    assert clock() - start < 0.6
+    assert sel.load.queued(A) == 0
+    lease.release()
+    # The limit raised from 1 to 2 on the backend still held.
+    start = clock()
+    clock_at_change = start + 0.3
+    now = old
+    raised = [Target(A, max_in_flight=2)]
+    lease = sel.acquire(old, refresh=lambda: now if clock() < clock_at_change else raised)
+    assert lease.address == A and clock() - start < 0.4
+    assert sel.load.in_flight(A) == 2
+    held.release()
+    lease.release()
+
+
 def test_weights_and_limits_reach_the_policy(tmp_path: Path, clock: FakeClock) -> None:
     sel = selector(tmp_path, clock, policy="least_requests")
     targets = [Target(A, weight=3), Target(B, weight=1)]
