@@ -31,6 +31,7 @@ import hashlib
 import json
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -337,6 +338,22 @@ class MockLLM:
                            "usage": {"prompt_tokens": used, "total_tokens": used},
                            "mock_instance": self.name})
 
+    def responses(self) -> Response:
+        """``POST /v1/responses`` (the Responses API), JSON only: one output message and its
+        usage, spelt as that API spells it (``input_tokens``, ``output_tokens``)."""
+        plan = self._plan()
+        body = json_body()
+        self.check_model(body)
+        words = str(body.get("input", "")).split()
+        time.sleep(plan.ttft)
+        out = max(1, plan.tokens or 4)
+        return self._json({"id": f"resp_{uuid.uuid4().hex}", "object": "response",
+                           "model": body.get("model", "mock-model"), "output": [{"type": "message", "role": "assistant",
+                                       "content": [{"type": "output_text", "text": " ".join(["tok"] * out)}]}],
+                           "usage": {"input_tokens": len(words), "output_tokens": out,
+                                     "total_tokens": len(words) + out},
+                           "mock_instance": self.name})
+
     def models_view(self) -> Response:
         if not self.models:
             raise MockError(404, f"{self.name} has no model list (started without --models): it serves any model")
@@ -459,6 +476,7 @@ def create_app(name: str, ttft: float = 0.0, token_delay: float = 0.0, tokens: i
     rule("/v1/chat/completions", view_func=mock.chat_completions, methods=["POST"])
     rule("/v1/completions", view_func=mock.completions, methods=["POST"])
     rule("/v1/embeddings", view_func=mock.embeddings, methods=["POST"])
+    rule("/v1/responses", view_func=mock.responses, methods=["POST"])
     rule("/v1/models", view_func=mock.models_view, methods=["GET"])
     rule("/health", view_func=mock.health, methods=["GET"])
     rule("/_control", view_func=mock.control, methods=["GET", "POST"])

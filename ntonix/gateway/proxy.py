@@ -143,6 +143,16 @@ _DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 _LONG_NUMBER = b"0" * 19
 
 
+def sniff_model(body: bytes, content_type: str) -> str:
+    """The JSON ``model`` of a request body that is not for the cache ("" if none, or not JSON)."""
+    if "json" not in content_type.lower() and body[:1] != b"{":
+        return ""
+    try:
+        return request_model(orjson.loads(body)) or ""
+    except orjson.JSONDecodeError:
+        return ""
+
+
 def parse_json_body(body: bytes) -> dict[str, Any]:
     if not body:
         raise BadRequest("request body must be a JSON object, got an empty body")
@@ -282,6 +292,10 @@ class Proxy:
         if probe is not None and probe.body is not body:
             probe = None
         probed = probe is not None
+        if not cacheable and body and method == "POST" and path.startswith("/v1/"):
+            # Any other OpenAI-style call (/v1/responses, /v1/rerank, ...): its JSON model routes
+            # it as well (INTERFACE.md); a body that is not JSON is forwarded as it is.
+            rec.model = sniff_model(body, environ.get("CONTENT_TYPE", ""))
         if cacheable:
             parsed = probe.parsed if probe is not None and probe.parsed is not None else parse_json_body(body)
             rec.model = request_model(parsed) or ""
@@ -565,8 +579,11 @@ class Proxy:
         start_response(status_line(status), headers)
         replay = replayable_headers(raw_headers) if store_key is not None else ()
         tap = None
-        if status == 200 and rec.path in CACHEABLE_PATHS and not header_value(raw_headers, "content-encoding"):
-            tap = UsageTap("text/event-stream" in (header_value(raw_headers, "content-type") or ""))
+        if status == 200 and rec.path.startswith("/v1/") and not header_value(raw_headers, "content-encoding"):
+            # Usage from every OpenAI-style answer: JSON, or the final usage chunk of a stream.
+            kind = header_value(raw_headers, "content-type") or ""
+            if "text/event-stream" in kind or "json" in kind:
+                tap = UsageTap("text/event-stream" in kind)
         return UpstreamBody(self.rt, resp, attempt, environ, rec, store_key, replay, stream, leader, watch,
                             done, usage=tap)
 

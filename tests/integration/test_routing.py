@@ -70,6 +70,33 @@ def test_requests_go_only_to_backends_serving_their_model(gateway: GatewayFactor
     assert gw.request("GET", "/echo/any")[0] == 200
 
 
+def test_other_openai_calls_route_by_model_and_count_their_tokens(gateway: GatewayFactory,
+                                                                   mock_backend: MockBackendFactory) -> None:
+    """Not only the cacheable paths: a JSON ``model`` routes any POST under /v1/ (here the
+    Responses API), 404 when nobody serves it, and its answer's usage is counted."""
+    a = mock_backend("a", extra_args=("--models", "m1"))
+    b = mock_backend("b", extra_args=("--models", "m2"))
+    gw = gateway([entry(a, models=["m1"]), entry(b, models=["m2"])], workers=2)
+    for i in range(6):
+        status, headers, body = gw.request("POST", "/v1/responses", {"model": "m2", "input": f"two words {i}"})
+        assert status == 200, body
+        assert headers["x-mock-instance"] == "b"
+        assert headers["x-cache"] == "BYPASS"
+    status, _, body = gw.request("POST", "/v1/responses", {"model": "zzz", "input": "x"})
+    assert status == 404, body
+    assert json.loads(body)["error"]["code"] == "model_not_found"
+    # Not JSON, or no model: forwarded to any backend as before.
+    assert gw.request("POST", "/echo/v1", b"not json", {"Content-Type": "application/json"})[0] == 200
+
+    def tokens() -> Any:
+        m = gw.metrics()
+        return m if m["tokens"]["by_model"].get("m2", {}).get("completion") == 6 * 4 else None
+
+    m = wait_until(tokens, timeout=10, what="the Responses API's tokens")
+    assert m["tokens"]["by_model"]["m2"]["prompt"] == 6 * 3
+    assert m["tokens"]["by_backend"][b.address]["completion"] == 24
+
+
 def test_served_model_without_a_routable_backend_is_503(gateway: GatewayFactory,
                                                        mock_backend: MockBackendFactory) -> None:
     a = mock_backend("a")
