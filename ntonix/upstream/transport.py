@@ -454,8 +454,10 @@ def fetch_models(host: str, port: int, timeout_s: float) -> tuple[int, bytes] | 
                 resp.release()
             finally:
                 _close(sock)
-    except (TimeoutError, OSError, HTTPParseError, HTTPConnectionClosed):
+    except (TimeoutError, OSError, HTTPConnectionClosed):  # (HTTPConnectionClosed is an HTTPParseError)
         return None
+    except HTTPParseError:
+        return 0, b""  # it answered, with something that is not HTTP: garbage, serves any model
     if len(body) > MAX_MODELS_BYTES:
         return code, b""  # not a list we take: serves any model
     return code, bytes(body)

@@ -286,3 +286,23 @@ def test_a_failed_lookup_is_not_kept(lookups: list[str], monkeypatch: pytest.Mon
         with pytest.raises(OSError):
             transport.connect("nowhere.test", 8001, 1.0)
     assert lookups == ["nowhere.test", "nowhere.test"]
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{\"data\":[]}", (200, b'{"data":[]}')),
+    (b"\x00\x01garbage that is not HTTP\r\n\r\n", (0, b"")),  # answered, with garbage: any model
+    (b"", None),  # closed without a byte: unreachable, the last list stays
+])
+def test_fetch_models_tells_garbage_from_no_answer(reply: bytes, expected: Any) -> None:
+    def handle(sock: socket.socket, _addr: Any) -> None:
+        sock.recv(65536)
+        if reply:
+            sock.sendall(reply)
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        assert transport.fetch_models("127.0.0.1", server.server_port, 2.0) == expected
+    finally:
+        server.stop()
