@@ -135,6 +135,38 @@ def test_an_idle_host_syncs_once_a_second_and_at_once_when_busy_again(clean_redi
         a.record("m", "h", "x:1")  # an assignment to publish: synced, idle or not
         a.sync()
         assert a.stats["load_syncs"] == 6 and not a.pending
+        # Idle, within idle_sync_s, it still reads the other gateways' assignments every
+        # idle_read_s (a conversation one of them diverted must be known before its next turn
+        # comes here).
+        b = AffinityBoard(clean_redis.url, host="host-b")
+        try:
+            a.sync()  # idle: the zeros, once
+            b.record("m", "diverted", "y:1")
+            b.sync()
+            now[0] += 0.25
+            assert [x.block for x in a.sync()] == ["diverted"]
+            assert a.stats["load_syncs"] == 7  # and no load round trip for it
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_a_redis_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens there
+    now = [0.0]
+    a = AffinityBoard(f"redis://127.0.0.1:{port}/0", backoff_s=0.1, clock=lambda: now[0])
+    try:
+        with caplog.at_level("INFO", logger="ntonix"):
+            for _ in range(5):
+                now[0] += 0.2  # past the back-off: a retry each time
+                a.sync()
+        assert a.stats["redis_errors"] == 5
+        assert [r.message for r in caplog.records].count("cluster.affinity_unavailable") == 1
     finally:
         a.close()
 
