@@ -37,7 +37,8 @@ _SLOT = struct.Struct("<QIIII8x")  # key hash, leader pid, flight serial, state,
 _STATE = struct.Struct("<I")
 _STATE_AT, _WANT_AT = 16, 20
 _BELL = struct.Struct("<Q")
-SLOTS = 4096
+SLOTS = 65536  # 2 MiB of slots: two keys in flight at once share one with odds ~1 in 65,536
+FILE = "board-65536"  # the layout's name: a board of another size is another file
 BELLS = 1024
 # Slot states. RUNNING: announced, not in the journal. ENDING: the leader left the board with
 # someone wanting its flight, and is registering it for them (then it clears the slot).

@@ -70,7 +70,7 @@ journal's own transactions as before. A leader whose answer fails (``finish(Fals
 nothing: requests that wanted it lead or follow anew, as followers of a failed flight do.
 
 What is left to chance costs only a second backend call, never a wrong or lost answer: a key
-whose slot another key overwrote (4,096 slots) is not seen; a follower whose seat comes after
+whose slot another key overwrote (65,536 slots) is not seen; a follower whose seat comes after
 its flight was capped (past ``max_bytes``) or failed goes to a backend itself.
 
 Staleness: the leader refreshes its heartbeat at most once a second, but only while it
@@ -101,6 +101,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import xxhash
 
+from ntonix.cache.board import FILE as BOARD_FILE
 from ntonix.cache.board import REGISTERED, Board, Seen
 from ntonix.cache.flight_lock import LeaderLocks
 from ntonix.cache.lmdb_env import MiB, StoreError, ensure_private_dir, explain, open_env, translated
@@ -300,7 +301,7 @@ class Coalescer:
 
     def board(self) -> Board:
         if self._board is None or self._board_pid != Process.pid:
-            self._board = Board(os.path.join(ensure_private_dir(self.path), "board"))
+            self._board = Board(os.path.join(ensure_private_dir(self.path), BOARD_FILE))
             self._board_pid = Process.pid
         return self._board
 
