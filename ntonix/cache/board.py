@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 Registering a flight in the coalescing journal (``ntonix.cache.coalescer``) costs a write
 transaction to start it and one to end it, on every cache miss, although almost no miss ever
-gets a follower. So a leader starts *unregistered*: it writes one slot here, in a small file
-every worker maps (``<journal dir>/board``), and nothing to LMDB. A request for the same key on
+gets a follower. So a leader starts *unregistered*: it writes one slot here, in a file
+every worker maps (``<journal dir>/board-65536``, 2 MiB), and nothing to LMDB. A request for the same key on
 another worker finds the slot, counts itself in the slot's ``want`` field and rings the leading
 process's *bell* (a counter); each process checks its own bell every poll interval (one memory
 read) and registers the flights that are wanted.

@@ -203,11 +203,14 @@ class LmdbStore:
             h = self._open()
             now = self._clock()
             if now >= self._no_expiry_before:
-                with h.write() as txn:
-                    for _ in range(_SWEEP_ROUNDS_PER_STATS):
-                        self._sweep_expired(h, txn, now)
-                        if now < self._no_expiry_before:
-                            break
+                try:
+                    with h.write() as txn:
+                        for _ in range(_SWEEP_ROUNDS_PER_STATS):
+                            self._sweep_expired(h, txn, now)
+                            if now < self._no_expiry_before:
+                                break
+                except (StoreError, lmdb.Error):
+                    pass  # a full disk refuses writes: the counters are still read below
             with h.env.begin() as txn:
                 out = {name.decode(): read_counter(txn, h.stats, name) for name in _STAT_NAMES}
         out["size_bytes"] = out.pop("bytes")

@@ -163,7 +163,7 @@ class AffinityBoard:
             # assignments every idle_read_s: a conversation another gateway diverted must be
             # known here before its next turn arrives, which is after the previous answer (an
             # idle worker: 0.5 % of a core with the one-second sync alone, 1.4 % reading every
-            # 50 ms tick, measured; about 0.7 % at 0.2 s).
+            # 50 ms tick, measured; 0.75 % at 0.2 s).
             now = self.clock()
             if self._idle_since >= 0 and now - self._idle_since < self.idle_sync_s:
                 if now - self._read_at < self.idle_read_s:

@@ -196,14 +196,20 @@ def _check_folder(where: str, path: str) -> None:
     while not os.path.exists(parent):
         missing.append(parent)
         parent = os.path.dirname(parent)
+    made: list[str] = []
     try:
-        os.makedirs(path, mode=0o700)
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder, 0o700)
+            except FileExistsError:
+                continue  # made meanwhile by someone else (a worker): theirs, not ours to remove
+            made.append(folder)
     except OSError as exc:
         raise ConfigError(f"{where}: cannot create {path}: {exc.strerror or exc}") from None
     finally:
-        for made in missing:
+        for folder in reversed(made):
             try:
-                os.rmdir(made)
+                os.rmdir(folder)
             except OSError:
                 pass
 

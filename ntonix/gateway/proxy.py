@@ -57,6 +57,7 @@ from ntonix.errors import (
     UnsupportedTransferCoding,
     UpstreamTimeout,
     UpstreamUnavailable,
+    render_error,
     status_line,
 )
 from ntonix.gateway.bodies import Body, FollowerBody, UpstreamBody
@@ -129,7 +130,7 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
         return data
     coding = environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     if coding:
-        if any(c.strip() not in ("chunked", "") for c in coding.split(",")):
+        if any(c.strip() not in ("chunked", "identity", "") for c in coding.split(",")):
             raise UnsupportedTransferCoding(f"Transfer-Encoding {coding!r}: only chunked is supported")
         data = bytes(stream.read(limit + 1))
         if len(data) > limit:
@@ -341,6 +342,18 @@ class Proxy:
                 environ.pop("HTTP_ACCEPT_ENCODING", None)
             return self._forward(environ, start_response, rec, body, key if store_ok else None, stream, leader,
                                  parsed=parsed)
+        except UpstreamTimeout as exc:
+            if leader is not None:
+                # The backend sent no headers in time for this very request: the identical ones
+                # waiting for it get the same 504 now (as an error answer of the backend's own
+                # would reach them), rather than each asking again and waiting as long once more.
+                status, headers, error = render_error(exc)
+                try:
+                    leader.publish_head(int(status[:3]), tuple(headers))
+                    leader.publish_chunk(error)
+                finally:
+                    leader.finish(True)
+            raise
         except BaseException:
             if leader is not None:
                 leader.finish(False)
@@ -401,25 +414,16 @@ class Proxy:
         timeout = self.rt.config.proxy.read_timeout_s
         watch = disconnect.watch(environ.get("gunicorn.socket"))
         try:
-            # The head is waited for within this request's own proxy.read_timeout_s, counted
-            # from its arrival (a regrouped follower has waited already).
-            head = follower.wait_head(max(0.0, timeout - (time.perf_counter() - rec.started)))
+            head = follower.wait_head(timeout)
         except BaseException:
             follower.close()
             if watch is not None:
                 watch.cancel()
             raise
-        if head is None:  # the leader failed before answering: go to a backend ourselves ...
+        if head is None:  # the leader failed before answering: go to a backend ourselves
             follower.close()
             if watch is not None:
                 watch.cancel()
-            waited = time.perf_counter() - rec.started
-            if waited >= timeout / 2:
-                # ... unless most of our wait for response headers is gone: then the backend had
-                # that long for this very request and sent none (a stalled backend must not make
-                # each identical request wait read_timeout_s once more per regrouping).
-                raise UpstreamTimeout(f"no response headers within {waited:.1f}s "
-                                      f"(proxy.read_timeout_s {timeout:g}; an identical request was waiting for them)")
             return None
         status, headers = head
         rec.cache = "HIT"
@@ -579,7 +583,8 @@ class Proxy:
         start_response(status_line(status), headers)
         replay = replayable_headers(raw_headers) if store_key is not None else ()
         tap = None
-        if status == 200 and rec.path.startswith("/v1/") and not header_value(raw_headers, "content-encoding"):
+        if (status == 200 and rec.method == "POST" and rec.path.startswith("/v1/")
+                and not header_value(raw_headers, "content-encoding")):
             # Usage from every OpenAI-style answer: JSON, or the final usage chunk of a stream.
             kind = header_value(raw_headers, "content-type") or ""
             if "text/event-stream" in kind or "json" in kind:

@@ -250,6 +250,25 @@ class HostLoad:
                 local.remove(waiter)
             self._publish(col)
 
+    def retarget(self, waiter: Waiter, limits: Mapping[str, int]) -> None:
+        """The waiter's backends or limits changed (a HUP, health): it keeps its ticket, so its
+        place in line, and moves to the queues of ``limits``."""
+        columns = {address: self.column(address) for address in limits}
+        with self._shm.lock(0):
+            for address, col in waiter.columns.items():
+                if address not in columns:
+                    local = self._local_waiters.get(col, [])
+                    if waiter in local:
+                        local.remove(waiter)
+                    self._publish(col)
+            for address, col in columns.items():
+                if address not in waiter.columns:
+                    local = self._local_waiters.setdefault(col, [])
+                    local.append(waiter)
+                    local.sort(key=lambda w: w.ticket)  # oldest first, as enqueue keeps them
+                    self._publish(col)
+            waiter.columns, waiter.limits = columns, dict(limits)
+
     def now(self) -> float:
         return self._clock()
 

@@ -63,6 +63,9 @@ class Target:
     routable: bool = True
 
 
+_REFRESH_POLLS = 10  # a waiter looks at its targets again every 10 polls (50 ms)
+
+
 class Lease:
     """A place on a backend; ``release`` once the request is over (idempotent)."""
 
@@ -149,39 +152,43 @@ class Selector:
               use_prefix: bool, refresh: Callable[[], Sequence[Routable]] | None = None,
               exclude: Container[str] = ()) -> Lease:
         """First come, first served for a place on any routable target, up to the queue timeout.
-        When the targets change meanwhile (``refresh``: a HUP replaced the list or a limit, a
-        backend turned healthy or not), the request queues again for the new ones (a new
-        ticket: the change is rare, and waiting on for a backend that is gone would fail)."""
+        The targets are looked at again every ``_REFRESH_POLLS`` polls (``refresh``): after a HUP
+        that replaced the list or a limit, or a backend turning healthy or not, the request
+        waits for the new ones, in the same place in line; none left routable is 503 at once."""
         load = self.load
         deadline = load.now() + self.queue_timeout_s
         anchor = blocks[0] if use_prefix else None
-        while True:
-            routable = {t.address: t for t in targets if t.routable}
-            limits = {a: t.max_in_flight for a, t in routable.items()}
+        routable = {t.address: t for t in targets if t.routable}
+        limits = {a: t.max_in_flight for a, t in routable.items()}
 
-            def pick(ready: Collection[str], routable: dict[str, Routable] = routable) -> str | None:
-                # The head of the queue with room on ``ready``: the policy chooses among those.
-                return self.router.choose([self._candidate(routable[a], matched, newcomer=False) for a in ready],
-                                          anchor).address
+        def pick(ready: Collection[str]) -> str | None:
+            # The head of the queue with room on ``ready``: the policy chooses among those.
+            return self.router.choose([self._candidate(routable[a], matched, newcomer=False) for a in ready],
+                                      anchor).address
 
-            waiter = load.enqueue(limits, max(0.0, deadline - load.now()))
-            try:
-                while True:
-                    address = load.try_admit(waiter, pick)
-                    if address is not None:
-                        return self._granted(address, blocks, matched, use_prefix, waited=True)
-                    if load.now() >= deadline:
-                        raise BackendsBusy(f"every backend for this request is at its max_in_flight; "
-                                           f"waited {self.queue_timeout_s:g} s",
-                                           retry_after=max(1, math.ceil(self.retry_after_s)))
-                    load.pause()
-                    if refresh is not None:
-                        now = [t for t in refresh() if t.address not in exclude]
-                        if {t.address: t.max_in_flight for t in now if t.routable} != limits:
-                            targets = now
-                            break
-            finally:
-                load.cancel(waiter)
+        waiter = load.enqueue(limits, self.queue_timeout_s)
+        try:
+            polls = 0
+            while True:
+                address = load.try_admit(waiter, pick)
+                if address is not None:
+                    return self._granted(address, blocks, matched, use_prefix, waited=True)
+                if load.now() >= deadline:
+                    raise BackendsBusy(f"every backend for this request is at its max_in_flight; "
+                                       f"waited {self.queue_timeout_s:g} s",
+                                       retry_after=max(1, math.ceil(self.retry_after_s)))
+                load.pause()
+                polls += 1
+                if refresh is not None and polls % _REFRESH_POLLS == 0:
+                    now = {t.address: t for t in refresh() if t.routable and t.address not in exclude}
+                    if not now:
+                        raise NoHealthyBackend("no healthy backend is available", retry_after=self.retry_after_s)
+                    now_limits = {a: t.max_in_flight for a, t in now.items()}
+                    if now_limits != limits:
+                        routable, limits = now, now_limits
+                        load.retarget(waiter, limits)
+        finally:
+            load.cancel(waiter)
 
     def _granted(self, address: str, blocks: Sequence[int], matched: dict[str, int], use_prefix: bool,
                  waited: bool) -> Lease:

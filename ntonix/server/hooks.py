@@ -23,9 +23,12 @@ from ntonix.server.tls import build_server_context
 from ntonix.telemetry import procstat
 
 
-def _load() -> Config:
+def _load(*, starting: bool = False) -> Config:
     cfg = load_config(handover.cli_layer())
-    check_for_start(cfg)
+    if starting:
+        check_for_start(cfg)
+    elif cfg.server.ssl_port:
+        build_server_context(cfg.ssl)  # on HUP: the listener is bound, only the certificates matter
     return cfg
 
 
@@ -64,7 +67,7 @@ def configure() -> dict[str, Any]:
     """Load, validate and publish the configuration; gunicorn's settings derived from it."""
     global _config
     try:
-        _config = _load()
+        _config = _load(starting=True)
     except ConfigError as exc:
         _fail(exc)
     handover.publish(_config)

@@ -423,8 +423,9 @@ def test_an_identical_request_joins_a_large_stream_past_its_first_mebibyte(gw: G
 def test_identical_requests_behind_a_stalled_backend_get_504_within_their_own_timeout(
         mock: MockBackend, gateway_module: GatewayFactory) -> None:
     """proxy.read_timeout_s bounds each request's wait for response headers, coalesced or not:
-    the followers of a leader that timed out answer 504 too, instead of regrouping behind a new
-    leader and waiting the timeout again (they did: 2, 4, 6 and 6 s for a timeout of 2 s)."""
+    a leader that timed out shares its 504 with its followers, instead of letting them regroup
+    behind a new leader and wait the timeout again (they did: 2, 4, 6 and 6 s for a timeout of
+    2 s)."""
     gw = gateway_module([mock], workers=2, config={"proxy": {"read_timeout_s": 2}})
     body = chat_body()
     before = mock.stats()["requests"]

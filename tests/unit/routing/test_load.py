@@ -185,3 +185,19 @@ def test_a_forked_child_takes_a_slot_of_its_own(tmp_path: Path) -> None:
     assert load.in_flight("a:1") == 2  # the child died holding one: counted until reaped
     assert load.reap() == 1
     assert load.in_flight("a:1") == 1
+
+
+def test_a_retargeted_waiter_keeps_its_place_in_line(world: World) -> None:
+    """After a HUP the older waiter moves to a new backend's queue ahead of a younger one
+    already there (its ticket, not the time it moved, orders it)."""
+    w1, w2 = world.worker(101), world.worker(102)
+    assert w1.begin("a:1", limit=1) and w1.begin("b:1", limit=1)
+    older = w1.enqueue({"a:1": 1}, timeout_s=10)
+    younger = w2.enqueue({"b:1": 1}, timeout_s=10)
+    w1.retarget(older, {"b:1": 1})
+    assert (w1.queued("a:1"), w1.queued("b:1")) == (0, 2)
+    w1.end("b:1")
+    assert w2.try_admit(younger) is None  # the older one is ahead of it on b
+    assert w1.try_admit(older) == "b:1"
+    assert older.limits == {"b:1": 1}
+    w2.cancel(younger)

@@ -129,8 +129,13 @@ def test_a_waiter_follows_the_targets_when_they_change(tmp_path: Path, clock: Fa
     lease = sel.acquire(old, refresh=lambda: now if clock() < clock_at_change else raised)
     assert lease.address == A and clock() - start < 0.4
     assert sel.load.in_flight(A) == 2
-    held.release()
     lease.release()
+    # No backend left routable while it waits: 503 at once, not at the queue timeout.
+    start = clock()
+    with pytest.raises(NoHealthyBackend):
+        sel.acquire(old, refresh=lambda: [Target(A, max_in_flight=1, routable=False)])
+    assert clock() - start < 0.2
+    held.release()
 
 
 def test_weights_and_limits_reach_the_policy(tmp_path: Path, clock: FakeClock) -> None:
