@@ -33,7 +33,8 @@ SECTION_INTRO = {
     "circuit_breaker": "Passive ejection: consecutive failures of real requests open a backend's breaker.",
     "cache": "The response cache: L1 in each worker's memory, L2 in LMDB shared by the workers of a host, "
              "optional L3 in Redis shared by several gateways.",
-    "ssl": "The HTTPS listener on `server.ssl_port` (not checked at all while `server.ssl_port` is 0).",
+    "ssl": "The HTTPS listener on `server.ssl_port`. While `server.ssl_port` is 0 no certificate is needed: the "
+           "files and ciphers are not checked (the other keys still must be valid values).",
     "logging": "Structured logs of the master and all workers.",
     "metrics": "statsd output and access to the gateway's own `/metrics` and `/cache/stats`.",
     "routing": "How a backend is chosen for each request (see docs/adr/0008-prefix-routing.md for `prefix`).",

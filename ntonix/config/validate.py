@@ -172,6 +172,8 @@ def _build_sni(value: Any, base_dir: Path | None) -> dict[str, SniEntry]:
         for k in ("cert_file", "key_file"):
             if not isinstance(entry[k], str) or not entry[k]:
                 raise ConfigError(f"{where}.{k}: must be a file path")
+        if name.lower() in out:
+            raise ConfigError(f"{where}: the same host name as another entry (names are case-insensitive)")
         out[name.lower()] = SniEntry(_resolve(base_dir, entry["cert_file"]), _resolve(base_dir, entry["key_file"]))
     return out
 

@@ -545,3 +545,11 @@ def test_sni_from_the_environment_as_json(tmp_path: Path) -> None:
     assert cfg.ssl.sni["api.example.com"].cert_file == "a.crt"  # from the working folder
     with pytest.raises(ConfigError, match=r"^ssl\.sni: NTONIX_SSL_SNI must hold a JSON object"):
         load_config({}, environ={**env, "NTONIX_SSL_SNI": "api.example.com=a.crt"}, check_files=False)
+
+
+def test_sni_names_that_differ_only_in_case_are_one_name() -> None:
+    env = {"NTONIX_BACKENDS": "127.0.0.1:8001", "NTONIX_SSL_PORT": "0",
+           "NTONIX_SSL_SNI": '{"A.test": {"cert_file": "a.crt", "key_file": "a.key"}, '
+                             '"a.test": {"cert_file": "b.crt", "key_file": "b.key"}}'}
+    with pytest.raises(ConfigError, match=r"^ssl\.sni\['a\.test'\]: the same host name as another entry"):
+        load_config({}, environ=env, check_files=False)
