@@ -269,18 +269,17 @@ class HostLoad:
                     self._publish(col)
             waiter.columns, waiter.limits = columns, dict(limits)
 
-    def now(self) -> float:
-        return self._clock()
-
-    def pause(self) -> None:
-        """One poll interval of a waiter."""
-        self._sleep(self.poll_s)
-
     def wait(self, limits: Mapping[str, int], timeout_s: float,
-             pick: Callable[[Collection[str]], str | None] | None = None) -> str | None:
-        """Wait first come, first served for a place on any of ``limits``; the address, or None on timeout."""
+             pick: Callable[[Collection[str]], str | None] | None = None,
+             follow: Callable[[], Mapping[str, int] | None] | None = None, follow_every: int = 10) -> str | None:
+        """Wait first come, first served for a place on any of ``limits``; the address, or None on timeout.
+
+        ``follow``, asked every ``follow_every`` polls: the limits as they are now when they
+        changed (a HUP, health), else None; the waiter then moves to them in its place in line
+        (:meth:`retarget`)."""
         waiter = self.enqueue(limits, timeout_s)
         try:
+            polls = 0
             while True:
                 address = self.try_admit(waiter, pick)
                 if address is not None:
@@ -288,6 +287,11 @@ class HostLoad:
                 if self._clock() >= waiter.deadline:
                     return None
                 self._sleep(self.poll_s)
+                polls += 1
+                if follow is not None and polls % follow_every == 0:
+                    changed = follow()
+                    if changed is not None:
+                        self.retarget(waiter, changed)
         finally:
             self.cancel(waiter)
 

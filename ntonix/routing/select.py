@@ -63,9 +63,6 @@ class Target:
     routable: bool = True
 
 
-_REFRESH_POLLS = 10  # a waiter looks at its targets again every 10 polls (50 ms)
-
-
 class Lease:
     """A place on a backend; ``release`` once the request is over (idempotent)."""
 
@@ -152,11 +149,9 @@ class Selector:
               use_prefix: bool, refresh: Callable[[], Sequence[Routable]] | None = None,
               exclude: Container[str] = ()) -> Lease:
         """First come, first served for a place on any routable target, up to the queue timeout.
-        The targets are looked at again every ``_REFRESH_POLLS`` polls (``refresh``): after a HUP
-        that replaced the list or a limit, or a backend turning healthy or not, the request
-        waits for the new ones, in the same place in line; none left routable is 503 at once."""
-        load = self.load
-        deadline = load.now() + self.queue_timeout_s
+        The targets are looked at again every 10 polls (``refresh``): after a HUP that replaced
+        the list or a limit, or a backend turning healthy or not, the request waits for the new
+        ones, in the same place in line; none left routable is 503 at once."""
         anchor = blocks[0] if use_prefix else None
         routable = {t.address: t for t in targets if t.routable}
         limits = {a: t.max_in_flight for a, t in routable.items()}
@@ -166,29 +161,24 @@ class Selector:
             return self.router.choose([self._candidate(routable[a], matched, newcomer=False) for a in ready],
                                       anchor).address
 
-        waiter = load.enqueue(limits, self.queue_timeout_s)
-        try:
-            polls = 0
-            while True:
-                address = load.try_admit(waiter, pick)
-                if address is not None:
-                    return self._granted(address, blocks, matched, use_prefix, waited=True)
-                if load.now() >= deadline:
-                    raise BackendsBusy(f"every backend for this request is at its max_in_flight; "
-                                       f"waited {self.queue_timeout_s:g} s",
-                                       retry_after=max(1, math.ceil(self.retry_after_s)))
-                load.pause()
-                polls += 1
-                if refresh is not None and polls % _REFRESH_POLLS == 0:
-                    now = {t.address: t for t in refresh() if t.routable and t.address not in exclude}
-                    if not now:
-                        raise NoHealthyBackend("no healthy backend is available", retry_after=self.retry_after_s)
-                    now_limits = {a: t.max_in_flight for a, t in now.items()}
-                    if now_limits != limits:
-                        routable, limits = now, now_limits
-                        load.retarget(waiter, limits)
-        finally:
-            load.cancel(waiter)
+        def follow() -> dict[str, int] | None:
+            nonlocal routable, limits
+            assert refresh is not None
+            now = {t.address: t for t in refresh() if t.routable and t.address not in exclude}
+            if not now:
+                raise NoHealthyBackend("no healthy backend is available", retry_after=self.retry_after_s)
+            now_limits = {a: t.max_in_flight for a, t in now.items()}
+            if now_limits == limits:
+                return None
+            routable, limits = now, now_limits
+            return limits
+
+        address = self.load.wait(limits, self.queue_timeout_s, pick, follow if refresh is not None else None)
+        if address is None:
+            raise BackendsBusy(
+                f"every backend for this request is at its max_in_flight; waited {self.queue_timeout_s:g} s",
+                retry_after=max(1, math.ceil(self.retry_after_s)))
+        return self._granted(address, blocks, matched, use_prefix, waited=True)
 
     def _granted(self, address: str, blocks: Sequence[int], matched: dict[str, int], use_prefix: bool,
                  waited: bool) -> Lease:
