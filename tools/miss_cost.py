@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4000, help="misses per gateway per round")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=16, help="requests per turn of the event loop")
+    ap.add_argument("--stream", action="store_true",
+                    help="streamed requests: 20 SSE events each, as the bench's scenario 4 (its ends spread "
+                         "out: use --batch 1)")
     ap.add_argument("--only", help="one gateway: shipped, stripped or an ablation (e.g. under a profiler)")
     ap.add_argument("--ablate", action="store_true",
                     help="also shipped without each piece in turn (access log, coalescing, L2), in the same "
@@ -100,6 +103,7 @@ def main() -> None:
     from ntonix.config.model import LoggingConfig
     from ntonix.telemetry.logs import ACCESS, make_access_handler
     from ntonix.upstream.fake import Reply
+    from tools.bench.backend import sse_events
 
     work = tempfile.mkdtemp(prefix="ntonix-miss-cost-")
     log_cfg = LoggingConfig(file=f"{work}/access.log")
@@ -123,14 +127,19 @@ def main() -> None:
     def run(name: str, n: int) -> float:
         nonlocal serial
         gw, transport = gateways[name]
-        transport.script(BACKEND, *(Reply(200, chunks=[ANSWER], headers=[("Content-Type", "application/json")])
-                                    for _ in range(n)))
+        if not args.stream:
+            transport.script(BACKEND, *(Reply(200, chunks=[ANSWER], headers=[("Content-Type", "application/json")])
+                                        for _ in range(n)))
         ACCESS.enabled = name not in ("stripped", "no access log", "none of the three")
         headers = {"HTTP_HOST": "127.0.0.1:8080", "HTTP_CONTENT_TYPE": "application/json"}
         bodies = []
         for _ in range(n):
             serial += 1
-            bodies.append(b'{"model":"bench","messages":[{"role":"user","content":"miss %d"}]}' % serial)
+            bodies.append(b'{"model":"bench","messages":[{"role":"user","content":"miss %d"}]%s}'
+                          % (serial, b',"stream":true' if args.stream else b""))
+        if args.stream:
+            sse = [("Content-Type", "text/event-stream")]
+            transport.script(BACKEND, *(Reply(200, chunks=sse_events(body), headers=sse) for body in bodies))
         t = time.process_time()
         for i, body in enumerate(bodies):
             if gw.cached_hit("POST", CHAT, headers, body, "127.0.0.1") is not None:

@@ -147,9 +147,10 @@ class Conn(asyncio.BufferedProtocol):
 
 
 async def run(hosts: list[tuple[str, int]], path: str, streams: int, seconds: float, ramp: float, events: int,
-              timeout: float, nonce: str) -> dict[str, Any]:
+              timeout: float, nonce: str, series_file: str = "") -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     ttfts: list[float] = []
+    series: list[tuple[float, float]] = []  # (seconds since the start, TTFT): when the slow ones came
     counts = {"streams": 0, "ok": 0, "mismatched": 0, "errors": 0}
     first_error: list[str] = []
     start = loop.time() + 0.05
@@ -183,6 +184,7 @@ async def run(hosts: list[tuple[str, int]], path: str, streams: int, seconds: fl
                 await asyncio.sleep(0.05)
                 continue
             ttfts.append(ttft)
+            series.append((loop.time() - start, ttft))
             if got == sse_body(body, events):
                 counts["ok"] += 1
             else:
@@ -196,6 +198,9 @@ async def run(hosts: list[tuple[str, int]], path: str, streams: int, seconds: fl
             conn.transport.close()
 
     await asyncio.gather(*(slot(i) for i in range(streams)))
+    if series_file:
+        with open(series_file, "w") as fh:
+            fh.writelines(f"{t:.4f} {v * 1000:.3f}\n" for t, v in series)
     return {**counts,
             "ttft_p50_ms": percentile(ttfts, 50) * 1000, "ttft_p99_ms": percentile(ttfts, 99) * 1000,
             "ttft_max_ms": max(ttfts, default=float("nan")) * 1000,
@@ -213,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=EVENTS)
     p.add_argument("--timeout", type=float, default=15.0, help="per stream")
     p.add_argument("--nonce", default=str(os.getpid()))
+    p.add_argument("--series", default="", metavar="FILE",
+                   help="also write each stream's start (s) and TTFT (ms), a line each: do the slow ones "
+                        "come together (a stall of the proxy) or spread out (its load)?")
     args = p.parse_args(argv)
     result = asyncio.run(run([(args.host, port) for port in args.port], args.path, args.streams, args.seconds,
-                             args.ramp, args.events, args.timeout, args.nonce))
+                             args.ramp, args.events, args.timeout, args.nonce, args.series))
     print(json.dumps(result), flush=True)
     return 0
 
