@@ -12,10 +12,15 @@ per connection in ``ntonix.core.keepalive.ConnState``); anything else is closed.
 A backend may close a keep-alive connection at any time, and some close one right after
 answering while announcing keep-alive (llama.cpp's server does after every streamed answer,
 issue 13). So every idle connection is checked before reuse with one zero-timeout ``poll``
-(readable means a FIN or stray bytes: it is dead; about a microsecond), and a reused
-connection that fails before a single response byte (the FIN was still on its way) is
-retried once on a fresh connection: the backend never read that request. A request that got
-any response byte is never resent.
+(readable means a FIN or stray bytes: it is dead; about a microsecond). A reused connection
+that fails before a single response byte (the FIN was still on its way) is retried once on a
+fresh connection when that cannot run the request twice: when writing it failed (the backend
+was gone before it had all of it), when its method is idempotent (GET, HEAD, OPTIONS, TRACE,
+PUT, DELETE: RFC 9110 §9.2.2, nginx's default for ``proxy_next_upstream``), or when the hang-up
+came within ``QUICK_CLOSE_S`` of sending: the close that crossed our request (llama.cpp's, a
+few µs after its last answer; the poll before reuse, never skipped for a POST, sees it when it
+came first). A POST the backend held longer is never resent: it may have read it and be the
+one that hung up (an inference run twice).
 
 A backend's address is resolved once, not per connection (``connect``): gevent resolves
 names in its thread pool (ten threads, each waiting for the GIL the busy worker holds), so a
@@ -137,8 +142,10 @@ class Pool:
     def idle(self) -> int:
         return len(self._idle)
 
-    def acquire(self, fresh: bool = False) -> tuple[Any, bool]:
-        """A connected socket and whether it is a reused one (never when ``fresh``)."""
+    def acquire(self, fresh: bool = False, verify: bool = False) -> tuple[Any, bool]:
+        """A connected socket and whether it is a reused one (never when ``fresh``). ``verify``:
+        poll an idle one for a FIN before reuse however short its idle time (a request that
+        cannot be resent once written)."""
         if self.closed:
             raise SendFailed("backend removed")
         if not self._slots.acquire(timeout=self.connect_timeout_s):
@@ -150,7 +157,7 @@ class Pool:
                 sock, since = self._idle.pop()
                 state = self._state[sock]
                 idle = self._clock() - since
-                if state.idle_ok(idle) and (idle < _TRUST_IDLE_S or _alive(sock)):
+                if state.idle_ok(idle) and ((idle < _TRUST_IDLE_S and not verify) or _alive(sock)):
                     state.uses += 1
                     return sock, True
                 self._discard(sock)
@@ -272,11 +279,17 @@ def send_all(sock: Any, data: bytes) -> None:
 
 
 _poll = monkey.get_original("select", "poll")
-# A connection back in the pool for less than this is reused without the poll of _alive: a
-# backend closes idle keep-alive connections after seconds, not milliseconds, and a connection
-# that died meanwhile anyway (a backend restart) is caught by send()'s one retry on a fresh one
-# (it closes without answering). Under load most connections wait microseconds between requests.
+# A connection back in the pool for less than this is reused without the poll of _alive by an
+# idempotent request: a backend closes idle keep-alive connections after seconds, not
+# milliseconds, and a connection that died meanwhile anyway (a backend restart) is caught by
+# send()'s one retry on a fresh one (it closes without answering). Under load most connections
+# wait microseconds between requests.
 _TRUST_IDLE_S = 0.25
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# A reused connection closed this soon after a request was written on it was closing already
+# (the backend's close crossed the request): no backend answers, or gives up on, a request it
+# read this fast. Loose enough for a busy worker's event loop to notice the close late.
+QUICK_CLOSE_S = 0.05
 
 
 def _alive(sock: Any) -> bool:
@@ -317,17 +330,21 @@ def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]
          read_timeout_s: float) -> HTTPSocketPoolResponse:
     """Send one request and return once the response headers are in.
 
-    A reused keep-alive connection that turns out closed or reset before any response byte
-    arrived is retried once on a fresh connection (not another pooled one): the backend closed
-    it while idle or right after its last answer (docs/notes/stack.md §3), so it never
-    processed the request.
+    A reused keep-alive connection that fails before any response byte arrived (the backend
+    closed it while idle or right after its last answer, docs/notes/stack.md §3) is retried
+    once on a fresh connection (not another pooled one) if the request cannot run twice that
+    way: writing it failed, its method is idempotent, or the close came within
+    ``QUICK_CLOSE_S`` (it crossed the request). Otherwise (a POST the backend may have read)
+    it is ``Unanswered``.
     """
     data = encode_request(method, target, headers, body)
+    resendable = method in IDEMPOTENT
     for attempt in (0, 1):
-        sock, reused = pool.acquire(fresh=attempt > 0)
+        sock, reused = pool.acquire(fresh=attempt > 0, verify=not resendable)
         try:
             sock.settimeout(read_timeout_s)
             send_all(sock, data)
+            sent_at = time.monotonic()
         except OSError as exc:
             pool.release_socket(sock)
             if reused and attempt == 0:
@@ -337,7 +354,7 @@ def send(pool: Pool, method: str, target: str, headers: Sequence[tuple[str, str]
             return BoundedResponse(sock, pool, method=method, block_size=BLOCK,
                                    head_deadline=time.monotonic() + read_timeout_s)
         except HTTPConnectionClosed as exc:
-            if reused and attempt == 0:
+            if reused and attempt == 0 and (resendable or time.monotonic() - sent_at < QUICK_CLOSE_S):
                 continue
             raise Unanswered("backend closed the connection without answering") from exc
         except TimeoutError as exc:

@@ -11,6 +11,7 @@ HTTP/1.1 server on a plain socket (one thread per connection) that does what the
 ``break-close``    SSE stream head and two events, then the socket is shut down (no terminator)
 ``break-garbage``  two events, then bytes that are not chunked framing; the socket stays open
 ``silent``         accepts and reads the request, never answers
+``take-close``     reads the request, 0.3 s later closes without a byte of answer
 ``trickle``        an SSE event every 0.1 s, forever (up to a minute)
 ``trickle-head``   the response head one byte every 0.1 s, forever (up to a minute)
 =================  ===========================================================================
@@ -199,6 +200,9 @@ class RawBackend:
             return False
         if mode == "silent":
             wait_for_close(conn, record)
+            return False
+        if mode == "take-close":  # reads the request, works on it a while, hangs up without a byte
+            time.sleep(0.3)
             return False
         if mode == "trickle":
             conn.sendall(SSE_HEAD)
@@ -416,3 +420,21 @@ def test_client_can_leave_a_stream_that_trickles_forever(gw: Gateway, raw: RawBa
     took = noticed_within(lambda: conn.closed_by_peer, left, 2.0)
     assert took < 2.0, f"the backend connection stayed open {took:.2f}s after the client left"
     still_serves(gw, raw)
+
+
+@pytest.mark.parametrize(("method", "received"), [("POST", 1), ("GET", 2)])
+def test_a_request_the_backend_took_on_a_reused_connection_is_resent_only_if_idempotent(
+        raw: RawBackend, gateway: GatewayFactory, method: str, received: int) -> None:
+    # The connection is reused (a first request left it in the pool); the backend reads the
+    # request and hangs up a while later without answering. A POST may have run (an inference):
+    # never sent again (502). A GET may be, once, on a fresh connection, as nginx does.
+    gw = gateway([raw.address], config=gateway_config())
+    status, _, _ = split(raw_exchange(gw.port, request_bytes("ok", chat())))  # the pool keeps its connection
+    assert status == 200
+    before = raw.count("take-close")
+    body = chat() if method == "POST" else b""
+    data = request_bytes("take-close", body).replace(b"POST ", method.encode() + b" ", 1)
+    if method == "GET":
+        data = data.replace(b"Content-Length: 0\r\n", b"")
+    json_error(raw_exchange(gw.port, data), 502)
+    assert raw.count("take-close") - before == received
