@@ -22,7 +22,8 @@ Models: started with ``--models a,b`` the instance lists them on ``GET /v1/model
 instance with no list, which a gateway takes as serving any model) and any ``model`` is served.
 Usage: ``usage`` in JSON answers, and in a last stream chunk when the request asks for
 ``stream_options.include_usage``; ``X-Mock-Cached-Tokens: N`` reports N of the prompt tokens as
-cached (``prompt_tokens_details.cached_tokens``).
+cached (``prompt_tokens_details.cached_tokens``); ``X-Mock-Usage: <JSON>`` reports that object as the
+usage instead, as given. ``X-Mock-Chunked: 1`` sends a JSON answer chunked, without Content-Length.
 """
 
 from __future__ import annotations
@@ -249,6 +250,12 @@ class MockLLM:
         cached = _header("X-Mock-Cached-Tokens", int, None)
         if cached is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt_tokens)}
+        raw = request.headers.get("X-Mock-Usage")
+        if raw is not None:  # reported as given, however wrong (a broken backend's numbers)
+            try:
+                usage = json.loads(raw)
+            except ValueError:
+                raise MockError(400, f"X-Mock-Usage: not JSON: {raw!r}") from None
         return usage
 
     def _complete(self, chat: bool) -> Response:
@@ -278,12 +285,16 @@ class MockLLM:
         choice: dict[str, Any] = (
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
             if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"})
-        return self._json({
+        answer = {
             "id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice],
             "usage": self._usage(prompt_tokens, len(tokens)),
             "mock_instance": self.name,
-        })
+        }
+        if request.headers.get("X-Mock-Chunked", "") == "1":  # JSON without Content-Length, in pieces
+            data = json.dumps(answer).encode()
+            return Response(iter([data[:len(data) // 2], data[len(data) // 2:]]), mimetype="application/json")
+        return self._json(answer)
 
     @staticmethod
     def _chunk(chat: bool, rid: str, created: int, model: str, index: int, token: str,

@@ -181,13 +181,17 @@ def token_figures(samples: Samples, name: str, by: str | None) -> dict[str, Any]
         kind = got.get("kind", "")
         if kind not in out:
             continue
-        out[kind] += int(v)
+        n = int(min(v, _JSON_INT_MAX))
+        out[kind] = min(out[kind] + n, _JSON_INT_MAX)
         for group, label in (("by_model", "model"), (f"by_{by}", by)):
             if label is not None and group in groups:
                 per = groups[group].setdefault(got.get(label, ""), dict.fromkeys(TOKEN_KINDS, 0))
-                per[kind] += int(v)
+                per[kind] = min(per[kind] + n, _JSON_INT_MAX)
     out.update(groups)
     return out
+
+
+_JSON_INT_MAX = 2**63 - 1  # orjson writes no larger integer: a sum past it shows as this, never a 500
 
 
 def figures(samples: Samples, extras: Extras) -> dict[str, Any]:

@@ -48,13 +48,18 @@ def usage_of(doc: object) -> Usage | None:
     completion = _count(usage, "completion_tokens", "output_tokens")
     details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     cached = _count(details, "cached_tokens") if isinstance(details, Mapping) else 0
-    return Usage(prompt, completion, min(cached, prompt) if prompt else cached)
+    return Usage(prompt, completion, min(cached, prompt))  # cached ones are among the prompt's
+
+
+# More tokens than any answer has (a trillion): a broken or hostile backend's number, not a count.
+# Counting it would poison the gateway's totals (and a sum past 2^64 cannot even be written as JSON).
+MAX_COUNT = 1 << 40
 
 
 def _count(mapping: Mapping[str, object], *names: str) -> int:
     for name in names:
         value = mapping.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
             return value
     return 0
 
@@ -62,9 +67,11 @@ def _count(mapping: Mapping[str, object], *names: str) -> int:
 def usage_from_json(body: bytes) -> Usage | None:
     """The usage of a JSON answer body; None when it is not JSON or has none.
 
-    Only the ``usage`` object is parsed when it is where servers put it: last, with at most one
-    nested object (``prompt_tokens_details``). A key ``"usage"`` cannot occur inside a JSON
-    string (its quotes would be escaped). Anything else: the whole answer is parsed.
+    Only the ``usage`` object is parsed when it is where servers put it: last in the answer (only
+    the answer's own closing brace after it), with at most one nested object
+    (``prompt_tokens_details``). A key ``"usage"`` cannot occur inside a JSON string (its quotes
+    would be escaped). Anything else (e.g. a ``usage`` inside some other object): the whole
+    answer is parsed, and only its top-level ``usage`` counts.
     """
     at = body.rfind(b'"usage"')
     if at < 0:
@@ -74,7 +81,8 @@ def usage_from_json(body: bytes) -> Usage | None:
     inner = body.find(b"{", start + 1)
     if 0 <= inner < end:
         end = body.find(b"}", end + 1)
-    if start >= 0 and end >= 0 and body[at + 7:start].strip(b" \t\r\n") == b":":
+    if (start >= 0 and end >= 0 and body[at + 7:start].strip(b" \t\r\n") == b":"
+            and body[end + 1:].strip(b" \t\r\n") == b"}"):
         try:
             return usage_of({"usage": orjson.loads(body[start:end + 1])})
         except orjson.JSONDecodeError:

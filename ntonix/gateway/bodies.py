@@ -188,12 +188,14 @@ class UpstreamBody:
         rt, backend, rec = self.rt, self.backend, self.rec
         self.resp.release()  # back to the pool only if read to its end
         rec.streamed = self.recorder is not None or self.stream
+        if self.usage is not None:
+            # Whenever the backend reported it, also in a stream that broke (or whose client left)
+            # after its usage chunk: those tokens were processed.
+            usage = self.usage.finish()
+            if usage is not None:
+                rec.usage = usage
+                rt.telemetry.tokens(rec.model, backend.address, usage)
         if self.ended:
-            if self.usage is not None:
-                usage = self.usage.finish()
-                if usage is not None:
-                    rec.usage = usage
-                    rt.telemetry.tokens(rec.model, backend.address, usage)
             self._settle_ok()
         elif self.failed:
             rt.backend_failed(self.attempt, self.failed)
@@ -271,7 +273,7 @@ class FollowerBody:
                  watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
                  flush_head: bool = False,
                  resume: Callable[[int, bytes], Iterator[bytes]] | None = None,
-                 saved: Callable[[str, Usage], None] | None = None) -> None:
+                 saved: Callable[[str, Usage], None] | None = None, events: bool = False) -> None:
         self.follower, self.environ, self.rec, self.watch, self._done = follower, environ, rec, watch, done
         self._chunks: Iterator[bytes] = follower.chunks(timeout)
         self._flush_head = flush_head  # an unsized (streamed) answer: headers go out at once
@@ -279,10 +281,10 @@ class FollowerBody:
         self._resumed: Iterator[bytes] | None = None
         self._sent = xxhash.xxh3_128()
         rec.streamed = flush_head
-        # The tokens this answer saved the backends (a coalesced follower is a HIT).
+        # The tokens this answer saved the backends (a coalesced follower is a HIT). ``events``:
+        # an event stream (by its content type; an unsized answer may be plain JSON, chunked).
         self._saved = saved
-        self._usage: UsageTap | None = UsageTap(flush_head) if saved is not None else None
-        self._ended = False
+        self._usage: UsageTap | None = UsageTap(events) if saved is not None else None
 
     def __iter__(self) -> FollowerBody:
         return self
@@ -293,9 +295,6 @@ class FollowerBody:
             return b""
         try:
             chunk = next(self._chunks)
-        except StopIteration:
-            self._ended = True
-            raise
         except LeaderFailed as exc:
             chunk = self._take_over(str(exc))
         except NtonixError as exc:  # the resumed answer failed
@@ -336,8 +335,10 @@ class FollowerBody:
             close = getattr(self._resumed, "close", None)
             if close is not None:
                 close()  # releases the backend connection of a resumed answer
-        if self._ended and self._usage is not None and self._saved is not None:
-            usage = self._usage.finish()
+        # Counted once the usage arrived, whether or not the end did: a client that has the
+        # whole answer may close before the leader's end reaches this worker.
+        if self._usage is not None and self._saved is not None:
+            usage, self._usage = self._usage.finish(), None
             if usage is not None:
                 self.rec.usage = usage
                 self._saved(self.rec.model, usage)

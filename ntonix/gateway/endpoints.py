@@ -31,6 +31,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("ntonix.gateway")
 
 
+def prefers_text(accept: str) -> bool:
+    """Does this ``Accept`` (lower case) ask for ``text/plain`` over ``application/json``? By
+    their q values; at equal ones, the first listed. Neither listed: no (JSON is the default)."""
+    rank: dict[str, tuple[float, int]] = {}
+    for i, item in enumerate(accept.split(",")):
+        media, *params = (part.strip() for part in item.split(";"))
+        if media in ("text/plain", "application/json") and media not in rank:
+            q = 1.0
+            for param in params:
+                name, _, val = param.partition("=")
+                if name.strip() == "q":
+                    try:
+                        q = float(val)
+                    except ValueError:
+                        q = 0.0
+            rank[media] = (q, -i)
+    text = rank.get("text/plain")
+    return text is not None and text[0] > 0 and text > rank.get("application/json", (-1.0, 0))
+
+
 class Gateway:
     """The WSGI application: the gateway's own endpoints, everything else proxied."""
 
@@ -111,7 +131,7 @@ class Gateway:
         accept = environ.get("HTTP_ACCEPT", "").lower()
         backends = self.rt.backend_states()
         load = self.rt.backend_load()
-        if fmt == "prometheus" or (not fmt and "text/plain" in accept):
+        if fmt == "prometheus" or (not fmt and prefers_text(accept)):
             return (status_line(200), "text/plain; version=0.0.4; charset=utf-8",
                     self.rt.telemetry.prometheus(backends, load))
         return status_line(200), "application/json", orjson.dumps(self.rt.telemetry.snapshot(backends, load))

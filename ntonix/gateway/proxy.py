@@ -431,8 +431,9 @@ class Proxy:
         out = [*headers, ("X-Request-ID", rec.request_id), ("X-Cache", "HIT")]
         start_response(status_line(status), out)
         sized = header_value(headers, "content-length") is not None
+        events = "text/event-stream" in (header_value(headers, "content-type") or "").lower()
         return FollowerBody(follower, environ, rec, timeout, watch, self._done, flush_head=not sized,
-                            saved=self.rt.telemetry.tokens_saved,
+                            saved=self.rt.telemetry.tokens_saved, events=events,
                             resume=lambda sent, digest: self._resume(environ, rec, body, stream, sent, digest))
 
     def _resume(self, environ: WSGIEnvironment, rec: RequestRecord, body: bytes, stream: bool, sent: int,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.live.procs import http, wait_until
+from tests.live.procs import http, raw_exchange, wait_until
 from tests.live.servers import Gateway, GatewayFactory, MockBackend, MockBackendFactory
 
 
@@ -320,6 +320,70 @@ def test_token_metrics_for_json_streams_and_cache_hits(gateway: GatewayFactory,
 
     hit = wait_until(hit_line, timeout=5, what="the hit's access log line")
     assert (hit["model"], hit["completion_tokens"], hit["cached_tokens"], hit["cache"]) == ("tm", 4, 2, "HIT")
+
+
+def test_a_backend_reporting_absurd_token_counts_does_not_break_the_metrics(gateway: GatewayFactory,
+                                                                            mock_backend: MockBackendFactory) -> None:
+    # Two answers of 2^63 - 1 prompt tokens summed past 64 bits: GET /metrics (JSON) answered 500
+    # on every worker until a restart. A count no answer can have is not counted.
+    a = mock_backend("a")
+    gw = gateway([a], workers=2)
+    absurd = json.dumps({"prompt_tokens": 2**63 - 1, "completion_tokens": 3})
+    for i in range(4):
+        status, _, _ = gw.request("POST", "/v1/chat/completions", chat("absurd", f"q{i}"),
+                                  {"X-Mock-Usage": absurd, "Cache-Control": "no-store"})
+        assert status == 200
+
+    def counted() -> Any:
+        m = gw.metrics()  # asserts a 200 JSON answer
+        return m if m["tokens"]["completion"] == 12 else None
+
+    m = wait_until(counted, timeout=10, what="the completion tokens of the four answers")
+    assert (m["tokens"]["prompt"], m["tokens"]["by_model"]["absurd"]["prompt"]) == (0, 0)
+    for _ in range(4):  # whichever worker answers
+        assert gw.request("GET", "/metrics")[0] == 200
+
+
+def test_a_stream_cut_after_its_usage_chunk_counts_its_tokens(gateway: GatewayFactory,
+                                                              mock_backend: MockBackendFactory) -> None:
+    # Three token events, the usage chunk, then the connection drops before [DONE]: the backend
+    # did that work and said so.
+    a = mock_backend("a")
+    gw = gateway([a])
+    payload = json.dumps(chat("cut", "a stream that breaks", max_tokens=3, stream=True,
+                              stream_options={"include_usage": True})).encode()
+    raw = raw_exchange(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                                b"Content-Type: application/json\r\nX-Mock-Break-After: 4\r\n"
+                                b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    assert raw.startswith(b"HTTP/1.1 200") and b'"usage"' in raw and b"[DONE]" not in raw
+    m = wait_until(lambda: (m := gw.metrics())["tokens"]["by_model"].get("cut") and m, timeout=10,
+                   what="the cut stream's tokens")
+    assert m["tokens"]["by_model"]["cut"]["completion"] == 3
+
+
+def test_coalesced_followers_of_an_unsized_json_answer_count_the_tokens_they_saved(
+        gateway: GatewayFactory, mock_backend: MockBackendFactory) -> None:
+    # A JSON answer sent chunked (no Content-Length): its followers read it as JSON, not as
+    # an event stream, and each one's tokens count as saved.
+    a = mock_backend("a")
+    gw = gateway([a], workers=2)
+    body = chat("chunky", "one answer for six", max_tokens=4)
+    headers = {"X-Mock-Chunked": "1", "X-Mock-TTFT": "1.0", "X-Mock-Cached-Tokens": "1"}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: gw.request("POST", "/v1/chat/completions", body, headers, timeout=30),
+                                range(6)))
+    assert chats(a) == 1
+    hits = sum(h.get("x-cache") == "HIT" for _, h, _ in answers)
+    assert hits == 5 and {b for _, _, b in answers} == {answers[0][2]}
+    usage = json.loads(answers[0][2])["usage"]
+
+    def saved() -> Any:
+        m = gw.metrics()
+        return m if m["cache_tokens_saved"]["completion"] == 4 * hits else None
+
+    m = wait_until(saved, timeout=10, what="the tokens the five followers saved")
+    assert m["cache_tokens_saved"]["by_model"]["chunky"] == {
+        "prompt": hits * usage["prompt_tokens"], "completion": hits * 4, "cached_prompt": hits}
 
 
 SYSTEM = "You are a careful assistant of the routing test. " * 12  # ~600 characters, shared by all

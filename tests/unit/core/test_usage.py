@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from ntonix.core.usage import Usage, UsageScanner, UsageTap, usage_from_json, usage_of, usage_of_body
+from ntonix.core.usage import MAX_COUNT, Usage, UsageScanner, UsageTap, usage_from_json, usage_of, usage_of_body
 
 USAGE = {"prompt_tokens": 1400, "completion_tokens": 12, "total_tokens": 1412,
          "prompt_tokens_details": {"cached_tokens": 1392}}
@@ -38,6 +38,16 @@ def test_missing_or_odd_fields_count_as_zero() -> None:
     assert usage_of({"usage": {"prompt_tokens": 5, "prompt_tokens_details": None}}) == Usage(5, 0, 0)
     # never more cached than prompt tokens
     assert usage_of({"usage": {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}}}) == Usage(5, 0, 5)
+    assert usage_of({"usage": {"prompt_tokens": 0, "completion_tokens": 4,
+                               "prompt_tokens_details": {"cached_tokens": 30}}}) == Usage(0, 4, 0)
+
+
+@pytest.mark.parametrize("huge", [MAX_COUNT + 1, 2**63 - 1, 2**64 - 1, 10**30])
+def test_a_count_no_answer_can_have_is_not_counted(huge: int) -> None:
+    # Two such answers summed past 2^64 made GET /metrics (JSON) fail for good.
+    body = orjson.dumps({"usage": {"prompt_tokens": 7, "completion_tokens": 1}}).replace(b"7", str(huge).encode())
+    assert usage_from_json(body) == Usage(0, 1, 0)
+    assert usage_of({"usage": {"prompt_tokens": MAX_COUNT, "completion_tokens": huge}}) == Usage(MAX_COUNT, 0, 0)
 
 
 def test_responses_api_names() -> None:
@@ -131,6 +141,12 @@ def test_usage_tap_reads_json_at_the_end_and_streams_as_they_go() -> None:
     (b'{"usage": null, "extra": {"prompt_tokens": 9}}', None),
     (b'{"text": "say \\"usage\\": {\\"prompt_tokens\\": 9}"}', None),  # inside a string: not a key
     (b'{"usage": {"prompt_tokens": 1', None),  # cut short: not JSON
+    # the last "usage" key belongs to another object: only the answer's own counts
+    (b'{"usage": {"prompt_tokens": 10, "completion_tokens": 5}, "meta": {"usage": {"prompt_tokens": 999}}}',
+     Usage(10, 5, 0)),
+    (b'{"usage": {"prompt_tokens": 10}, "meta": {"usage": {"prompt_tokens": 999}}, "x": 1}', Usage(10, 0, 0)),
+    (b'{"choices": [], "meta": {"usage": {"prompt_tokens": 999}}}', None),
+    (b'{"usage": {"prompt_tokens": 2}, "system_fingerprint": null}\n', Usage(2, 0, 0)),
 ])
 def test_usage_from_json_reads_the_usage_object_alone_or_falls_back(body: bytes, expected: Usage | None) -> None:
     assert usage_from_json(body) == expected

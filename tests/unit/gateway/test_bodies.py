@@ -18,6 +18,7 @@ from ntonix.cache.shared import LmdbStore
 from ntonix.core.breaker import BreakerState
 from ntonix.core.cache_key import cache_key
 from ntonix.core.record import RequestRecord
+from ntonix.core.usage import Usage
 from ntonix.errors import UpstreamUnavailable
 from ntonix.gateway.bodies import FollowerBody, StreamAborted
 from ntonix.upstream.fake import Reply
@@ -318,3 +319,23 @@ def test_without_resume_the_client_is_cut() -> None:
         next(body)
     body.close()
     assert "stopped publishing" in done[0].error
+
+
+@pytest.mark.parametrize(("pieces", "events"), [
+    ([b'{"id": "x", "usage": {"prompt_tokens": 7, ', b'"completion_tokens": 3}}'], False),
+    ([b'data: {"choices": []}\n\n', b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n',
+      b"data: [DONE]\n\n"], True),
+])
+def test_a_follower_counts_the_tokens_it_saved_once_it_has_them_even_if_the_end_never_came(
+        pieces: list[bytes], events: bool) -> None:
+    # The client read the whole answer and closed before the leader's end reached this worker.
+    saved: list[tuple[str, Usage]] = []
+    rec = RequestRecord("POST", "/v1/chat/completions", "rid", "127.0.0.1")
+    rec.model = "m"
+    body = FollowerBody(FakeFollower(pieces), {}, rec, 5.0, None, lambda r: None,  # type: ignore[arg-type]
+                        saved=lambda model, usage: saved.append((model, usage)), events=events)
+    for _ in pieces:
+        next(body)
+    body.close()
+    body.close()
+    assert saved == [("m", Usage(7, 3, 0))] and rec.usage == Usage(7, 3, 0)

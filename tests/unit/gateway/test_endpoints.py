@@ -55,6 +55,13 @@ def test_the_metrics_format_is_the_query_parameter_else_the_accept_header(tmp_pa
     assert kind("/metrics?format=prometheus") == kind("/metrics?format=PROMETHEUS") == "text"
     assert kind("/metrics", "TEXT/PLAIN") == kind("/metrics", "application/json;q=0.5, text/plain") == "text"
     assert kind("/metrics?format=json", "text/plain") == "json"
+    # both listed: the higher q, else the first (Prometheus asks text/plain;q=0.5 among openmetrics)
+    assert kind("/metrics", "application/json, text/plain") == "json"
+    assert kind("/metrics", "text/plain;q=0.2, application/json") == "json"
+    assert kind("/metrics", "text/plain, application/json") == "text"
+    assert kind("/metrics", "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+                            "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1") == "text"
+    assert kind("/metrics", "text/plain;q=0") == kind("/metrics", "*/*") == "json"
     assert kind("/metrics?xformat=prometheus") == kind("/metrics?a=1&format=jsonx") == "json"
 
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -394,3 +395,16 @@ def test_cluster_figures_appear_only_with_a_cluster_and_follow_its_counters(tele
     assert b'ntonix_cluster_affinity_total{event="merged"} 5.0' in text
     assert b'ntonix_cluster_flights_total{outcome="followed"} 3.0' in text
     assert b'ntonix_cluster_redis_available{redis="redis://h:6379/0"} 0.0' in text
+
+
+def test_token_sums_past_what_json_can_write_show_the_largest_it_can() -> None:
+    # Two workers' counters of 2^63 tokens each: /metrics answered 500 for good (orjson refuses
+    # an integer past 64 bits). The counts are bounded where they are read (ntonix.core.usage);
+    # this is the last guard.
+    labels = (("backend", "b:1"), ("kind", "prompt"), ("model", "m"))
+    samples = {("ntonix_tokens_total", (*labels, ("worker", "1"))): 2.0**63,
+               ("ntonix_tokens_total", (*labels, ("worker", "2"))): 2.0**63}
+    out = figures.token_figures(samples, "ntonix_tokens_total", "backend")
+    assert out["prompt"] == out["by_model"]["m"]["prompt"] == out["by_backend"]["b:1"]["prompt"] == 2**63 - 1
+    json.dumps(out)
+    orjson.dumps(out)
