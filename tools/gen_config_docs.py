@@ -91,9 +91,10 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
                                 "no L1).",
     ("cache", "dir"): "Folder of the L2 store and the coalescing journal. Empty: a private folder that is "
                       "removed at exit; set it to keep the cache across restarts.",
-    ("cache", "redis_url"): "`redis://[:password@]host:port/db`, `rediss://...` (TLS) or `unix:///path`: the "
-                            "L3 tier, shared by every gateway using it. Empty = no Redis. An unreachable Redis "
-                            "means misses, never errors.",
+    ("cache", "redis_url"): "`redis://[:password@]host:port/db`, `rediss://...` (TLS) or `unix:///path[?db=N]`: "
+                            "the L3 tier, shared by every gateway using it. Empty = no Redis. An address that "
+                            "is not one (scheme, port, database) stops start-up; an unreachable Redis means "
+                            "misses, never errors.",
     ("cache", "partition_headers"): "Request headers that partition the cache, on top of the built-in "
                                     "`Authorization`, `Proxy-Authorization`, `X-Api-Key`, `Api-Key`, `Cookie`, "
                                     "`OpenAI-Organization`, `OpenAI-Project` (e.g. `X-Tenant`). A list, or "
@@ -509,7 +510,9 @@ NTONIX_CACHE_REDIS_URL=redis://cache.internal:6379/0 python -m ntonix
 Every gateway pointed at the same Redis shares one cache: an answer stored by one is a hit on
 all. Entries there expire with `cache.ttl_seconds`. Redis is optional: when it is down, lookups
 are misses and stores are skipped (logged once when the outage starts and once when it ends).
-Use `rediss://` for TLS and `redis://:password@host:6379/0` for a password.
+Use `rediss://` for TLS and `redis://:password@host:6379/0` for a password. A `rediss://` address
+verifies the server's certificate against the system's CAs; `?ssl_ca_certs=/path/ca.pem` names
+another CA file, `?ssl_cert_reqs=none` turns the check off (as in redis-py's URLs).
 
 ### statsd
 

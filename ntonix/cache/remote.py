@@ -175,6 +175,12 @@ class RedisStore:
 
     def _failed(self, exc: BaseException) -> None:
         self._down_until = self._clock() + self.backoff_s
+        if self._client is not None:
+            # Every idle connection goes: after a Redis restart each would fail once more.
+            try:
+                self._client.connection_pool.disconnect(inuse_connections=False)
+            except Exception:  # noqa: BLE001 - closing sockets: nothing to report
+                pass
         if not self._outage:
             self._outage = True
             log.warning(

@@ -50,7 +50,7 @@ import orjson
 import redis
 
 from ntonix.cluster.lua import LOAD
-from ntonix.cluster.resp import ERRORS, redis_py
+from ntonix.cluster.resp import ERRORS, drop_idle, redis_py
 
 log = logging.getLogger("ntonix.cluster")
 
@@ -273,6 +273,7 @@ class AffinityBoard:
         return self._client
 
     def _failed(self, exc: BaseException) -> None:
+        drop_idle(self._client)  # each would fail once more after a Redis restart
         if not self._down:  # once per outage, not at every retry
             self._down = True
             log.warning("cluster.affinity_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})

@@ -57,8 +57,20 @@ import redis
 
 from ntonix.cluster.follower import Follower
 from ntonix.cluster.lua import FINISH, SCRIPTS, SHAS
-from ntonix.cluster.resp import ERRORS, AutoPipeline, Command, Encoded, Pool, RespError, bulk, evalsha, redis_py
+from ntonix.cluster.resp import (
+    ERRORS,
+    AutoPipeline,
+    Command,
+    Encoded,
+    Pool,
+    RespError,
+    bulk,
+    drop_idle,
+    evalsha,
+    redis_py,
+)
 from ntonix.core.cache_entry import Headers
+from ntonix.core.redis_url import redacted
 from ntonix.pid import Process
 
 log = logging.getLogger("ntonix.cluster")
@@ -67,13 +79,6 @@ PREFIX = "ntonix:flight:"
 MiB = 1024 * 1024
 _HARD_FACTOR = 4  # followers already reading get at most this times max_bytes
 _POP_MAX = 100_000  # tokens of newly followed flights read per tick (more wait for the next)
-
-
-def redacted(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 class _Ending(NamedTuple):
@@ -359,10 +364,11 @@ class Flights:
                 self._fast = redis_py(self.url, self.timeout_s)
                 # XREAD BLOCK holds its connection for block_s: a longer timeout, its own pool.
                 self._blocking = redis_py(self.url, self.timeout_s, self.block_s + 1.0)
-            except (redis.RedisError, ValueError) as exc:
+                self._raw = Pool(self.url, self.timeout_s)
+            except (redis.RedisError, ValueError, OSError) as exc:
+                self._fast = self._blocking = None
                 self._failed(exc)
                 return False
-            self._raw = Pool(self.url, self.timeout_s)
             self._auto = AutoPipeline(self._raw) if self.auto_pipeline else None
             self._pid, self._proc = Process.pid, secrets.token_hex(6)
             self._leaders = {}
@@ -398,6 +404,12 @@ class Flights:
     def _failed(self, exc: BaseException) -> None:
         self.stats["redis_errors"] += 1
         self._down_until = self.clock() + self.backoff_s
+        # Every idle connection goes: after a Redis restart each would fail once more when next
+        # used (another back-off each, and another "unavailable" line, for minutes).
+        drop_idle(self._fast)
+        drop_idle(self._blocking)
+        if self._raw is not None:
+            self._raw.drop_idle()
         if self._pid == Process.pid:
             # A new identity for this process: whatever it led may have been left half-written
             # (a finish, a chunk or an end that did not go through) and must never look alive

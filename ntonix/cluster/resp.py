@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import gevent
 import redis
 from gevent.hub import Waiter, get_hub
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from ntonix.core.redis_url import RedisAddress, parse_redis_url
 
 Value = Any  # bytes | int | None | list[Value] | RespError (inside arrays)
 
@@ -40,6 +42,16 @@ class ProtocolError(Exception):
 # Everything a call to Redis may raise, through this client or redis-py: each means "Redis
 # failed" to ntonix/cluster/ (a miss, a lone request), never an error for the client.
 ERRORS = (redis.RedisError, OSError, RespError, ProtocolError, ValueError)
+
+
+def drop_idle(client: redis.Redis | None) -> None:
+    """A redis-py client's idle connections closed (:meth:`Pool.drop_idle`); those in use are
+    left to their callers."""
+    if client is not None:
+        try:
+            client.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # noqa: BLE001 - closing sockets: nothing to report
+            pass
 
 
 def redis_py(url: str, timeout_s: float, read_timeout_s: float | None = None) -> redis.Redis:
@@ -146,18 +158,43 @@ def sha1(script: str) -> str:
     return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
 
 
+def _connect(address: RedisAddress, timeout_s: float) -> socket.socket:
+    """A socket to the Redis at ``address``: TCP, TCP with TLS (rediss://) or a Unix socket."""
+    if address.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(address.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not address.tls:
+        return sock
+    context = ssl.create_default_context(cafile=address.ca_certs)
+    if address.cert_reqs != "required":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_OPTIONAL if address.cert_reqs == "optional" else ssl.CERT_NONE
+    try:
+        return context.wrap_socket(sock, server_hostname=address.host)
+    except BaseException:
+        sock.close()
+        raise
+
+
 class Connection:
     """One socket to Redis; every call sends one command and reads one reply."""
 
-    def __init__(self, host: str, port: int, timeout_s: float, db: int = 0,
-                 username: str | None = None, password: str | None = None) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout_s)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, address: RedisAddress, timeout_s: float) -> None:
+        self.sock = _connect(address, timeout_s)
         self._buf = b""
+        username, password = address.username, address.password
         if password is not None:
             self.call(*(("AUTH", username, password) if username else ("AUTH", password)))
-        if db:
-            self.call("SELECT", db)
+        if address.db:
+            self.call("SELECT", address.db)
 
     def call(self, *args: bytes | str | int) -> Value:
         return self.send(args)
@@ -211,7 +248,7 @@ def evalsha(send: Callable[[Command], Value], script: str, command: Command) -> 
 
 
 class Pool:
-    """Up to ``size`` idle connections to the Redis of ``url`` (``redis://[user:pass@]host:port/db``).
+    """Up to ``size`` idle connections to the Redis of ``url`` (ntonix/core/redis_url.py).
 
     ``size`` is about the misses in flight at once in a worker: with 16 at c = 500 most joins
     opened and closed a connection of their own (~5 % of a miss with Redis on, py-spy).
@@ -221,22 +258,13 @@ class Pool:
     """
 
     def __init__(self, url: str, timeout_s: float, size: int = 128) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} (redis:// only here)")
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
-        self.db = int(parts.path.lstrip("/") or 0)
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
-        if self.password is None and self.username is not None:
-            self.username, self.password = None, self.username  # redis://:pw@ and redis://pw@ alike
+        self.address = parse_redis_url(url)
         self.timeout_s, self.size = timeout_s, size
         self._idle: list[Connection] = []
         self.closed = False
 
     def _take(self) -> Connection:
-        return self._idle.pop() if self._idle else Connection(
-            self.host, self.port, self.timeout_s, self.db, self.username, self.password)
+        return self._idle.pop() if self._idle else Connection(self.address, self.timeout_s)
 
     def pipeline(self, commands: list[Command]) -> list[Value]:
         """Several commands in one round trip; error replies come back as RespError values."""
@@ -273,6 +301,11 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True  # a call still under way closes its connection when it ends
+        self.drop_idle()
+
+    def drop_idle(self) -> None:
+        """Close every idle connection: after a failure they are all suspect (a restarted
+        Redis closed them), and each would fail once more when next taken."""
         while self._idle:
             self._idle.pop().close()
 
@@ -402,9 +435,7 @@ class AutoPipeline:
                         rest = None
                         continue
                     if line is None:
-                        line = self._line = _Line(Connection(
-                            self.pool.host, self.pool.port, self.pool.timeout_s, self.pool.db, self.pool.username,
-                            self.pool.password))
+                        line = self._line = _Line(Connection(self.pool.address, self.pool.timeout_s))
                     line.conn.sock.sendall(self._take(line))
                 except ERRORS as exc:
                     rest = None

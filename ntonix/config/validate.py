@@ -31,6 +31,7 @@ from ntonix.config.model import (
     SniEntry,
     _EnvString,
 )
+from ntonix.core.redis_url import parse_redis_url, redacted
 
 # ----------------------------------------------------------------------------- validation
 
@@ -265,8 +266,11 @@ def _validate(cfg: Config) -> None:
     for i, name in enumerate(c.partition_headers):
         if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^`|~-]+", name):
             raise ConfigError(f"cache.partition_headers[{i}]: must be a header name, got {name!r}")
-    if c.redis_url and not re.match(r"^(redis|rediss|unix)://", c.redis_url):
-        raise ConfigError(f"cache.redis_url: must start with redis://, rediss:// or unix://, got {c.redis_url!r}")
+    if c.redis_url:
+        try:
+            parse_redis_url(c.redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"cache.redis_url: {exc} (in {redacted(c.redis_url)!r})") from None
     lg = cfg.logging
     if lg.level.lower() not in LOG_LEVELS:
         raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {lg.level!r}")

@@ -20,13 +20,14 @@ from typing import Any
 from ntonix.cache import ResponseCache, build_cache
 from ntonix.cache.coalescer import Coalescer
 from ntonix.cluster.affinity import AffinityBoard, host_id
-from ntonix.cluster.flights import Flights, redacted
+from ntonix.cluster.flights import Flights
 from ntonix.config import Config
 from ntonix.config.handover import run_dir
 from ntonix.core.attempt import Attempt
 from ntonix.core.headers import parse_networks
 from ntonix.core.health import HealthState
 from ntonix.core.models import ModelList, model_not_found, next_models, union_models
+from ntonix.core.redis_url import redacted
 from ntonix.core.registry import Backend, Registry
 from ntonix.core.transitions import Transition
 from ntonix.routing.select import Lease

@@ -456,10 +456,16 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
 
+    @property
+    def unix_url(self) -> str:
+        """The same Redis through its Unix socket."""
+        return f"unix://{self.dir}/redis.sock"
+
     def argv(self) -> list[str]:
         return [
             self.exe, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
             "--dir", str(self.dir), "--daemonize", "no", "--logfile", "",
+            "--unixsocket", str(self.dir / "redis.sock"), "--unixsocketperm", "700",
         ]
 
     def alive(self) -> bool:

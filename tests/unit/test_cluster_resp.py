@@ -61,16 +61,24 @@ def test_garbage_is_a_protocol_error() -> None:
 
 
 @pytest.mark.parametrize(("url", "expected"), [
-    ("redis://127.0.0.1:6380/2", ("127.0.0.1", 6380, 2, None, None)),
-    ("redis://:s%40cret@h", ("h", 6379, 0, None, "s@cret")),
-    ("redis://pw@h:1/0", ("h", 1, 0, None, "pw")),
-    ("redis://user:pw@h/", ("h", 6379, 0, "user", "pw")),
+    ("redis://127.0.0.1:6380/2", ("redis", "127.0.0.1", 6380, "", 2, None, None)),
+    ("redis://:s%40cret@h", ("redis", "h", 6379, "", 0, None, "s@cret")),
+    ("redis://pw@h:1/0", ("redis", "h", 1, "", 0, None, "pw")),
+    ("redis://user:pw@h/", ("redis", "h", 6379, "", 0, "user", "pw")),
+    ("rediss://h:6380/1", ("rediss", "h", 6380, "", 1, None, None)),
+    ("unix:///run/redis/r.sock?db=3", ("unix", "", 0, "/run/redis/r.sock", 3, None, None)),
+    ("unix://:pw@/tmp/r%20s.sock", ("unix", "", 0, "/tmp/r s.sock", 0, None, "pw")),
 ])
 def test_pool_reads_the_url(url: str, expected: tuple[object, ...]) -> None:
-    p = Pool(url, 0.05)
-    assert (p.host, p.port, p.db, p.username, p.password) == expected
+    a = Pool(url, 0.05).address
+    assert (a.scheme, a.host, a.port, a.path, a.db, a.username, a.password) == expected
 
 
-def test_pool_refuses_what_it_cannot_speak() -> None:
-    with pytest.raises(ValueError, match="rediss"):
-        Pool("rediss://h:6379/0", 0.05)
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://h", "must start with"), ("redis://h:99999/0", "port"), ("redis://h:x/0", "port"),
+    ("redis://h/abc", "database"), ("redis://", "host"), ("unix://", "path"),
+    ("rediss://h?ssl_cert_reqs=maybe", "ssl_cert_reqs"), ("unix:///r.sock?db=x", "database"),
+])
+def test_pool_refuses_what_is_no_redis_address(url: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        Pool(url, 0.05)

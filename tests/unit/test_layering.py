@@ -40,6 +40,7 @@ CORE = (
     "ntonix.core.models",
     "ntonix.core.prompt",
     "ntonix.core.record",
+    "ntonix.core.redis_url",
     "ntonix.core.registry",
     "ntonix.core.routing",
     "ntonix.core.sse",
@@ -367,7 +368,7 @@ def test_core_import_rule() -> None:
 # The flow (gateway) sits on the edges; no edge imports the flow; nothing but wsgi.py imports app.
 PACKAGE_MAY_IMPORT = {
     "core": {"core", "errors", "config.model"},
-    "config": {"config", "errors"},
+    "config": {"config", "errors", "core.redis_url"},  # the one check of cache.redis_url, shared
     "cache": {"cache", "core", "errors", "pid"},
     "cluster": {"cluster", "cache", "core", "errors", "pid"},
     "upstream": {"upstream", "core", "errors", "config"},

@@ -333,6 +333,11 @@ def test_absolute_paths_stay(tmp_path: Path) -> None:
     ({"cache": {"enabled": "yes"}}, "cache.enabled", "must be a boolean"),
     ({"cache": {"max_size_mb": "big"}}, "cache.max_size_mb", "must be a number"),
     ({"cache": {"redis_url": "http://x"}}, "cache.redis_url", "redis://"),
+    ({"cache": {"redis_url": "redis://127.0.0.1:6379/abc"}}, "cache.redis_url", "database"),
+    ({"cache": {"redis_url": "redis://127.0.0.1:99999/0"}}, "cache.redis_url", "port"),
+    ({"cache": {"redis_url": "redis://:secret@127.0.0.1:x/0"}}, "cache.redis_url", "***@"),  # never the password
+    ({"cache": {"redis_url": "redis://"}}, "cache.redis_url", "host"),
+    ({"cache": {"redis_url": "unix://"}}, "cache.redis_url", "path"),
     ({"cache": {"max_entry_bytes": 0}}, "cache.max_entry_bytes", ">= 1"),
     ({"cache": {"partition_headers": ["X Tenant"]}}, "cache.partition_headers[0]", "header name"),
     ({"cache": {"partition_headers": "X-Tenant"}}, "cache.partition_headers", "list of strings"),
