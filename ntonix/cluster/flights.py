@@ -369,7 +369,9 @@ class Flights:
                 self._fast = self._blocking = None
                 self._failed(exc)
                 return False
-            self._auto = AutoPipeline(self._raw) if self.auto_pipeline else None
+            # Not over TLS: the pipeline reads a connection in one greenlet while others write to
+            # it, and an SSL socket is not safe for that (Redis answered with a TLS alert).
+            self._auto = AutoPipeline(self._raw) if self.auto_pipeline and not self._raw.address.tls else None
             self._pid, self._proc = Process.pid, secrets.token_hex(6)
             self._leaders = {}
         return True

@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.integration.test_cache import chat_body, post
 from tests.integration.test_cache_redis import Load
@@ -223,11 +225,21 @@ def test_redis_stopped_mid_traffic_costs_no_error_and_sharing_resumes(
     assert all(cluster(gw)["redis_available"] for gw in (a, b))
 
 
-def test_gateways_sharing_redis_through_a_unix_socket_act_as_one(
-        mock: MockBackend, gateway: GatewayFactory, clean_redis: RedisServer) -> None:
-    # unix:// (and rediss://) were accepted at start-up, then every new miss was a 500 and an
+@pytest.fixture(scope="module")
+def tls_redis() -> Iterator[RedisServer]:
+    server = RedisServer(tls=trustme.CA())
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("kind", ["unix", "tls"])
+def test_gateways_sharing_redis_through_a_unix_socket_or_tls_act_as_one(
+        mock: MockBackend, gateway: GatewayFactory, clean_redis: RedisServer, request: pytest.FixtureRequest,
+        kind: str) -> None:
+    # unix:// and rediss:// were accepted at start-up, then every new miss was a 500 and an
     # identical request after it waited a minute: the cluster's own client spoke redis:// only.
-    config = {"cache": {"redis_url": clean_redis.unix_url}}
+    url = clean_redis.unix_url if kind == "unix" else request.getfixturevalue("tls_redis").tls_url
+    config = {"cache": {"redis_url": url}}
     a, b = gateway([mock], config=config), gateway([mock], config=config)
     before = requests_for(mock)
     calls = split_burst(a, b, chat_body(), SLOW)

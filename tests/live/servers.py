@@ -442,13 +442,20 @@ class GatewayFactory:
 class RedisServer:
     """``redis-server`` on a free loopback port, no persistence; ``stop()``/``start()`` for outages."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: trustme.CA | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found: scripts/test installs it (apt-get install redis-server)")
         self.exe = exe
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ntonix-redis-"))
+        self.tls_port = 0
+        if tls is not None:  # also a TLS port, with a certificate for 127.0.0.1 from ``tls``
+            self.tls_port = free_port()
+            cert = tls.issue_cert(LOOPBACK, "localhost")
+            cert.private_key_pem.write_to_path(str(self.dir / "key.pem"))
+            cert.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
+            tls.cert_pem.write_to_path(str(self.dir / "ca.pem"))
         self.proc: Proc | None = None
         self.start()
 
@@ -461,11 +468,19 @@ class RedisServer:
         """The same Redis through its Unix socket."""
         return f"unix://{self.dir}/redis.sock"
 
+    @property
+    def tls_url(self) -> str:
+        """The same Redis over TLS (``RedisServer(tls=ca)``), its certificate checked against the CA."""
+        return f"rediss://{LOOPBACK}:{self.tls_port}/0?ssl_ca_certs={self.dir}/ca.pem"
+
     def argv(self) -> list[str]:
+        tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", str(self.dir / "cert.pem"),
+               "--tls-key-file", str(self.dir / "key.pem"), "--tls-ca-cert-file", str(self.dir / "ca.pem"),
+               "--tls-auth-clients", "no"] if self.tls_port else []
         return [
             self.exe, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
             "--dir", str(self.dir), "--daemonize", "no", "--logfile", "",
-            "--unixsocket", str(self.dir / "redis.sock"), "--unixsocketperm", "700",
+            "--unixsocket", str(self.dir / "redis.sock"), "--unixsocketperm", "700", *tls,
         ]
 
     def alive(self) -> bool:
