@@ -134,10 +134,11 @@ def forward_environ_headers(
 
 
 def forward_response_headers(headers: Iterable[tuple[str, str]], request_id: str) -> list[tuple[str, str]]:
-    """Backend response headers for the client: hop-by-hop dropped, our X-Request-ID."""
+    """Backend response headers for the client: hop-by-hop dropped, our X-Request-ID (the
+    caller adds our X-Cache: a backend's own, e.g. another gateway's, is dropped too)."""
     headers = list(headers)
     conn = next((v for n, v in headers if n.lower() == "connection"), None)
-    drop = HOP_BY_HOP | _connection_tokens(conn) | {"x-request-id"}
+    drop = HOP_BY_HOP | _connection_tokens(conn) | {"x-request-id", "x-cache"}
     out = [(name, value) for name, value in headers if name.lower() not in drop]
     out.append(("X-Request-ID", request_id))
     return out

@@ -14,7 +14,8 @@ under logging's module lock, a walk over the error log's handlers: ~3 % of a cac
 samples); NTONIX never writes to it. One per worker finds the streams when written to instead.
 
 The parser's "may this peer set forwarding headers?" is answered once per client address
-(``peer_is_trusted_proxy``).
+(``peer_is_trusted_proxy``). A request's ``Connection`` is read as a list of options
+(``should_close``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from gunicorn import util
 from gunicorn.http import wsgi
-from gunicorn.http.message import HeaderPolicy
+from gunicorn.http.message import HeaderPolicy, Message
 from gunicorn.http.wsgi import Response
 
 from ntonix.upstream.transport import send_all
@@ -140,8 +141,26 @@ def peer_is_trusted_proxy(self: Any) -> bool:
     return known
 
 
+def should_close(self: Any) -> bool:
+    """gunicorn's ``Message.should_close`` with ``Connection`` read as the list of options it
+    is (RFC 9110 §7.6.1): ``close, X-Foo`` closes too (gunicorn compared the whole value with
+    ``close``, so the connection stayed open); ``close`` wins over ``keep-alive``."""
+    if self.must_close or getattr(self, "method", None) == "CONNECT":
+        return True
+    tokens: set[str] = set()
+    for name, value in self.headers:
+        if name == "CONNECTION":
+            tokens.update(t.strip(" \t").lower() for t in value.split(","))
+    if "close" in tokens:
+        return True
+    if "keep-alive" in tokens:
+        return False
+    return bool(self.version <= (1, 0))
+
+
 def install() -> None:
     """Patch gunicorn's Response in this (worker) process."""
+    Message.should_close = should_close
     HeaderPolicy._peer_is_trusted_proxy = peer_is_trusted_proxy
     util.http_date = http_date
     wsgi.WSGIErrorsWrapper = errors_wrapper

@@ -320,3 +320,17 @@ def test_weights_1_to_3(gw: Gateway, backends: tuple[MockBackend, MockBackend]) 
     share_a = counts["a"] / 400 * 100
     assert 20 <= share_a <= 30, counts
     assert 70 <= 100 - share_a <= 80, counts
+
+
+@pytest.mark.parametrize("value", ["close, X-Foo", "keep-alive, close", "X-Foo,Close"])
+@pytest.mark.parametrize("path", ["/health", "/v1/models/whatever"])
+def test_connection_close_among_other_options_closes_the_connection(gw: Gateway, value: str, path: str) -> None:
+    # Connection is a list of options (RFC 9110 §7.6.1): gunicorn compared the whole value with
+    # "close", so "close, X-Foo" kept the connection open.
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=3) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: {value}\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):  # the gateway closes after its answer; a timeout fails
+            raw += chunk
+    status, headers, _ = split_response(raw)
+    assert status in (200, 404) and headers["connection"] == "close"

@@ -138,7 +138,7 @@ def test_response_hop_by_hop_dropped_and_request_id_ours() -> None:
     out = forward_response_headers([
         ("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked"), ("Connection", "keep-alive, X-Hop"),
         ("Keep-Alive", "timeout=5"), ("X-Hop", "1"), ("X-Request-ID", "backend-id"), ("X-Mock-Instance", "b1"),
-        ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
+        ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Cache", "HIT from a CDN"),
     ], "ours")
     assert out == [("Content-Type", "text/event-stream"), ("X-Mock-Instance", "b1"), ("Set-Cookie", "a=1"),
                    ("Set-Cookie", "b=2"), ("X-Request-ID", "ours")]
