@@ -175,12 +175,7 @@ class RedisStore:
 
     def _failed(self, exc: BaseException) -> None:
         self._down_until = self._clock() + self.backoff_s
-        if self._client is not None:
-            # Every idle connection goes: after a Redis restart each would fail once more.
-            try:
-                self._client.connection_pool.disconnect(inuse_connections=False)
-            except Exception:  # noqa: BLE001 - closing sockets: nothing to report
-                pass
+        drop_idle(self._client)  # each would fail once more after a Redis restart
         if not self._outage:
             self._outage = True
             log.warning(
@@ -197,6 +192,17 @@ class RedisStore:
     def __repr__(self) -> str:
         state = "backing-off" if not self.available else ("outage" if self._outage else "ok")
         return f"<RedisStore {_redacted(self.url)} {state} ttl={self.ttl_s}s>"
+
+
+def drop_idle(client: redis.Redis | None) -> None:
+    """A redis-py client's idle connections closed, after a failure: a restarted Redis closed
+    them all, and each would fail once more when next taken. Those in use are left to their
+    callers. (Also the cluster's clients, ntonix/cluster/.)"""
+    if client is not None:
+        try:
+            client.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # noqa: BLE001 - closing sockets: nothing to report
+            pass
 
 
 def _glob_escape(text: str) -> str:

@@ -49,8 +49,9 @@ from typing import Any, NamedTuple
 import orjson
 import redis
 
+from ntonix.cache.remote import drop_idle
 from ntonix.cluster.lua import LOAD
-from ntonix.cluster.resp import ERRORS, drop_idle, redis_py
+from ntonix.cluster.resp import ERRORS, redis_py
 
 log = logging.getLogger("ntonix.cluster")
 

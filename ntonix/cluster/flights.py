@@ -55,6 +55,7 @@ from typing import Any, NamedTuple
 import orjson
 import redis
 
+from ntonix.cache.remote import drop_idle
 from ntonix.cluster.follower import Follower
 from ntonix.cluster.lua import FINISH, SCRIPTS, SHAS
 from ntonix.cluster.resp import (
@@ -65,7 +66,6 @@ from ntonix.cluster.resp import (
     Pool,
     RespError,
     bulk,
-    drop_idle,
     evalsha,
     redis_py,
 )

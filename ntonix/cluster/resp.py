@@ -44,16 +44,6 @@ class ProtocolError(Exception):
 ERRORS = (redis.RedisError, OSError, RespError, ProtocolError, ValueError)
 
 
-def drop_idle(client: redis.Redis | None) -> None:
-    """A redis-py client's idle connections closed (:meth:`Pool.drop_idle`); those in use are
-    left to their callers."""
-    if client is not None:
-        try:
-            client.connection_pool.disconnect(inuse_connections=False)
-        except Exception:  # noqa: BLE001 - closing sockets: nothing to report
-            pass
-
-
 def redis_py(url: str, timeout_s: float, read_timeout_s: float | None = None) -> redis.Redis:
     """A redis-py client that fails fast: short timeouts, no retries, no health-check pings
     (the same settings as ntonix/cache/remote.py)."""

@@ -452,9 +452,7 @@ class RedisServer:
         self.tls_port = 0
         if tls is not None:  # also a TLS port, with a certificate for 127.0.0.1 from ``tls``
             self.tls_port = free_port()
-            cert = tls.issue_cert(LOOPBACK, "localhost")
-            cert.private_key_pem.write_to_path(str(self.dir / "key.pem"))
-            cert.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
+            write_cert(tls, self.dir, "redis", LOOPBACK, "localhost")
             tls.cert_pem.write_to_path(str(self.dir / "ca.pem"))
         self.proc: Proc | None = None
         self.start()
@@ -474,8 +472,8 @@ class RedisServer:
         return f"rediss://{LOOPBACK}:{self.tls_port}/0?ssl_ca_certs={self.dir}/ca.pem"
 
     def argv(self) -> list[str]:
-        tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", str(self.dir / "cert.pem"),
-               "--tls-key-file", str(self.dir / "key.pem"), "--tls-ca-cert-file", str(self.dir / "ca.pem"),
+        tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", str(self.dir / "redis.crt"),
+               "--tls-key-file", str(self.dir / "redis.key"), "--tls-ca-cert-file", str(self.dir / "ca.pem"),
                "--tls-auth-clients", "no"] if self.tls_port else []
         return [
             self.exe, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
