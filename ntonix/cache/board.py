@@ -11,11 +11,17 @@ process's *bell* (a counter); each process checks its own bell every poll interv
 read) and registers the flights that are wanted.
 
 Layout: ``SLOTS`` slots of (key hash u64, leader pid u32, flight serial u32, state u32, want u32,
-padding), then ``BELLS`` counters (u64) indexed by pid. The leader writes hash, pid, serial and
-state; followers write only ``want``. A slot is chosen by the key's hash; two keys sharing a slot
-overwrite each other, and the one overwritten is then simply not seen: its identical requests on
-other workers go to the backend themselves, as they would without coalescing (rare and bounded:
-~1/``SLOTS`` of concurrent distinct misses). Every wait on the board is bounded.
+padding), then ``BELLS`` counters (u64) indexed by pid, then the *ends* counter (u64). The leader
+writes hash, pid, serial and state; followers write only ``want``. A slot is chosen by the key's
+hash; two keys sharing a slot overwrite each other, and the one overwritten is then simply not
+seen: its identical requests on other workers go to the backend themselves, as they would without
+coalescing (rare and bounded: ~1/``SLOTS`` of concurrent distinct misses). Every wait on the board is bounded.
+
+The ends counter moves whenever a flight stops being joinable (a leader leaves the board or its
+slot is cleared, a registered flight ends), always under the writer lock below, after the answer
+it stored (if any) is in L2. A request that read it before looking in L2, and reads the same
+value once it leads the key, knows that no leader of the key has stored an answer since its look:
+it needs no second look (``ntonix.gateway.proxy``, ``Proxy._join``).
 
 Reads and writes here are not atomic across processes, so every *decision* taken on a slot
 (a request announcing itself as the key's leader, a follower raising ``want``, a leader leaving
@@ -44,7 +50,8 @@ BELLS = 1024
 # someone wanting its flight, and is registering it for them (then it clears the slot).
 # REGISTERED: the flight is in the journal, joinable through the key (``inflight``).
 RUNNING, ENDING, REGISTERED = 1, 2, 3
-_SIZE = SLOTS * _SLOT.size + BELLS * _BELL.size
+_ENDS_AT = SLOTS * _SLOT.size + BELLS * _BELL.size
+_SIZE = _ENDS_AT + _BELL.size
 
 
 class Seen(NamedTuple):
@@ -98,6 +105,7 @@ class Board:
         the flight: the slot is cleared and False returned; someone does: the slot says ENDING
         and True is returned (the caller registers the flight, then clears the slot)."""
         at = self._mine(h, pid, serial)
+        self.ended()
         if at < 0:
             return False  # another key took the slot: nobody can have wanted us since
         if _STATE.unpack_from(self._map, at + _WANT_AT)[0] > 0:
@@ -131,6 +139,14 @@ class Board:
         """Ring ``pid``'s bell (a lost increment between two ringers is fine: it changed)."""
         at = SLOTS * _SLOT.size + (pid % BELLS) * _BELL.size
         _BELL.pack_into(self._map, at, (_BELL.unpack_from(self._map, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
+
+    def ends(self) -> int:
+        """The ends counter (a lock-free read: an aligned 8-byte load is never torn)."""
+        return int(_BELL.unpack_from(self._map, _ENDS_AT)[0])
+
+    def ended(self) -> None:
+        """A flight stopped being joinable: move the ends counter (under the writer lock)."""
+        _BELL.pack_into(self._map, _ENDS_AT, (_BELL.unpack_from(self._map, _ENDS_AT)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
 
     def bell(self, pid: int) -> int:
         return int(_BELL.unpack_from(self._map, SLOTS * _SLOT.size + (pid % BELLS) * _BELL.size)[0])

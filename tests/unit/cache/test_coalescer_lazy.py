@@ -187,3 +187,35 @@ def test_a_registered_leader_leaves_the_board_when_capped_or_taken_over(tmp_path
         txn.delete(taken.token, db=h.flights)
     taken.publish_head(200, HEAD)
     assert taken.finished and c.board().peek(key_hash("t")) is None
+
+
+def test_the_ends_counter_moves_whenever_a_flight_stops_being_joinable(tmp_path: Path) -> None:
+    # Proxy._join reads L2 a second time only when this counter moved since its first look.
+    c = Coalescer(str(tmp_path), sleep=time.sleep, lazy=True)
+    start = c.ends()
+    assert start is not None
+    leader = c.join("k")
+    assert isinstance(leader, Leader)
+    assert c.ends() == start  # joining moves nothing
+    leader.publish_head(200, HEAD)
+    leader.publish_chunk(b"{}")
+    leader.finish(True)  # left the board (after its store, in the proxy)
+    left = c.ends()
+    assert left is not None and left > start
+    registered = c.join("r")
+    assert isinstance(registered, Leader)
+    registered.register()  # in the journal, as for a follower
+    assert registered.token is not None and not registered.lazy
+    registered.publish_head(200, HEAD)
+    registered.publish_chunk(b"{}")
+    before_end = c.ends()
+    registered.finish(True)
+    ended = c.ends()
+    assert before_end is not None and ended is not None and ended > before_end
+    failed = c.join("f")
+    assert isinstance(failed, Leader)
+    failed.finish(False)  # nothing stored, but no longer joinable: moved all the same
+    assert (c.ends() or 0) > ended
+    other = Board(str(tmp_path / "inflight" / "board-65536"))  # what another worker reads
+    assert other.ends() == c.ends()
+    assert Coalescer(str(tmp_path / "eager"), lazy=False).ends() is None  # no board: always look again

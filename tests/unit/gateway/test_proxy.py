@@ -325,3 +325,49 @@ def test_a_probe_that_missed_is_used_only_by_its_own_request(tmp_path: Path) -> 
     assert orjson.loads(flow.transport.exchanges[0].body)["messages"][0]["content"] == "another"
     assert flow.request(body=first).read() == b'{"n":2}'
     assert hit_of(flow, other) is not None and hit_of(flow, first) is not None
+
+
+# ---------------------------------------------------------------------- one look in L2 per miss
+
+
+def stored_elsewhere(flow: Flow, key: str, body: bytes) -> None:
+    """An answer put in the host's L2 as another worker's store would put it."""
+    import time
+
+    from ntonix.core.cache_entry import CachedResponse
+
+    assert flow.runtime.cache is not None and flow.runtime.cache.shared is not None
+    flow.runtime.cache.shared.put(key, CachedResponse(status=200, headers=(("Content-Type", "application/json"),),
+                                                      body=body, created=time.time(), streamed=False))
+
+
+def test_a_leader_that_stored_and_ended_since_the_probe_is_found_by_the_join(tmp_path: Path) -> None:
+    # Another worker leads the key, stores its answer and leaves the board between this
+    # request's probe (L2 had nothing) and its join: the join looks in L2 again and finds it.
+    flow = Flow(tmp_path, B1, cache=True)
+    body = chat(content="raced")
+    assert hit_of(flow, body) is None
+    elsewhere = Coalescer(str(tmp_path / "cache"), stale_after_s=30, lazy=True)
+    leader = elsewhere.join(key_of(body))
+    assert isinstance(leader, Leader)
+    stored_elsewhere(flow, key_of(body), b'{"n":0}')
+    leader.publish_head(200, (("Content-Type", "application/json"),))
+    leader.publish_chunk(b'{"n":0}')
+    leader.finish(True)
+    answer = flow.request(body=body)
+    assert (answer.header("X-Cache"), answer.read()) == ("HIT", b'{"n":0}')
+    assert flow.transport.exchanges == []
+
+
+def test_no_second_look_in_l2_when_no_flight_ended_since_the_probe(tmp_path: Path) -> None:
+    # Nothing can have been stored by a leader since the probe: the join does not read L2 again,
+    # so an answer that appeared there without a flight (as a no-cache request's store does)
+    # is not seen by this request, which leads and asks the backend.
+    flow = Flow(tmp_path, B1, cache=True)
+    body = chat(content="quiet")
+    assert hit_of(flow, body) is None
+    stored_elsewhere(flow, key_of(body), b'{"n":0}')
+    flow.transport.script(B1, Reply(200, chunks=[b'{"n":1}']))
+    answer = flow.request(body=body)
+    assert (answer.header("X-Cache"), answer.read()) == ("MISS", b'{"n":1}')
+    assert len(flow.transport.exchanges) == 1
