@@ -411,7 +411,9 @@ Each worker process keeps, for each backend, a pool of keep-alive HTTP/1.1 conne
 
 - `pool.size` idle connections are kept warm for the next requests;
 - under load the pool grows up to `pool.max_size` connections (busy and idle); a request that
-  finds all of them busy waits up to `proxy.connect_timeout_s` for one, then tries another backend;
+  finds all of them busy waits up to `proxy.connect_timeout_s` for one, then tries another backend
+  (that is the gateway's limit, not a failure of the backend: its circuit breaker does not count
+  it; when every backend tried is that busy, the answer is 503 `backends_busy` with `Retry-After`);
 - idle connections beyond `pool.size` are closed after `pool.idle_timeout_s`;
 - a connection goes back to the pool only when its response was read to the end and the backend
   allows keep-alive; a cut stream or a client that went away closes it.

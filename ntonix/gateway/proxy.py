@@ -62,7 +62,7 @@ from ntonix.errors import (
 )
 from ntonix.gateway.bodies import Body, FollowerBody, UpstreamBody
 from ntonix.server import disconnect
-from ntonix.upstream import SendFailed, Unanswered
+from ntonix.upstream import PoolBusy, SendFailed, Unanswered
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -506,6 +506,7 @@ class Proxy:
             target = origin_form(target)
         tried: list[str] = []
         last_error: Exception | None = None
+        all_busy = True  # every backend tried had no free connection (PoolBusy)
         watch = disconnect.watch(environ.get("gunicorn.socket"))
         try:
             for _ in range(cfg.proxy.retries + 1):
@@ -545,10 +546,17 @@ class Proxy:
                         raise
                     log.warning("backend.died_with_request", extra={
                         "backend": backend.address, "reason": exc.message, "request_id": rec.request_id})
+                    all_busy = False
                     last_error = exc
                     continue
                 except SendFailed as exc:
-                    rt.backend_failed(attempt, str(exc))
+                    if isinstance(exc, PoolBusy):
+                        # This worker's own limit (pool.max_size), not a failure of the backend:
+                        # its breaker must not open over it (nor /health say it is down).
+                        attempt.abandoned()
+                    else:
+                        rt.backend_failed(attempt, str(exc))
+                        all_busy = False
                     log.warning("backend.send_failed", extra={"backend": backend.address, "reason": str(exc),
                                                                "request_id": rec.request_id})
                     last_error = exc
@@ -577,6 +585,9 @@ class Proxy:
             watch.cancel()
         if last_error is None:
             raise NoHealthyBackend("no healthy backend is available", retry_after=max(1, int(cfg.health.interval_s)))
+        if all_busy and isinstance(last_error, PoolBusy):
+            raise BackendsBusy(f"no free connection to any backend ({len(tried)} tried): {last_error}",
+                               retry_after=1)
         raise UpstreamUnavailable(f"no backend could be reached ({len(tried)} tried); last error: {last_error}")
 
     def _relay(self, resp: Any, attempt: Attempt, started: float, environ: WSGIEnvironment,

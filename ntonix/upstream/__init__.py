@@ -3,6 +3,6 @@ geventhttpclient implementation (``transport``, the only geventhttpclient user),
 for tests (``fake``) and the health prober.
 """
 
-from ntonix.upstream.base import SendFailed, Transport, Unanswered, UpstreamBroken, UpstreamResponse
+from ntonix.upstream.base import PoolBusy, SendFailed, Transport, Unanswered, UpstreamBroken, UpstreamResponse
 
-__all__ = ["SendFailed", "Transport", "Unanswered", "UpstreamBroken", "UpstreamResponse"]
+__all__ = ["PoolBusy", "SendFailed", "Transport", "Unanswered", "UpstreamBroken", "UpstreamResponse"]

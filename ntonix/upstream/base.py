@@ -22,6 +22,12 @@ class SendFailed(Exception):
     """The request did not reach the backend (refused, reset, pool full): try another one."""
 
 
+class PoolBusy(SendFailed):
+    """Every connection this worker may open to the backend (``pool.max_size``) stayed busy for
+    ``proxy.connect_timeout_s``, or its pool was closed (removed on HUP): the gateway's own
+    limit, no failure of the backend (its breaker is not told)."""
+
+
 class Unanswered(UpstreamUnavailable):
     """The connection closed or reset after the request was sent, before any response byte."""
 

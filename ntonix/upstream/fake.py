@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ntonix.errors import UpstreamTimeout
-from ntonix.upstream.base import SendFailed, Unanswered, UpstreamBroken
+from ntonix.upstream.base import PoolBusy, SendFailed, Unanswered, UpstreamBroken
 
-FAILURES = ("", "refuse", "reset", "die", "timeout", "cut", "stall")
+FAILURES = ("", "refuse", "busy", "reset", "die", "timeout", "cut", "stall")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +153,7 @@ class ScriptedTransport:
              read_timeout_s: float) -> FakeResponse:
         address = pool.address
         if pool.closed:
-            raise SendFailed("backend removed")
+            raise PoolBusy("backend removed")
         if address in self.down:
             self.exchanges.append(Exchange(address, method, target, list(headers), body, Reply(fail="refuse")))
             raise SendFailed("connect failed: Connection refused")
@@ -165,6 +165,8 @@ class ScriptedTransport:
         self.exchanges.append(exchange)
         if reply.fail == "refuse":
             raise SendFailed("connect failed: Connection refused")
+        if reply.fail == "busy":
+            raise PoolBusy("all 1 connections to the backend are busy")
         if reply.fail in ("reset", "die"):
             if reply.fail == "die":
                 self.down.add(address)

@@ -60,7 +60,7 @@ from geventhttpclient.response import HTTPConnectionClosed, HTTPParseError, HTTP
 
 from ntonix.core.keepalive import ConnState
 from ntonix.errors import UpstreamTimeout, UpstreamUnavailable
-from ntonix.upstream.base import SendFailed, Unanswered, UpstreamBroken
+from ntonix.upstream.base import PoolBusy, SendFailed, Unanswered, UpstreamBroken
 
 __all__ = ["GeventTransport", "Pool", "SendFailed", "Unanswered", "UpstreamBroken", "probe"]
 
@@ -147,9 +147,9 @@ class Pool:
         poll an idle one for a FIN before reuse however short its idle time (a request that
         cannot be resent once written)."""
         if self.closed:
-            raise SendFailed("backend removed")
+            raise PoolBusy("backend removed")
         if not self._slots.acquire(timeout=self.connect_timeout_s):
-            raise SendFailed(f"all {self.max_size} connections to the backend are busy")
+            raise PoolBusy(f"all {self.max_size} connections to the backend are busy")
         self.active += 1
         try:
             self._expire()

@@ -218,3 +218,28 @@ def test_sigterm_lets_a_stream_finish_and_exits_0_quickly(mock_backend: Any, gat
     finally:
         idle.close()
     assert b"HTTP/1.1" not in leftover
+
+
+def test_a_full_pool_is_busy_not_a_failed_backend(mock_backend: Any, gateway: Any) -> None:
+    # pool.max_size connections busy for connect_timeout_s: the surplus requests get 503
+    # backends_busy (with Retry-After), and the backend stays healthy and in rotation; it used
+    # to count as a backend failure, open the breaker and turn every request into a 503.
+    a = mock_backend("a")
+    gw = gateway([a], workers=1, config={"pool": {"size": 2, "max_size": 2}, "proxy": {"connect_timeout_s": 0.5},
+                                         "circuit_breaker": {"failure_threshold": 2, "cooldown_s": 60}})
+    streams = [_stream_request(gw.port, tokens=16, delay=0.25) for _ in range(2)]  # both connections busy, 4 s
+    busy = []
+    for _ in range(3):
+        status, headers, raw = gw.request("POST", "/v1/chat/completions", {"model": "m", "messages": []},
+                                          headers={"Cache-Control": "no-store"})
+        busy.append((status, headers.get("retry-after"), json.loads(raw)["error"]["code"]))
+    assert busy == [(503, "1", "backends_busy")] * 3
+    for s, head in streams:
+        data = _read_to_end(s, head)
+        assert b"data: [DONE]" in data and data.endswith(b"\r\n0\r\n\r\n"), data[-200:]
+    assert gw.health() == (200, {"status": "ok", "backends": {"healthy": 1, "total": 1}})
+    (backend,) = gw.metrics()["backends"]
+    assert (backend["state"], backend["errors"]) == ("healthy", 0)
+    status, _, _ = gw.request("POST", "/v1/chat/completions", {"model": "m", "messages": []},
+                              headers={"Cache-Control": "no-store"})
+    assert status == 200

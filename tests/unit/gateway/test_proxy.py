@@ -109,6 +109,29 @@ def test_503_with_retry_after_when_no_backend_is_eligible(tmp_path: Path) -> Non
     assert len(flow.transport.exchanges) == 1
 
 
+def test_a_backend_without_a_free_connection_is_not_failed(tmp_path: Path) -> None:
+    # pool.max_size reached for connect_timeout_s is this worker's own limit: the request tries
+    # the next backend, and the busy one's breaker hears nothing (the audit's fullpool case).
+    flow = Flow(tmp_path, B1, B2, circuit_breaker={"failure_threshold": 1})
+    flow.transport.script(B1, *[Reply(fail="busy")] * 3)
+    flow.transport.script(B2, *[Reply(200)] * 3)
+    for _ in range(3):
+        assert flow.request(headers={"Cache-Control": "no-store"}).status == 200
+    assert flow.backend(B1).breaker.state is BreakerState.CLOSED
+    assert flow.backend(B1).breaker.failures == 0
+
+
+def test_503_backends_busy_when_no_backend_has_a_free_connection(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, circuit_breaker={"failure_threshold": 1})
+    flow.transport.script(B1, Reply(fail="busy"), Reply(fail="busy"), Reply(200))
+    for _ in range(2):
+        answer = flow.request(headers={"Cache-Control": "no-store"})
+        assert (answer.status, answer.header("Retry-After")) == (503, "1")
+        assert error(answer)["code"] == "backends_busy"
+    assert flow.backend(B1).breaker.state is BreakerState.CLOSED
+    assert flow.request(headers={"Cache-Control": "no-store"}).status == 200  # still routable
+
+
 @pytest.mark.parametrize(("trial", "after"), [(Reply(200), BreakerState.CLOSED),
                                               (Reply(fail="reset"), BreakerState.OPEN),
                                               (Reply(500, chunks=[b"{}"]), BreakerState.OPEN)],
