@@ -542,7 +542,13 @@ switches the destination, when it stops (`TERM`, `INT`, `QUIT`) and at exit. A l
 therefore appear up to 0.2 s after its request ended. A worker killed hard (`kill -9`, the
 kernel's OOM killer, a crash of the interpreter) loses at most the lines of its last 0.2 s, never
 more than 64 KiB; nothing else is lost. Writes to a pipe (stderr under a supervisor) are at most
-4 KiB each, so the lines of different workers never interleave.
+4 KiB each, so the lines of different workers never interleave: a line that would be longer (a
+request path of thousands of characters) has its client-given strings (`path`, `model`, `error`,
+...) cut to 512 characters, ending in `...`.
+
+`logging.file` is rotated by size: each worker looks at the file at most every 0.25 s, so a
+rotated file can be larger than `logging.max_bytes` by what the workers wrote in that time (the
+access log writes up to 64 KiB at once).
 """
 
 

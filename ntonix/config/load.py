@@ -16,6 +16,7 @@ network stack.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -171,13 +172,26 @@ def _check_files(cfg: Config) -> None:
 
 
 def _check_writable(where: str, path: str) -> None:
+    """A file the gateway appends to: tried for real (permission bits alone would not tell for
+    root, under /proc or /sys, or on a read-only mount); a file created by the try is removed."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"{where}: folder does not exist: {folder}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
+    if os.path.isdir(path):
+        raise ConfigError(f"{where}: is a folder, not a file: {path}")
+    existed = os.path.exists(path)
+    if existed and not os.access(path, os.W_OK):
         raise ConfigError(f"{where}: file not writable: {path}")
-    if not os.path.exists(path) and not os.access(folder, os.W_OK):
+    if not existed and not os.access(folder, os.W_OK):
         raise ConfigError(f"{where}: folder not writable: {folder}")
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot write {path}: {exc.strerror or exc}") from None
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _check_folder(where: str, path: str) -> None:

@@ -276,6 +276,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}, got {lg.level!r}")
     if lg.format not in ("json", "text"):
         raise ConfigError(f"logging.format: must be json or text, got {lg.format!r}")
+    _at_least("logging.max_bytes", lg.max_bytes, 0)
+    _at_least("logging.backup_count", lg.backup_count, 0)
     _check_port("metrics.statsd_port", cfg.metrics.statsd_port)
     _at_least("ssl.handshake_timeout_s", cfg.ssl.handshake_timeout_s, 0.1)
     r = cfg.routing

@@ -178,6 +178,11 @@ def _replace_handlers(logger: logging.Logger, handler: logging.Handler, only_our
 FLUSH_EVERY_S = 0.2  # the worker's main loop ticks this often (ntonix/server/worker.py)
 FLUSH_BYTES = 64 * 1024
 PIPE_BUF = 4096  # a write to a pipe up to this size is never interleaved with another process's
+# Strings of a request.done line that come from the client or a backend, cut to 512 characters
+# when the line would reach PIPE_BUF, to 32 if it still would (escapes can make a character
+# six bytes); the other fields are short and bounded.
+_CUT_FIELDS = ("path", "client", "request_id", "error", "model", "backend")
+_CUT_TO = (512, 32)
 
 
 class AccessLog:
@@ -232,15 +237,28 @@ class AccessLog:
         obj["prompt_tokens"] = None if usage is None else usage.prompt
         obj["completion_tokens"] = None if usage is None else usage.completion
         obj["cached_tokens"] = None if usage is None else usage.cached_prompt
-        if self._json:
-            line = orjson.dumps(obj)
-        else:  # the text formatter's shape: the five fixed fields, then key=value for the rest
-            line = (f"{ts} INFO ntonix.access request.done"
-                    + "".join(f" {k}={v}" for k, v in islice(obj.items(), 5, None) if v is not None)).encode()
+        line = self._render(ts, obj)
+        for cut in _CUT_TO:
+            if len(line) < PIPE_BUF:
+                break
+            # A line longer than a pipe write that cannot interleave (a 5,000-character path):
+            # its long strings are cut, so every line stays whole beside other workers' lines.
+            for name in _CUT_FIELDS:
+                value = obj[name]
+                if isinstance(value, str) and len(value) > cut:
+                    obj[name] = value[:cut] + "..."
+            line = self._render(ts, obj)
         self._lines.append(line)
         self._size += len(line) + 1
         if self._size >= FLUSH_BYTES:
             self.flush()
+
+    def _render(self, ts: str, obj: dict[str, Any]) -> bytes:
+        if self._json:
+            return orjson.dumps(obj)
+        # The text formatter's shape: the five fixed fields, then key=value for the rest.
+        return (f"{ts} INFO ntonix.access request.done"
+                + "".join(f" {k}={v}" for k, v in islice(obj.items(), 5, None) if v is not None)).encode()
 
     def flush_if_due(self) -> None:
         """From the worker's main loop."""

@@ -114,13 +114,16 @@ def test_check_config_seed_schema(tmp_path: Path) -> None:
     ({"backends": [{"host": "a", "port": 1, "weight": 0}]}, {}, [], "backends[0].weight"),
     ({"server": {"ssl_port": 8443}, "ssl": {"cert_file": "missing.crt"}}, {}, [], "ssl.cert_file"),
     ({"logging": {"level": "chatty"}}, {}, [], "logging.level"),
+    ({"logging": {"file": "/tmp"}}, {}, [], "logging.file"),
+    ({"logging": {"max_bytes": -5}}, {}, [], "logging.max_bytes"),
     ({}, {"NTONIX_BOGUS": "1"}, [], "NTONIX_BOGUS"),
     ({}, {"NTONIX_PORT": "http"}, [], "server.port"),
     ({}, {"NTONIX_BACKENDS": "nohost"}, [], "NTONIX_BACKENDS"),
     ({}, {}, ["--workers", "0"], "server.threads"),
     ({}, {}, ["--backends", "x"], "--backends"),
 ], ids=["port-range", "unknown-key", "unknown-section", "no-backends", "weight-0", "missing-cert", "log-level",
-        "unknown-variable", "env-type", "env-backends", "cli-workers", "cli-backends"])
+        "log-file-is-a-folder", "log-rotation-negative", "unknown-variable", "env-type", "env-backends",
+        "cli-workers", "cli-backends"])
 def test_check_config_invalid(tmp_path: Path, config: dict[str, Any], env: dict[str, str], args: list[str],
                               key: str) -> None:
     data = valid()

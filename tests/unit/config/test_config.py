@@ -472,6 +472,28 @@ def test_logging_file_in_a_missing_or_unwritable_folder_is_a_config_error(tmp_pa
     with pytest.raises(ConfigError, match=r"^logging\.file: folder does not exist"):
         build_config({**base, "logging": {"file": str(tmp_path / "nope" / "gw.log")}})
     assert build_config({**base, "logging": {"file": str(tmp_path / "gw.log")}}).logging.file
+    assert not (tmp_path / "gw.log").exists()  # tried, and the file made by the try removed
+
+
+@pytest.mark.parametrize("where", ["folder", "proc"])
+def test_a_logging_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path, where: str) -> None:
+    # The audit: a folder (or, as root, a path under /proc) passed, then every worker died at
+    # boot with a traceback (and on HUP, the next worker restart stopped the whole gateway).
+    from ntonix.config import ConfigError, build_config
+
+    base = {"server": {"ssl_port": 0}, "backends": [{"host": "127.0.0.1", "port": 8001}]}
+    path = str(tmp_path) if where == "folder" else "/proc/ntonix-audit.log"
+    with pytest.raises(ConfigError, match=r"^logging\.file: (is a folder|cannot write|folder not writable)"):
+        build_config({**base, "logging": {"file": path}})
+
+
+@pytest.mark.parametrize("key", ["max_bytes", "backup_count"])
+def test_negative_log_rotation_figures_are_config_errors(key: str) -> None:
+    from ntonix.config import ConfigError, build_config
+
+    base = {"server": {"ssl_port": 0}, "backends": [{"host": "127.0.0.1", "port": 8001}]}
+    with pytest.raises(ConfigError, match=rf"^logging\.{key}: "):
+        build_config({**base, "logging": {key: -1}})
 
 
 def test_cache_partition_headers_and_entry_bound_from_file_and_environment(tmp_path: Path) -> None:

@@ -351,6 +351,25 @@ def test_access_writes_to_a_pipe_are_whole_lines_within_pipe_buf(tmp_path: Path)
     assert [json.loads(ln)["request_id"] for ln in out.lines] == [f"rid-{i}" for i in range(200)]
 
 
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_line_that_would_pass_pipe_buf_has_its_long_strings_cut(fmt: str) -> None:
+    # The audit: 5,000-character paths made lines of over 4 KiB, which two workers' writes to one
+    # pipe spliced into each other (valid JSON with another worker's bytes in the path).
+    access, out, _ = _access(fmt)
+    rec = _done(1, error="\x01" * 3000, model="m" * 3000)
+    rec.path = "/echo/" + "a" * 5000
+    access.request(rec, None)
+    access.request(_done(2), None)
+    access.flush()
+    assert len(out.lines) == 2 and all(len(ln.encode()) + 1 <= PIPE_BUF for ln in out.lines)
+    assert all(len(w.encode()) + 1 <= PIPE_BUF for w in out.writes)
+    if fmt == "json":
+        cut = json.loads(out.lines[0])
+        assert cut["path"].startswith("/echo/aaaa") and cut["path"].endswith("...")
+        assert cut["request_id"] == "rid-1" and cut["status"] == 200
+        assert json.loads(out.lines[1])["path"] == "/v1/chat/completions"  # short lines untouched
+
+
 def test_access_lines_go_to_the_old_destination_on_reconfiguration_and_none_when_off(tmp_path: Path) -> None:
     access, old, _ = _access()
     access.request(_done(1), None)
