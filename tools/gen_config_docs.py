@@ -441,7 +441,8 @@ What the gateway holds is bounded by its configuration. Per **worker** (`server.
 - the access log buffer: at most 64 KiB;
 - the cache-hit fast path's memos (ntonix/gateway/proxy.py): at most 1 MiB of request bodies
   that were hits (none over 16 KiB) and the rendered headers of up to 4,096 entries (a few
-  hundred bytes each).
+  hundred bytes each), which keep their answers alive after L1 dropped them: at most a quarter
+  of L1's size (at least 1 MiB) of answers.
 
 Per **host**, once:
 
@@ -454,7 +455,7 @@ Per **host**, once:
 - the coalescing journal (LMDB): the answers followers are waiting for, while in flight;
 - Redis (L3): its own `maxmemory`, on its own host.
 
-So a container needs about `30 MB + server.threads × (40 MB + L1 + connections in use × 25 KB)
+So a container needs about `30 MB + server.threads × (40 MB + 1.25 × L1 + connections in use × 25 KB)
 + cache.max_size_mb`, plus, for the worst case, the bodies and answers in flight: at most
 `server.worker_connections` requests per worker, each with a body of at most
 `proxy.max_body_bytes` and a recorded answer of at most `cache.max_entry_bytes`. Lower `server.worker_connections`

@@ -73,7 +73,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ntonix.proxy")
 
-# Entries whose rendered hit head a worker keeps (a few hundred bytes each); past this, all go.
+# Entries whose rendered hit head a worker keeps (a few hundred bytes each, plus the entry itself,
+# which that keeps alive after L1 dropped it); past this many, or past a quarter of L1's bytes
+# in their answers, all go.
 _RENDERED_MAX = 4096
 # Bytes of request bodies a worker keeps to know a repeated hit by, and the largest one kept.
 _KNOWN_MAX_BYTES = 1 << 20
@@ -200,6 +202,9 @@ class Proxy:
         # Hit fast path (cached_hit): each entry's rendered header lines and usage, by key, and
         # what a probe that missed found out, for the WSGI path of the same request.
         self._rendered: dict[str, tuple[CachedResponse, bytes, Usage | None]] = {}
+        self._rendered_bytes = 0  # of the answers _rendered holds
+        memory = runtime.cache.memory if runtime.cache is not None else None
+        self._rendered_budget = max(1 << 20, memory.max_bytes // 4) if memory is not None else 1 << 20
         self._probe: _Probe | None = None
         # Requests that were hits, exactly as received (path, credentials, body bytes) -> their
         # key and model: a repeated one skips the JSON parse and the canonical key (the key is a
@@ -260,9 +265,14 @@ class Proxy:
             head = hit_head(entry.headers, len(entry.body))
             if head is None:
                 return None
-            if len(self._rendered) >= _RENDERED_MAX:
+            size = len(entry.body)
+            if len(self._rendered) >= _RENDERED_MAX or self._rendered_bytes + size > self._rendered_budget:
                 self._rendered.clear()
+                self._rendered_bytes = 0
+            elif rendered is not None:
+                self._rendered_bytes -= len(rendered[0].body)
             rendered = self._rendered[key] = (entry, head, usage_of_body(entry.body, entry.streamed))
+            self._rendered_bytes += size
         _, head, usage = rendered
         rec = RequestRecord(method, path, request_id_from(headers.get("HTTP_X_REQUEST_ID")), client)
         rec.model = known[1]

@@ -394,3 +394,19 @@ def test_no_second_look_in_l2_when_no_flight_ended_since_the_probe(tmp_path: Pat
     answer = flow.request(body=body)
     assert (answer.header("X-Cache"), answer.read()) == ("MISS", b'{"n":1}')
     assert len(flow.transport.exchanges) == 1
+
+
+def test_rendered_hit_heads_keep_at_most_a_quarter_of_l1_of_answers_alive(tmp_path: Path) -> None:
+    # The audit: each rendered head held its whole answer after L1 dropped it, 4,096 of them
+    # per worker whatever their size (38 MB more per 100 hits of 394 KB answers, without end).
+    flow = Flow(tmp_path, B1, cache={"memory_max_mb": 4, "max_size_mb": 64})
+    proxy = flow.app.proxy
+    answer = b'{"x":"' + b"y" * 200_000 + b'"}'
+    flow.transport.script(B1, *[Reply(200, chunks=[answer])] * 40)
+    for i in range(40):
+        body = chat(content=f"big-{i}")
+        flow.request(body=body).read()  # stored
+        assert hit_of(flow, body) is not None  # rendered
+        held = sum(len(e.body) for e, _, _ in proxy._rendered.values())
+        assert held <= 1 << 20  # a quarter of L1 (4 MiB)
+        assert proxy._rendered_bytes == held
