@@ -47,7 +47,8 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("server", "threads"): "Number of worker processes (alias `server.workers`). Each worker serves many "
                            "connections at once with gevent.",
     ("server", "graceful_timeout_s"): "On TERM: how long in-flight requests and streams may finish before the "
-                                      "workers are stopped.",
+                                      "workers cut what is left (each logs it and exits 0; the master "
+                                      "kills a worker still there 3 s later).",
     ("server", "keepalive_s"): "How long an idle client keep-alive connection is kept open (rounded up to whole "
                                "seconds); also the time a client has to send a request's headers.",
     ("server", "body_timeout_s"): "How long a client has to send a request's whole body once its headers are "
@@ -376,7 +377,8 @@ place: no worker restarts, no in-flight request or stream is dropped. What takes
   `health.*`, `circuit_breaker.*`, `proxy.*` timeouts, retries and limits, `logging.*`,
   certificates (`ssl.*`), `metrics.*`, `cache.purge_token`, `routing.*` (but
   `routing.prefix_index_entries`); `server.threads` starts or stops
-  workers to match;
+  workers to match (a worker stopped that way drains as on TERM: its in-flight requests and
+  streams get `server.graceful_timeout_s` to finish, then the rest is cut);
 - **after a restart**: `server.host`, `server.port`, `server.ssl_port` (the master logs a
   warning when they changed), `server.worker_connections`, `server.keepalive_s`,
   `server.graceful_timeout_s` and the request limits of `server.*`, `cache.*` (but

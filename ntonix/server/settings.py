@@ -11,6 +11,10 @@ from typing import Any
 
 from ntonix.config import Config
 
+# Seconds between the end of a worker's own drain (server.graceful_timeout_s after TERM) and the
+# master's SIGKILL: enough for the worker to cut what is left, flush its logs and exit.
+KILL_MARGIN_S = 3
+
 
 def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -26,8 +30,11 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
         "workers": s.threads,
         "worker_class": "ntonix.server.worker.NtonixWorker",
         "worker_connections": s.worker_connections,
-        # Our worker waits for in-flight work itself; gunicorn's master SIGKILLs after this.
-        "graceful_timeout": math.ceil(s.graceful_timeout_s),
+        # Our worker waits for in-flight work itself, up to graceful_timeout_s, then cuts what is
+        # left, logs it and exits; gunicorn's master SIGKILLs a worker still there KILL_MARGIN_S
+        # later (it used to be at the same moment: the worker lost that race, and with it the
+        # access lines of everything that finished during the drain).
+        "graceful_timeout": math.ceil(s.graceful_timeout_s) + KILL_MARGIN_S,
         "keepalive": max(1, math.ceil(s.keepalive_s)),  # also the limit for reading a request's headers
         "timeout": 30,  # only catches a blocked event loop (heartbeat), not slow requests
         "limit_request_line": s.max_request_line,

@@ -45,6 +45,7 @@ from ntonix.core.cache_key import CACHEABLE_PATHS
 from ntonix.core.headers import new_request_id
 from ntonix.errors import error_body, status_line
 from ntonix.server import response
+from ntonix.server.settings import KILL_MARGIN_S
 from ntonix.server.tls import build_server_context
 from ntonix.telemetry.logs import ACCESS, setup_logging
 from ntonix.upstream.prober import Prober
@@ -206,17 +207,19 @@ class NtonixWorker(GeventWorker):  # type: ignore[misc]
             server.close()
         if self._prober is not None:
             self._prober.stop()
-        deadline = time.monotonic() + self.cfg.graceful_timeout
+        # server.graceful_timeout_s (rounded up): the master kills us KILL_MARGIN_S after that.
+        deadline = time.monotonic() + max(0.0, self.cfg.graceful_timeout - KILL_MARGIN_S)
         while time.monotonic() < deadline:
             self._close_idle()
             # Connections, and answers a leader finishes for coalesced followers in the background.
             if all(server.pool.free_count() == server.pool.size for server in servers) and not self.wsgi.rt.background:
                 return
             self.notify()
+            ACCESS.flush_if_due()  # requests that finish during the drain are logged as they end
             gevent.sleep(0.05)
         log.warning("worker.graceful_timeout", extra={"pid": self.pid, "open_connections": len(self._conns)})
         for server in servers:
-            server.stop(timeout=1)
+            server.stop(timeout=0.5)
 
     def _close_idle(self) -> None:
         """Shut down keep-alive connections that wait for a next request that is not coming."""

@@ -243,3 +243,26 @@ def test_a_full_pool_is_busy_not_a_failed_backend(mock_backend: Any, gateway: An
     status, _, _ = gw.request("POST", "/v1/chat/completions", {"model": "m", "messages": []},
                               headers={"Cache-Control": "no-store"})
     assert status == 200
+
+
+def test_sigterm_past_the_graceful_timeout_logs_every_request_and_exits_0(mock_backend: Any, gateway: Any) -> None:
+    # The audit: at graceful_timeout_s the master's SIGKILL beat the worker's own cut, so the
+    # access lines of every request that finished during the drain were lost, with the
+    # worker's warning and its clean exit. Now the worker cuts at graceful_timeout_s, logs, and
+    # exits before the master's kill (KILL_MARGIN_S later).
+    a = mock_backend("a")
+    gw = gateway([a], workers=1, config={"server": {"graceful_timeout_s": 2}})
+    short, short_head = _stream_request(gw.port, tokens=6, delay=0.15)  # ends ~1 s into the drain
+    long, long_head = _stream_request(gw.port, tokens=40, delay=0.25)  # 10 s: cut at 2 s
+    term_at = time.monotonic()
+    gw.signal(signal.SIGTERM)
+    short_data = _read_to_end(short, short_head)
+    long_data = _read_to_end(long, long_head)
+    code = gw.proc.wait(timeout=20)
+    assert code == 0 and time.monotonic() - term_at < 2 + 2.5
+    assert b"data: [DONE]" in short_data and b"data: [DONE]" not in long_data
+    out = gw.output()
+    done = [json.loads(line) for line in out.splitlines()
+            if '"request.done"' in line and "/v1/chat/completions" in line]
+    assert len(done) == 2, out[-3000:]
+    assert "worker.graceful_timeout" in out and "Worker exiting" in out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ntonix.config import BackendConfig, Config, LoggingConfig, ServerConfig
-from ntonix.server.settings import bind_address, gunicorn_settings
+from ntonix.server.settings import KILL_MARGIN_S, bind_address, gunicorn_settings
 
 
 def config(**server: object) -> Config:
@@ -34,11 +34,12 @@ def test_workers_and_worker_class() -> None:
 
 
 def test_timeouts_are_whole_seconds_rounded_up() -> None:
+    # The master's SIGKILL comes KILL_MARGIN_S after the worker's own drain ends (rounded up).
     s = gunicorn_settings(config(graceful_timeout_s=2.5, keepalive_s=0.2))
-    assert s["graceful_timeout"] == 3
+    assert s["graceful_timeout"] == 3 + KILL_MARGIN_S
     assert s["keepalive"] == 1  # never 0: it is also the header-read timeout
     s = gunicorn_settings(config())
-    assert s["graceful_timeout"] == 30
+    assert s["graceful_timeout"] == 30 + KILL_MARGIN_S
 
 
 def test_request_limits() -> None:
