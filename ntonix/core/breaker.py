@@ -89,6 +89,12 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         return self._state
 
+    def set_thresholds(self, failure_threshold: int, cooldown_s: float) -> None:
+        """New settings (a HUP): they apply to the failures counted so far and a cooldown running."""
+        if failure_threshold < 1 or cooldown_s < 0:
+            raise ValueError(f"failure_threshold >= 1 and cooldown_s >= 0, got {failure_threshold}, {cooldown_s}")
+        self._threshold, self._cooldown_s = failure_threshold, cooldown_s
+
     @property
     def failures(self) -> int:
         """Consecutive failures recorded since the last success."""

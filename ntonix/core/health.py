@@ -110,6 +110,20 @@ class HealthTracker:
             return self._fire(HealthEvent.DOWN, f"{self._fail_streak} consecutive probes failed, last: {reason}")
         return None
 
+    def set_thresholds(self, unhealthy_threshold: int, healthy_threshold: int) -> None:
+        """New thresholds (a HUP): they count the probes seen so far too."""
+        if unhealthy_threshold < 1 or healthy_threshold < 1:
+            raise ValueError(f"thresholds must be >= 1, got {unhealthy_threshold}, {healthy_threshold}")
+        self._unhealthy_threshold, self._healthy_threshold = unhealthy_threshold, healthy_threshold
+
+    def probes_off(self, reason: str) -> Transition[HealthState] | None:
+        """Active health checks were switched off: an UNHEALTHY backend is HEALTHY again (no probe
+        could ever bring it back; the circuit breaker ejects it if it still fails)."""
+        self._fail_streak = self._ok_streak = 0
+        if self._state is HealthState.UNHEALTHY:
+            return self._fire(HealthEvent.UP, reason)
+        return None
+
     def drain(self, reason: str) -> Transition[HealthState] | None:
         """Stop routing here for good; None when already draining."""
         if self._state is HealthState.DRAINING:

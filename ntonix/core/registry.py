@@ -145,6 +145,14 @@ class Registry:
                     changes.append(Change(address, "health", t))
                 self.draining.append(self.backends.pop(address))
                 removed.append(backend)
+        for backend in (*self.backends.values(), *self.draining):
+            # Kept backends follow the new thresholds too (only new ones did: the audit).
+            backend.health.set_thresholds(health.unhealthy_threshold, health.healthy_threshold)
+            backend.breaker.set_thresholds(breaker.failure_threshold, breaker.cooldown_s)
+            if not health.enabled:
+                t = backend.health.probes_off("active health checks switched off")
+                if t is not None:
+                    changes.append(Change(backend.address, "health", t))
         for address, cfg in wanted.items():
             current = self.backends.get(address)
             if current is None:

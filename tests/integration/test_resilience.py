@@ -266,3 +266,23 @@ def test_sigterm_past_the_graceful_timeout_logs_every_request_and_exits_0(mock_b
             if '"request.done"' in line and "/v1/chat/completions" in line]
     assert len(done) == 2, out[-3000:]
     assert "worker.graceful_timeout" in out and "Worker exiting" in out
+
+
+def test_hup_applies_health_settings_to_kept_backends(mock_backend: Any, gateway: Any) -> None:
+    # The audit: a HUP's new thresholds reached only backends it added, and switching probes off
+    # left an unhealthy backend out of rotation for good (no probe could bring it back).
+    a, b = mock_backend("a"), mock_backend("b")
+    gw = gateway([a, b], workers=1, config={"health": {**FAST_HEALTH, "unhealthy_threshold": 100}})
+    gw.write_config({"health": {"unhealthy_threshold": 2}})
+    gw.reload()
+    wait_until(lambda: gw.output().count("config.reloaded") >= 1, timeout=5)
+    b.control(health_fail=True)
+    wait_until(lambda: gw.health()[1]["backends"]["healthy"] == 1, timeout=5, what="b unhealthy after 2 probes")
+    gw.write_config({"health": {"enabled": False}})
+    gw.reload()
+    wait_until(lambda: gw.output().count("config.reloaded") >= 2, timeout=5)
+    b.control(health_fail=False)
+    assert gw.health()[1]["backends"] == {"healthy": 2, "total": 2}
+    served = Counter(gw.request("POST", "/v1/chat/completions", {"model": "m", "messages": []},
+                                headers={"Cache-Control": "no-store"})[1].get("x-mock-instance") for _ in range(6))
+    assert served == {"a": 3, "b": 3}

@@ -71,6 +71,38 @@ def test_reload_keeps_state_adds_new_and_drains_removed() -> None:
     assert reg.draining == []
 
 
+def test_kept_backends_follow_the_reloaded_thresholds() -> None:
+    # The audit: only backends added by a HUP used the new health and breaker settings.
+    clock = FakeClock()
+    reg = registry((1, 1), clock=clock)
+    kept = reg.backends["10.0.0.1:1"]
+    reg.reload([BackendConfig("10.0.0.1", 1, 1)], HealthConfig(unhealthy_threshold=1, healthy_threshold=3),
+               CircuitBreakerConfig(failure_threshold=1, cooldown_s=2.0))
+    assert kept.health.record_probe(False, "refused") is not None  # one failed probe is enough now
+    for _ in range(2):
+        assert kept.health.record_probe(True, "200") is None  # three good ones to come back
+    assert kept.health.record_probe(True, "200") is not None
+    assert kept.breaker.record_failure("x") is not None  # one failure opens it
+    clock.advance(2.0)
+    assert kept.eligible  # after the new cooldown
+
+
+def test_switching_health_checks_off_brings_unhealthy_backends_back() -> None:
+    # No probe runs any more, so nothing else could: the breaker ejects it if it still fails.
+    reg = registry((1, 1), (2, 1))
+    sick = reg.backends["10.0.0.1:2"]
+    sick.health.record_probe(False, "refused")
+    sick.health.record_probe(False, "refused")
+    assert sick.state == "unhealthy"
+    configs = [BackendConfig("10.0.0.1", 1, 1), BackendConfig("10.0.0.1", 2, 1)]
+    _, _, changes = reg.reload(configs, HealthConfig(enabled=False, unhealthy_threshold=2, healthy_threshold=1),
+                               BREAKER)
+    assert sick.state == "healthy" and reg.healthy_count() == 2
+    assert [(c.backend, c.kind, c.transition.new.value) for c in changes] == [("10.0.0.1:2", "health", "healthy")]
+    _, _, changes = reg.reload(configs, HEALTH, BREAKER)  # and back on: probes decide again
+    assert changes == [] and sick.state == "healthy"
+
+
 def test_serving_filters_by_model_and_reload_keeps_or_resets_lists() -> None:
     cfgs = [BackendConfig("10.0.0.1", 1, 1, ("m1",)), BackendConfig("10.0.0.1", 2, 1, None)]
     reg = Registry(cfgs, HEALTH, BREAKER, clock=FakeClock())
