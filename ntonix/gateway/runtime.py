@@ -219,7 +219,11 @@ class Runtime:
         return self.routing.selector.load.snapshot()
 
     def tick(self) -> None:
-        """From the worker's main loop: free the routing slots of workers that died."""
+        """From the worker's main loop: close idle backend connections past their time (even
+        with no request coming: pool.idle_timeout_s), free the routing slots of workers that died."""
+        for backend in self.registry.all():
+            if backend.pool is not None:
+                backend.pool.expire_idle()
         now = time.monotonic()
         if now - self._reaped_at >= REAP_EVERY_S:
             self._reaped_at = now

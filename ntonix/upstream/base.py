@@ -56,7 +56,8 @@ class Transport(Protocol):
     def pool(self, host: str, port: int, *, size: int, max_size: int, idle_timeout_s: float,
              connect_timeout_s: float) -> Any:
         """A backend's pool (``Backend.pool``); it has ``close()``: no new requests, idle
-        connections closed now, busy ones when they finish."""
+        connections closed now, busy ones when they finish; and ``expire_idle()``: close the
+        idle connections beyond ``size`` that waited longer than ``idle_timeout_s``."""
 
     def send(self, pool: Any, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes,
              read_timeout_s: float) -> UpstreamResponse:

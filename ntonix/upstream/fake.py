@@ -73,6 +73,9 @@ class FakePool:
     def close(self) -> None:
         self.closed = True
 
+    def expire_idle(self) -> None:
+        """Nothing is kept idle here."""
+
 
 class FakeResponse:
     """A scripted response whose head is in; its body is read through ``ScriptedTransport``."""

@@ -179,6 +179,11 @@ class Pool:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
+    def expire_idle(self) -> None:
+        """:meth:`_expire`, from the worker's main loop: a backend that gets no more requests
+        does not keep up to ``max_size`` idle connections for good."""
+        self._expire()
+
     def _expire(self) -> None:
         """Close idle connections beyond ``size`` that waited longer than the idle timeout."""
         if len(self._idle) <= self.size:

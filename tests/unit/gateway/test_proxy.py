@@ -410,3 +410,20 @@ def test_rendered_hit_heads_keep_at_most_a_quarter_of_l1_of_answers_alive(tmp_pa
         held = sum(len(e.body) for e, _, _ in proxy._rendered.values())
         assert held <= 1 << 20  # a quarter of L1 (4 MiB)
         assert proxy._rendered_bytes == held
+
+
+def test_the_worker_loop_tick_expires_idle_backend_connections(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, B2)
+    ticked: list[str] = []
+
+    class Pool:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def expire_idle(self) -> None:
+            ticked.append(self.name)
+
+    for address in (B1, B2):
+        flow.backend(address).pool = Pool(address)
+    flow.runtime.tick()
+    assert sorted(ticked) == sorted([B1, B2])

@@ -132,6 +132,22 @@ def test_pool_grows_to_max_size_and_shrinks_back_to_size_after_idle_timeout(back
     assert pool.idle == 2
 
 
+def test_idle_connections_past_their_time_close_with_no_request_coming(backend: Any) -> None:
+    # The audit: they were closed only by the next acquire, so a backend that got no more
+    # requests kept max_size sockets per worker for good. The worker's loop calls expire_idle.
+    clock = FakeClock()
+    pool = _pool(backend, clock, size=1, max_size=3)
+    held = [pool.acquire() for _ in range(3)]
+    for sock, _ in held:
+        pool.return_socket(sock)
+    pool.expire_idle()
+    assert pool.idle == 3  # not idle long enough yet
+    clock.advance(11.0)
+    pool.expire_idle()
+    assert pool.idle == 1
+    assert [sock.fileno() for sock, _ in held].count(-1) == 2  # closed, not just forgotten
+
+
 def test_a_socket_the_backend_closed_while_idle_is_not_reused(backend: Any) -> None:
     clock = FakeClock()
     pool = _pool(backend, clock)
