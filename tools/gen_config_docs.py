@@ -74,7 +74,9 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("pool", "idle_timeout_s"): "Idle connections beyond `pool.size` are closed after this long.",
     ("health", "enabled"): "`false`: no probes; backends are then only ejected by the circuit breaker.",
     ("health", "path"): "Path probed with `GET`; status 200 = good, anything else (or no answer) = bad.",
-    ("health", "interval_s"): "Time between two probes of one backend (±10 % jitter per worker). Also the "
+    ("health", "interval_s"): "Time between two probes of one backend (±10 % jitter per worker), counted from "
+                              "the end of a round: all backends are probed together, and a round lasts as long "
+                              "as its slowest probe (at most `timeout_s`, when a backend hangs). Also the "
                               "`Retry-After` of a 503 when no backend is healthy.",
     ("health", "timeout_s"): "A probe that takes longer counts as failed.",
     ("health", "unhealthy_threshold"): "Consecutive failed probes that take a backend out of rotation.",
