@@ -68,6 +68,9 @@ class ResponseCache:
         self._encoded: dict[str, bytes] = {}  # queued entries' encode(), when the caller had it
         self._then: list[Callable[[], None]] = []  # to run right after the next deferred write
         self._scheduled = False  # flush is queued in the loop
+        # Told after each write to L2 has committed (the coalescer's ends counter, set by the
+        # runtime: ntonix/cache/board.py).
+        self.on_stored: Callable[[], None] | None = None
 
     # -- request path -------------------------------------------------------------------
 
@@ -135,7 +138,8 @@ class ResponseCache:
 
     def _promote(self, key: str, found: CachedResponse | None) -> CachedResponse | None:
         if found is not None:
-            self._l2(lambda s: s.put(key, found), 0)
+            if self._l2(lambda s: s.put(key, found), -1) >= 0:
+                self._stored()
             if self.memory is not None:
                 self.memory.put(key, found, age_s=self._clock() - found.created)
         return found
@@ -174,7 +178,9 @@ class ResponseCache:
             else:
                 self._encoded.pop(key, None)
             self._schedule(defer)
-        elif self._l2(lambda s: s.put(key, entry, encoded), -1) < 0 and memory is not None:
+        elif self._l2(lambda s: s.put(key, entry, encoded), -1) >= 0:
+            self._stored()
+        elif memory is not None:
             memory.put(key, entry, age_s=self._clock() - entry.created)
         if self.remote is not None and remote:
             self.remote.put(key, entry)
@@ -200,11 +206,13 @@ class ResponseCache:
             self._check_generation()
             queued, self._queued = self._queued, {}
             encoded, self._encoded = self._encoded, {}
-            if (queued and self._l2(lambda s: s.put_many(list(queued.items()), encoded), -1) < 0
-                    and self.memory is not None):
-                now = self._clock()
-                for key, entry in queued.items():  # L2 failed: this worker's L1 serves them, as in store
-                    self.memory.put(key, entry, age_s=now - entry.created)
+            if queued:
+                if self._l2(lambda s: s.put_many(list(queued.items()), encoded), -1) >= 0:
+                    self._stored()
+                elif self.memory is not None:
+                    now = self._clock()
+                    for key, entry in queued.items():  # L2 failed: this worker's L1 serves them, as in store
+                        self.memory.put(key, entry, age_s=now - entry.created)
         finally:
             for fn in then:
                 try:
@@ -269,6 +277,13 @@ class ResponseCache:
                 self._queued.clear()
                 self._encoded.clear()
             self._generation = generation
+
+    def _stored(self) -> None:
+        if self.on_stored is not None:
+            try:
+                self.on_stored()
+            except Exception:  # the answer is stored: a failing notice must not fail the request
+                log.exception("cache.on_stored_failed")
 
     def record(self, key: str | None, hit: bool) -> None:
         """Count one hit or miss (gateway-wide with a shared store)."""

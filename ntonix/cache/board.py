@@ -5,7 +5,7 @@ Theory of operation
 Registering a flight in the coalescing journal (``ntonix.cache.coalescer``) costs a write
 transaction to start it and one to end it, on every cache miss, although almost no miss ever
 gets a follower. So a leader starts *unregistered*: it writes one slot here, in a file
-every worker maps (``<journal dir>/board-65536``, 2 MiB), and nothing to LMDB. A request for the same key on
+every worker maps (``<journal dir>/board-65536-e``, 2 MiB), and nothing to LMDB. A request for the same key on
 another worker finds the slot, counts itself in the slot's ``want`` field and rings the leading
 process's *bell* (a counter); each process checks its own bell every poll interval (one memory
 read) and registers the flights that are wanted.
@@ -17,11 +17,13 @@ hash; two keys sharing a slot overwrite each other, and the one overwritten is t
 seen: its identical requests on other workers go to the backend themselves, as they would without
 coalescing (rare and bounded: ~1/``SLOTS`` of concurrent distinct misses). Every wait on the board is bounded.
 
-The ends counter moves whenever a flight stops being joinable (a leader leaves the board or its
-slot is cleared, a registered flight ends), always under the writer lock below, after the answer
-it stored (if any) is in L2. A request that read it before looking in L2, and reads the same
-value once it leads the key, knows that no leader of the key has stored an answer since its look:
-it needs no second look (``ntonix.gateway.proxy``, ``Proxy._join``).
+The ends counter moves after every write to L2 (``ResponseCache``, once its transaction has
+committed: ``Coalescer.stored``) and whenever a flight stops being joinable (a leader leaves the
+board or its slot is cleared, a registered flight ends), under the writer lock below. A request
+that read it before looking in L2, and reads the same value once it leads the key, knows that
+nothing was stored in L2 since its look: it needs no second look (``ntonix.gateway.proxy``,
+``Proxy._join``). Where the lock cannot be taken (a broken journal) the counter is moved
+without it; a lost update there can only cost a duplicate backend request, never a wrong answer.
 
 Reads and writes here are not atomic across processes, so every *decision* taken on a slot
 (a request announcing itself as the key's leader, a follower raising ``want``, a leader leaving
@@ -44,7 +46,7 @@ _STATE = struct.Struct("<I")
 _STATE_AT, _WANT_AT = 16, 20
 _BELL = struct.Struct("<Q")
 SLOTS = 65536  # 2 MiB of slots: two keys in flight at once share one with odds ~1 in 65,536
-FILE = "board-65536"  # the layout's name: a board of another size is another file
+FILE = "board-65536-e"  # the layout's name (-e: with the ends counter): another layout is another file
 BELLS = 1024
 # Slot states. RUNNING: announced, not in the journal. ENDING: the leader left the board with
 # someone wanting its flight, and is registering it for them (then it clears the slot).

@@ -318,6 +318,9 @@ class Coalescer:
         except OSError as exc:
             self.warn("coalesce.unavailable", StoreError(f"cache directory: {exc}"))
             return None
+        except StoreError as exc:  # e.g. the folder belongs to another user
+            self.warn("coalesce.unavailable", exc)
+            return None
         h = key_hash(key)
         pid = Process.pid
         try:
@@ -439,8 +442,28 @@ class Coalescer:
             return None
         try:
             return self.board().ends()
-        except OSError:
+        except (OSError, StoreError):
             return None
+
+    def stored(self) -> None:
+        """An answer went into L2 (called once its transaction committed): move the board's ends
+        counter under the writer lock, so that a request which looked in L2 before that looks
+        again after its join (ntonix.cache.board). One lock per batched L2 write."""
+        if not self.lazy:
+            return
+        try:
+            board = self.board()
+        except (OSError, StoreError):
+            return
+        try:
+            lock = self._lock()
+        except StoreError:
+            board.ended()  # no lock to be had: a lost update costs a duplicate request at worst
+            return
+        try:
+            board.ended()
+        finally:
+            lock.abort()
 
     def _ended(self) -> None:
         """A registered flight ended (in its journal write transaction, under the lock)."""

@@ -16,7 +16,6 @@ network stack.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -173,7 +172,8 @@ def _check_files(cfg: Config) -> None:
 
 def _check_writable(where: str, path: str) -> None:
     """A file the gateway appends to: tried for real (permission bits alone would not tell for
-    root, under /proc or /sys, or on a read-only mount); a file created by the try is removed."""
+    root, under /proc or /sys, or on a read-only mount). A file the try creates stays, empty (as
+    ``nginx -t`` leaves its logs): removing it could race a worker's rotation on HUP."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"{where}: folder does not exist: {folder}")
@@ -189,9 +189,6 @@ def _check_writable(where: str, path: str) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"{where}: cannot write {path}: {exc.strerror or exc}") from None
-    if not existed:
-        with contextlib.suppress(OSError):
-            os.remove(path)
 
 
 def _check_folder(where: str, path: str) -> None:

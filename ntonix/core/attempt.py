@@ -44,13 +44,15 @@ def _nothing() -> None:
 class Attempt:
     """A request in flight on ``backend``; exactly one of succeeded / failed / abandoned."""
 
-    __slots__ = ("backend", "on_settle", "outcome")
+    __slots__ = ("backend", "on_settle", "outcome", "trial")
 
-    def __init__(self, backend: Backend, on_settle: Callable[[], None] = _nothing) -> None:
-        """Counts the request in flight; use :meth:`start`, which asks the breaker first."""
+    def __init__(self, backend: Backend, on_settle: Callable[[], None] = _nothing, *, trial: bool = False) -> None:
+        """Counts the request in flight; use :meth:`start`, which asks the breaker first.
+        ``trial``: this request holds the half-open breaker's one trial slot."""
         self.backend = backend
         self.on_settle = on_settle
         self.outcome = ""  # "" while in flight, then "succeeded", "failed" or "abandoned"
+        self.trial = trial
         backend.in_flight += 1
 
     @classmethod
@@ -63,7 +65,7 @@ class Attempt:
         if not allowed:
             on_settle()
             return None, change
-        return cls(backend, on_settle), change
+        return cls(backend, on_settle, trial=backend.breaker.state is BreakerState.HALF_OPEN), change
 
     @property
     def settled(self) -> bool:
@@ -87,9 +89,12 @@ class Attempt:
         return self.backend.breaker.record_failure(reason)
 
     def abandoned(self) -> None:
-        """Ended with no verdict on the backend (the client left, the worker stops)."""
+        """Ended with no verdict on the backend (the client left, the worker stops, no free
+        connection): frees the breaker's trial slot if this request held it, and only then (a
+        request admitted before the breaker opened must not free another one's trial)."""
         self._settle("abandoned")
-        self.backend.breaker.release()
+        if self.trial:
+            self.backend.breaker.release()
 
     def __repr__(self) -> str:
         return f"<Attempt {self.backend.address} {self.outcome or 'in flight'}>"

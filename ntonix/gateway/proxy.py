@@ -266,13 +266,16 @@ class Proxy:
             if head is None:
                 return None
             size = len(entry.body)
-            if len(self._rendered) >= _RENDERED_MAX or self._rendered_bytes + size > self._rendered_budget:
-                self._rendered.clear()
-                self._rendered_bytes = 0
-            elif rendered is not None:
-                self._rendered_bytes -= len(rendered[0].body)
-            rendered = self._rendered[key] = (entry, head, usage_of_body(entry.body, entry.streamed))
-            self._rendered_bytes += size
+            rendered = (entry, head, usage_of_body(entry.body, entry.streamed))
+            if size <= self._rendered_budget:  # a larger answer is rendered for each hit instead
+                old = self._rendered.pop(key, None)
+                if old is not None:
+                    self._rendered_bytes -= len(old[0].body)
+                if len(self._rendered) >= _RENDERED_MAX or self._rendered_bytes + size > self._rendered_budget:
+                    self._rendered.clear()
+                    self._rendered_bytes = 0
+                self._rendered[key] = rendered
+                self._rendered_bytes += size
         _, head, usage = rendered
         rec = RequestRecord(method, path, request_id_from(headers.get("HTTP_X_REQUEST_ID")), client)
         rec.model = known[1]

@@ -96,7 +96,9 @@ class Prober:
 
     def _probe_one(self, backend: Backend, path: str, timeout_s: float) -> None:
         ok, reason = transport.probe(backend.config.host, backend.config.port, path, timeout_s)
-        if not backend.removed:
+        # A probe still running when a HUP switched checks off must not mark the backend
+        # unhealthy again (nothing could bring it back: the reload made it healthy).
+        if not backend.removed and self._health().enabled:
             self._on_result(backend, ok, reason)
 
     def _run(self) -> None:

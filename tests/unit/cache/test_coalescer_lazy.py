@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ntonix.cache.board import FILE as BOARD_FILE
 from ntonix.cache.board import REGISTERED, RUNNING, Board
 from ntonix.cache.coalescer import Coalescer, Follower, Leader, key_hash
 from tests.live.procs import ROOT
@@ -216,6 +217,6 @@ def test_the_ends_counter_moves_whenever_a_flight_stops_being_joinable(tmp_path:
     assert isinstance(failed, Leader)
     failed.finish(False)  # nothing stored, but no longer joinable: moved all the same
     assert (c.ends() or 0) > ended
-    other = Board(str(tmp_path / "inflight" / "board-65536"))  # what another worker reads
+    other = Board(str(tmp_path / "inflight" / BOARD_FILE))  # what another worker reads
     assert other.ends() == c.ends()
     assert Coalescer(str(tmp_path / "eager"), lazy=False).ends() is None  # no board: always look again

@@ -88,6 +88,21 @@ def test_an_abandoned_trial_frees_the_slot_without_a_verdict() -> None:
     assert Attempt.start(b, Releases())[0] is not None  # the next request may try
 
 
+def test_abandoning_a_request_from_before_the_breaker_opened_keeps_the_trial_taken() -> None:
+    # The review: a request admitted while CLOSED, waiting for a free connection, gave up after
+    # the breaker had opened, cooled and lent its one trial to another request: its release
+    # freed that trial, and a second one went in beside it.
+    clock = FakeClock()
+    b = backend(clock)
+    early = started(b, Releases())  # admitted while CLOSED
+    tripped(b)
+    clock.advance(10.0)
+    trial = Attempt.start(b, Releases())[0]
+    assert trial is not None and trial.trial and not early.trial
+    early.abandoned()
+    assert Attempt.start(b, Releases())[0] is None  # still one trial at a time
+
+
 @pytest.mark.parametrize("second", ["succeeded", "failed", "abandoned"])
 def test_a_second_settle_raises_and_changes_nothing(second: str) -> None:
     b, released = backend(FakeClock()), Releases()

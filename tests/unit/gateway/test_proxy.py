@@ -4,6 +4,7 @@ trials, coalescing, timeouts. Plain environ dicts, no gunicorn, no sockets (test
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import orjson
@@ -355,8 +356,6 @@ def test_a_probe_that_missed_is_used_only_by_its_own_request(tmp_path: Path) -> 
 
 def stored_elsewhere(flow: Flow, key: str, body: bytes) -> None:
     """An answer put in the host's L2 as another worker's store would put it."""
-    import time
-
     from ntonix.core.cache_entry import CachedResponse
 
     assert flow.runtime.cache is not None and flow.runtime.cache.shared is not None
@@ -382,10 +381,27 @@ def test_a_leader_that_stored_and_ended_since_the_probe_is_found_by_the_join(tmp
     assert flow.transport.exchanges == []
 
 
-def test_no_second_look_in_l2_when_no_flight_ended_since_the_probe(tmp_path: Path) -> None:
-    # Nothing can have been stored by a leader since the probe: the join does not read L2 again,
-    # so an answer that appeared there without a flight (as a no-cache request's store does)
-    # is not seen by this request, which leads and asks the backend.
+def test_an_answer_stored_through_the_cache_since_the_probe_is_found_by_the_join(tmp_path: Path) -> None:
+    # Any write to L2 moves the counter once committed (as a no-cache request's store, or a
+    # leader's whose flight had ended early): the join looks again and finds it.
+    from ntonix.core.cache_entry import CachedResponse
+
+    flow = Flow(tmp_path, B1, cache=True)
+    body = chat(content="stored")
+    assert hit_of(flow, body) is None
+    cache = flow.runtime.cache
+    assert cache is not None
+    cache.store(key_of(body), CachedResponse(status=200, headers=(("Content-Type", "application/json"),),
+                                             body=b'{"n":0}', created=time.time(), streamed=False))
+    answer = flow.request(body=body)
+    assert (answer.header("X-Cache"), answer.read()) == ("HIT", b'{"n":0}')
+    assert flow.transport.exchanges == []
+
+
+def test_no_second_look_in_l2_when_nothing_was_stored_since_the_probe(tmp_path: Path) -> None:
+    # Nothing was written through the cache and no flight ended since the probe: the join does
+    # not read L2 again. An answer put in L2 behind the cache's back is therefore not seen by
+    # this request, which leads and asks the backend (what shows the second read is skipped).
     flow = Flow(tmp_path, B1, cache=True)
     body = chat(content="quiet")
     assert hit_of(flow, body) is None
@@ -427,3 +443,16 @@ def test_the_worker_loop_tick_expires_idle_backend_connections(tmp_path: Path) -
         flow.backend(address).pool = Pool(address)
     flow.runtime.tick()
     assert sorted(ticked) == sorted([B1, B2])
+
+
+def test_an_answer_larger_than_the_memo_budget_is_not_memoized(tmp_path: Path) -> None:
+    flow = Flow(tmp_path, B1, cache={"memory_max_mb": 4, "max_size_mb": 64})
+    proxy = flow.app.proxy
+    answer = b'{"x":"' + b"y" * 1_500_000 + b'"}'  # over a quarter of L1 (1 MiB)
+    flow.transport.script(B1, Reply(200, chunks=[answer]))
+    body = chat(content="huge")
+    flow.request(body=body).read()
+    for _ in range(2):
+        hit = hit_of(flow, body)
+        assert hit is not None and hit.body == answer  # type: ignore[attr-defined]
+    assert proxy._rendered == {} and proxy._rendered_bytes == 0
