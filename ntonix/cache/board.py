@@ -20,10 +20,11 @@ coalescing (rare and bounded: ~1/``SLOTS`` of concurrent distinct misses). Every
 The ends counter moves after every write to L2 (``ResponseCache``, once its transaction has
 committed: ``Coalescer.stored``) and whenever a flight stops being joinable (a leader leaves the
 board or its slot is cleared, a registered flight ends), under the writer lock below. A request
-that read it before looking in L2, and reads the same value once it leads the key, knows that
-nothing was stored in L2 since its look: it needs no second look (``ntonix.gateway.proxy``,
-``Proxy._join``). Where the lock cannot be taken (a broken journal) the counter is moved
-without it; a lost update there can only cost a duplicate backend request, never a wrong answer.
+that read it before looking in L2, and reads the same value once it leads the key, needs no
+second look (``ntonix.gateway.proxy``, ``Proxy._join``): a leader on the board or in the journal
+is followed, not missed, and anything else stored in L2 since the look moved the counter, except
+in the instant between another worker's commit and its counter move (and, where the lock cannot
+be taken, a lost update). Either costs at most a duplicate backend request, never a wrong answer.
 
 Reads and writes here are not atomic across processes, so every *decision* taken on a slot
 (a request announcing itself as the key's leader, a follower raising ``want``, a leader leaving

@@ -436,8 +436,7 @@ class Coalescer:
     def ends(self) -> int | None:
         """The board's ends counter (ntonix.cache.board), or None without a board (not lazy, or
         it cannot be opened): a request reads it before its look in L2 and again once it leads;
-        the same value means no flight stopped being joinable meanwhile, so no leader stored
-        an answer in L2 since the look (the store comes first)."""
+        the same value means nothing was stored in L2 and no flight ended meanwhile."""
         if not self.lazy:
             return None
         try:

@@ -46,9 +46,9 @@ class Attempt:
 
     __slots__ = ("backend", "on_settle", "outcome", "trial")
 
-    def __init__(self, backend: Backend, on_settle: Callable[[], None] = _nothing, *, trial: bool = False) -> None:
+    def __init__(self, backend: Backend, on_settle: Callable[[], None] = _nothing, *, trial: int = 0) -> None:
         """Counts the request in flight; use :meth:`start`, which asks the breaker first.
-        ``trial``: this request holds the half-open breaker's one trial slot."""
+        ``trial``: the ticket of the half-open breaker's trial slot this request holds (0: none)."""
         self.backend = backend
         self.on_settle = on_settle
         self.outcome = ""  # "" while in flight, then "succeeded", "failed" or "abandoned"
@@ -65,7 +65,7 @@ class Attempt:
         if not allowed:
             on_settle()
             return None, change
-        return cls(backend, on_settle, trial=backend.breaker.state is BreakerState.HALF_OPEN), change
+        return cls(backend, on_settle, trial=backend.breaker.trial_ticket), change
 
     @property
     def settled(self) -> bool:
@@ -94,7 +94,7 @@ class Attempt:
         request admitted before the breaker opened must not free another one's trial)."""
         self._settle("abandoned")
         if self.trial:
-            self.backend.breaker.release()
+            self.backend.breaker.release(self.trial)  # a later trial's slot stays taken
 
     def __repr__(self) -> str:
         return f"<Attempt {self.backend.address} {self.outcome or 'in flight'}>"

@@ -70,7 +70,7 @@ def next_state(state: BreakerState, event: BreakerEvent) -> BreakerState:
 class CircuitBreaker:
     """Counts one backend's consecutive failures and decides whether it may be sent requests."""
 
-    __slots__ = ("_clock", "_cooldown_s", "_failures", "_opened_at", "_state", "_threshold", "_trial")
+    __slots__ = ("_clock", "_cooldown_s", "_failures", "_opened_at", "_state", "_threshold", "_trial", "_trial_id")
 
     def __init__(self, failure_threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         if failure_threshold < 1:
@@ -84,6 +84,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._trial = False
+        self._trial_id = 0  # which trial holds the slot: only its own release frees it
 
     @property
     def state(self) -> BreakerState:
@@ -128,11 +129,19 @@ class CircuitBreaker:
                 return False, None
             transition = self._fire(BreakerEvent.COOLDOWN_ELAPSED, f"cooldown of {self._cooldown_s:g}s elapsed")
             self._trial = True
+            self._trial_id += 1
             return True, transition
         if self._trial:
             return False, None
         self._trial = True  # the previous trial was released without a verdict
+        self._trial_id += 1
         return True, None
+
+    @property
+    def trial_ticket(self) -> int:
+        """The ticket of the trial holding the slot now (0: none); right after an allowed
+        :meth:`acquire`, this request's own when it is the trial."""
+        return self._trial_id if self._trial and self._state is BreakerState.HALF_OPEN else 0
 
     def record_success(self) -> Transition[BreakerState] | None:
         """A request got a good answer: reset the failure count; HALF_OPEN closes."""
@@ -161,9 +170,10 @@ class CircuitBreaker:
             return None
         return self._fire(BreakerEvent.RECOVERED, reason)
 
-    def release(self) -> None:
-        """The trial request ended without a verdict (e.g. the client left): free its slot."""
-        if self._state is BreakerState.HALF_OPEN:
+    def release(self, ticket: int | None = None) -> None:
+        """The trial request ended without a verdict (e.g. the client left): free its slot;
+        with ``ticket``, only if that trial still holds it (not a later one)."""
+        if self._state is BreakerState.HALF_OPEN and (ticket is None or ticket == self._trial_id):
             self._trial = False
 
     def __repr__(self) -> str:

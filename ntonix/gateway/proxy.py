@@ -397,9 +397,9 @@ class Proxy:
 
         The re-check reads the host's tiers, then Redis inside the cluster's join: one round
         trip for both (ntonix/cluster/flights.py ``join_or_hit``). On this host alone, L2 is
-        read again only if a flight stopped being joinable since ``ends`` was read, before the
-        caller's look in L2 (ntonix/cache/board.py): a leader stores its answer before that,
-        so otherwise nothing can have been stored for the key since (one L2 read per miss)."""
+        read again only if the board's ends counter moved since ``ends`` was read, before the
+        caller's look in L2: every L2 write and every flight's end moves it (ntonix/cache/board.py),
+        so otherwise nothing was stored for the key since (one L2 read per miss)."""
         rt = self.rt
         assert rt.coalescer is not None and rt.cache is not None
         role = rt.coalescer.join(key)

@@ -81,9 +81,6 @@ class Runtime:
             Coalescer(cache_dir, stale_after_s=max(10.0, config.proxy.read_timeout_s),
                       max_bytes=config.cache.max_entry_bytes, lazy=True)
             if config.cache.enabled else None)
-        if self.cache is not None and self.coalescer is not None:
-            # Every L2 write moves the board's ends counter (ntonix/cache/board.py).
-            self.cache.on_stored = self.coalescer.stored
         self.routing = RoutingState(config, run_dir(), sleep=_sleep)
         self._reaped_at = time.monotonic()
         # Coalescing across the gateways sharing cache.redis_url (ADR 0009). Only beside the
@@ -92,6 +89,10 @@ class Runtime:
         self.flights: Flights | None = (
             Flights(config.cache.redis_url, max_bytes=config.cache.max_entry_bytes)
             if self.coalescer is not None and config.cache.redis_url else None)
+        if self.cache is not None and self.coalescer is not None and self.flights is None:
+            # Every L2 write moves the board's ends counter (ntonix/cache/board.py); across
+            # gateways the join always looks again (with Redis, in the same round trip).
+            self.cache.on_stored = self.coalescer.stored
         self.affinity: AffinityBoard | None = None
         self._merge: Callable[[list[int], str], None] | None = None
         self._stopped = False

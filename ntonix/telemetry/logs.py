@@ -181,7 +181,8 @@ PIPE_BUF = 4096  # a write to a pipe up to this size is never interleaved with a
 # Strings of a request.done line that come from the client or a backend, cut to 512 characters
 # when the line would reach PIPE_BUF, to 32 if it still would (escapes can make a character
 # six bytes); the other fields are short and bounded.
-_CUT_FIELDS = ("path", "error", "model", "backend")  # not request_id (<= 128) nor client: bounded
+# Not request_id (at most 128 characters, and cutting it would break the match with X-Request-ID).
+_CUT_FIELDS = ("path", "client", "error", "model", "backend")
 _CUT_TO = (512, 32)
 
 

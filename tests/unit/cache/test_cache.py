@@ -340,3 +340,34 @@ def test_what_then_is_given_runs_right_after_the_deferred_write_in_order(tmp_pat
     assert any(r.message == "cache.after_write_failed" for r in caplog.records)
     a.then(lambda: ran.append("next"), scheduled.append)
     assert len(scheduled) == 1  # a new turn, a new callback
+
+
+def test_every_committed_l2_write_is_told_before_the_flights_that_wait_on_it_end(tmp_path: Path) -> None:
+    # The coalescing board's ends counter moves on this notice (ntonix/cache/board.py): in the
+    # batched write it must come after the commit and before the flights' ends (``then``).
+    cache = build_cache(True, 1_000_000, 60, str(tmp_path), None)
+    events: list[str] = []
+    cache.on_stored = lambda: events.append("stored" if cache.shared and cache.shared.get("k") else "not yet")
+    callbacks: list[Callable[[], None]] = []
+    entry = CachedResponse(status=200, headers=(), body=b"{}", created=time.time(), streamed=False)
+    cache.store("k", entry, defer=callbacks.append)
+    cache.then(lambda: events.append("flight ended"), callbacks.append)
+    assert events == [] and len(callbacks) == 1  # one flush for both
+    callbacks[0]()
+    assert events == ["stored", "flight ended"]
+    cache.store("j", entry)  # not deferred: told at once
+    assert events[-1] == "stored"
+
+
+def test_a_failed_l2_write_is_not_told(tmp_path: Path) -> None:
+    cache = build_cache(True, 1_000_000, 60, str(tmp_path), None)
+    told: list[int] = []
+    cache.on_stored = lambda: told.append(1)
+
+    def broken(*args: object, **kw: object) -> int:
+        raise StoreError("disk full")
+
+    assert cache.shared is not None
+    cache.shared.put_many = broken  # type: ignore[method-assign]
+    cache.store("k", CachedResponse(status=200, headers=(), body=b"{}", created=time.time(), streamed=False))
+    assert told == []

@@ -220,3 +220,21 @@ def test_the_ends_counter_moves_whenever_a_flight_stops_being_joinable(tmp_path:
     other = Board(str(tmp_path / "inflight" / BOARD_FILE))  # what another worker reads
     assert other.ends() == c.ends()
     assert Coalescer(str(tmp_path / "eager"), lazy=False).ends() is None  # no board: always look again
+
+
+def test_a_board_that_cannot_be_opened_means_always_look_again(tmp_path: Path) -> None:
+    # The review: a cache folder owned by another user raises StoreError (not OSError) from
+    # board(); it reached the hit fast path as a 500.
+    from ntonix.cache.lmdb_env import StoreError
+
+    c = Coalescer(str(tmp_path), sleep=time.sleep, lazy=True)
+
+    def refused() -> Board:
+        raise StoreError("cache directory owned by another user")
+
+    c.board = refused  # type: ignore[method-assign]
+    assert c.ends() is None
+    c.stored()  # nothing to move, nothing raised
+    leader = c.join("k")
+    assert isinstance(leader, Leader)
+    leader.finish(False)

@@ -103,6 +103,28 @@ def test_abandoning_a_request_from_before_the_breaker_opened_keeps_the_trial_tak
     assert Attempt.start(b, Releases())[0] is None  # still one trial at a time
 
 
+def test_an_old_trial_abandoned_late_keeps_a_later_trial_taken() -> None:
+    # The second review: trial A is a long stream; the breaker reopens (a late failure of an
+    # older request), cools down, and C takes a new trial; A's client then leaves: C's slot
+    # must stay taken.
+    clock = FakeClock()
+    b = backend(clock)
+    early = started(b, Releases())  # admitted while CLOSED, its verdict comes late
+    tripped(b)
+    clock.advance(10.0)
+    a = Attempt.start(b, Releases())[0]
+    assert a is not None and a.trial
+    early.failed("reset")  # reopens the breaker
+    assert b.breaker.state is BreakerState.OPEN
+    clock.advance(10.0)
+    c = Attempt.start(b, Releases())[0]
+    assert c is not None and c.trial and c.trial != a.trial
+    a.abandoned()
+    assert Attempt.start(b, Releases())[0] is None  # C still holds the one trial
+    c.abandoned()
+    assert Attempt.start(b, Releases())[0] is not None  # C's own release frees it
+
+
 @pytest.mark.parametrize("second", ["succeeded", "failed", "abandoned"])
 def test_a_second_settle_raises_and_changes_nothing(second: str) -> None:
     b, released = backend(FakeClock()), Releases()
