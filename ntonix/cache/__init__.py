@@ -68,7 +68,7 @@ class ResponseCache:
         self._encoded: dict[str, bytes] = {}  # queued entries' encode(), when the caller had it
         self._then: list[Callable[[], None]] = []  # to run right after the next deferred write
         self._scheduled = False  # flush is queued in the loop
-        # Told after each write to L2 has committed (the coalescer's ends counter, set by the
+        # Told after each write to L2 has committed (the coalescer's store counter, set by the
         # runtime: ntonix/cache/board.py).
         self.on_stored: Callable[[], None] | None = None
 

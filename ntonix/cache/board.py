@@ -5,26 +5,25 @@ Theory of operation
 Registering a flight in the coalescing journal (``ntonix.cache.coalescer``) costs a write
 transaction to start it and one to end it, on every cache miss, although almost no miss ever
 gets a follower. So a leader starts *unregistered*: it writes one slot here, in a file
-every worker maps (``<journal dir>/board-65536-e``, 2 MiB), and nothing to LMDB. A request for the same key on
+every worker maps (``<journal dir>/board-65536-s``, 2 MiB), and nothing to LMDB. A request for the same key on
 another worker finds the slot, counts itself in the slot's ``want`` field and rings the leading
 process's *bell* (a counter); each process checks its own bell every poll interval (one memory
 read) and registers the flights that are wanted.
 
 Layout: ``SLOTS`` slots of (key hash u64, leader pid u32, flight serial u32, state u32, want u32,
-padding), then ``BELLS`` counters (u64) indexed by pid, then the *ends* counter (u64). The leader
+padding), then ``BELLS`` counters (u64) indexed by pid, then the *store* counter (u64). The leader
 writes hash, pid, serial and state; followers write only ``want``. A slot is chosen by the key's
 hash; two keys sharing a slot overwrite each other, and the one overwritten is then simply not
 seen: its identical requests on other workers go to the backend themselves, as they would without
 coalescing (rare and bounded: ~1/``SLOTS`` of concurrent distinct misses). Every wait on the board is bounded.
 
-The ends counter moves after every write to L2 (``ResponseCache``, once its transaction has
-committed: ``Coalescer.stored``) and whenever a flight stops being joinable (a leader leaves the
-board or its slot is cleared, a registered flight ends), under the writer lock below. A request
-that read it before looking in L2, and reads the same value once it leads the key, needs no
-second look (``ntonix.gateway.proxy``, ``Proxy._join``): a leader on the board or in the journal
-is followed, not missed, and anything else stored in L2 since the look moved the counter, except
-in the instant between another worker's commit and its counter move (and, where the lock cannot
-be taken, a lost update). Either costs at most a duplicate backend request, never a wrong answer.
+The *store* counter moves after every write to L2 (``ResponseCache``, once its transaction has
+committed: ``Coalescer.stored``), under the writer lock below; a leader's flight ends after its
+answer's write. A request that read it before looking in L2, and reads the same value once it
+leads the key, needs no second look (``ntonix.gateway.proxy``, ``Proxy._join``): nothing was
+stored since its look, except in the instant between another worker's commit and its counter
+move (and, where the lock cannot be taken, a lost update). Either costs at most a duplicate
+backend request, never a wrong answer.
 
 Reads and writes here are not atomic across processes, so every *decision* taken on a slot
 (a request announcing itself as the key's leader, a follower raising ``want``, a leader leaving
@@ -47,14 +46,14 @@ _STATE = struct.Struct("<I")
 _STATE_AT, _WANT_AT = 16, 20
 _BELL = struct.Struct("<Q")
 SLOTS = 65536  # 2 MiB of slots: two keys in flight at once share one with odds ~1 in 65,536
-FILE = "board-65536-e"  # the layout's name (-e: with the ends counter): another layout is another file
+FILE = "board-65536-s"  # the layout's name (-s: with the store counter): another layout is another file
 BELLS = 1024
 # Slot states. RUNNING: announced, not in the journal. ENDING: the leader left the board with
 # someone wanting its flight, and is registering it for them (then it clears the slot).
 # REGISTERED: the flight is in the journal, joinable through the key (``inflight``).
 RUNNING, ENDING, REGISTERED = 1, 2, 3
-_ENDS_AT = SLOTS * _SLOT.size + BELLS * _BELL.size
-_SIZE = _ENDS_AT + _BELL.size
+_STORES_AT = SLOTS * _SLOT.size + BELLS * _BELL.size
+_SIZE = _STORES_AT + _BELL.size
 
 
 class Seen(NamedTuple):
@@ -108,7 +107,6 @@ class Board:
         the flight: the slot is cleared and False returned; someone does: the slot says ENDING
         and True is returned (the caller registers the flight, then clears the slot)."""
         at = self._mine(h, pid, serial)
-        self.ended()
         if at < 0:
             return False  # another key took the slot: nobody can have wanted us since
         if _STATE.unpack_from(self._map, at + _WANT_AT)[0] > 0:
@@ -143,13 +141,13 @@ class Board:
         at = SLOTS * _SLOT.size + (pid % BELLS) * _BELL.size
         _BELL.pack_into(self._map, at, (_BELL.unpack_from(self._map, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
 
-    def ends(self) -> int:
-        """The ends counter (a lock-free read: an aligned 8-byte load is never torn)."""
-        return int(_BELL.unpack_from(self._map, _ENDS_AT)[0])
+    def stores(self) -> int:
+        """The store counter (a lock-free read: an aligned 8-byte load is never torn)."""
+        return int(_BELL.unpack_from(self._map, _STORES_AT)[0])
 
-    def ended(self) -> None:
-        """A flight stopped being joinable: move the ends counter (under the writer lock)."""
-        _BELL.pack_into(self._map, _ENDS_AT, (_BELL.unpack_from(self._map, _ENDS_AT)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
+    def count_store(self) -> None:
+        """Something was stored in L2: move the store counter (under the writer lock)."""
+        _BELL.pack_into(self._map, _STORES_AT, (_BELL.unpack_from(self._map, _STORES_AT)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
 
     def bell(self, pid: int) -> int:
         return int(_BELL.unpack_from(self._map, SLOTS * _SLOT.size + (pid % BELLS) * _BELL.size)[0])

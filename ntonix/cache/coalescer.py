@@ -425,22 +425,20 @@ class Coalescer:
             lock = self._lock()
         except StoreError:
             board.clear(h, pid, serial)  # no journal, so nobody can be following through it
-            board.ended()
             return
         try:
             board.clear(h, pid, serial)
-            board.ended()
         finally:
             lock.abort()
 
-    def ends(self) -> int | None:
-        """The board's ends counter (ntonix.cache.board), or None without a board (not lazy, or
+    def stores(self) -> int | None:
+        """The board's store counter (ntonix.cache.board), or None without a board (not lazy, or
         it cannot be opened): a request reads it before its look in L2 and again once it leads;
-        the same value means nothing was stored in L2 and no flight ended meanwhile."""
+        the same value means nothing was stored in L2 meanwhile."""
         if not self.lazy:
             return None
         try:
-            return self.board().ends()
+            return self.board().stores()
         except (OSError, StoreError):
             return None
 
@@ -457,18 +455,12 @@ class Coalescer:
         try:
             lock = self._lock()
         except StoreError:
-            board.ended()  # no lock to be had: a lost update costs a duplicate request at worst
+            board.count_store()  # no lock to be had: a lost update costs a duplicate request at worst
             return
         try:
-            board.ended()
+            board.count_store()
         finally:
             lock.abort()
-
-    def _ended(self) -> None:
-        """A registered flight ended (in its journal write transaction, under the lock)."""
-        board = self._board
-        if board is not None and self._board_pid == Process.pid:
-            board.ended()
 
     def tick(self) -> None:
         """Every poll interval while this process has unregistered leaders: if another worker
@@ -881,8 +873,6 @@ class Leader:
         elif self._capped and end is None:
             end = FAILED  # every follower left a capped flight: nobody can join it
         settle(h, txn, self.token, flight if end is None else flight._replace(state=end))
-        if end is not None:
-            self._c._ended()
         return end
 
     def _cap(self, h: _Handles, txn: Txn) -> None:

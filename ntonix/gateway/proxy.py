@@ -99,13 +99,13 @@ class CachedHit:
 class _Probe:
     """What cached_hit computed for a request it could not answer: handle() reuses it for the
     same request (the same ``body`` object) instead of computing the key and looking in L1
-    again; ``parsed`` is None when the key was known without parsing. ``ends``: the coalescing
-    board's ends counter read before the probe looked in L2 (``Proxy._join``)."""
+    again; ``parsed`` is None when the key was known without parsing. ``stores``: the coalescing
+    board's store counter read before the probe looked in L2 (``Proxy._join``)."""
 
     body: bytes
     key: str
     parsed: dict[str, Any] | None
-    ends: int | None
+    stores: int | None
 
 
 
@@ -242,14 +242,14 @@ class Proxy:
         else:
             key = known[0]
         entry = cache.lookup_memory(key)
-        ends: int | None = None
+        stores: int | None = None
         if entry is None:
             # L1 takes an answer on its first hit, not when it is stored (ResponseCache.store):
             # that first hit is read from L2 here (and is in L1 from then on).
-            ends = self._ends()
+            stores = self._stores()
             entry = cache.lookup_below_memory(key, count=False, remote=False)
         if entry is None:
-            self._probe = _Probe(body, key, parsed, ends)
+            self._probe = _Probe(body, key, parsed, stores)
             return None
         if known is None:
             assert parsed is not None
@@ -290,10 +290,10 @@ class Proxy:
         rt.telemetry.started()  # last: from here on the caller owes Gateway.finished(rec)
         return hit
 
-    def _ends(self) -> int | None:
-        """The coalescing board's ends counter, read before a look in L2 (``_join``)."""
+    def _stores(self) -> int | None:
+        """The coalescing board's store counter, read before a look in L2 (``_join``)."""
         coalescer = self.rt.coalescer
-        return coalescer.ends() if coalescer is not None and self.rt.flights is None else None
+        return coalescer.stores() if coalescer is not None and self.rt.flights is None else None
 
     # ------------------------------------------------------------------ entry
     def handle(self, environ: WSGIEnvironment, start_response: StartResponse, rec: RequestRecord) -> Any:
@@ -337,14 +337,14 @@ class Proxy:
             # all workers): no write to the shared store per lookup. Across gateways, the Redis
             # tier is read in the cluster's join instead (_join): one round trip, not two.
             remote = rt.flights is None
-            ends = probe.ends if probe is not None else self._ends()
+            stores = probe.stores if probe is not None else self._stores()
             entry = (rt.cache.lookup_below_memory(key, count=False, remote=remote, local=False) if probed
                      else rt.cache.lookup(key, count=False, remote=remote))
             # Two rounds: followers whose leader failed before answering regroup behind a new
             # leader (one of them) instead of all going to the backend at once.
             for _ in range(2 if entry is None and rt.coalescer is not None else 0):
                 assert rt.coalescer is not None
-                role, entry = self._join(key, ends)
+                role, entry = self._join(key, stores)
                 if entry is not None:
                     break
                 if isinstance(role, (Follower, Relay)):
@@ -390,16 +390,16 @@ class Proxy:
                                           ("X-Request-ID", rec.request_id)])
         return Body([body], lambda: self._done(rec))
 
-    def _join(self, key: str, ends: int | None) -> tuple[Leader | Follower | Fanout | Relay, CachedResponse | None]:
+    def _join(self, key: str, stores: int | None) -> tuple[Leader | Follower | Fanout | Relay, CachedResponse | None]:
         """This request's part in answering ``key``: lead or follow on this host, then (a host's
         leader only) across the gateways sharing Redis (ADR 0009); or the cached answer, if a
         previous leader stored it between our miss and the join (the leader role is then ended).
 
         The re-check reads the host's tiers, then Redis inside the cluster's join: one round
         trip for both (ntonix/cluster/flights.py ``join_or_hit``). On this host alone, L2 is
-        read again only if the board's ends counter moved since ``ends`` was read, before the
-        caller's look in L2: every L2 write and every flight's end moves it (ntonix/cache/board.py),
-        so otherwise nothing was stored for the key since (one L2 read per miss)."""
+        read again only if the board's store counter moved since ``stores`` was read, before the
+        caller's look in L2: every L2 write moves it (ntonix/cache/board.py), so otherwise
+        nothing was stored for the key since (one L2 read per miss)."""
         rt = self.rt
         assert rt.coalescer is not None and rt.cache is not None
         role = rt.coalescer.join(key)
@@ -407,7 +407,7 @@ class Proxy:
             return role, None
         flights = rt.flights
         # The caller looked in L1 a moment ago: L1 only ever copies the tiers looked in here.
-        local = flights is not None or ends is None or rt.coalescer.ends() != ends
+        local = flights is not None or stores is None or rt.coalescer.stores() != stores
         entry = rt.cache.lookup_below_memory(key, count=False, remote=flights is None, local=local)
         if entry is None and flights is not None:
             widened = widen(role, flights, key, REMOTE_PREFIX + key)

@@ -90,7 +90,7 @@ class Runtime:
             Flights(config.cache.redis_url, max_bytes=config.cache.max_entry_bytes)
             if self.coalescer is not None and config.cache.redis_url else None)
         if self.cache is not None and self.coalescer is not None and self.flights is None:
-            # Every L2 write moves the board's ends counter (ntonix/cache/board.py); across
+            # Every L2 write moves the board's store counter (ntonix/cache/board.py); across
             # gateways the join always looks again (with Redis, in the same round trip).
             self.cache.on_stored = self.coalescer.stored
         self.affinity: AffinityBoard | None = None

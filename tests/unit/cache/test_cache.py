@@ -343,7 +343,7 @@ def test_what_then_is_given_runs_right_after_the_deferred_write_in_order(tmp_pat
 
 
 def test_every_committed_l2_write_is_told_before_the_flights_that_wait_on_it_end(tmp_path: Path) -> None:
-    # The coalescing board's ends counter moves on this notice (ntonix/cache/board.py): in the
+    # The coalescing board's store counter moves on this notice (ntonix/cache/board.py): in the
     # batched write it must come after the commit and before the flights' ends (``then``).
     cache = build_cache(True, 1_000_000, 60, str(tmp_path), None)
     events: list[str] = []

@@ -5,6 +5,7 @@ trials, coalescing, timeouts. Plain environ dicts, no gunicorn, no sockets (test
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 
 from ntonix.cache.coalescer import Coalescer, Follower, Leader
 from ntonix.core.breaker import BreakerState
+from ntonix.core.cache_entry import CachedResponse
 from ntonix.core.cache_key import cache_key
 from ntonix.upstream.fake import Reply
 from tests.fakes import FakeClock
@@ -354,62 +356,52 @@ def test_a_probe_that_missed_is_used_only_by_its_own_request(tmp_path: Path) -> 
 # ---------------------------------------------------------------------- one look in L2 per miss
 
 
-def stored_elsewhere(flow: Flow, key: str, body: bytes) -> None:
-    """An answer put in the host's L2 as another worker's store would put it."""
-    from ntonix.core.cache_entry import CachedResponse
+def _answer(body: bytes) -> CachedResponse:
+    return CachedResponse(status=200, headers=(("Content-Type", "application/json"),), body=body,
+                          created=time.time(), streamed=False)
 
+
+def _another_workers_leader(flow: Flow, key: str) -> None:
+    """Another worker of the host leads ``key``, stores its answer and ends its flight."""
+    from ntonix.cache import build_cache
+
+    elsewhere = Coalescer(flow.config.cache.dir, stale_after_s=30, lazy=True)
+    cache = build_cache(True, 1 << 20, 60, flow.config.cache.dir, None)
+    cache.on_stored = elsewhere.stored  # as the runtime wires it
+    leader = elsewhere.join(key)
+    assert isinstance(leader, Leader)
+    cache.store(key, _answer(b'{"n":0}'))
+    leader.finish(True)
+
+
+def _this_workers_cache(flow: Flow, key: str) -> None:
+    """A store through this worker's cache (a no-cache request's, or a leader whose flight ended early)."""
+    assert flow.runtime.cache is not None
+    flow.runtime.cache.store(key, _answer(b'{"n":0}'))
+
+
+def _behind_the_caches_back(flow: Flow, key: str) -> None:
+    """Into L2 directly, telling nobody: what shows that the join does not read L2 again."""
     assert flow.runtime.cache is not None and flow.runtime.cache.shared is not None
-    flow.runtime.cache.shared.put(key, CachedResponse(status=200, headers=(("Content-Type", "application/json"),),
-                                                      body=body, created=time.time(), streamed=False))
+    flow.runtime.cache.shared.put(key, _answer(b'{"n":0}'))
 
 
-def test_a_leader_that_stored_and_ended_since_the_probe_is_found_by_the_join(tmp_path: Path) -> None:
-    # Another worker leads the key, stores its answer and leaves the board between this
-    # request's probe (L2 had nothing) and its join: the join looks in L2 again and finds it.
+@pytest.mark.parametrize(("between", "expected"), [
+    (_another_workers_leader, ("HIT", b'{"n":0}', 0)),
+    (_this_workers_cache, ("HIT", b'{"n":0}', 0)),
+    (_behind_the_caches_back, ("MISS", b'{"n":1}', 1)),
+], ids=["another-workers-leader", "this-workers-cache", "behind-the-caches-back"])
+def test_the_join_looks_in_l2_again_only_if_something_was_stored_since_the_probe(
+        tmp_path: Path, between: Callable[[Flow, str], None], expected: tuple[str, bytes, int]) -> None:
+    # One L2 read per miss: the probe (in the hit fast path) reads the board's store counter
+    # before its look in L2; the join reads L2 again only if the counter moved since.
     flow = Flow(tmp_path, B1, cache=True)
     body = chat(content="raced")
-    assert hit_of(flow, body) is None
-    elsewhere = Coalescer(str(tmp_path / "cache"), stale_after_s=30, lazy=True)
-    leader = elsewhere.join(key_of(body))
-    assert isinstance(leader, Leader)
-    stored_elsewhere(flow, key_of(body), b'{"n":0}')
-    leader.publish_head(200, (("Content-Type", "application/json"),))
-    leader.publish_chunk(b'{"n":0}')
-    leader.finish(True)
-    answer = flow.request(body=body)
-    assert (answer.header("X-Cache"), answer.read()) == ("HIT", b'{"n":0}')
-    assert flow.transport.exchanges == []
-
-
-def test_an_answer_stored_through_the_cache_since_the_probe_is_found_by_the_join(tmp_path: Path) -> None:
-    # Any write to L2 moves the counter once committed (as a no-cache request's store, or a
-    # leader's whose flight had ended early): the join looks again and finds it.
-    from ntonix.core.cache_entry import CachedResponse
-
-    flow = Flow(tmp_path, B1, cache=True)
-    body = chat(content="stored")
-    assert hit_of(flow, body) is None
-    cache = flow.runtime.cache
-    assert cache is not None
-    cache.store(key_of(body), CachedResponse(status=200, headers=(("Content-Type", "application/json"),),
-                                             body=b'{"n":0}', created=time.time(), streamed=False))
-    answer = flow.request(body=body)
-    assert (answer.header("X-Cache"), answer.read()) == ("HIT", b'{"n":0}')
-    assert flow.transport.exchanges == []
-
-
-def test_no_second_look_in_l2_when_nothing_was_stored_since_the_probe(tmp_path: Path) -> None:
-    # Nothing was written through the cache and no flight ended since the probe: the join does
-    # not read L2 again. An answer put in L2 behind the cache's back is therefore not seen by
-    # this request, which leads and asks the backend (what shows the second read is skipped).
-    flow = Flow(tmp_path, B1, cache=True)
-    body = chat(content="quiet")
-    assert hit_of(flow, body) is None
-    stored_elsewhere(flow, key_of(body), b'{"n":0}')
+    assert hit_of(flow, body) is None  # the probe: L2 has nothing
+    between(flow, key_of(body))
     flow.transport.script(B1, Reply(200, chunks=[b'{"n":1}']))
     answer = flow.request(body=body)
-    assert (answer.header("X-Cache"), answer.read()) == ("MISS", b'{"n":1}')
-    assert len(flow.transport.exchanges) == 1
+    assert (answer.header("X-Cache"), answer.read(), len(flow.transport.exchanges)) == expected
 
 
 def test_rendered_hit_heads_keep_at_most_a_quarter_of_l1_of_answers_alive(tmp_path: Path) -> None:
