@@ -140,6 +140,16 @@ def test_the_proxy_floor_splits_the_gateway_cost_into_the_stacks_and_ours() -> N
     assert set(chart.ORDER) == set(chart.COLOURS)
 
 
+def test_the_cache_floor_splits_the_defaults_cost_into_the_stacks_and_ours() -> None:
+    results = [run("1", "c=50", "shipped", r, cpu_us=300.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
+    results += [run("1", "c=50", "proxy floor", r, cpu_us=200.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
+    results += [run("1", "c=50", "cache floor", r, cpu_us=250.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
+    text = Table(results).render()
+    assert "shipped/cache floor CPU 1.20 (1.20–1.20)" in text
+    assert "cache floor/proxy floor CPU 1.25 (1.25–1.25)" in text
+    assert [t for t, _ in chart.panels(results)[0][1]] == ["shipped", "cache floor", "proxy floor"]
+
+
 def test_with_redis_adds_the_gateway_as_shipped_with_redis_and_its_ratio_to_the_one_without() -> None:
     from tools.bench.run import SHIPPED_REDIS
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from tools.bench.report import Result, Table
 
-ORDER = ("shipped", "baseline", "stripped", "proxy floor", "floor", "nginx", "direct")
-COLOURS = {"shipped": "#c0392b", "baseline": "#8e44ad", "stripped": "#e67e22", "proxy floor": "#95a5a6",
+ORDER = ("shipped", "baseline", "stripped", "cache floor", "proxy floor", "floor", "nginx", "direct")
+COLOURS = {"shipped": "#c0392b", "baseline": "#8e44ad", "stripped": "#e67e22", "cache floor": "#b2bec3",
+           "proxy floor": "#95a5a6",
            "floor": "#7f8c8d", "nginx": "#27ae60", "direct": "#2980b9"}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tools.bench.backend import JSON_BODY
@@ -43,25 +44,37 @@ def settings(port: int, workers: int, worker_connections: int) -> dict[str, Any]
     return s
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--worker-connections", type=int, default=1000)
-    args = p.parse_args(argv)
-
+def serve(port: int, workers: int, worker_connections: int, proc_name: str, load: Callable[[], Any]) -> None:
+    """Run ``load()``'s WSGI app on gunicorn with the floor's settings (this app and the other floors)."""
     from gunicorn.app.base import BaseApplication
 
     class FloorApp(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            for key, value in settings(args.port, args.workers, args.worker_connections).items():
+            for key, value in settings(port, workers, worker_connections).items():
                 if key in self.cfg.settings and value is not None:
                     self.cfg.set(key, value)
+            self.cfg.set("proc_name", proc_name)
 
         def load(self) -> Any:
-            return application
+            return load()
 
     FloorApp().run()
+
+
+def parser(doc: str | None, backend: bool = False) -> argparse.ArgumentParser:
+    """The floors' common arguments (``backend``: also ``--backend host:port``)."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    p.add_argument("--port", type=int, required=True)
+    if backend:
+        p.add_argument("--backend", required=True, help="host:port")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--worker-connections", type=int, default=1000)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__).parse_args(argv)
+    serve(args.port, args.workers, args.worker_connections, "bench-floor", lambda: application)
     return 0
 
 

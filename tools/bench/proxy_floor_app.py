@@ -14,7 +14,6 @@ NTONIX's own code costs above it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
@@ -41,29 +40,13 @@ def make_app(host: str, port: int) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--backend", required=True, help="host:port")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--worker-connections", type=int, default=1000)
+    from tools.bench.floor_app import parser, serve
+
+    p = parser(__doc__, backend=True)
     args = p.parse_args(argv)
     host, _, port = args.backend.rpartition(":")
 
-    from gunicorn.app.base import BaseApplication
-
-    from tools.bench.floor_app import settings
-
-    class ProxyFloorApp(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            for key, value in settings(args.port, args.workers, args.worker_connections).items():
-                if key in self.cfg.settings and value is not None:
-                    self.cfg.set(key, value)
-            self.cfg.set("proc_name", "bench-proxy-floor")
-
-        def load(self) -> Any:
-            return make_app(host, int(port))
-
-    ProxyFloorApp().run()
+    serve(args.port, args.workers, args.worker_connections, "bench-proxy-floor", lambda: make_app(host, int(port)))
     return 0
 
 

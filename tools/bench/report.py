@@ -28,6 +28,7 @@ def diff(x: float, y: float) -> float:
 
 GW = ("shipped", "stripped")  # "baseline" (--baseline) is someone else's revision: not checked
 PROXY_FLOOR = "proxy floor"  # tools/bench/proxy_floor_app.py: the stack's own proxy, nothing of ours
+CACHE_FLOOR = "cache floor"  # tools/bench/cache_floor_app.py: the proxy floor + the defaults' least work
 
 
 class Table:
@@ -132,6 +133,11 @@ class Table:
             pf = {g: self.paired(sc, param, g, PROXY_FLOOR, "cpu_us") for g in (*GW, "floor")}
             if any(pf.values()):  # the stack's own cost of a proxied round trip, apart from ours
                 shown += "; " + "; ".join(f"{g}/proxy floor CPU {span(v, 2)}" for g, v in pf.items() if v)
+            cf = [(g, self.paired(sc, param, g, CACHE_FLOOR, "cpu_us")) for g in ("shipped",)]
+            cf.append((CACHE_FLOOR, self.paired(sc, param, CACHE_FLOOR, PROXY_FLOOR, "cpu_us")))
+            if cf[0][1]:  # ours above the least the defaults need, and the stack's own cost of them
+                shown += "; " + "; ".join(f"{g}/{CACHE_FLOOR if g == 'shipped' else PROXY_FLOOR} CPU {span(v, 2)}"
+                                          for g, v in cf if v)
             thr = self.paired(sc, param, "shipped", "nginx", "rps")
             self.out(f"  {param:<7} ratios    {shown}; shipped/nginx req/s {span(thr, 3)}")
             if sc == "1":

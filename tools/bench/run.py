@@ -39,7 +39,7 @@ from tools import ROOT
 from tools.bench import chart, nginx, wrk
 from tools.bench.meter import Meter, RssSampler, file_share, rss_parts
 from tools.bench.profile import summarize_profile
-from tools.bench.report import PROXY_FLOOR, Result, Table
+from tools.bench.report import CACHE_FLOOR, PROXY_FLOOR, Result, Table
 from tools.procs import Child, clean_env, free_port, port_open, rss_and_shared, rss_bytes, tree, wait_until
 
 PY = sys.executable
@@ -196,6 +196,17 @@ class Bench:
         self._wait_ok(proc, port)
         return proc
 
+    def start_cache_floor(self, backend: Proc) -> Proc:
+        port = free_port()
+        cache_dir = self.dir / "cache-floor"
+        proc = self._spawn("cache-floor", [PY, "-m", "tools.bench.cache_floor_app", "--port", str(port), "--backend",
+                                           f"127.0.0.1:{backend.port}", "--dir", str(cache_dir), "--workers",
+                                           str(self.a.workers), "--worker-connections", "4096"], self.a.proxy_cpu)
+        proc.port = port
+        self._listening(proc, port)
+        self._wait_ok(proc, port)
+        return proc
+
     def start_nginx(self, name: str, backends: list[Proc], cache: bool = False, tls: bool = False) -> Proc:
         port = free_port()
         ssl_port = free_port() if tls else 0
@@ -327,14 +338,15 @@ class Bench:
         ngx = self.start_nginx("nginx-proxy", self.fast)
         floor = self.start_floor()
         pfloor = self.start_proxy_floor(self.fast[0])
+        cfloor = self.start_cache_floor(self.fast[0])
         try:
             for c in self.a.conns:
-                targets = [*gws, ("nginx", ngx), ("floor", floor), (PROXY_FLOOR, pfloor)]
+                targets = [*gws, ("nginx", ngx), ("floor", floor), (PROXY_FLOOR, pfloor), (CACHE_FLOOR, cfloor)]
                 if c == 500:
                     targets.append(("direct", self.fast[0]))
                 self.rounds("1", f"c={c}", targets, c, self.a.seconds)
         finally:
-            for p in (floor, pfloor, ngx, *(g for _, g in gws)):
+            for p in (floor, pfloor, cfloor, ngx, *(g for _, g in gws)):
                 self.stop(p)
 
     def s2_hit(self) -> None:
