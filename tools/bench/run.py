@@ -196,12 +196,13 @@ class Bench:
         self._wait_ok(proc, port)
         return proc
 
-    def start_cache_floor(self, backend: Proc) -> Proc:
+    def start_cache_floor(self, backend: Proc, tag: str) -> Proc:
         port = free_port()
-        cache_dir = self.dir / "cache-floor"
-        proc = self._spawn("cache-floor", [PY, "-m", "tools.bench.cache_floor_app", "--port", str(port), "--backend",
-                                           f"127.0.0.1:{backend.port}", "--dir", str(cache_dir), "--workers",
-                                           str(self.a.workers), "--worker-connections", "4096"], self.a.proxy_cpu)
+        cache_dir = self.dir / f"cache-floor-{tag}"
+        proc = self._spawn(f"cache-floor-{tag}", [
+            PY, "-m", "tools.bench.cache_floor_app", "--port", str(port), "--backend", f"127.0.0.1:{backend.port}",
+            "--dir", str(cache_dir), "--workers", str(self.a.workers), "--worker-connections", "4096",
+        ], self.a.proxy_cpu)
         proc.port = port
         self._listening(proc, port)
         self._wait_ok(proc, port)
@@ -338,7 +339,7 @@ class Bench:
         ngx = self.start_nginx("nginx-proxy", self.fast)
         floor = self.start_floor()
         pfloor = self.start_proxy_floor(self.fast[0])
-        cfloor = self.start_cache_floor(self.fast[0])
+        cfloor = self.start_cache_floor(self.fast[0], "miss")
         try:
             for c in self.a.conns:
                 targets = [*gws, ("nginx", ngx), ("floor", floor), (PROXY_FLOOR, pfloor), (CACHE_FLOOR, cfloor)]
@@ -440,11 +441,12 @@ class Bench:
         gws = self.start_gateways("c1", self.fast)
         ngx = self.start_nginx("nginx-c1", self.fast)
         pfloor = self.start_proxy_floor(self.fast[0])
+        cfloor = self.start_cache_floor(self.fast[0], "c1")
         try:
-            self.rounds("7", "c=1", [("direct", self.fast[0]), *gws, ("nginx", ngx), (PROXY_FLOOR, pfloor)], 1,
-                        self.a.seconds)
+            self.rounds("7", "c=1", [("direct", self.fast[0]), *gws, ("nginx", ngx), (PROXY_FLOOR, pfloor),
+                                     (CACHE_FLOOR, cfloor)], 1, self.a.seconds)
         finally:
-            for p in (ngx, pfloor, *(g for _, g in gws)):
+            for p in (ngx, pfloor, cfloor, *(g for _, g in gws)):
                 self.stop(p)
 
     def profile(self) -> str:
