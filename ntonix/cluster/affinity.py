@@ -136,6 +136,11 @@ class AffinityBoard:
         self._down_until = 0.0
         self._down = False  # the last sync failed (logged once until one succeeds)
 
+    @property
+    def reachable(self) -> bool:
+        """Redis answered this board's last sync (every ``idle_read_s`` even when idle)."""
+        return not self._down
+
     def record(self, model: str, block: str, backend: str) -> None:
         """Note one routing decision (request path: memory only)."""
         self.pending.append(Assignment(model, block, backend))

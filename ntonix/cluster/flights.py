@@ -176,6 +176,7 @@ class Flights:
         self._pending_bytes = 0
         self._keeper_pid = -1
         self._beat_at = -1e9
+        self._probed_at = -1e9
         self._frames: _Frames | None = None
         self.stopped = False
 
@@ -185,6 +186,28 @@ class Flights:
     def available(self) -> bool:
         """False while backing off after a Redis failure."""
         return self.clock() >= self._down_until
+
+    @property
+    def reachable(self) -> bool:
+        """Redis answered this process's last command (or :meth:`probe`): the figure /metrics
+        reports. False from a failure until a command succeeds again, not only while backing off."""
+        return self.available and not self._outage
+
+    def probe(self, every_s: float = 1.0) -> None:
+        """From the worker's main loop: a PING at most every ``every_s`` while this process leads
+        and follows nothing, so that an idle gateway's availability figure follows Redis, and a
+        Redis restart costs the ping's connection instead of the first coalesced request's
+        (a failure drops every idle connection). Busy, the requests' own commands say it."""
+        now = self.clock()
+        if now - self._probed_at < every_s or self._leaders or self._following or not self._ready():
+            return
+        self._probed_at = now
+        try:
+            self._client().ping()
+        except ERRORS as exc:
+            self._failed(exc)
+            return
+        self._succeeded()
 
     def join(self, key: str) -> Leader | Follower:
         """Follow the live flight for ``key`` on any gateway, or lead a new one; a Leader
@@ -412,6 +435,8 @@ class Flights:
         drop_idle(self._blocking)
         if self._raw is not None:
             self._raw.drop_idle()
+        if self._auto is not None:
+            self._auto.drop_idle()
         if self._pid == Process.pid:
             # A new identity for this process: whatever it led may have been left half-written
             # (a finish, a chunk or an end that did not go through) and must never look alive

@@ -379,6 +379,14 @@ class AutoPipeline:
         if line is not None:
             self._kill(line, ConnectionError("Redis pool closed"))
 
+    def drop_idle(self) -> None:
+        """Close the connection if no reply is due on it (after a failure elsewhere it is as
+        suspect as the pool's idle ones); the next call opens a new one."""
+        line = self._line
+        if line is not None and not line.waiting and not self._writing and self._rest is None and not self._out:
+            self._line = None
+            line.conn.close()
+
     def _take(self, line: _Line) -> bytes:
         """What was queued, now due on ``line``."""
         out, self._out = self._out, []

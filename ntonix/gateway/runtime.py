@@ -144,9 +144,14 @@ class Runtime:
             flights.auto_pipeline = True
             if lock is not None:
                 flights.lock, flights.cooperative = lock, True
-            self.telemetry.watch_cluster(redacted(flights.url), flights.stats, lambda: flights.available)
+            self.telemetry.watch_cluster(redacted(flights.url), flights.stats, self._redis_reachable)
         self._spawn, self._sleep, self.defer = spawn, sleep, defer
         self._run_affinity()
+
+    def _redis_reachable(self) -> bool:
+        """Both users of the cluster's Redis reached it last time they tried (the gauge)."""
+        flights, board = self.flights, self.affinity
+        return (flights is None or flights.reachable) and (board is None or board.reachable)
 
     def _run_affinity(self) -> None:
         """The affinity and load sync of the current board, until the worker stops or a reload
@@ -228,6 +233,8 @@ class Runtime:
         for backend in self.registry.all():
             if backend.pool is not None:
                 backend.pool.expire_idle()
+        if self.flights is not None:
+            self.flights.probe()
         now = time.monotonic()
         if now - self._reaped_at >= REAP_EVERY_S:
             self._reaped_at = now

@@ -280,8 +280,9 @@ class Metrics:
             "published to and merged from the other gateways, in-flight counts exchanged with them (load_syncs), "
             "and Redis errors", ["event"], registry=reg)
         self.cluster_available = Gauge(
-            "ntonix_cluster_redis_available", "1 while every live worker reaches the cluster's Redis, 0 while one "
-            "backs off after a failure (absent without cache.redis_url)", ["redis"], registry=reg,
+            "ntonix_cluster_redis_available", "1 while every live worker reaches the cluster's Redis, 0 from a "
+            "worker's failed command until one succeeds (idle workers ping every second; absent without "
+            "cache.redis_url)", ["redis"], registry=reg,
             multiprocess_mode="livemin")
         self._status: dict[str, Incrementer] = {
             cls: fast_counter(self.responses.labels(cls)) for cls in (*STATUS_CLASSES, OTHER_STATUS)}

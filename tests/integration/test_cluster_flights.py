@@ -437,6 +437,45 @@ def test_a_flight_whose_end_was_lost_in_an_outage_never_holds_requests_back(clea
         b.close()
 
 
+def test_an_idle_process_pings_so_its_availability_follows_redis(clean_redis: RedisServer) -> None:
+    now = [0.0]
+    f = Flights(clean_redis.url, backoff_s=0.5, clock=lambda: now[0])
+    try:
+        f.probe()
+        assert f.reachable and f.stats["redis_errors"] == 0
+        clean_redis.stop()
+        f.probe()  # within a second of the last ping: nothing sent, nothing known yet
+        assert f.reachable
+        now[0] += 1.0
+        f.probe()
+        assert not f.reachable and f.stats["redis_errors"] == 1
+        now[0] += 1.0  # past the back-off, still down: still not reachable
+        f.probe()
+        assert not f.reachable and f.stats["redis_errors"] == 2
+        clean_redis.start()
+        now[0] += 1.0
+        f.probe()  # the failure dropped the dead connections: this ping goes through
+        assert f.reachable and f.stats["redis_errors"] == 2
+        leader = lead(f, "after")  # and so does the first request after the restart
+        pings = pings_seen(clean_redis)
+        now[0] += 1.0
+        f.probe()  # leading: the request's own commands tell, no ping
+        assert pings_seen(clean_redis) == pings
+        leader.finish(False)
+        assert f.reachable and f.stats["redis_errors"] == 2
+        f.probe()
+        assert pings_seen(clean_redis) == pings + 1
+    finally:
+        f.close()
+
+
+def pings_seen(redis_server: RedisServer) -> int:
+    """PING commands the server has run (INFO commandstats)."""
+    stats = redis_server.command("INFO", "commandstats").decode()
+    line = next((x for x in stats.splitlines() if x.startswith("cmdstat_ping:")), "cmdstat_ping:calls=0,")
+    return int(line.split("calls=")[1].split(",")[0])
+
+
 def test_an_unreachable_redis_costs_one_timeout_then_nothing() -> None:
     f = Flights(f"redis://127.0.0.1:{free_port()}/0", backoff_s=30)
     t = time.perf_counter()
