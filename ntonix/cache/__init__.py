@@ -66,6 +66,7 @@ class ResponseCache:
         # Deferred L2 writes (store); an L1 hit on one of them is not checked against L2 yet.
         self._queued: dict[str, CachedResponse] = {}
         self._encoded: dict[str, bytes] = {}  # queued entries' encode(), when the caller had it
+        self._stored_at: dict[str, float] = {}  # when each queued entry was stored (its L2 stamp)
         self._then: list[Callable[[], None]] = []  # to run right after the next deferred write
         self._scheduled = False  # flush is queued in the loop
         # Told after each write to L2 has committed (the coalescer's store counter, set by the
@@ -173,6 +174,7 @@ class ResponseCache:
         memory = self.memory
         if defer is not None and self.shared is not None:
             self._queued[key] = entry
+            self._stored_at[key] = self._clock()
             if encoded is not None:
                 self._encoded[key] = encoded
             else:
@@ -206,8 +208,9 @@ class ResponseCache:
             self._check_generation()
             queued, self._queued = self._queued, {}
             encoded, self._encoded = self._encoded, {}
+            stored_at, self._stored_at = self._stored_at, {}
             if queued:
-                if self._l2(lambda s: s.put_many(list(queued.items()), encoded), -1) >= 0:
+                if self._l2(lambda s: s.put_many(list(queued.items()), encoded, stored_at), -1) >= 0:
                     self._stored()
                 elif self.memory is not None:
                     now = self._clock()
@@ -227,6 +230,7 @@ class ResponseCache:
         removed = 0
         self._queued.clear()  # answers stored before the purge are not written after it
         self._encoded.clear()
+        self._stored_at.clear()
         if self.memory is not None:
             n = self.memory.clear()
             if self.shared is None:
@@ -276,6 +280,7 @@ class ResponseCache:
                     self.memory.clear()
                 self._queued.clear()
                 self._encoded.clear()
+                self._stored_at.clear()
             self._generation = generation
 
     def _stored(self) -> None:

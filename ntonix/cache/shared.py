@@ -238,10 +238,13 @@ class LmdbStore:
         """
         return self.put_many([(key, entry)], {key: encoded} if encoded is not None else None)
 
-    def put_many(self, entries: list[tuple[str, CachedResponse]], encoded: dict[str, bytes] | None = None) -> int:
+    def put_many(self, entries: list[tuple[str, CachedResponse]], encoded: dict[str, bytes] | None = None,
+                 stored_at: dict[str, float] | None = None) -> int:
         """:meth:`put` for several entries in one write transaction (in order: a later one
         under the same key replaces an earlier); returns how many entries were evicted.
-        ``encoded``: the ``entry.encode()`` of some of them by key, made already."""
+        ``encoded``: the ``entry.encode()`` of some of them by key, made already. ``stored_at``:
+        when each was stored by the caller, if earlier than now (a batch written later): its
+        last use, for the least-recently-used order."""
         now = self._clock()
         rows = []
         for key, entry in entries:
@@ -249,7 +252,7 @@ class LmdbStore:
             if raw is None:
                 raw = entry.encode()
             if len(raw) <= self.max_bytes and entry.created + self.ttl_s > now:
-                rows.append((_k(key), raw, entry.created))
+                rows.append((_k(key), raw, entry.created, stored_at.get(key) if stored_at else None))
         if not rows:
             return 0
         with translated():
@@ -289,16 +292,18 @@ class LmdbStore:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _put(self, rows: list[tuple[bytes, bytes, float]], now: float) -> int:
+    def _put(self, rows: list[tuple[bytes, bytes, float, float | None]], now: float) -> int:
         h = self._open()
-        with h.write(sum(len(raw) for _, raw, _ in rows) + _WRITE_SLACK) as txn:
+        with h.write(sum(len(row[1]) for row in rows) + _WRITE_SLACK) as txn:
             added = count = 0
-            # The batch's stamps follow the newest one: one look at ``lru`` per batch. Each is
-            # still newer than every stamp in ``lru`` (an entry replaced in the batch had one
-            # of those), so the order of use stays exact.
-            access_us = _next_stamp(h, txn, now) - 1
-            for k, raw, created in rows:
-                access_us += 1
+            # An entry's stamp is when it was stored: a batch written at the end of a loop turn
+            # may commit after another worker stored (and committed) an answer later, which
+            # must stay the newer. An entry without that time follows the newest stamp in
+            # ``lru`` (one look per batch); the batch's stamps rise in its order either way.
+            newest = _next_stamp(h, txn, now) - 1
+            access_us = -1
+            for k, raw, created, stored_at in rows:
+                access_us = max(newest + 1 if stored_at is None else int(stored_at * 1e6), access_us + 1)
                 meta = _META.pack(access_us, created, len(raw))
                 # A new key (nearly always): one descent of ``meta``, the put, instead of a get
                 # first.

@@ -254,6 +254,26 @@ def test_a_batch_evicts_older_entries_never_its_own(tmp_path: Path, clocks: Cloc
     assert store.stats()["entries"] < 6
 
 
+def test_a_batch_written_after_another_workers_later_store_keeps_the_order_of_the_stores(
+        tmp_path: Path, clocks: Clocks) -> None:
+    # Worker a stores B; its batch is written at the end of its loop turn, after worker b
+    # stored C and wrote it. B was stored first, so B is the least recently used (docs/cache.md:
+    # "store A, B, C, read A, store D: B goes").
+    a, b = worker(tmp_path, clocks, max_bytes=40_000), worker(tmp_path, clocks, max_bytes=40_000)
+    later: list[Callable[[], None]] = []
+    a.store("B", entry(b"b" * 9_000, created=clocks.wall()), defer=later.append)
+    clocks.advance(0.000_01)
+    b.store("C", entry(b"c" * 9_000, created=clocks.wall()))
+    clocks.advance(0.000_01)
+    later.pop()()
+    for i in range(3):  # fill until one entry must go
+        clocks.advance(0.000_01)
+        b.store(f"fill{i}", entry(b"f" * 9_000, created=clocks.wall()))
+    assert b.shared is not None
+    assert b.shared.get("B", touch=False) is None
+    assert b.shared.get("C", touch=False) is not None
+
+
 def test_a_deferred_store_keeps_the_answer_out_of_l1_and_l1_takes_it_when_l2_fails(
         tmp_path: Path, clocks: Clocks, monkeypatch: pytest.MonkeyPatch) -> None:
     a = worker(tmp_path, clocks)
