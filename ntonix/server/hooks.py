@@ -9,7 +9,6 @@ in-place reload: validate, publish, signal the workers. See docs/adr/0004.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import signal
@@ -41,17 +40,24 @@ def check_for_start(cfg: Config) -> None:
 
 
 def check_listen_host(where: str, host: str) -> None:
-    """An IP literal, or a name that resolves here."""
+    """An address of this host, or a name that resolves to one: a socket binds to it (on a
+    port the system picks, closed at once; the configured port is not tried, as a listener
+    handed over by a running master holds it)."""
     try:
-        ipaddress.ip_address(host)
-        return
-    except ValueError:
-        pass
-    try:
-        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise ConfigError(f"{where}: not an address this host can listen on: {host!r} "
                           f"({getattr(exc, 'strerror', None) or exc})") from None
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind(address)
+            return
+        except OSError as exc:
+            error = exc
+    raise ConfigError(f"{where}: not an address this host can listen on: {host!r} "
+                      f"({getattr(error, 'strerror', None) or error})")
 
 
 def _fail(exc: ConfigError) -> NoReturn:

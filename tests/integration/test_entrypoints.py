@@ -121,9 +121,10 @@ def test_check_config_seed_schema(tmp_path: Path) -> None:
     ({}, {"NTONIX_BACKENDS": "nohost"}, [], "NTONIX_BACKENDS"),
     ({}, {}, ["--workers", "0"], "server.threads"),
     ({}, {}, ["--backends", "x"], "--backends"),
+    ({"server": {"host": "192.0.2.1"}}, {}, [], "server.host"),
 ], ids=["port-range", "unknown-key", "unknown-section", "no-backends", "weight-0", "missing-cert", "log-level",
         "log-file-is-a-folder", "log-rotation-negative", "unknown-variable", "env-type", "env-backends",
-        "cli-workers", "cli-backends"])
+        "cli-workers", "cli-backends", "host-not-here"])
 def test_check_config_invalid(tmp_path: Path, config: dict[str, Any], env: dict[str, str], args: list[str],
                               key: str) -> None:
     data = valid()
