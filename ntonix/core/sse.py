@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["EventSplitter", "StreamRecorder", "ends_with_done", "is_done_event"]
+import orjson
+import xxhash
+
+__all__ = ["EventSplitter", "ResumeMismatch", "SentPrint", "Splice", "StreamRecorder", "ends_with_done",
+           "event_content", "is_done_event"]
 
 _LINE_END = re.compile(rb"\r\n?|\n")
 _DONE = b"[DONE]"
@@ -145,3 +149,133 @@ def ends_with_done(body: bytes | bytearray) -> bool:
         if is_done_event(event):
             done_end = offset
     return done_end is not None and not body[done_end:].strip()
+
+
+class ResumeMismatch(ValueError):
+    """A new run of a request does not carry what the client was already sent."""
+
+
+def event_content(event: bytes) -> bytes | None:
+    """What two runs of one request must agree on in this event: its data, and of a JSON
+    object that has ``choices`` only those (sorted keys): the chunk's ``id``, ``created``,
+    ``system_fingerprint``, a server's timings and the usage (cached prompt tokens) differ from
+    run to run. None for an event without data (a comment, a keep-alive)."""
+    data = _data_field(event)
+    if data is None:
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
+    if isinstance(obj, dict) and "choices" in obj:
+        return orjson.dumps(obj["choices"], option=orjson.OPT_SORT_KEYS)
+    return data
+
+
+class SentPrint:
+    """What a client was sent of an answer, kept so that another run of the same request can
+    take over where it stopped (a coalesced follower whose leader stopped publishing,
+    ntonix/gateway/bodies.py ``FollowerBody``), without keeping the bytes themselves.
+
+    A plain body: its length and xxh3-128 hash; the new run must begin with the same bytes. An
+    event stream (``events``): the :func:`event_content` of each complete event, hashed in order,
+    and the bytes of an event begun; the new run must carry the same content, event for event
+    (so the text the client has is the text the new run continues), then go on from there,
+    beginning its next event with those bytes when the client has part of one.
+    """
+
+    __slots__ = ("_hash", "_split", "count", "events", "size")
+
+    def __init__(self, events: bool) -> None:
+        self.events = events
+        self.size = 0  # bytes fed
+        self.count = 0  # complete events with content
+        self._hash = xxhash.xxh3_128()
+        self._split: EventSplitter | None = EventSplitter() if events else None
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._split is None:
+            self._hash.update(data)
+            return
+        for event in self._split.feed(data):
+            self.add(event)
+
+    def add(self, event: bytes) -> bool:
+        """Count one complete event; whether it had content."""
+        content = event_content(event)
+        if content is None:
+            return False
+        self._hash.update(len(content).to_bytes(8, "big"))
+        self._hash.update(content)
+        self.count += 1
+        return True
+
+    @property
+    def pending(self) -> bytes:
+        """The bytes of an event begun and not finished (an event stream's)."""
+        return self._split.pending if self._split is not None else b""
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+
+class Splice:
+    """A new run of a request, fed chunk by chunk: :meth:`feed` returns what the client still
+    needs of it (``b""`` while the new run is still inside what was sent), and raises
+    :class:`ResumeMismatch` once it is clear that it does not carry what was sent."""
+
+    __slots__ = ("_count", "_digest", "_held", "_matched", "_prefix", "_seen", "_size", "passing")
+
+    def __init__(self, sent: SentPrint) -> None:
+        # What was sent, as of now (the caller may go on feeding its print).
+        self._count, self._size, self._digest = sent.count, sent.size, sent.digest()
+        self._seen = SentPrint(sent.events)
+        self._prefix = sent.pending  # the client has this much of the event after the matched ones
+        self._held = b""
+        # The complete events match (none were sent): what is left to check is the begun one.
+        self._matched = sent.events and sent.count == 0
+        self.passing = (self._matched and not self._prefix) or (not sent.events and sent.size == 0)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.passing:
+            return data
+        if self._matched:
+            return self._past(data)
+        seen = self._seen
+        if seen._split is None:
+            head = data[: self._size - seen.size]
+            seen.feed(head)
+            if seen.size < self._size:
+                return b""
+            if seen.digest() != self._digest:
+                raise ResumeMismatch("the backend's new answer differs")
+            self.passing = True
+            return data[len(head):]
+        events = seen._split.feed(data)
+        for i, event in enumerate(events):
+            if seen.add(event) and seen.count == self._count:
+                if seen.digest() != self._digest:
+                    raise ResumeMismatch("the backend's new answer differs")
+                self._matched = True
+                return self._past(b"".join(events[i + 1:]) + seen._split.pending)
+        return b""
+
+    def _past(self, rest: bytes) -> bytes:
+        """Bytes after the last complete event the client has: first, the part of the next
+        event it has too."""
+        held, prefix = self._held + rest, self._prefix
+        n = min(len(held), len(prefix))
+        if held[:n] != prefix[:n]:
+            raise ResumeMismatch("the backend's new answer differs")
+        if len(held) < len(prefix):
+            self._held = held
+            return b""
+        self._held = b""
+        self.passing = True
+        return held[len(prefix):]
+
+    def finish(self) -> None:
+        """The new run ended: raise if it ended inside what was sent."""
+        if not self.passing:
+            raise ResumeMismatch("the backend's new answer is shorter")

@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import gevent
-import xxhash
 
 from ntonix.cache.coalescer import LeaderFailed
 from ntonix.cluster.relay import Fanout
 from ntonix.core.cache_entry import CachedResponse
 from ntonix.core.record import RequestRecord
-from ntonix.core.sse import StreamRecorder
+from ntonix.core.sse import SentPrint, StreamRecorder
 from ntonix.core.usage import Usage, UsageTap
 from ntonix.errors import NtonixError
 from ntonix.server import disconnect
@@ -265,21 +264,22 @@ class UpstreamBody:
 class FollowerBody:
     """A coalesced request's answer, read from the leader's journal as it grows.
 
-    If the leader stops publishing after some of the answer went out, ``resume(sent, digest)``
-    (the proxy's) fetches the rest from a backend, checking that its first ``sent`` bytes hash
-    to ``digest`` (xxh3-128 of what was sent); only when that fails is the client cut."""
+    If the leader stops publishing after some of the answer went out, ``resume(sent)`` (the
+    proxy's) fetches the rest from a backend, checking that it carries what was sent
+    (``sent``: ntonix/core/sse.py ``SentPrint``; of an event stream, the content of its events);
+    only when that fails is the client cut."""
 
     def __init__(self, follower: Subscriber, environ: WSGIEnvironment, rec: RequestRecord, timeout: float,
                  watch: disconnect.Watch | None, done: Callable[[RequestRecord], None],
                  flush_head: bool = False,
-                 resume: Callable[[int, bytes], Iterator[bytes]] | None = None,
+                 resume: Callable[[SentPrint], Iterator[bytes]] | None = None,
                  saved: Callable[[str, Usage], None] | None = None, events: bool = False) -> None:
         self.follower, self.environ, self.rec, self.watch, self._done = follower, environ, rec, watch, done
         self._chunks: Iterator[bytes] = follower.chunks(timeout)
         self._flush_head = flush_head  # an unsized (streamed) answer: headers go out at once
         self._resume = resume
         self._resumed: Iterator[bytes] | None = None
-        self._sent = xxhash.xxh3_128()
+        self._sent = SentPrint(events)
         rec.streamed = flush_head
         # The tokens this answer saved the backends (a coalesced follower is a HIT). ``events``:
         # an event stream (by its content type; an unsized answer may be plain JSON, chunked).
@@ -303,8 +303,8 @@ class FollowerBody:
         if rec.ttft_ms is None:
             rec.ttft_ms = (time.perf_counter() - rec.started) * 1000.0
         rec.bytes_sent += len(chunk)
-        if self._resume is not None:
-            self._sent.update(chunk)
+        if self._resume is not None and self._resumed is None:
+            self._sent.feed(chunk)
         if self._usage is not None:
             self._usage.feed(chunk)
         return chunk
@@ -316,7 +316,7 @@ class FollowerBody:
         log.warning("coalesce.follower_resumed", extra={"reason": why, "request_id": self.rec.request_id,
                                                         "bytes_sent": self.rec.bytes_sent})
         self.follower.close()
-        self._resumed = self._chunks = self._resume(self.rec.bytes_sent, self._sent.digest())
+        self._resumed = self._chunks = self._resume(self._sent)
         try:
             return next(self._chunks)
         except NtonixError as exc:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import xxhash
 
 from ntonix.cache.coalescer import Follower, Leader
 from ntonix.cache.remote import PREFIX as REMOTE_PREFIX
@@ -45,6 +44,7 @@ from ntonix.core.cache_key import CACHEABLE_PATHS, cache_key, credential_keys, c
 from ntonix.core.headers import forward_environ_headers, forward_response_headers, header_value, request_id_from
 from ntonix.core.models import models_answer, request_model
 from ntonix.core.record import RequestRecord
+from ntonix.core.sse import ResumeMismatch, SentPrint, Splice
 from ntonix.core.usage import Usage, UsageTap, usage_of_body
 from ntonix.errors import (
     BackendsBusy,
@@ -461,15 +461,17 @@ class Proxy:
         events = "text/event-stream" in (header_value(headers, "content-type") or "").lower()
         return FollowerBody(follower, environ, rec, timeout, watch, self._done, flush_head=not sized,
                             saved=self.rt.telemetry.tokens_saved, events=events,
-                            resume=lambda sent, digest: self._resume(environ, rec, body, stream, sent, digest))
+                            resume=lambda sent: self._resume(environ, rec, body, stream, sent))
 
-    def _resume(self, environ: WSGIEnvironment, rec: RequestRecord, body: bytes, stream: bool, sent: int,
-                digest: bytes) -> Iterator[bytes]:
-        """The rest of a coalesced answer whose leader stopped publishing after ``sent`` bytes
-        reached our client (e.g. its journal write failed: disk full): the same request from a
-        backend of our own, passed on from byte ``sent`` if its first ``sent`` bytes are the
-        ones already sent (``digest``); else :class:`UpstreamUnavailable` (the client is cut).
-        Nothing is stored or published; the backend call is accounted as any other."""
+    def _resume(self, environ: WSGIEnvironment, rec: RequestRecord, body: bytes, stream: bool,
+                sent: SentPrint) -> Iterator[bytes]:
+        """The rest of a coalesced answer whose leader stopped publishing after part of it
+        reached our client (its journal write failed, Redis failed under a leader on another
+        gateway): the same request from a backend of our own, passed on from where the client
+        is if it carries what the client was sent (``sent``: the same bytes, or of an event
+        stream the same content event for event, ids and timestamps aside); else
+        :class:`UpstreamUnavailable` (the client is cut). Nothing is stored or published; the
+        backend call is accounted as any other."""
         status: list[str] = []
 
         def capture(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -482,20 +484,15 @@ class Proxy:
         try:
             if status[:1] != ["200 OK"]:
                 raise UpstreamUnavailable(f"coalesced answer broke off; the backend asked again answered {status}")
-            seen = xxhash.xxh3_128()
-            skipped = 0
-            for chunk in upstream:
-                if skipped < sent:
-                    head = chunk[: sent - skipped]
-                    seen.update(head)
-                    skipped += len(head)
-                    chunk = chunk[len(head):]
-                    if skipped == sent and seen.digest() != digest:
-                        raise UpstreamUnavailable("coalesced answer broke off; the backend's new answer differs")
-                if chunk:
-                    yield chunk
-            if skipped < sent:
-                raise UpstreamUnavailable("coalesced answer broke off; the backend's new answer is shorter")
+            splice = Splice(sent)
+            try:
+                for chunk in upstream:
+                    chunk = splice.feed(chunk)
+                    if chunk:
+                        yield chunk
+                splice.finish()
+            except ResumeMismatch as exc:
+                raise UpstreamUnavailable(f"coalesced answer broke off; {exc}") from None
         finally:
             upstream.close()
 

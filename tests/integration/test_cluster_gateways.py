@@ -12,6 +12,7 @@ cache key) so that the requests overlap.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -252,6 +253,35 @@ def test_gateways_sharing_redis_through_a_unix_socket_or_tls_act_as_one(
     status, headers, _ = post(b, body)
     assert (status, headers.get("x-cache")) == (200, "HIT")
     assert all(cluster(gw)["redis_available"] for gw in (a, b))
+
+
+def streamed_text(body: bytes) -> str:
+    """The text a chat-completion stream carries (its deltas, in order)."""
+    text = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:]).get("choices", []):
+                text.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(text)
+
+
+def test_streams_followed_across_gateways_survive_redis_dying_mid_answer(
+        fresh_pair: tuple[Gateway, Gateway], clean_redis: RedisServer) -> None:
+    # INTERFACE.md: Redis down, each gateway goes on alone with no client-visible error. A
+    # follower on the other gateway loses its leader's events with Redis; it asks a backend of
+    # its own and goes on from where its client is, as the new answer carries the same text
+    # (the chunks' ids and timestamps differ: the byte-for-byte check cut every such client).
+    a, b = fresh_pair
+    slow = {"X-Mock-TTFT": "0.3", "X-Mock-Token-Delay": "0.1", "X-Mock-Tokens": "20"}
+    calls = split_burst(a, b, chat_body(stream=True), slow)
+    wait_until(lambda: all(b"data: {" in c.body for c in calls), timeout=10, what="every client has events")
+    clean_redis.stop()
+    finish(calls, timeout=30)
+    assert [c.status for c in calls] == [200] * N
+    assert all(c.complete and c.body.rstrip().endswith(b"data: [DONE]") for c in calls), [c.error for c in calls]
+    texts = {streamed_text(c.body) for c in calls}
+    assert len(texts) == 1 and texts.pop().count("tok") == 20
+    clean_redis.start()
 
 
 def test_after_redis_restarts_sharing_comes_back_and_stays(

@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ntonix.core.sse import EventSplitter, StreamRecorder, is_done_event
+from ntonix.core.sse import (
+    EventSplitter,
+    ResumeMismatch,
+    SentPrint,
+    Splice,
+    StreamRecorder,
+    event_content,
+    is_done_event,
+)
 
 LF_STREAM = b'data: {"a":1}\n\ndata: {"b":2}\nid: 7\n\n: keep-alive\n\ndata: [DONE]\n\n'
 CRLF_STREAM = LF_STREAM.replace(b"\n", b"\r\n")
@@ -256,3 +264,85 @@ def test_the_recorder_decides_at_the_end_as_the_events_do(parts: list[bytes], da
                                   b"data: [DONE]\nid: 5\n\n", b"data: x\n\n\ndata: [DONE]\n\n", b"data: [DONE]\n\n"])
 def test_the_usual_and_the_unusual_endings(body: bytes) -> None:
     assert record([body]).done == done_by_events(body) is True
+
+
+# ----------------------------------------------------------------------------- resuming another run
+
+
+def chunk_event(run: str, text: str) -> bytes:
+    """A chat-completion chunk as servers write it: an id and a time of the run's own."""
+    return (b'data: {"id":"chatcmpl-' + run.encode() + b'","object":"chat.completion.chunk","created":17'
+            + run.encode() + b',"choices":[{"index":0,"delta":{"content":"' + text.encode() + b'"}}]}\n\n')
+
+
+def run_of(run: str, words: list[str]) -> list[bytes]:
+    return [chunk_event(run, w) for w in words] + [b"data: [DONE]\n\n"]
+
+
+def resume(sent_chunks: list[bytes], new_chunks: list[bytes], events: bool = True) -> bytes:
+    """What a client that got ``sent_chunks`` of one run gets of another run after a splice."""
+    sent = SentPrint(events)
+    for c in sent_chunks:
+        sent.feed(c)
+    splice = Splice(sent)
+    out = b"".join(splice.feed(c) for c in new_chunks)
+    splice.finish()
+    return out
+
+
+WORDS = ["The", " sky", " is", " blue", "."]
+
+
+@pytest.mark.parametrize("cut", range(0, 6))
+def test_another_run_with_the_same_content_takes_over_after_the_events_sent(cut: int) -> None:
+    first, second = run_of("1", WORDS), run_of("2", WORDS)
+    # Whole events sent; the new run's chunks cut anywhere.
+    new = b"".join(second)
+    for size in (1, 7, len(new)):
+        got = resume(first[:cut], [new[i:i + size] for i in range(0, len(new), size)])
+        assert got == b"".join(second[cut:])
+
+
+def test_a_client_in_the_middle_of_an_event_gets_the_rest_of_that_event() -> None:
+    first, second = run_of("1", WORDS), run_of("1", WORDS)  # the same bytes: one run's id held twice
+    sent = b"".join(first[:2]) + first[2][:20]
+    got = resume([sent], [b"".join(second)])
+    assert sent + got == b"".join(second)
+
+
+def test_the_begun_event_must_match_byte_for_byte() -> None:
+    first, second = run_of("1", WORDS), run_of("2", WORDS)
+    with pytest.raises(ResumeMismatch):
+        resume([b"".join(first[:2]) + first[2][:30]], [b"".join(second)])  # the id differs inside it
+
+
+def test_other_content_is_a_mismatch() -> None:
+    with pytest.raises(ResumeMismatch, match="differs"):
+        resume(run_of("1", WORDS)[:3], run_of("2", ["The", " sea", " is", " blue", "."]))
+
+
+def test_a_shorter_run_is_a_mismatch() -> None:
+    with pytest.raises(ResumeMismatch, match="shorter"):
+        resume(run_of("1", WORDS)[:4], run_of("2", WORDS[:2]))
+
+
+def test_keepalive_comments_and_usage_do_not_count_as_content() -> None:
+    usage1 = b'data: {"id":"a","choices":[],"usage":{"prompt_tokens":5,"details":{"cached_tokens":0}}}\n\n'
+    usage2 = b'data: {"id":"b","choices":[],"usage":{"prompt_tokens":5,"details":{"cached_tokens":4}}}\n\n'
+    first = [chunk_event("1", "Hi"), b": keep-alive\n\n", usage1]
+    second = [b": ping\n\n", chunk_event("2", "Hi"), usage2, b"data: [DONE]\n\n"]
+    assert resume(first, second) == b"data: [DONE]\n\n"
+
+
+def test_a_plain_body_must_begin_with_the_same_bytes() -> None:
+    assert resume([b'{"a":', b"1"], [b'{"a":1', b',"b":2}'], events=False) == b',"b":2}'
+    with pytest.raises(ResumeMismatch, match="differs"):
+        resume([b'{"a":1'], [b'{"a":2,"b":2}'], events=False)
+    assert resume([], [b"x"], events=False) == b"x"
+
+
+def test_event_content_keeps_only_the_choices_of_a_json_chunk() -> None:
+    assert event_content(chunk_event("1", "Hi")) == event_content(chunk_event("9", "Hi"))
+    assert event_content(b"data: [DONE]\n\n") == b"[DONE]"
+    assert event_content(b": comment\n\n") is None
+    assert event_content(b'data: {"error": {"message": "x"}}\n\n') == b'{"error": {"message": "x"}}'

@@ -18,6 +18,7 @@ from ntonix.cache.shared import LmdbStore
 from ntonix.core.breaker import BreakerState
 from ntonix.core.cache_key import cache_key
 from ntonix.core.record import RequestRecord
+from ntonix.core.sse import SentPrint
 from ntonix.core.usage import Usage
 from ntonix.errors import UpstreamUnavailable
 from ntonix.gateway.bodies import FollowerBody, StreamAborted
@@ -285,22 +286,23 @@ def body_of(follower: FakeFollower, resume: object) -> tuple[FollowerBody, list[
 
 def test_the_rest_comes_from_the_resumed_answer_with_what_was_sent_checked() -> None:
     follower = FakeFollower([b"data: 1\n\n", b"data: 2\n\n"])
-    asked: list[tuple[int, bytes]] = []
+    asked: list[SentPrint] = []
 
-    def resume(sent: int, digest: bytes) -> Iterator[bytes]:
-        asked.append((sent, digest))
+    def resume(sent: SentPrint) -> Iterator[bytes]:
+        asked.append(sent)
         yield from [b"data: 3\n\n", b"data: [DONE]\n\n"]
 
     body, done = body_of(follower, resume)
     assert b"".join(body) == b"data: 1\n\ndata: 2\n\ndata: 3\n\ndata: [DONE]\n\n"
-    assert asked == [(18, xxhash.xxh3_128(b"data: 1\n\ndata: 2\n\n").digest())]
+    assert len(asked) == 1 and asked[0].size == 18
+    assert asked[0].digest() == xxhash.xxh3_128(b"data: 1\n\ndata: 2\n\n").digest()  # a plain body's bytes
     assert follower.closed == 1  # left the dead flight at once
     body.close()
     assert len(done) == 1 and done[0].bytes_sent == 41 and done[0].error == ""
 
 
 def test_a_resumed_answer_that_differs_cuts_the_client() -> None:
-    def resume(sent: int, digest: bytes) -> Iterator[bytes]:
+    def resume(sent: SentPrint) -> Iterator[bytes]:
         raise UpstreamUnavailable("coalesced answer broke off; the backend's new answer differs")
         yield b""  # pragma: no cover - makes this a generator
 
