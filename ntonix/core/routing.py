@@ -19,9 +19,10 @@ requests. ``Router.choose`` returns a ``Decision``:
 Policies, among routable backends below their limit:
 
 - ``round_robin``: nginx's smooth weighted round-robin (``ntonix.core.balancer``).
-- ``least_requests``: the fewest ``(in_flight + 1) / weight``; the ``+ 1`` makes an idle pair of
-  weights 3 and 1 prefer the heavier one, as the next request would load it less. Ties rotate, so
-  equal idle backends take turns instead of the first one taking every request.
+- ``least_requests``: the fewest ``in_flight / weight`` (nginx's ``least_conn``); ties take turns
+  by weight (smooth weighted round-robin over the tied, as nginx does), so idle backends of
+  weights 1 and 3 get a quarter and three quarters of one-at-a-time traffic, and equal idle
+  backends take turns instead of the first one taking every request.
 - ``prefix`` (docs/adr/0008-prefix-routing.md says why this form):
   1. *bounded load*: a backend is allowed only if, with this request, it would carry no more than
      ``ceil(balance_factor × (total_in_flight + 1) × weight / total_weight)`` requests, as in
@@ -90,6 +91,11 @@ class Candidate:
         return self.in_flight + self.remote
 
     @property
+    def busy(self) -> float:
+        """Requests in flight per weight, all gateways (``least_requests``)."""
+        return (self.in_flight + self.remote) / self.weight
+
+    @property
     def load(self) -> float:
         """Requests in flight per weight once this request is added, all gateways."""
         return (self.in_flight + self.remote + 1) / self.weight
@@ -121,7 +127,7 @@ class PrefixSettings:
 class Router:
     """Holds what a policy remembers between requests (the round-robin state, the tie rotation)."""
 
-    __slots__ = ("_peers", "_rotation", "_rr", "policy", "prefix")
+    __slots__ = ("_peers", "_rotation", "_rr", "_tie_credit", "policy", "prefix")
 
     def __init__(self, policy: str = "round_robin", prefix: PrefixSettings | None = None) -> None:
         if policy not in POLICIES:
@@ -131,6 +137,7 @@ class Router:
         self._rr = SmoothWeightedRoundRobin([])
         self._peers: dict[str, int] = {}  # the round-robin's peers and weights
         self._rotation = 0
+        self._tie_credit: dict[str, float] = {}  # least_requests' weighted turns among the tied
 
     def configure(self, policy: str, prefix: PrefixSettings | None = None,
                   backends: Sequence[tuple[str, int]] | None = None) -> None:
@@ -194,8 +201,20 @@ class Router:
         return by_address[name]
 
     def _least_loaded(self, eligible: Sequence[Candidate]) -> Candidate:
-        best = min(c.load for c in eligible)
-        return self._rotate([c for c in eligible if c.load == best])
+        best = min(c.busy for c in eligible)
+        tied = [c for c in eligible if c.busy == best]
+        if len(tied) == 1:
+            return tied[0]
+        # Smooth weighted round-robin over the tied (nginx least_conn's tie-break): each gains
+        # its weight, the one with the most credit goes and pays the tied ones' total.
+        credit = self._tie_credit
+        if len(credit) > 4 * len(self._peers) + 64:
+            credit.clear()  # addresses of backends long gone
+        for c in tied:
+            credit[c.address] = credit.get(c.address, 0) + c.weight
+        chosen = max(tied, key=lambda c: credit[c.address])
+        credit[chosen.address] -= sum(c.weight for c in tied)
+        return chosen
 
     def _rotate(self, tied: list[Candidate]) -> Candidate:
         if len(tied) == 1:
@@ -216,11 +235,16 @@ class Router:
             # agree.
             best_load = min(c.total / c.weight for c in allowed)
             least = [c for c in allowed if c.total / c.weight == best_load]
-            return rendezvous(anchor, least) if anchor is not None else self._least_loaded(least)
+            return rendezvous(anchor, least) if anchor is not None else self._lightest(least)
         k = self.prefix.load_blocks
         best = max(c.matched - k * c.load for c in allowed)
         top = [c for c in allowed if c.matched - k * c.load == best]
-        return self._least_loaded(top)
+        return self._lightest(top)
+
+    def _lightest(self, cands: list[Candidate]) -> Candidate:
+        """``prefix``'s tie-break: the least loaded once this request is added, then in turn."""
+        best = min(c.load for c in cands)
+        return self._rotate([c for c in cands if c.load == best])
 
 
 _SPAN = float(1 << 52)  # u = (52 hash bits + 0.5) / 2**52: exact in a float, never 0 or 1

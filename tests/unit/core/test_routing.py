@@ -50,11 +50,13 @@ def test_no_limit_means_never_at_limit(policy: str) -> None:
 def test_least_requests_relative_to_weight() -> None:
     r = Router("least_requests")
     assert r.choose([Candidate("a", 1, in_flight=2), Candidate("b", 1, in_flight=1)]).address == "b"
-    # idle: the heavier one would be less loaded by the next request
-    assert r.choose([Candidate("a", 1), Candidate("b", 3)]).address == "b"
-    # 5 in flight on weight 3 (6/3 = 2) against 1 on weight 1 (2/1 = 2): a tie, and ties rotate
-    tied = [Candidate("a", 1, in_flight=1), Candidate("b", 3, in_flight=5)]
-    assert set(picks(r, tied, 4)) == {"a", "b"}
+    assert r.choose([Candidate("a", 1, in_flight=1), Candidate("b", 3, in_flight=2)]).address == "b"  # 1 > 2/3
+    # Idle, one request at a time: ties go by weight, as nginx's least_conn (the weight-1 backend
+    # got nothing when the heavier one won every tie).
+    assert Counter(picks(r, [Candidate("a", 1), Candidate("b", 3)], 400)) == {"a": 100, "b": 300}
+    # 3 in flight on weight 3 against 1 on weight 1: a tie, shared by weight, interleaved
+    tied = [Candidate("a", 1, in_flight=1), Candidate("b", 3, in_flight=3)]
+    assert sorted(picks(r, tied, 4)) == ["a", "b", "b", "b"]
 
 
 def test_least_requests_ties_rotate_fairly() -> None:
