@@ -130,6 +130,7 @@ class AffinityBoard:
         self.idle_sync_s = idle_sync_s  # how often an idle host still syncs (below load_max_age_s)
         self.idle_read_s = idle_read_s  # how often it still reads the others' assignments
         self._read_at = -1e9
+        self._load_at = -1e9  # when the others' load was last read
         self._idle_since = -1.0  # when a sync last found this host idle; -1: it was busy
         self._client: redis.Redis | None = None
         self._pid = -1
@@ -197,6 +198,7 @@ class AffinityBoard:
                     self.pending.popleft()
                 self.stats["published"] += len(batch)
             if load is not None:
+                self._load_at = self._read_at
                 self._take_remote(replies[-2])
             merged = self._read(client, replies[-1])
         except ERRORS as exc:
@@ -207,6 +209,27 @@ class AffinityBoard:
             log.info("cluster.affinity_recovered")
         self.stats["merged"] += len(merged)
         return merged
+
+    def refresh(self, max_age_s: float) -> None:
+        """Before routing a request on a host whose last sync found it idle: the other hosts'
+        load as it is now (one round trip), not as of up to ``idle_sync_s`` ago. A host that
+        sent another gateway's conversation elsewhere only because that gateway's burst,
+        long over, still counted, split the conversation's KV cache (an outside audit: a turn
+        0.05-0.3 s after the burst went elsewhere). A busy host's background sync keeps the
+        view within a tick: nothing to do then, nor within ``max_age_s`` of the last look."""
+        if self._idle_since < 0 or self.local_load is None or self.clock() - self._load_at < max_age_s:
+            return
+        client = self._ready()
+        if client is None:
+            return
+        try:
+            reply = client.eval(LOAD, 1, self.load_key, self.host, orjson.dumps(self.local_load()),
+                                self.load_max_age_ms, self.ttl_ms)
+        except ERRORS as exc:
+            self._failed(exc)
+            return
+        self._load_at = self.clock()
+        self._take_remote(reply)
 
     def _take_remote(self, reply: Any) -> None:
         """The other hosts' counts (JSON objects from the load script) summed per backend."""

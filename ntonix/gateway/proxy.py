@@ -517,6 +517,7 @@ class Proxy:
         tried: list[str] = []
         last_error: Exception | None = None
         all_busy = True  # every backend tried had no free connection (PoolBusy)
+        rt.fresh_view()
         watch = disconnect.watch(environ.get("gunicorn.socket"))
         try:
             for _ in range(cfg.proxy.retries + 1):

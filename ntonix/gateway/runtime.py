@@ -148,6 +148,13 @@ class Runtime:
         self._spawn, self._sleep, self.defer = spawn, sleep, defer
         self._run_affinity()
 
+    def fresh_view(self) -> None:
+        """Before a routing decision: the other gateways' load, if this host idled (prefix
+        routing with several gateways; ntonix/cluster/affinity.py ``refresh``)."""
+        board = self.affinity
+        if board is not None:
+            board.refresh(AFFINITY_SYNC_S)
+
     def _redis_reachable(self) -> bool:
         """Both users of the cluster's Redis reached it last time they tried (the gauge)."""
         flights, board = self.flights, self.affinity

@@ -152,6 +152,38 @@ def test_an_idle_host_syncs_once_a_second_and_at_once_when_busy_again(clean_redi
         a.close()
 
 
+def test_an_idle_host_reads_the_others_load_before_it_routes(clean_redis: RedisServer) -> None:
+    # Host b idles (its view of a's load ages up to idle_sync_s); a's burst on x ends. b's next
+    # request must not see a's burst: refresh() reads the load now, once per tick at most.
+    now = [0.0]
+    a = AffinityBoard(clean_redis.url, host="host-a")
+    b = AffinityBoard(clean_redis.url, host="host-b", idle_sync_s=1.0, clock=lambda: now[0])
+    a_load = {"x:1": 6}
+    a.local_load = lambda: a_load
+    b.local_load = dict
+    try:
+        a.sync()
+        b.sync()  # idle: publishes its zeros, reads a's burst
+        assert b.remote == {"x:1": 5}
+        a_load["x:1"] = 0
+        a.sync()  # a's burst is over
+        now[0] = 0.3
+        b.sync()  # idle, within idle_sync_s: no load read, the view is a's burst still
+        assert b.remote == {"x:1": 5}
+        b.refresh(0.05)  # a request arrives: the view now
+        assert b.remote == {} and b.stats["load_syncs"] == 2
+        b.refresh(0.05)  # within the tick: no second round trip
+        assert b.stats["load_syncs"] == 2
+        b.local_load = lambda: {"x:1": 1}
+        now[0] = 0.5
+        b.sync()  # busy: the background sync keeps the view, refresh() does nothing
+        b.refresh(0.05)
+        assert b.stats["load_syncs"] == 3
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_redis_outage_is_logged_once_and_its_end_too(caplog: pytest.LogCaptureFixture) -> None:
     import socket
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 import uuid
 
@@ -132,3 +133,48 @@ def test_a_gateway_weighs_the_load_another_gateway_puts_on_a_backend(
     finally:
         for s in held:
             s.close()
+
+
+def affinity(gw: Gateway, name: str) -> int:
+    return int(gw.metrics()["cluster"]["affinity"].get(name, 0))
+
+
+def test_an_idle_gateway_does_not_divert_a_conversation_for_a_burst_that_is_over(
+        mock_backend: MockBackendFactory, gateway: GatewayFactory, clean_redis: RedisServer) -> None:
+    """Gateway b idles, its view of a's load from a's burst on x; the burst ends; the
+    conversation pinned to x comes to b right after: it goes to x. b read the others' load up to
+    a second late when idle, saw x still busy and sent the turn to y (an outside audit: turns
+    0.05-0.3 s after a burst went elsewhere, the conversation's KV cache split)."""
+    x, y = mock_backend("r0", token_delay=0.1), mock_backend("r1", token_delay=0.1)
+    env = {"NTONIX_ROUTING_POLICY": "prefix"}
+    config = {"cache": {"redis_url": clean_redis.url, "enabled": False}}
+    a = gateway([x], config=config, env=env)
+    b = gateway([x, y], config=config, env=env)
+    messages = [{"role": "system", "content": f"{uuid.uuid4()} " + "context " * 200},
+                {"role": "user", "content": "turn 0"}]
+    merged = affinity(b, "merged")
+    status, _, body = post(a, {"model": "mock-model", "messages": messages})  # a knows only x
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["id"].split("-")[1] == x.name
+    messages += [{"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "turn 1"}]
+    wait_until(lambda: affinity(b, "merged") > merged, timeout=10, interval=0.05, what="b learning the conversation")
+    burst = [Stream(a) for _ in range(5)]
+    try:
+        since = load_syncs(b)
+        wait_until(lambda: load_syncs(b) > since, timeout=10, interval=0.05, what="b reading a's burst")
+    finally:
+        for s in burst:
+            s.close()
+    wait_until(lambda: in_flight(a, x.address) == 0, timeout=10, interval=0.02, what="a's burst over")
+
+    def a_published_its_end() -> bool:  # within a sync tick (50 ms) of its end: the sharing's own delay
+        raw = clean_redis.command("HGETALL", "ntonix:load")
+        counts = re.findall(rb'"' + re.escape(x.address.encode()) + rb'":(\d+)', raw)
+        return all(int(n) == 0 for n in counts)
+
+    wait_until(a_published_its_end, timeout=5, interval=0.01, what="a's end of the burst in Redis")
+    status, _, body = post(b, {"model": "mock-model", "messages": messages})
+    assert status == 200
+    assert json.loads(body)["id"].split("-")[1] == x.name, "b sent the conversation away from its idle backend"
