@@ -10,6 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from gunicorn.http.errors import ChunkMissingTerminator, InvalidChunkSize, NoMoreData
+
+from ntonix.errors import IncompleteBody
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
@@ -20,13 +24,21 @@ class GunicornHost:
         """The socket's own timeout bounds each read; it costs nothing unless a read has to
         wait (a ``gevent.Timeout`` per request showed in the profile)."""
         sock = environ.get("gunicorn.socket")
-        if sock is None:
-            return read(environ, limit)
-        sock.settimeout(timeout_s)
         try:
-            return read(environ, limit)
-        finally:
-            sock.settimeout(None)
+            if sock is None:
+                return read(environ, limit)
+            sock.settimeout(timeout_s)
+            try:
+                return read(environ, limit)
+            finally:
+                sock.settimeout(None)
+        except NoMoreData:
+            # The client closed (or half-closed) inside a chunked body: gunicorn's error is an
+            # OSError, which ended the connection without a word; a short Content-Length body
+            # gets this 400 too.
+            raise IncompleteBody("request body ended before its last chunk (Transfer-Encoding: chunked)") from None
+        except (ChunkMissingTerminator, InvalidChunkSize) as exc:
+            raise IncompleteBody(f"malformed chunked request body: {exc}") from None
 
     def close_after(self, start_response: StartResponse) -> None:
         force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
