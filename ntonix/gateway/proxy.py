@@ -322,6 +322,8 @@ class Proxy:
         if cacheable:
             parsed = probe.parsed if probe is not None and probe.parsed is not None else parse_json_body(body)
             rec.model = request_model(parsed) or ""
+            if not rec.model and not isinstance(parsed.get("model", ""), str | None):
+                raise BadRequest(f"'model' must be a string, got {type(parsed['model']).__name__}")
             stream = parsed.get("stream") is True
             if rt.cache is not None and rt.cache.enabled:
                 serve_ok, store_ok = request_cache_policy(environ.get("HTTP_CACHE_CONTROL"))

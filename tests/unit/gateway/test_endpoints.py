@@ -124,6 +124,19 @@ def test_bad_json_is_a_400_in_openai_shape(tmp_path: Path) -> None:
     assert flow.transport.exchanges == []
 
 
+@pytest.mark.parametrize(("model", "kind"), [(b"123", "int"), (b'["m"]', "list"), (b'{"id": "m"}', "dict")])
+def test_a_model_that_is_not_a_string_is_a_400(tmp_path: Path, model: bytes, kind: str) -> None:
+    # It was forwarded as a request naming no model, to any backend, which answered 404 itself.
+    flow = Flow(tmp_path, B1)
+    answer = flow.request(body=b'{"model": ' + model + b', "messages": []}')
+    assert answer.status == 400
+    assert answer.json()["error"]["message"] == f"'model' must be a string, got {kind}"
+    assert flow.transport.exchanges == []
+    flow.transport.script(B1, Reply(200), Reply(200))
+    for body in (b'{"model": null, "messages": []}', b'{"messages": []}'):  # no model: any backend
+        assert flow.request(body=body).status == 200
+
+
 def test_a_body_over_the_limit_is_a_413_and_closes_the_connection(tmp_path: Path) -> None:
     flow = Flow(tmp_path, B1, proxy={"max_body_bytes": 10})
     answer = flow.request(body=chat())
