@@ -401,8 +401,8 @@ A list (order matters only for ties of the balancer); at least one entry.
 | `port` | integer | — | 1-65535 |
 | `weight` | integer | `1` | share of the traffic, ≥ 1: weights 1 and 3 give 25 % and 75 % {wrr} |
 | `models` | list of strings | absent | model ids the backend serves; absent: learned from its \
-`GET /v1/models` (a backend that does not answer it with a model list serves any model); an \
-empty list is an error |
+`GET /v1/models` (a backend that does not answer it with a model list serves any model); `[]`: \
+no model (drains it of named-model requests on HUP; requests that name none may still go there) |
 | `max_in_flight` | integer | `0` | most requests in flight to it from this host, all workers \
 together; `0` = no limit (see `routing.queue_timeout_s`) |
 

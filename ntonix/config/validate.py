@@ -212,9 +212,6 @@ def _build_backends(value: Any) -> tuple[BackendConfig, ...]:
             models = _convert(f"{where}.models", tuple[str, ...], given_models)
             if any(not m for m in models):
                 raise ConfigError(f"{where}.models: model ids must not be empty")
-            if not models:
-                raise ConfigError(f"{where}.models: lists no model (leave the key out to learn them from "
-                                  "the backend's /v1/models)")
         max_in_flight = _convert(f"{where}.max_in_flight", int, item.get("max_in_flight", 0))
         _at_least(f"{where}.max_in_flight", max_in_flight, 0)
         backend = BackendConfig(host, port, weight, models, max_in_flight)
