@@ -48,7 +48,7 @@ def draw(results: list[Result], path: Path, title: str = "") -> str:
         values = [v for _, v in bars]
         ax.bar(labels, values, color=[COLOURS[t] for t in labels])
         ax.set_title(name, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=25)
         for i, v in enumerate(values):
             ax.annotate(f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=8)
         ax.margins(y=0.15)
