@@ -20,12 +20,15 @@ that bumps the counter, so writers (serialized by LMDB) never lose a bump; a bum
 transaction then fails only makes the workers drop their L1 once more than needed.
 
 LRU is exact (issue #12): the entry evicted is always the one whose last use is oldest,
-however close together two uses were. The access stamps in ``lru`` are strictly increasing
-(a new stamp is ``max(now µs, newest stamp + 1)``), so their order is the order of use even
-within one microsecond or under a clock step. A hit writes only when its entry is not the
-most recently used one already, i.e. when something else was stored or used after it: the
-check is a read of ``lru``'s last row in the read transaction the hit opens anyway, so a key
-read again and again with nothing in between costs no write at all. Every write
+however close together two uses were. A new access stamp in ``lru`` is
+``max(now µs, newest stamp + 1)``, so the stamps' order is the order of use even within one
+microsecond or under a clock step; an answer whose write was batched to the end of its
+worker's loop turn takes the time it was stored instead, when that is within a second of the
+newest stamp, so a later store by another worker that committed first stays the newer. A hit
+writes only when its entry is not the most recently used one already, i.e. when something
+else was stored or used after it: the check is a read of ``lru``'s last row in the read
+transaction the hit opens anyway, so a key read again and again with nothing in between costs
+no write at all. Every write
 transaction that stores also removes a few entries whose *access* time is past the TTL
 (their creation is older still), then evicts from the front until the bytes fit.
 
@@ -298,12 +301,16 @@ class LmdbStore:
             added = count = 0
             # An entry's stamp is when it was stored: a batch written at the end of a loop turn
             # may commit after another worker stored (and committed) an answer later, which
-            # must stay the newer. An entry without that time follows the newest stamp in
-            # ``lru`` (one look per batch); the batch's stamps rise in its order either way.
+            # must stay the newer. That holds for a store up to _STORED_LAG_US before the newest
+            # stamp in ``lru`` (one look per batch); an older one (the clock stepped back since)
+            # or one without that time follows the newest. The batch's stamps rise in its order.
             newest = _next_stamp(h, txn, now) - 1
             access_us = -1
             for k, raw, created, stored_at in rows:
-                access_us = max(newest + 1 if stored_at is None else int(stored_at * 1e6), access_us + 1)
+                wanted = newest + 1
+                if stored_at is not None and newest - _STORED_LAG_US <= int(stored_at * 1e6) <= newest:
+                    wanted = int(stored_at * 1e6)
+                access_us = max(wanted, access_us + 1)
                 meta = _META.pack(access_us, created, len(raw))
                 # A new key (nearly always): one descent of ``meta``, the put, instead of a get
                 # first.
@@ -323,8 +330,9 @@ class LmdbStore:
             add_counter(txn, h.stats, b"entries", count)
             total = add_counter(txn, h.stats, b"bytes", added)
             self._sweep_expired(h, txn, now)
-            # Least recently used first: the batch's own entries are the newest, so they go only
-            # after every older one, and the bound holds even for a batch larger than it.
+            # Least recently used first: the batch's own entries are among the newest (a second
+            # back at most), so they go only after the older ones, and the bound holds even for
+            # a batch larger than it.
             return self._evict(h, txn, total, self.max_bytes, keep={rows[-1][0]})
 
     def _shrink(self) -> None:
@@ -357,8 +365,9 @@ class LmdbStore:
     def _sweep_expired(self, h: _Handles, txn: Txn, now: float) -> None:
         # The access time is never older than the creation time: an entry not accessed for a
         # whole TTL has surely expired.
-        # The oldest access time only ever grows (a new stamp is newer than every other), so
-        # once the oldest entry is seen to expire at T, no sweep is needed before T.
+        # The oldest access time only grows (a new stamp is newer than every other, or a
+        # batched store's at most a second older than the newest), so once the oldest entry is
+        # seen to expire at T, no sweep is needed before T (give or take that second).
         if now < self._no_expiry_before:
             return
         horizon = int((now - self.ttl_s) * 1e6)
@@ -405,6 +414,9 @@ def _is_newest(h: _Handles, txn: Txn, k: bytes, raw_meta: bytes) -> bool:
     """Is ``k`` (whose meta is ``raw_meta``) the most recently used entry?"""
     with txn.cursor(db=h.lru) as cur:
         return bool(cur.last()) and cur.key() == _META.unpack(raw_meta)[0].to_bytes(8, "big") + k
+
+
+_STORED_LAG_US = 1_000_000  # how far back a batched store's own time may place it (above)
 
 
 def _next_stamp(h: _Handles, txn: Txn, now: float) -> int:

@@ -222,13 +222,15 @@ class AffinityBoard:
         client = self._ready()
         if client is None:
             return
+        # Before the round trip: the requests that arrive while it is under way route with the
+        # view as it is (one round trip for a burst, not one each).
+        self._load_at = self.clock()
         try:
             reply = client.eval(LOAD, 1, self.load_key, self.host, orjson.dumps(self.local_load()),
                                 self.load_max_age_ms, self.ttl_ms)
         except ERRORS as exc:
             self._failed(exc)
             return
-        self._load_at = self.clock()
         self._take_remote(reply)
 
     def _take_remote(self, reply: Any) -> None:

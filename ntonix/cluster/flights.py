@@ -194,18 +194,24 @@ class Flights:
         return self.available and not self._outage
 
     def probe(self, every_s: float = 1.0) -> None:
-        """From the worker's main loop: a PING at most every ``every_s`` while this process leads
-        and follows nothing, so that an idle gateway's availability figure follows Redis, and a
-        Redis restart costs the ping's connection instead of the first coalesced request's
-        (a failure drops every idle connection). Busy, the requests' own commands say it."""
+        """From the worker's main loop: a PING at most every ``every_s`` while this process
+        leads nothing, so that an idle gateway's availability figure follows Redis, and a Redis
+        restart costs the ping's connection instead of the first coalesced request's (a failure
+        drops every idle connection). The ping goes the way the joins go (``_send``: the
+        auto-pipeline's connection, or the pool's), whose connections a restart leaves stale;
+        redis-py's own client would quietly reconnect and see nothing. A process that leads
+        is not pinged: its requests' own commands say it, and a failed ping would abandon them."""
         now = self.clock()
-        if now - self._probed_at < every_s or self._leaders or self._following or not self._ready():
+        if now - self._probed_at < every_s or self._leaders or not self._ready():
             return
         self._probed_at = now
         try:
-            self._client().ping()
+            self._send((b"PING",))
         except ERRORS as exc:
-            self._failed(exc)
+            if not self._leaders:  # the ping waited: a request may lead by now
+                self._failed(exc)
+            else:
+                self.stats["redis_errors"] += 1
             return
         self._succeeded()
 

@@ -313,10 +313,21 @@ class FollowerBody:
         """The leader stopped publishing: go on from a backend of our own (once), or cut."""
         if self._resume is None or self._resumed is not None:
             self._cut(why)
+        sent = self._sent
+        sent.settle()
+        if sent.done and not sent.pending.strip():
+            # The client has the whole stream, data: [DONE] included: only its end was lost.
+            self.follower.close()
+            raise StopIteration
+        if not sent.resumable:
+            self._cut(why)
         log.warning("coalesce.follower_resumed", extra={"reason": why, "request_id": self.rec.request_id,
                                                         "bytes_sent": self.rec.bytes_sent})
         self.follower.close()
-        self._resumed = self._chunks = self._resume(self._sent)
+        # The backend call that takes over counts its own tokens (its UpstreamBody): counted
+        # here as saved too, they would be counted twice.
+        self._usage = None
+        self._resumed = self._chunks = self._resume(sent)
         try:
             return next(self._chunks)
         except NtonixError as exc:

@@ -486,8 +486,8 @@ class Proxy:
         try:
             if status[:1] != ["200 OK"]:
                 raise UpstreamUnavailable(f"coalesced answer broke off; the backend asked again answered {status}")
-            splice = Splice(sent)
             try:
+                splice = Splice(sent)
                 for chunk in upstream:
                     chunk = splice.feed(chunk)
                     if chunk:

@@ -145,6 +145,10 @@ class Runtime:
             if lock is not None:
                 flights.lock, flights.cooperative = lock, True
             self.telemetry.watch_cluster(redacted(flights.url), flights.stats, self._redis_reachable)
+        elif self._redis_url:
+            # The cache off, Redis for prefix routing only (now or after a reload): the gauge
+            # follows the board's syncs.
+            self.telemetry.watch_cluster(redacted(self._redis_url), {}, self._redis_reachable)
         self._spawn, self._sleep, self.defer = spawn, sleep, defer
         self._run_affinity()
 

@@ -174,11 +174,25 @@ def test_an_idle_host_reads_the_others_load_before_it_routes(clean_redis: RedisS
         assert b.remote == {} and b.stats["load_syncs"] == 2
         b.refresh(0.05)  # within the tick: no second round trip
         assert b.stats["load_syncs"] == 2
+        # A burst arriving together: one round trip, the others route meanwhile with the view.
+        now[0] = 0.45
+        seen_during: list[int] = []
+        real_eval = b._ready().eval  # type: ignore[union-attr]
+
+        def eval_and_meanwhile(*args: object) -> object:
+            b.refresh(0.05)  # a second request, while the first one's round trip is under way
+            seen_during.append(b.stats["load_syncs"])
+            return real_eval(*args)
+
+        b._client.eval = eval_and_meanwhile  # type: ignore[union-attr,method-assign]
+        b.refresh(0.05)
+        del b._client.eval  # type: ignore[union-attr]
+        assert seen_during == [2] and b.stats["load_syncs"] == 3
         b.local_load = lambda: {"x:1": 1}
-        now[0] = 0.5
+        now[0] = 0.6
         b.sync()  # busy: the background sync keeps the view, refresh() does nothing
         b.refresh(0.05)
-        assert b.stats["load_syncs"] == 3
+        assert b.stats["load_syncs"] == 4
     finally:
         a.close()
         b.close()

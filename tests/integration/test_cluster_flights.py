@@ -469,6 +469,27 @@ def test_an_idle_process_pings_so_its_availability_follows_redis(clean_redis: Re
         f.close()
 
 
+def test_a_quick_redis_restart_costs_the_ping_not_the_next_request(clean_redis: RedisServer) -> None:
+    # The connections the joins use go stale in a restart. A ping through redis-py's own client
+    # reconnected quietly and saw nothing; the first join after it then went alone.
+    now = [0.0]
+    f = Flights(clean_redis.url, backoff_s=0.5, clock=lambda: now[0])
+    try:
+        lead(f, "before").finish(False)  # a pooled connection, now idle
+        clean_redis.stop()
+        clean_redis.start()
+        now[0] += 1.0
+        f.probe()
+        assert not f.reachable and f.stats["redis_errors"] == 1
+        now[0] += 1.0
+        f.probe()
+        assert f.reachable
+        lead(f, "after").finish(False)  # through Redis, not alone
+        assert f.stats["redis_errors"] == 1 and f.stats["alone"] == 0
+    finally:
+        f.close()
+
+
 def pings_seen(redis_server: RedisServer) -> int:
     """PING commands the server has run (INFO commandstats)."""
     stats = redis_server.command("INFO", "commandstats").decode()

@@ -274,6 +274,24 @@ def test_a_batch_written_after_another_workers_later_store_keeps_the_order_of_th
     assert b.shared.get("C", touch=False) is not None
 
 
+def test_after_the_clock_steps_back_a_batched_store_is_still_the_newest(tmp_path: Path, clocks: Clocks) -> None:
+    # Its own store time, an hour before every stamp in L2, would make it the first to go.
+    a, b = worker(tmp_path, clocks, ttl=86_400, max_bytes=40_000), worker(tmp_path, clocks, ttl=86_400,
+                                                                          max_bytes=40_000)
+    for i in range(3):
+        clocks.advance(1)
+        b.store(f"old{i}", entry(b"o" * 9_000, created=clocks.wall()))
+    clocks.wall.advance(-3600)  # an NTP step, a restored VM
+    later: list[Callable[[], None]] = []
+    a.store("new", entry(b"n" * 9_000, created=clocks.wall()), defer=later.append)
+    later.pop()()
+    clocks.advance(1)
+    b.store("fill", entry(b"f" * 9_000, created=clocks.wall()))  # one entry must go
+    assert b.shared is not None
+    assert b.shared.get("new", touch=False) is not None
+    assert b.shared.get("old0", touch=False) is None
+
+
 def test_a_deferred_store_keeps_the_answer_out_of_l1_and_l1_takes_it_when_l2_fails(
         tmp_path: Path, clocks: Clocks, monkeypatch: pytest.MonkeyPatch) -> None:
     a = worker(tmp_path, clocks)

@@ -346,3 +346,34 @@ def test_event_content_keeps_only_the_choices_of_a_json_chunk() -> None:
     assert event_content(b"data: [DONE]\n\n") == b"[DONE]"
     assert event_content(b": comment\n\n") is None
     assert event_content(b'data: {"error": {"message": "x"}}\n\n') == b'{"error": {"message": "x"}}'
+
+
+def test_the_print_reads_nothing_until_its_hold_fills_or_it_is_settled() -> None:
+    sent = SentPrint(True, hold=1000)
+    events = run_of("1", WORDS)
+    for e in events[:3]:
+        sent.feed(e)
+    assert sent.count == 0 and sent.size == sum(map(len, events[:3]))  # held, not parsed
+    sent.settle()
+    assert sent.count == 3 and not sent.done
+    small = SentPrint(True, hold=300)
+    for e in events:
+        small.feed(e)
+    assert small.count >= 2  # parsed as the hold filled
+    small.settle()
+    assert small.count == len(events) and small.done
+
+
+def test_an_event_longer_than_the_hold_makes_the_answer_unresumable() -> None:
+    sent = SentPrint(True, hold=100)
+    sent.feed(chunk_event("1", "Hi"))
+    sent.feed(b"data: " + b"x" * 500)  # never ends
+    sent.settle()
+    assert not sent.resumable and sent.pending == b""  # freed
+    with pytest.raises(ResumeMismatch):
+        Splice(sent)
+
+
+def test_choices_nested_deeper_than_orjson_writes_are_compared_as_they_are() -> None:
+    deep = b'data: {"choices": ' + b"[" * 300 + b"]" * 300 + b"}\n\n"
+    assert event_content(deep) == deep[6:-2]

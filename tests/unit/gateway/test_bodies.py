@@ -341,3 +341,36 @@ def test_a_follower_counts_the_tokens_it_saved_once_it_has_them_even_if_the_end_
     body.close()
     body.close()
     assert saved == [("m", Usage(7, 3, 0))] and rec.usage == Usage(7, 3, 0)
+
+
+def test_a_stream_whose_end_marker_was_lost_after_done_ends_cleanly_without_a_backend_call() -> None:
+    asked: list[SentPrint] = []
+
+    def resume(sent: SentPrint) -> Iterator[bytes]:
+        asked.append(sent)
+        yield b"never"
+
+    rec = RequestRecord("POST", "/v1/chat/completions", "rid", "127.0.0.1")
+    done: list[RequestRecord] = []
+    events = [b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n', b"data: [DONE]\n\n"]
+    body = FollowerBody(FakeFollower(events), {}, rec, 5.0, None, done.append,  # type: ignore[arg-type]
+                        resume=resume, events=True)
+    assert b"".join(body) == b"".join(events)
+    body.close()
+    assert asked == [] and done[0].error == ""
+
+
+def test_a_resumed_stream_leaves_its_tokens_to_the_backend_call_that_took_over() -> None:
+    saved: list[tuple[str, Usage]] = []
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n'
+
+    def resume(sent: SentPrint) -> Iterator[bytes]:
+        yield from [usage, b"data: [DONE]\n\n"]  # counted by that call's own UpstreamBody
+
+    rec = RequestRecord("POST", "/v1/chat/completions", "rid", "127.0.0.1")
+    body = FollowerBody(FakeFollower([b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n']), {}, rec, 5.0,
+                        None, lambda r: None, resume=resume,  # type: ignore[arg-type]
+                        saved=lambda model, u: saved.append((model, u)), events=True)
+    assert b"".join(body).endswith(b"data: [DONE]\n\n")
+    body.close()
+    assert saved == []
