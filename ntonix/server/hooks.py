@@ -40,24 +40,27 @@ def check_for_start(cfg: Config) -> None:
 
 
 def check_listen_host(where: str, host: str) -> None:
-    """An address of this host, or a name that resolves to one: a socket binds to it (on a
-    port the system picks, closed at once; the configured port is not tried, as a listener
-    handed over by a running master holds it)."""
+    """An address of this host, or a name that resolves to one, as gunicorn will bind it: an
+    IPv6 literal over IPv6, anything else over IPv4 (the name's first IPv4 address). A socket
+    binds to it on a port the system picks, closed at once; the configured port is not tried,
+    as a listener handed over by a running master holds it."""
+    if not host:
+        raise ConfigError(f"{where}: must not be empty (0.0.0.0 or :: listens on every address)")
+    family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
     try:
-        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
     except (OSError, UnicodeError) as exc:
         raise ConfigError(f"{where}: not an address this host can listen on: {host!r} "
                           f"({getattr(exc, 'strerror', None) or exc})") from None
-    error: OSError | None = None
-    for family, kind, proto, _, address in infos:
-        try:
-            with socket.socket(family, kind, proto) as sock:
-                sock.bind(address)
-            return
-        except OSError as exc:
-            error = exc
-    raise ConfigError(f"{where}: not an address this host can listen on: {host!r} "
-                      f"({getattr(error, 'strerror', None) or error})")
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _fail(exc: ConfigError) -> NoReturn:

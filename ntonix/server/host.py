@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gunicorn.http.errors import ChunkMissingTerminator, InvalidChunkSize, NoMoreData
+from gunicorn.http.errors import ChunkMissingTerminator, NoMoreData, ParseException
 
 from ntonix.errors import IncompleteBody
 
@@ -37,7 +37,11 @@ class GunicornHost:
             # OSError, which ended the connection without a word; a short Content-Length body
             # gets this 400 too.
             raise IncompleteBody("request body ended before its last chunk (Transfer-Encoding: chunked)") from None
-        except (ChunkMissingTerminator, InvalidChunkSize) as exc:
+        except ChunkMissingTerminator as exc:
+            if not exc.term:  # the last chunk's line, then the end: no empty line came
+                raise IncompleteBody("request body ended before its last chunk (Transfer-Encoding: chunked)") from None
+            raise IncompleteBody(f"malformed chunked request body: {exc}") from None
+        except ParseException as exc:  # a chunk size or extension, a trailer line, too many trailers
             raise IncompleteBody(f"malformed chunked request body: {exc}") from None
 
     def close_after(self, start_response: StartResponse) -> None:

@@ -266,17 +266,22 @@ def streamed_text(body: bytes) -> str:
 
 
 def test_streams_followed_across_gateways_survive_redis_dying_mid_answer(
-        fresh_pair: tuple[Gateway, Gateway], clean_redis: RedisServer) -> None:
+        fresh_pair: tuple[Gateway, Gateway], clean_redis: RedisServer, mock: MockBackend) -> None:
     # INTERFACE.md: Redis down, each gateway goes on alone with no client-visible error. A
     # follower on the other gateway loses its leader's events with Redis; it asks a backend of
     # its own and goes on from where its client is, as the new answer carries the same text
     # (the chunks' ids and timestamps differ: the byte-for-byte check cut every such client).
     a, b = fresh_pair
     slow = {"X-Mock-TTFT": "0.3", "X-Mock-Token-Delay": "0.1", "X-Mock-Tokens": "20"}
+    before = requests_for(mock)
     calls = split_burst(a, b, chat_body(stream=True), slow)
     wait_until(lambda: all(b"data: {" in c.body for c in calls), timeout=10, what="every client has events")
+    followed = sum(cluster(gw)["flights"].get("followed", 0) for gw in (a, b))
+    assert followed >= 1, "no request followed the other gateway's answer"
+    assert requests_for(mock) - before == 1
     clean_redis.stop()
     finish(calls, timeout=30)
+    assert requests_for(mock) - before > 1, "nobody asked a backend of its own: nothing was resumed"
     assert [c.status for c in calls] == [200] * N
     assert all(c.complete and c.body.rstrip().endswith(b"data: [DONE]") for c in calls), [c.error for c in calls]
     texts = {streamed_text(c.body) for c in calls}

@@ -255,7 +255,9 @@ def test_ambiguous_framing_is_refused_and_nothing_is_forwarded(gw: Gateway, fres
     (b"Content-Length: 10\r\n\r\n{\"a\": ", "6 of its 10 bytes"),  # {"a": plus a space
     (b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\"", "before its last chunk"),  # inside a chunk
     (b"Transfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n", "before its last chunk"),  # no last chunk
-], ids=["content-length", "chunked-inside", "chunked-no-end"])
+    (b"Transfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n0\r\n", "before its last chunk"),  # no empty line
+    (b"Transfer-Encoding: chunked\r\n\r\n3;\x01\r\n{\"a\r\n0\r\n\r\n", "malformed chunked"),  # extension
+], ids=["content-length", "chunked-inside", "chunked-no-end", "chunked-no-empty-line", "chunked-bad-extension"])
 def test_a_body_cut_short_is_400_and_not_forwarded(gw: Gateway, fresh: MockBackend, framing: bytes, said: str) -> None:
     """The client sends part of its body, then ends its side of the connection (a chunked one
     got no answer at all: gunicorn's end-of-data error is an OSError)."""

@@ -528,6 +528,8 @@ def test_a_listen_address_that_is_no_address_is_a_config_error() -> None:
         check_for_start(build_config({**base, "server": {"ssl_port": 0, "host": good}}))
     with pytest.raises(ConfigError, match=r"^server\.host: not an address this host can listen on: 'not an address'"):
         check_for_start(build_config({**base, "server": {"ssl_port": 0, "host": "not an address"}}))
+    with pytest.raises(ConfigError, match=r"^server\.host: must not be empty"):
+        check_for_start(build_config({**base, "server": {"ssl_port": 0, "host": ""}}))
     # An address, but another host's (TEST-NET-1): gunicorn retried the bind for 5 s, then exit 1.
     with pytest.raises(ConfigError, match=r"^server\.host: .* '192\.0\.2\.1' \(Cannot assign requested address\)"):
         check_for_start(build_config({**base, "server": {"ssl_port": 0, "host": "192.0.2.1"}}))
