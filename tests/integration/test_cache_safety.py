@@ -79,7 +79,10 @@ def test_lru_is_exact_even_within_milliseconds(mock: MockBackend, gateway: Gatew
     assert (h["x-cache"], again) == ("HIT", answers["A"]), (len(again), gw1.cache_stats())
     assert post(gw1, d, headers)[1]["x-cache"] == "MISS"
     elapsed = time.perf_counter() - started
-    stats = gw1.cache_stats()
+    # D's write to L2 ends its worker's loop turn, just after its answer went out; the stats may
+    # come from the other worker before that.
+    stats = wait_until(lambda: (st := gw1.cache_stats())["evictions"] >= 1 and st, timeout=5, interval=0.02,
+                       what="D's store in L2")
     assert (stats["entries"], stats["evictions"]) == (3, 1), stats
     assert stats["size_bytes"] <= stats["max_size_bytes"] < 4 * stats["size_bytes"] / 3, stats  # 3 fit, not 4
     before = backend_calls(mock)
