@@ -261,9 +261,14 @@ class AffinityBoard:
             sleep: Callable[[float], object], stopped: Callable[[], bool]) -> None:
         """The background loop: :meth:`sync` every ``interval_s``, hand what came to ``merge``."""
         while not stopped():
-            got = self.sync()
-            if got:
-                merge(got)
+            try:
+                got = self.sync()
+                if got:
+                    merge(got)
+            except Exception:  # noqa: BLE001 - a loop that dies would silently stop sharing
+                if stopped():
+                    return  # closed under it (its client went mid-call): nothing to report
+                log.exception("cluster.affinity_sync_failed")
             sleep(interval_s)
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import orjson
+import pytest
 
 from ntonix.cluster.affinity import AffinityBoard, host_id, remote_load
 
@@ -37,3 +38,21 @@ def test_a_board_without_an_id_of_its_host_uses_its_own() -> None:
     assert board.host == board.gateway
     assert AffinityBoard("redis://127.0.0.1:1/0", host="h1").host == "h1"
     assert board.remote == {} and board.stats["load_syncs"] == 0
+
+
+def test_the_sync_loop_outlives_an_unexpected_error_and_ends_quietly_when_stopped(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    board = AffinityBoard("redis://127.0.0.1:1/0")
+    calls: list[int] = []
+    stop = [False]
+
+    def sync() -> list[object]:
+        calls.append(1)
+        if len(calls) == 3:
+            stop[0] = True  # closed under the call: its client went mid-read
+        raise AttributeError("'NoneType' object has no attribute 'readline'")
+
+    monkeypatch.setattr(board, "sync", sync)
+    board.run(lambda got: None, 0.0, lambda s: None, lambda: stop[0])
+    assert len(calls) == 3  # two failures logged and survived, the third ended the loop
+    assert [r.message for r in caplog.records].count("cluster.affinity_sync_failed") == 2
