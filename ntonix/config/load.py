@@ -128,10 +128,28 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- loading
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json keeps the last one silently; nginx
+    refuses a duplicate directive)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_file_layer(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            data = json.load(fh, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file: {exc.args[0]!r} given twice in one object of {path}: which one "
+                          "is meant?") from None
     except FileNotFoundError:
         raise ConfigError(f"config file: not found: {path}") from None
     except OSError as exc:

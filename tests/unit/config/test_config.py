@@ -450,6 +450,8 @@ def test_cli_errors_name_the_key(tmp_path: Path, argv: list[str], key: str) -> N
     ("\xff\xfe", "invalid JSON"),
     ('{"a":' * 100_000, "nested too deeply"),  # RecursionError: no traceback, exit 2 (HUP: kept)
     ('{"server": {"port": ' + "1" * 5000 + "}}", "invalid JSON"),  # int() digit limit
+    ('{"server": {"port": 8080}, "server": {"port": 9090}}', "'server' given twice"),  # json kept the last
+    ('{"server": {"port": 8080, "port": 9090}}', "'port' given twice"),
 ])
 def test_bad_file(tmp_path: Path, content: str, what: str) -> None:
     path = tmp_path / "ntonix.json"
