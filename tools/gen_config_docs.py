@@ -360,8 +360,9 @@ brackets: `NTONIX_BACKENDS=10.0.0.5:8000:3,10.0.0.6:8000,[::1]:8001:2`.
 ### Invalid configuration
 
 Anything wrong (unknown key or variable, wrong type, port out of range, missing or unreadable
-certificate, no backends, a file that is not JSON, nested too deeply or with a key given twice in one object, a `server.host` that is
-no address of this host, a `cache.dir` that cannot be created, one key given two different
+certificate, no backends, a file that is not JSON, nested too deeply or with a key given twice
+in one object, a `server.host` that is no address of this host, a `cache.dir` that cannot be
+created, one key given two different
 values under two names such as `NTONIX_PORT` and `NTONIX_SERVER_PORT`, a bad command-line
 option, ...) stops start-up before any worker starts: exit status 2 and one line on stderr
 naming the key, e.g.
