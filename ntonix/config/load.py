@@ -247,7 +247,8 @@ def _check_file(where: str, path: str) -> None:
     if not path:
         raise ConfigError(f"{where}: required while server.ssl_port is not 0")
     if not os.path.isfile(path):
-        raise ConfigError(f"{where}: file not found: {path}")
+        raise ConfigError(f"{where}: file not found: {path} (a development pair: python scripts/gen_dev_cert.py "
+                          "--out-dir <its folder>; plain HTTP only: server.ssl_port 0, NTONIX_SSL_PORT=0)")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{where}: file not readable: {path}")
 
