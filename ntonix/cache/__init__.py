@@ -228,9 +228,7 @@ class ResponseCache:
     def purge(self) -> int:
         """Empty the cache for the whole gateway (and the shared Redis); returns entries removed."""
         removed = 0
-        self._queued.clear()  # answers stored before the purge are not written after it
-        self._encoded.clear()
-        self._stored_at.clear()
+        self._drop_queued()  # answers stored before the purge are not written after it
         if self.memory is not None:
             n = self.memory.clear()
             if self.shared is None:
@@ -278,10 +276,14 @@ class ResponseCache:
             if self._generation is not None:
                 if self.memory is not None:
                     self.memory.clear()
-                self._queued.clear()
-                self._encoded.clear()
-                self._stored_at.clear()
+                self._drop_queued()
             self._generation = generation
+
+    def _drop_queued(self) -> None:
+        """Forget the answers queued for the next L2 write (and what goes with each)."""
+        self._queued.clear()
+        self._encoded.clear()
+        self._stored_at.clear()
 
     def _stored(self) -> None:
         if self.on_stored is not None:

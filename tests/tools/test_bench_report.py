@@ -129,25 +129,16 @@ def test_baseline_must_be_a_checkout(tmp_path: Path) -> None:
     assert parse_args(["--baseline", str(tmp_path), "--quick"]).baseline == str(tmp_path)
 
 
-def test_the_proxy_floor_splits_the_gateway_cost_into_the_stacks_and_ours() -> None:
-    results = [run("1", "c=500", "shipped", r, cpu_us=400.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
-    results += [run("1", "c=500", "floor", r, cpu_us=100.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
-    results += [run("1", "c=500", "proxy floor", r, cpu_us=200.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
+def test_the_floors_split_the_gateway_cost_into_the_stacks_and_ours() -> None:
+    cpu = {"shipped": 300.0, "cache floor": 250.0, "proxy floor": 200.0, "floor": 100.0}
+    results = [run("1", "c=500", t, r, cpu_us=us, p50_ms=1.0, p99_ms=2.0) for t, us in cpu.items() for r in range(2)]
     text = Table(results).render()
-    assert "shipped/proxy floor CPU 2.00 (2.00–2.00)" in text
+    assert "shipped/proxy floor CPU 1.50 (1.50–1.50)" in text  # the stack's own proxy, apart from ours
     assert "floor/proxy floor CPU 0.50 (0.50–0.50)" in text
-    assert [t for t, _ in chart.panels(results)[0][1]] == ["shipped", "proxy floor", "floor"]
+    assert "shipped/cache floor CPU 1.20 (1.20–1.20)" in text  # ours above the least the defaults need
+    assert "cache floor/proxy floor CPU 1.25 (1.25–1.25)" in text  # the stack's own cost of the defaults
+    assert [t for t, _ in chart.panels(results)[0][1]] == ["shipped", "cache floor", "proxy floor", "floor"]
     assert set(chart.ORDER) == set(chart.COLOURS)
-
-
-def test_the_cache_floor_splits_the_defaults_cost_into_the_stacks_and_ours() -> None:
-    results = [run("1", "c=50", "shipped", r, cpu_us=300.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
-    results += [run("1", "c=50", "proxy floor", r, cpu_us=200.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
-    results += [run("1", "c=50", "cache floor", r, cpu_us=250.0, p50_ms=1.0, p99_ms=2.0) for r in range(2)]
-    text = Table(results).render()
-    assert "shipped/cache floor CPU 1.20 (1.20–1.20)" in text
-    assert "cache floor/proxy floor CPU 1.25 (1.25–1.25)" in text
-    assert [t for t, _ in chart.panels(results)[0][1]] == ["shipped", "cache floor", "proxy floor"]
 
 
 def test_with_redis_adds_the_gateway_as_shipped_with_redis_and_its_ratio_to_the_one_without() -> None:
